@@ -1,0 +1,55 @@
+//! The CLI's side of the API: finds the running node through `<repo>/api` and
+//! `<repo>/api.cookie` and makes JSON-RPC calls.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use serde_json::{json, Value};
+
+use crate::repo::Repo;
+
+/// A connection to the node running on a repo.
+pub struct ApiClient {
+    url: String,
+    secret: String,
+    agent: ureq::Agent,
+    repo_display: String,
+}
+
+impl ApiClient {
+    /// Finds the node that runs on `repo`, or says plainly that none does.
+    pub fn for_repo(repo: &Repo) -> anyhow::Result<ApiClient> {
+        let repo_display = repo.root().display().to_string();
+        let not_running = || anyhow!("no kubelt node is running on repo {repo_display} (start one with `kubelt run`)");
+        let url = repo.read_api_url().ok_or_else(not_running)?;
+        let secret = repo.read_cookie().map_err(|_| not_running())?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(3600))
+            .build();
+        Ok(ApiClient { url, secret, agent, repo_display })
+    }
+
+    /// Calls a method and returns its result, or the node's error message.
+    pub fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let request = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+        let response = self
+            .agent
+            .post(&self.url)
+            .set("Authorization", &format!("Bearer {}", self.secret))
+            .send_json(request);
+        let body: Value = match response {
+            Ok(r) => r.into_json()?,
+            Err(ureq::Error::Status(_, r)) => r.into_json()?,
+            Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::ConnectionFailed => {
+                bail!("no kubelt node is running on repo {} (start one with `kubelt run`)", self.repo_display)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(error) = body.get("error") {
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
+            bail!("{message}");
+        }
+        body.get("result").cloned().ok_or_else(|| anyhow!("the node sent a reply without a result"))
+    }
+}

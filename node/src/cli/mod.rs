@@ -1,0 +1,85 @@
+//! The `kubelt` command line: one file per group of subcommands.
+
+mod init;
+mod query;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+
+use crate::repo::Repo;
+
+#[derive(Debug, Parser)]
+#[command(name = "kubelt", version, about = "Kubelt node: your own peer-to-peer personal backend", long_about = None)]
+pub struct Cli {
+    /// Repo directory (default ~/.kubelt).
+    #[arg(long, global = true, env = "KUBELT_REPO", value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repo: node key, commented config.toml, database.
+    Init {
+        /// Write a new key and config over an existing repo (the data is kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the node in the foreground (Ctrl-C stops it cleanly).
+    Run(run::RunArgs),
+    /// Show this node's peer id and addresses.
+    Id {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peers and connections.
+    Swarm {
+        #[command(subcommand)]
+        command: SwarmCommand,
+    },
+    /// Show peers, DHT size and counters of the running node.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SwarmCommand {
+    /// List connected peers.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect to a peer by multiaddr.
+    Connect {
+        #[arg(value_name = "MADDR")]
+        addr: Multiaddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    fn repo(&self) -> Repo {
+        Repo::new(self.repo.clone().unwrap_or_else(Repo::default_path))
+    }
+}
+
+/// Runs the parsed command line.
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let repo = cli.repo();
+    match cli.command {
+        Command::Init { force } => init::init(&repo, force),
+        Command::Run(args) => run::run(&repo, args),
+        Command::Id { json } => query::id(&repo, json),
+        Command::Swarm { command: SwarmCommand::Peers { json } } => query::swarm_peers(&repo, json),
+        Command::Swarm { command: SwarmCommand::Connect { addr, json } } => query::swarm_connect(&repo, addr, json),
+        Command::Status { json } => query::status(&repo, json),
+    }
+}

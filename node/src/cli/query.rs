@@ -1,0 +1,76 @@
+//! Commands that ask the running node through its API: `id`, `swarm peers`, `swarm connect`,
+//! `status`.
+
+use libp2p::Multiaddr;
+use serde_json::{json, Value};
+
+use crate::api_client::ApiClient;
+use crate::repo::Repo;
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+}
+
+pub fn id(repo: &Repo, json: bool) -> anyhow::Result<()> {
+    let info = ApiClient::for_repo(repo)?.call("node_id", Value::Null)?;
+    if json {
+        return print_json(&info);
+    }
+    println!("peer id: {}", info["peer_id"].as_str().unwrap_or("?"));
+    println!("agent:   {}", info["agent_version"].as_str().unwrap_or("?"));
+    println!("addresses:");
+    for addr in strings(&info["addresses"]) {
+        println!("  {addr}");
+    }
+    Ok(())
+}
+
+pub fn swarm_peers(repo: &Repo, json: bool) -> anyhow::Result<()> {
+    let peers = ApiClient::for_repo(repo)?.call("swarm_peers", Value::Null)?;
+    if json {
+        return print_json(&peers);
+    }
+    let list = peers.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no connected peers");
+    }
+    for peer in list {
+        let agent = peer["agent_version"].as_str().unwrap_or("");
+        println!("{} {}", peer["peer_id"].as_str().unwrap_or("?"), agent);
+        for addr in strings(&peer["addresses"]) {
+            println!("  {addr}");
+        }
+    }
+    Ok(())
+}
+
+pub fn swarm_connect(repo: &Repo, addr: Multiaddr, json: bool) -> anyhow::Result<()> {
+    let result = ApiClient::for_repo(repo)?.call("swarm_connect", json!({ "addr": addr.to_string() }))?;
+    if json {
+        return print_json(&result);
+    }
+    println!("connected to {}", result["peer_id"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+pub fn status(repo: &Repo, json: bool) -> anyhow::Result<()> {
+    let status = ApiClient::for_repo(repo)?.call("node_status", Value::Null)?;
+    if json {
+        return print_json(&status);
+    }
+    let field = |name: &str| status.get(name).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    println!("peer id:          {}", field("peer_id"));
+    println!("agent:            {}", field("agent_version"));
+    println!("uptime:           {}s", field("uptime_secs"));
+    println!("connected peers:  {}", field("connected_peers"));
+    println!("routing table:    {} peers (DHT {})", field("routing_table_peers"), field("dht_mode"));
+    println!("known peers:      {}", field("known_peers"));
+    println!("bootstraps done:  {}", field("bootstraps_completed"));
+    println!("connections:      {} opened, {} closed", field("connections_established"), field("connections_closed"));
+    Ok(())
+}

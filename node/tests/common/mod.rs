@@ -1,0 +1,199 @@
+//! Helpers for tests that run real `kubelt` processes on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+/// The `kubelt` binary cargo built for these tests.
+pub fn kubelt_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kubelt"))
+}
+
+/// Runs `kubelt --repo REPO ARGS...` to completion.
+pub fn kubelt(repo: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(kubelt_bin()).arg("--repo").arg(repo).args(args).env("RUST_LOG", "warn").output()?)
+}
+
+/// Text of a finished command, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Waits until `check` returns `Ok(true)` or the deadline passes.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last_error = None;
+    while start.elapsed() < timeout {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})")
+}
+
+/// A `kubelt run` process with its own repo, listening on loopback only.
+pub struct TestNode {
+    pub name: String,
+    pub repo: PathBuf,
+    child: Option<Child>,
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    api_url: String,
+    secret: String,
+    agent: ureq::Agent,
+}
+
+impl TestNode {
+    /// Creates a repo under `dir/name` and starts a node on it.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> anyhow::Result<TestNode> {
+        let repo = dir.join(name);
+        if !repo.join("config.toml").exists() {
+            let out = kubelt(&repo, &["init"])?;
+            if !out.status.success() {
+                bail!("init failed: {}", describe(&out));
+            }
+        }
+        Self::start_on(&repo, name, extra)
+    }
+
+    /// Starts a node on an existing repo.
+    pub fn start_on(repo: &Path, name: &str, extra: &[&str]) -> anyhow::Result<TestNode> {
+        let _ = std::fs::remove_file(repo.join("api"));
+        let log = std::fs::File::create(repo.join("node.log"))?;
+        let child = Command::new(kubelt_bin())
+            .arg("--repo")
+            .arg(repo)
+            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start kubelt")?;
+        let mut node = TestNode {
+            name: name.to_string(),
+            repo: repo.to_path_buf(),
+            child: Some(child),
+            peer_id: String::new(),
+            addresses: vec![],
+            api_url: String::new(),
+            secret: String::new(),
+            agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(),
+        };
+        let api_file = repo.join("api");
+        wait_until(&format!("{name} to serve its API"), Duration::from_secs(30), || {
+            if let Some(child) = node.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("{name} exited with {status}: {}", node.log());
+                }
+            }
+            Ok(api_file.exists())
+        })?;
+        node.api_url = std::fs::read_to_string(&api_file)?.trim().to_string();
+        node.secret = std::fs::read_to_string(repo.join("api.cookie"))?.trim().to_string();
+        let info = node.call("node_id", Value::Null)?;
+        node.peer_id = info["peer_id"].as_str().unwrap_or_default().to_string();
+        node.addresses = info["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
+        Ok(node)
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.repo.join("node.log")).unwrap_or_default()
+    }
+
+    /// The TCP address of the node, with its peer id.
+    pub fn tcp_addr(&self) -> String {
+        self.addresses.iter().find(|a| a.contains("/tcp/")).cloned().unwrap_or_default()
+    }
+
+    /// Sends a raw HTTP request body to the API with an optional secret.
+    pub fn post_raw(&self, body: &str, secret: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.agent.post(&self.api_url).set("Content-Type", "application/json");
+        if let Some(secret) = secret {
+            request = request.set("Authorization", &format!("Bearer {secret}"));
+        }
+        match request.send_string(body) {
+            Ok(r) => Ok((r.status(), r.into_json()?)),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json()?)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// Calls a JSON-RPC method with the right secret; an error reply becomes an `Err`.
+    pub fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+        let (_, reply) = self.post_raw(&body, Some(&self.secret))?;
+        if let Some(error) = reply.get("error") {
+            bail!("{method} failed: {error}");
+        }
+        Ok(reply["result"].clone())
+    }
+
+    /// Peer ids of the connected peers.
+    pub fn connected_peers(&self) -> anyhow::Result<Vec<String>> {
+        peer_ids(&self.call("swarm_peers", Value::Null)?)
+    }
+
+    /// Peer ids in the routing table.
+    pub fn routing_table(&self) -> anyhow::Result<Vec<String>> {
+        peer_ids(&self.call("dht_routingTable", Value::Null)?)
+    }
+
+    /// Stops the node with SIGTERM and waits for it; returns its exit code.
+    pub fn stop(&mut self) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else { return Ok(None) };
+        // SAFETY: kill(2) with a pid we own; no memory is touched.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                child.kill()?;
+                bail!("{} did not stop within 20 s after SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn peer_ids(list: &Value) -> anyhow::Result<Vec<String>> {
+    Ok(list
+        .as_array()
+        .context("expected a list of peers")?
+        .iter()
+        .filter_map(|p| p["peer_id"].as_str().map(String::from))
+        .collect())
+}

@@ -1,0 +1,420 @@
+//! The serving side: what every peer wants from us, and which answer to send next.
+//!
+//! Semantics follow boxo's decision engine:
+//! - want-block: send the block when we have it; otherwise DONT_HAVE if the peer asked for it,
+//!   and keep the want so the block goes out as soon as we get it.
+//! - want-have: answer HAVE (the want is then done) or DONT_HAVE (the want stays, and a HAVE
+//!   follows when we get the block).
+//! - a want-have never downgrades a pending want-block; cancel removes; a `full` wantlist
+//!   replaces the previous one.
+//!
+//! No I/O except block look-ups through the [`BlockStore`] trait, so the decisions are tested
+//! with an in-memory store. Wants are keyed by multihash, as the store is: a CIDv0 and a CIDv1
+//! of the same bytes are one want.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bytes::Bytes;
+use cid::Cid;
+use libp2p::PeerId;
+
+use super::message::{Message, Presence, WantType, WantlistEntry, BLOCK_OVERHEAD, CID_OVERHEAD};
+use crate::store::{Block, BlockStore};
+
+type Mh = cid::multihash::Multihash<64>;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    cid: Cid,
+    want_type: WantType,
+    send_dont_have: bool,
+    /// The CID is in the peer's task queue.
+    queued: bool,
+    /// We already told the peer we lack it; say nothing more until we get it.
+    dont_have_sent: bool,
+}
+
+#[derive(Debug, Default)]
+struct PeerLedger {
+    wants: HashMap<Mh, Entry>,
+    /// Wants to look at, in arrival order; the answer is decided when the message is built.
+    queue: VecDeque<Mh>,
+    /// A block read for the previous message that did not fit in it.
+    stash: Option<Block>,
+}
+
+/// What one built message carries, for the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Built {
+    pub blocks: usize,
+    pub block_bytes: usize,
+    pub haves: usize,
+    pub dont_haves: usize,
+}
+
+/// Every connected peer's wantlist and pending answers.
+#[derive(Debug)]
+pub struct Ledger {
+    peers: HashMap<PeerId, PeerLedger>,
+    /// Which peers want a multihash, to answer them when the block arrives later.
+    wanted_by: HashMap<Mh, HashSet<PeerId>>,
+    max_entries_per_peer: usize,
+}
+
+impl Ledger {
+    /// A ledger that keeps at most `max_entries_per_peer` wants per peer (extra ones are ignored).
+    pub fn new(max_entries_per_peer: usize) -> Self {
+        Ledger { peers: HashMap::new(), wanted_by: HashMap::new(), max_entries_per_peer }
+    }
+
+    /// Applies a received wantlist. Returns how many entries were dropped because the peer's
+    /// wantlist is full.
+    pub fn receive_wantlist(&mut self, peer: PeerId, full: bool, entries: &[WantlistEntry]) -> usize {
+        let ledger = self.peers.entry(peer).or_default();
+        if full {
+            let keep: HashSet<Mh> = entries.iter().filter(|e| !e.cancel).map(|e| *e.cid.hash()).collect();
+            let gone: Vec<Mh> = ledger.wants.keys().filter(|mh| !keep.contains(*mh)).copied().collect();
+            for mh in gone {
+                ledger.wants.remove(&mh);
+                unindex(&mut self.wanted_by, &mh, &peer);
+            }
+        }
+        let mut dropped = 0;
+        for e in entries {
+            let mh = *e.cid.hash();
+            if e.cancel {
+                if ledger.wants.remove(&mh).is_some() {
+                    unindex(&mut self.wanted_by, &mh, &peer);
+                }
+                continue;
+            }
+            match ledger.wants.get_mut(&mh) {
+                Some(entry) => {
+                    // A want-have does not downgrade a want-block.
+                    if e.want_type == WantType::Block && entry.want_type == WantType::Have {
+                        entry.want_type = WantType::Block;
+                        entry.dont_have_sent = false;
+                    }
+                    entry.send_dont_have = e.send_dont_have;
+                    entry.cid = e.cid;
+                    // Re-check even after a DONT_HAVE: the block may have arrived by a path
+                    // that did not call `blocks_added`. No second DONT_HAVE is sent.
+                    if !entry.queued {
+                        entry.queued = true;
+                        ledger.queue.push_back(mh);
+                    }
+                }
+                None => {
+                    if ledger.wants.len() >= self.max_entries_per_peer {
+                        dropped += 1;
+                        continue;
+                    }
+                    ledger.wants.insert(
+                        mh,
+                        Entry { cid: e.cid, want_type: e.want_type, send_dont_have: e.send_dont_have, queued: true, dont_have_sent: false },
+                    );
+                    ledger.queue.push_back(mh);
+                    self.wanted_by.entry(mh).or_default().insert(peer);
+                }
+            }
+        }
+        dropped
+    }
+
+    /// We got new blocks: queue an answer for every peer that wants them. Returns those peers.
+    pub fn blocks_added<'a>(&mut self, cids: impl IntoIterator<Item = &'a Cid>) -> Vec<PeerId> {
+        let mut woken = Vec::new();
+        for cid in cids {
+            let mh = cid.hash();
+            let Some(peers) = self.wanted_by.get(mh) else { continue };
+            for peer in peers {
+                let Some(ledger) = self.peers.get_mut(peer) else { continue };
+                let Some(entry) = ledger.wants.get_mut(mh) else { continue };
+                entry.dont_have_sent = false;
+                if !entry.queued {
+                    entry.queued = true;
+                    ledger.queue.push_back(*mh);
+                }
+                if !woken.contains(peer) {
+                    woken.push(*peer);
+                }
+            }
+        }
+        woken
+    }
+
+    /// Whether an answer may be pending for `peer`.
+    pub fn has_work(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|l| l.stash.is_some() || !l.queue.is_empty())
+    }
+
+    /// Forgets a disconnected peer (it sends its whole wantlist again when it reconnects).
+    pub fn remove_peer(&mut self, peer: &PeerId) {
+        if let Some(ledger) = self.peers.remove(peer) {
+            for mh in ledger.wants.keys() {
+                unindex(&mut self.wanted_by, mh, peer);
+            }
+        }
+    }
+
+    /// The CIDs `peer` currently wants from us.
+    pub fn wantlist(&self, peer: &PeerId) -> Vec<(Cid, WantType)> {
+        self.peers.get(peer).map(|l| l.wants.values().map(|e| (e.cid, e.want_type)).collect()).unwrap_or_default()
+    }
+
+    /// Number of peers with a non-empty wantlist.
+    pub fn peers_with_wants(&self) -> usize {
+        self.peers.values().filter(|l| !l.wants.is_empty()).count()
+    }
+
+    /// Builds the next answer for `peer`: blocks, HAVEs and DONT_HAVEs in want order until the
+    /// message reaches `target` bytes, never beyond `max` (a block that would cross `max` waits
+    /// for the next message). Blocks larger than `max` can never be sent and are answered like
+    /// missing ones. Store errors are logged and treated as a missing block.
+    pub fn next_message(&mut self, peer: &PeerId, store: &dyn BlockStore, target: usize, max: usize) -> Option<(Message, Built)> {
+        let ledger = self.peers.get_mut(peer)?;
+        let mut msg = Message::default();
+        let mut built = Built::default();
+        let mut size = 16usize;
+        let max_block = max.saturating_sub(1024);
+
+        if let Some(block) = ledger.stash.take() {
+            size += block.data.len() + BLOCK_OVERHEAD;
+            built.blocks += 1;
+            built.block_bytes += block.data.len();
+            msg.blocks.push(block);
+        }
+        while size < target {
+            let Some(mh) = ledger.queue.pop_front() else { break };
+            let Some(entry) = ledger.wants.get_mut(&mh) else { continue };
+            entry.queued = false;
+            let cid = entry.cid;
+            match entry.want_type {
+                WantType::Block => {
+                    let data = match store.get_block(&cid) {
+                        Ok(Some(data)) if data.len() <= max_block => Some(data),
+                        Ok(Some(data)) => {
+                            tracing::warn!(%cid, size = data.len(), "block too large for a bitswap message");
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(%cid, error = %e, "cannot read block to serve");
+                            None
+                        }
+                    };
+                    match data {
+                        Some(data) => {
+                            ledger.wants.remove(&mh);
+                            unindex(&mut self.wanted_by, &mh, peer);
+                            let block = Block { cid, data: Bytes::clone(&data) };
+                            if size + data.len() + BLOCK_OVERHEAD > max && !msg.is_empty() {
+                                ledger.stash = Some(block);
+                                break;
+                            }
+                            size += data.len() + BLOCK_OVERHEAD;
+                            built.blocks += 1;
+                            built.block_bytes += data.len();
+                            msg.blocks.push(block);
+                        }
+                        None => {
+                            if entry.send_dont_have && !entry.dont_have_sent {
+                                entry.dont_have_sent = true;
+                                size += CID_OVERHEAD;
+                                built.dont_haves += 1;
+                                msg.presences.push((cid, Presence::DontHave));
+                            } else {
+                                entry.dont_have_sent = true;
+                            }
+                        }
+                    }
+                }
+                WantType::Have => {
+                    let have = store.has_block(&cid).unwrap_or_else(|e| {
+                        tracing::warn!(%cid, error = %e, "cannot check block");
+                        false
+                    });
+                    if have {
+                        ledger.wants.remove(&mh);
+                        unindex(&mut self.wanted_by, &mh, peer);
+                        size += CID_OVERHEAD;
+                        built.haves += 1;
+                        msg.presences.push((cid, Presence::Have));
+                    } else {
+                        if entry.send_dont_have && !entry.dont_have_sent {
+                            size += CID_OVERHEAD;
+                            built.dont_haves += 1;
+                            msg.presences.push((cid, Presence::DontHave));
+                        }
+                        entry.dont_have_sent = true;
+                    }
+                }
+            }
+        }
+        if ledger.wants.is_empty() && ledger.queue.is_empty() && ledger.stash.is_none() {
+            self.peers.remove(peer);
+        }
+        (!msg.is_empty()).then_some((msg, built))
+    }
+}
+
+fn unindex(index: &mut HashMap<Mh, HashSet<PeerId>>, mh: &Mh, peer: &PeerId) {
+    if let Some(peers) = index.get_mut(mh) {
+        peers.remove(peer);
+        if peers.is_empty() {
+            index.remove(mh);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use std::sync::Mutex;
+
+    /// An in-memory block store for decision tests.
+    #[derive(Default)]
+    pub(crate) struct MemStore(pub Mutex<HashMap<Mh, Bytes>>);
+
+    impl MemStore {
+        pub(crate) fn insert(&self, block: &Block) {
+            self.0.lock().unwrap().insert(*block.cid.hash(), block.data.clone());
+        }
+    }
+
+    impl BlockStore for MemStore {
+        fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>, StoreError> {
+            Ok(self.0.lock().unwrap().get(cid.hash()).cloned())
+        }
+        fn has_block(&self, cid: &Cid) -> Result<bool, StoreError> {
+            Ok(self.0.lock().unwrap().contains_key(cid.hash()))
+        }
+    }
+
+    fn block(i: u32, size: usize) -> Block {
+        let mut data = vec![0u8; size];
+        data[..4].copy_from_slice(&i.to_be_bytes());
+        Block::new_v1(0x55, Bytes::from(data))
+    }
+
+    fn want(b: &Block, t: WantType, dont_have: bool) -> WantlistEntry {
+        WantlistEntry::want(b.cid, t, 1, dont_have)
+    }
+
+    const MAX: usize = 4 << 20;
+
+    #[test]
+    fn want_block_is_answered_with_the_block_and_then_forgotten() {
+        let store = MemStore::default();
+        let (b, peer) = (block(1, 100), PeerId::random());
+        store.insert(&b);
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(peer, false, &[want(&b, WantType::Block, true)]);
+        let (msg, built) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.blocks, vec![b.clone()]);
+        assert_eq!(built.blocks, 1);
+        assert!(ledger.wantlist(&peer).is_empty());
+        assert!(ledger.next_message(&peer, &store, MAX, MAX).is_none());
+    }
+
+    #[test]
+    fn missing_block_gets_dont_have_once_then_the_block_when_it_arrives() {
+        let store = MemStore::default();
+        let (b, peer) = (block(1, 100), PeerId::random());
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(peer, false, &[want(&b, WantType::Block, true)]);
+        let (msg, _) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.presences, vec![(b.cid, Presence::DontHave)]);
+        // Asked again: no second DONT_HAVE.
+        ledger.receive_wantlist(peer, false, &[want(&b, WantType::Block, true)]);
+        assert!(ledger.next_message(&peer, &store, MAX, MAX).is_none());
+        store.insert(&b);
+        assert_eq!(ledger.blocks_added([&b.cid]), vec![peer]);
+        let (msg, _) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.blocks, vec![b]);
+    }
+
+    #[test]
+    fn want_have_is_answered_have_or_dont_have_only_when_asked() {
+        let store = MemStore::default();
+        let (have, lack, silent, peer) = (block(1, 10), block(2, 10), block(3, 10), PeerId::random());
+        store.insert(&have);
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(
+            peer,
+            false,
+            &[want(&have, WantType::Have, true), want(&lack, WantType::Have, true), want(&silent, WantType::Have, false)],
+        );
+        let (msg, built) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.presences, vec![(have.cid, Presence::Have), (lack.cid, Presence::DontHave)]);
+        assert!(msg.blocks.is_empty());
+        assert_eq!((built.haves, built.dont_haves), (1, 1));
+        // The two unanswered-by-block wants stay; a later block triggers HAVE.
+        assert_eq!(ledger.wantlist(&peer).len(), 2);
+        store.insert(&silent);
+        ledger.blocks_added([&silent.cid]);
+        let (msg, _) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.presences, vec![(silent.cid, Presence::Have)]);
+    }
+
+    #[test]
+    fn cancel_removes_and_want_have_does_not_downgrade_want_block() {
+        let store = MemStore::default();
+        let (a, b, peer) = (block(1, 10), block(2, 10), PeerId::random());
+        store.insert(&a);
+        store.insert(&b);
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(peer, false, &[want(&a, WantType::Block, false), want(&b, WantType::Block, false)]);
+        ledger.receive_wantlist(peer, false, &[WantlistEntry::cancel(a.cid), want(&b, WantType::Have, false)]);
+        let (msg, _) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.blocks, vec![b]);
+        assert!(msg.presences.is_empty());
+    }
+
+    #[test]
+    fn full_wantlist_replaces_the_previous_one() {
+        let store = MemStore::default();
+        let (a, b, peer) = (block(1, 10), block(2, 10), PeerId::random());
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(peer, false, &[want(&a, WantType::Block, false)]);
+        ledger.receive_wantlist(peer, true, &[want(&b, WantType::Block, false)]);
+        let cids: Vec<Cid> = ledger.wantlist(&peer).into_iter().map(|(c, _)| c).collect();
+        assert_eq!(cids, vec![b.cid]);
+        store.insert(&a);
+        assert!(ledger.blocks_added([&a.cid]).is_empty());
+    }
+
+    #[test]
+    fn blocks_are_batched_up_to_the_target_and_never_beyond_the_max() {
+        let store = MemStore::default();
+        let peer = PeerId::random();
+        let blocks: Vec<Block> = (0..10).map(|i| block(i, 1000)).collect();
+        for b in &blocks {
+            store.insert(b);
+        }
+        let mut ledger = Ledger::new(100);
+        let entries: Vec<_> = blocks.iter().map(|b| want(b, WantType::Block, false)).collect();
+        ledger.receive_wantlist(peer, false, &entries);
+        // Target 2500 bytes: three blocks (the third crosses the target).
+        let (msg, _) = ledger.next_message(&peer, &store, 2500, 100_000).unwrap();
+        assert_eq!(msg.blocks, blocks[..3].to_vec());
+        // Max 2060 bytes: the second block waits for the next message, in order.
+        let (msg, _) = ledger.next_message(&peer, &store, 10_000, 2060).unwrap();
+        assert_eq!(msg.blocks, blocks[3..4].to_vec());
+        let (msg, _) = ledger.next_message(&peer, &store, 10_000, 100_000).unwrap();
+        assert_eq!(msg.blocks, blocks[4..].to_vec());
+        assert!(!ledger.has_work(&peer));
+    }
+
+    #[test]
+    fn wantlist_size_is_bounded_per_peer() {
+        let peer = PeerId::random();
+        let mut ledger = Ledger::new(2);
+        let entries: Vec<_> = (0..5).map(|i| want(&block(i, 10), WantType::Have, false)).collect();
+        assert_eq!(ledger.receive_wantlist(peer, false, &entries), 3);
+        assert_eq!(ledger.wantlist(&peer).len(), 2);
+        ledger.remove_peer(&peer);
+        assert!(ledger.wanted_by.is_empty());
+    }
+}

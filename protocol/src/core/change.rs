@@ -1,0 +1,481 @@
+//! `SignedChange` envelopes: one Automerge change, signed by the node key that made it.
+//!
+//! # Wire format (`kubelt.core.v1.SignedChange`)
+//!
+//! | field | content |
+//! |---|---|
+//! | `core` | lower-case `0x` address of the core |
+//! | `change` | the bytes of **one uncompressed** Automerge change chunk, at most [`MAX_CHANGE_SIZE`] |
+//! | `author` | the author's libp2p public key, protobuf encoding |
+//! | `signature` | the author's signature over [`signing_bytes`]`(core, change)` |
+//! | `delegation` | the owner-signed delegation the author relies on (see [`super::delegation`]) |
+//!
+//! - **Signing bytes** are `"kubelt-core-change-v1" 0x00 <core, 42 ASCII bytes> 0x00
+//!   sha2-256(change)`: domain-separated so a node signature over a change can never be
+//!   replayed as anything else (a libp2p record, a change of another core).
+//! - **Actor binding**: the change's Automerge actor id must be the author's peer id bytes
+//!   followed by an 8-byte suffix ([`actor_id`]). The suffix is random per writing session, so
+//!   a node never reuses a (actor, seq) pair even after a crash or a rebuild. Binding the actor to
+//!   the key means a change's author is a property of the change bytes themselves: an envelope
+//!   cannot re-attribute a change, and two changes with the same actor and sequence number are a
+//!   signed proof that the key equivocated.
+//! - **Compressed chunks are refused**, so a 1 MiB envelope cannot inflate into gigabytes.
+//! - **Revocations** travel in the change itself: its commit message is
+//!   `{"kubelt":"revocation","message":…,"signature":"0x…"}` ([`RevocationRecord`]) and its
+//!   operations may only touch the reserved `_kubelt` namespace.
+//! - **Batches** (the `changes` lists of `SyncRequest`/`SyncResponse`) may omit the delegation
+//!   of an envelope whose author already appeared earlier in the same list; it is the same as
+//!   that earlier envelope's. The signature does not cover the delegation, so this loses
+//!   nothing, and it saves ~700 bytes per change on catch-up.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
+use automerge::{ActorId, Change, ChangeHash, ExpandedChange};
+use kubelt_proto::core::{OwnerStatement, SignedChange};
+use libp2p::identity::{Keypair, PeerId, PublicKey, SigningError};
+use sha2::{Digest, Sha256};
+
+use super::address::Address;
+use super::delegation::{Delegation, DelegationError, Revocation, RESERVED_NAMESPACE};
+
+/// Largest change an envelope may carry (bytes).
+pub const MAX_CHANGE_SIZE: usize = 1 << 20;
+
+/// Domain separator of [`signing_bytes`].
+pub const SIGNING_DOMAIN: &[u8] = b"kubelt-core-change-v1";
+
+/// Length of the random part of an actor id.
+pub const ACTOR_SUFFIX_LEN: usize = 8;
+
+/// The bytes an author signs for a change of `core`.
+pub fn signing_bytes(core: &Address, change: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIGNING_DOMAIN.len() + 1 + 42 + 1 + 32);
+    out.extend_from_slice(SIGNING_DOMAIN);
+    out.push(0);
+    out.extend_from_slice(core.to_lower_hex().as_bytes());
+    out.push(0);
+    out.extend_from_slice(&Sha256::digest(change));
+    out
+}
+
+/// The Automerge actor id of a writing session of `peer`.
+pub fn actor_id(peer: &PeerId, suffix: [u8; ACTOR_SUFFIX_LEN]) -> ActorId {
+    let mut bytes = peer.to_bytes();
+    bytes.extend_from_slice(&suffix);
+    ActorId::from(bytes)
+}
+
+/// Splits an actor id into the peer id and the session suffix; `None` if it is not of that shape.
+pub fn split_actor(actor: &ActorId) -> Option<(PeerId, [u8; ACTOR_SUFFIX_LEN])> {
+    let bytes = actor.to_bytes();
+    if bytes.len() <= ACTOR_SUFFIX_LEN {
+        return None;
+    }
+    let (peer, suffix) = bytes.split_at(bytes.len() - ACTOR_SUFFIX_LEN);
+    let peer = PeerId::from_bytes(peer).ok()?;
+    let mut out = [0u8; ACTOR_SUFFIX_LEN];
+    out.copy_from_slice(suffix);
+    Some((peer, out))
+}
+
+/// Wraps change bytes in an envelope signed by `keypair`.
+pub fn seal(
+    core: &Address,
+    change: Vec<u8>,
+    keypair: &Keypair,
+    delegation: &OwnerStatement,
+) -> Result<SignedChange, SigningError> {
+    let signature = keypair.sign(&signing_bytes(core, &change))?;
+    Ok(SignedChange {
+        core: core.to_lower_hex(),
+        change: change.into(),
+        author: keypair.public().encode_protobuf().into(),
+        signature: signature.into(),
+        delegation: Some(delegation.clone()),
+    })
+}
+
+/// The commit message of a change that carries a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevocationRecord {
+    /// Always `"revocation"`.
+    pub kubelt: String,
+    /// The SIWE revocation message, as signed.
+    pub message: String,
+    /// The wallet signature, `0x` hex.
+    pub signature: String,
+}
+
+impl RevocationRecord {
+    /// The record for a statement.
+    pub fn new(statement: &OwnerStatement) -> Self {
+        RevocationRecord {
+            kubelt: "revocation".into(),
+            message: statement.message.clone(),
+            signature: format!("0x{}", hex::encode(&statement.signature)),
+        }
+    }
+
+    /// The statement it records.
+    pub fn statement(&self) -> Result<OwnerStatement, DelegationError> {
+        super::delegation::owner_statement(&self.message, &self.signature)
+    }
+}
+
+const REVOCATION_PREFIX: &str = "{\"kubelt\":\"revocation\"";
+
+/// Why a change was not accepted. Every replica gives the same verdict for the same change and
+/// history; the messages are meant for logs and for the person debugging a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejected {
+    /// The envelope is for another core.
+    #[error("the change is for core {got}, not {expected}")]
+    WrongCore {
+        /// The core that was asked to apply it.
+        expected: String,
+        /// The core the envelope names.
+        got: String,
+    },
+    /// This node does not hold the core the envelope names.
+    #[error("this node does not replicate core {0}")]
+    UnknownCore(String),
+    /// The change bytes exceed [`MAX_CHANGE_SIZE`].
+    #[error("the change is {size} bytes, more than the {max} allowed")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// A missing or undecodable envelope field.
+    #[error("malformed envelope: {0}")]
+    MalformedEnvelope(String),
+    /// The change bytes are not one valid uncompressed Automerge change.
+    #[error("malformed Automerge change: {0}")]
+    MalformedChange(String),
+    /// The author's signature does not verify.
+    #[error("the author's signature does not verify")]
+    BadSignature,
+    /// The change's actor id is not the author's peer id plus a suffix.
+    #[error("the change's actor {actor} does not belong to the author {author}")]
+    ActorMismatch {
+        /// Actor id, hex.
+        actor: String,
+        /// The envelope's author.
+        author: PeerId,
+    },
+    /// The delegation is invalid or does not cover this change (wrong core, wrong key,
+    /// expired at the change's time, …).
+    #[error("delegation: {0}")]
+    Delegation(DelegationError),
+    /// The change writes a namespace the delegation does not cover, or the reserved one.
+    #[error("the change writes namespace {namespace:?}: {reason}")]
+    Namespace {
+        /// The top-level key written.
+        namespace: String,
+        /// Why that is not allowed.
+        reason: String,
+    },
+    /// The change carries a revocation that does not verify.
+    #[error("revocation: {0}")]
+    Revocation(DelegationError),
+    /// The author's key was revoked by the owner and this change is past the kept history.
+    #[error("node key {author} was revoked by the owner; change {seq} of its session is after the last kept ({keep})")]
+    Revoked {
+        /// The revoked key.
+        author: PeerId,
+        /// The change's sequence number in its actor.
+        seq: u64,
+        /// The last kept sequence number of that actor.
+        keep: u64,
+    },
+    /// The author signed two different changes with the same actor and sequence number.
+    #[error("node key {author} signed two different changes with sequence number {seq}: all its changes from there on are void")]
+    Equivocation {
+        /// The key.
+        author: PeerId,
+        /// The sequence number used twice.
+        seq: u64,
+    },
+    /// A dependency is a change that is itself invalid.
+    #[error("depends on invalid change {0}")]
+    DependsOnInvalid(ChangeHash),
+    /// The change skips or repeats sequence numbers of its actor.
+    #[error("sequence number {got} of its actor, expected {expected}")]
+    SequenceGap {
+        /// What its history implies.
+        expected: u64,
+        /// What it says.
+        got: u64,
+    },
+    /// An operation refers to an object or operation outside the change's causal history.
+    #[error("bad reference: {0}")]
+    BadReference(String),
+}
+
+/// A change that passed every check that does not depend on the core's history.
+#[derive(Debug, Clone)]
+pub(crate) struct Checked {
+    /// The envelope, with its delegation filled in.
+    pub envelope: SignedChange,
+    pub change: Change,
+    pub expanded: ExpandedChange,
+    pub hash: ChangeHash,
+    pub author: PeerId,
+    pub suffix: [u8; ACTOR_SUFFIX_LEN],
+    pub delegation: Arc<Delegation>,
+    pub delegation_id: [u8; 32],
+    /// The revocation the change carries, if any.
+    pub revocation: Option<(Revocation, OwnerStatement)>,
+}
+
+/// Verified delegations by [`super::delegation::statement_id`]; a failed verification is
+/// remembered too, so a flood of envelopes with one bad delegation costs one ECDSA recovery.
+pub(crate) type DelegationCache = HashMap<[u8; 32], Result<Arc<Delegation>, DelegationError>>;
+
+/// Decodes change bytes: one uncompressed change chunk.
+pub(crate) fn decode_change(bytes: &[u8]) -> Result<(Change, ExpandedChange), Rejected> {
+    // Chunk header: 4 magic bytes, 4 checksum bytes, then the chunk type (1 = change,
+    // 2 = compressed change).
+    match bytes.get(8) {
+        Some(1) => {}
+        Some(2) => return Err(Rejected::MalformedChange("compressed change chunks are not accepted".into())),
+        _ => return Err(Rejected::MalformedChange("not an Automerge change chunk".into())),
+    }
+    let change = Change::from_bytes(bytes.to_vec()).map_err(|e| Rejected::MalformedChange(e.to_string()))?;
+    // Automerge's expansion panics on some inconsistent inputs (unknown action codes, actor
+    // indexes out of range); a hostile change must cost a rejection, not the node.
+    let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
+        .map_err(|_| Rejected::MalformedChange("inconsistent operations".into()))?;
+    Ok((change, expanded))
+}
+
+/// Parses the revocation a change's commit message carries, if it carries one.
+pub(crate) fn carried_revocation(
+    change: &Change,
+    core: &Address,
+) -> Result<Option<(Revocation, OwnerStatement)>, Rejected> {
+    let Some(message) = change.message() else { return Ok(None) };
+    if !message.starts_with(REVOCATION_PREFIX) {
+        return Ok(None);
+    }
+    let record: RevocationRecord = serde_json::from_str(message)
+        .map_err(|e| Rejected::Revocation(DelegationError::Malformed(format!("revocation record: {e}"))))?;
+    let statement = record.statement().map_err(Rejected::Revocation)?;
+    let revocation = Revocation::verify(&statement).map_err(Rejected::Revocation)?;
+    if revocation.owner != *core {
+        return Err(Rejected::Revocation(DelegationError::WrongCore { core: *core, owner: revocation.owner }));
+    }
+    Ok(Some((revocation, statement)))
+}
+
+/// The checks of an envelope that need nothing but the envelope: core, size, decoding,
+/// signature, actor binding, delegation signature and subject, carried revocation. The
+/// delegation must already be in `delegations` (see [`verify_delegations`]).
+pub(crate) fn check_envelope(
+    core: &Address,
+    envelope: SignedChange,
+    delegations: &DelegationCache,
+    max_size: usize,
+) -> Result<Checked, Rejected> {
+    let core_hex = core.to_lower_hex();
+    if envelope.core != core_hex {
+        return Err(Rejected::WrongCore { expected: core_hex, got: envelope.core.clone() });
+    }
+    if envelope.change.len() > max_size {
+        return Err(Rejected::TooLarge { size: envelope.change.len(), max: max_size });
+    }
+    if envelope.author.is_empty() {
+        return Err(Rejected::MalformedEnvelope("no author key".into()));
+    }
+    let author_key = PublicKey::try_decode_protobuf(&envelope.author)
+        .map_err(|e| Rejected::MalformedEnvelope(format!("author key: {e}")))?;
+    if envelope.signature.is_empty() {
+        return Err(Rejected::MalformedEnvelope("no signature".into()));
+    }
+    let delegation_statement = envelope
+        .delegation
+        .as_ref()
+        .ok_or_else(|| Rejected::MalformedEnvelope("no delegation".into()))?;
+    let (change, expanded) = decode_change(&envelope.change)?;
+    if !author_key.verify(&signing_bytes(core, &envelope.change), &envelope.signature) {
+        return Err(Rejected::BadSignature);
+    }
+    let author = author_key.to_peer_id();
+    let suffix = match split_actor(change.actor_id()) {
+        Some((peer, suffix)) if peer == author => suffix,
+        _ => {
+            return Err(Rejected::ActorMismatch { actor: change.actor_id().to_hex_string(), author });
+        }
+    };
+    let delegation_id = super::delegation::statement_id(delegation_statement);
+    let delegation = match delegations.get(&delegation_id) {
+        Some(Ok(d)) => d.clone(),
+        Some(Err(e)) => return Err(Rejected::Delegation(e.clone())),
+        None => {
+            let d = Delegation::verify(delegation_statement).map_err(Rejected::Delegation)?;
+            Arc::new(d)
+        }
+    };
+    if delegation.owner != *core {
+        return Err(Rejected::Delegation(DelegationError::WrongCore { core: *core, owner: delegation.owner }));
+    }
+    if delegation.peer != author {
+        return Err(Rejected::Delegation(DelegationError::WrongPeer { delegated: delegation.peer, author }));
+    }
+    let revocation = carried_revocation(&change, core)?;
+    let hash = change.hash();
+    Ok(Checked { envelope, change, expanded, hash, author, suffix, delegation, delegation_id, revocation })
+}
+
+/// Verifies every distinct delegation of a batch once, filling the cache.
+pub(crate) fn verify_delegations<'a>(
+    envelopes: impl IntoIterator<Item = &'a SignedChange>,
+    cache: &mut DelegationCache,
+) {
+    for envelope in envelopes {
+        if let Some(statement) = &envelope.delegation {
+            let id = super::delegation::statement_id(statement);
+            cache.entry(id).or_insert_with(|| Delegation::verify(statement).map(Arc::new));
+        }
+    }
+}
+
+/// Fills in delegations omitted from a batch: an envelope without one uses the delegation of
+/// the last earlier envelope by the same author.
+pub(crate) fn inflate_batch(envelopes: &mut [SignedChange]) {
+    let mut last: HashMap<bytes::Bytes, OwnerStatement> = HashMap::new();
+    for envelope in envelopes.iter_mut() {
+        match &envelope.delegation {
+            Some(d) => {
+                last.insert(envelope.author.clone(), d.clone());
+            }
+            None => {
+                if let Some(d) = last.get(&envelope.author) {
+                    envelope.delegation = Some(d.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Drops delegations that repeat the previous one of the same author (inverse of
+/// [`inflate_batch`]).
+pub(crate) fn deflate_batch(envelopes: &mut [SignedChange]) {
+    let mut last: HashMap<bytes::Bytes, [u8; 32]> = HashMap::new();
+    for envelope in envelopes.iter_mut() {
+        if let Some(d) = &envelope.delegation {
+            let id = super::delegation::statement_id(d);
+            if last.get(&envelope.author) == Some(&id) {
+                envelope.delegation = None;
+            } else {
+                last.insert(envelope.author.clone(), id);
+            }
+        }
+    }
+}
+
+/// What the core's history knows about operations and objects, as seen from one change's
+/// causal past.
+pub(crate) trait History {
+    /// Whether operation `counter` of `actor` exists and is in the change's causal history.
+    fn op_in_history(&self, actor: &ActorId, counter: u64) -> Result<(), String>;
+    /// The namespace (top-level key) of the object created by operation `counter` of `actor`,
+    /// which must be in the change's causal history.
+    fn object_namespace(&self, actor: &ActorId, counter: u64) -> Result<Arc<str>, String>;
+}
+
+/// What a change touches.
+#[derive(Debug, Default)]
+pub(crate) struct Touched {
+    /// Top-level keys written.
+    pub namespaces: BTreeSet<Arc<str>>,
+    /// Objects the change creates: operation counter -> namespace.
+    pub objects: Vec<(u64, Arc<str>)>,
+}
+
+/// Walks a change's operations: every referenced object and operation must be in the change
+/// itself or in its causal history, and every operation is attributed to the namespace of
+/// the object it writes.
+pub(crate) fn inspect(expanded: &ExpandedChange, history: &impl History) -> Result<Touched, Rejected> {
+    let start = expanded.start_op.get();
+    let own = &expanded.actor_id;
+    let mut local_objects: HashMap<u64, Arc<str>> = HashMap::new();
+    let mut touched = Touched::default();
+    let in_change = |id: &OpId, before: u64| id.actor() == own && id.counter() >= start && id.counter() < before;
+    for (i, op) in expanded.operations.iter().enumerate() {
+        let counter = start + i as u64;
+        let check_ref = |id: &OpId| -> Result<(), Rejected> {
+            if in_change(id, counter) {
+                Ok(())
+            } else {
+                history
+                    .op_in_history(id.actor(), id.counter())
+                    .map_err(|e| Rejected::BadReference(format!("operation {}@{}: {e}", id.counter(), id.actor())))
+            }
+        };
+        let namespace: Arc<str> = match &op.obj {
+            ObjectId::Root => match &op.key {
+                Key::Map(name) => Arc::from(name.as_str()),
+                Key::Seq(_) => return Err(Rejected::BadReference("list operation on the root map".into())),
+            },
+            ObjectId::Id(id) => {
+                if in_change(id, counter) {
+                    local_objects.get(&id.counter()).cloned().ok_or_else(|| {
+                        Rejected::BadReference(format!("object {}@{} is not an object of this change", id.counter(), id.actor()))
+                    })?
+                } else {
+                    history.object_namespace(id.actor(), id.counter()).map_err(|e| {
+                        Rejected::BadReference(format!("object {}@{}: {e}", id.counter(), id.actor()))
+                    })?
+                }
+            }
+        };
+        if let Key::Seq(ElementId::Id(id)) = &op.key {
+            check_ref(id)?;
+        }
+        for pred in op.pred.iter() {
+            check_ref(pred)?;
+        }
+        if let OpType::Make(_) = op.action {
+            local_objects.insert(counter, namespace.clone());
+            touched.objects.push((counter, namespace.clone()));
+        }
+        touched.namespaces.insert(namespace);
+    }
+    Ok(touched)
+}
+
+/// Checks the namespaces a change writes against its delegation: delegated namespaces only,
+/// and the reserved one only (and exclusively) when the change carries a revocation.
+pub(crate) fn check_namespaces(
+    touched: &Touched,
+    delegation: &Delegation,
+    carries_revocation: bool,
+) -> Result<(), Rejected> {
+    for namespace in &touched.namespaces {
+        let ns: &str = namespace;
+        if carries_revocation {
+            if ns != RESERVED_NAMESPACE {
+                return Err(Rejected::Namespace {
+                    namespace: ns.to_owned(),
+                    reason: format!("a change carrying a revocation may only write {RESERVED_NAMESPACE}"),
+                });
+            }
+        } else if ns == RESERVED_NAMESPACE {
+            return Err(Rejected::Namespace {
+                namespace: ns.to_owned(),
+                reason: "reserved for owner-signed records (revocations)".into(),
+            });
+        } else if !delegation.namespaces.allows(ns) {
+            return Err(Rejected::Namespace {
+                namespace: ns.to_owned(),
+                reason: format!("the delegation covers only {}", delegation.namespaces),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Kubelt node library.
+//!
+//! A Kubelt node joins a libp2p swarm, finds other Kubelt nodes over Kademlia
+//! (`/kubelt/kad/1.0.0`), exchanges content with bitswap (wire-compatible with Kubo) and syncs
+//! cores (wallet-owned Automerge documents) over gossipsub with request-response catch-up.
+//!
+//! - [`store`]: RocksDB with one column family per kind of record.
+//! - [`swarm`]: the composed `NetworkBehaviour` and how the swarm is built from a [`swarm::Config`].
+//! - [`node`]: the one task that owns the swarm, and the [`node::Client`] handle that talks to it.
+
+pub mod bitswap;
+pub mod store;
+pub mod swarm;
+pub mod node;
+pub mod unixfs;
+pub mod car;

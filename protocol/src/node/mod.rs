@@ -1,0 +1,110 @@
+//! A running Kubelt node: the one task that owns the swarm, and the [`Client`] that the rest
+//! of the program (JSON-RPC API, CLI, tests) uses to talk to it.
+//!
+//! The shape follows rust-libp2p's `file-sharing` example: a cloneable [`Client`] sends
+//! [`Command`](client::Command)s, each carrying a `oneshot` for its reply, over a bounded
+//! channel to the event loop, which `select!`s between swarm events, commands, periodic
+//! maintenance and the shutdown token.
+
+mod client;
+mod event_loop;
+mod peers;
+
+pub use client::{Client, ConnectError, NodeError, NodeInfo, NodeStatus, PeerInfo};
+pub use peers::{KnownPeer, PeerBook};
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::swarm;
+
+/// Settings of a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (TCP, QUIC, memory).
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers to dial at start-up and whenever the node has no peers.
+    pub bootstrap_peers: Vec<Multiaddr>,
+    /// The node keeps dialing known peers until it has this many connections.
+    pub target_peers: usize,
+    /// How often the node checks its connection count.
+    pub maintenance_interval: Duration,
+    /// Swarm settings (DHT mode, connection limits).
+    pub swarm: swarm::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![],
+            bootstrap_peers: vec![],
+            target_peers: 16,
+            maintenance_interval: Duration::from_secs(10),
+            swarm: swarm::Config::default(),
+        }
+    }
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error(transparent)]
+    Build(#[from] swarm::BuildError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+/// A started node: its client handle and the task that runs it.
+pub struct Node {
+    pub client: Client,
+    pub peer_id: PeerId,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Builds the swarm, starts listening and spawns the event loop.
+    ///
+    /// Listen addresses that fail are reported as errors here, before the node is announced.
+    pub async fn start(keypair: Keypair, store: Store, config: Config) -> Result<Node, StartError> {
+        let peer_id = keypair.public().to_peer_id();
+        let mut swarm = swarm::build(keypair, &config.swarm)?;
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        }
+        let (command_tx, command_rx) = mpsc::channel(256);
+        let shutdown = CancellationToken::new();
+        let mut event_loop = event_loop::EventLoop::new(swarm, store, config, command_rx, shutdown.clone());
+        // Wait until every listener has reported its address (or failed), so that `info()`
+        // right after start shows real ports.
+        event_loop.await_listeners().await?;
+        let task = tokio::spawn(event_loop.run());
+        Ok(Node { client: Client::new(command_tx), peer_id, task, shutdown })
+    }
+
+    /// A token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops the node and waits until its task has finished (peers saved, store flushed).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!("node task ended abnormally: {e}");
+        }
+    }
+
+    /// Waits until the node stops (its shutdown token was cancelled elsewhere).
+    pub async fn stopped(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!("node task ended abnormally: {e}");
+        }
+    }
+}

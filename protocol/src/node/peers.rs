@@ -1,0 +1,119 @@
+//! The peer book: peers this node has talked to, kept in the `peers` column so that a node that
+//! restarts can rejoin the network through them even when no bootstrap peer is reachable.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Column, Store, StoreError};
+
+/// Most addresses remembered per peer.
+const MAX_ADDRESSES_PER_PEER: usize = 8;
+
+/// A remembered peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownPeer {
+    #[serde(with = "peer_id_string")]
+    pub peer_id: PeerId,
+    pub addresses: Vec<Multiaddr>,
+    /// Unix seconds of the last time we were connected.
+    pub last_seen: u64,
+}
+
+/// Reads and writes [`KnownPeer`]s.
+#[derive(Debug, Clone)]
+pub struct PeerBook {
+    store: Store,
+}
+
+impl PeerBook {
+    pub fn new(store: Store) -> Self {
+        PeerBook { store }
+    }
+
+    /// Remembers addresses of a peer (merged with what is known, newest first).
+    pub fn remember(&self, peer_id: PeerId, addresses: impl IntoIterator<Item = Multiaddr>) -> Result<(), StoreError> {
+        let key = peer_id.to_bytes();
+        let mut known = self.get(&peer_id)?.unwrap_or(KnownPeer { peer_id, addresses: vec![], last_seen: 0 });
+        let mut merged: Vec<Multiaddr> = addresses.into_iter().collect();
+        for old in known.addresses.drain(..) {
+            if !merged.contains(&old) {
+                merged.push(old);
+            }
+        }
+        merged.truncate(MAX_ADDRESSES_PER_PEER);
+        known.addresses = merged;
+        known.last_seen = now_secs();
+        let value = serde_json::to_vec(&known).map_err(|e| corrupt(e.to_string()))?;
+        self.store.put(Column::Peers, &key, &value)
+    }
+
+    /// One remembered peer.
+    pub fn get(&self, peer_id: &PeerId) -> Result<Option<KnownPeer>, StoreError> {
+        match self.store.get(Column::Peers, &peer_id.to_bytes())? {
+            None => Ok(None),
+            Some(value) => serde_json::from_slice(&value).map(Some).map_err(|e| corrupt(e.to_string())),
+        }
+    }
+
+    /// Every remembered peer, most recently seen first. Undecodable records are skipped with a
+    /// warning rather than failing the start-up.
+    pub fn all(&self) -> Result<Vec<KnownPeer>, StoreError> {
+        let mut peers = Vec::new();
+        for entry in self.store.iter(Column::Peers) {
+            let (_, value) = entry?;
+            match serde_json::from_slice::<KnownPeer>(&value) {
+                Ok(peer) => peers.push(peer),
+                Err(e) => tracing::warn!("skipping unreadable peer record: {e}"),
+            }
+        }
+        peers.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        Ok(peers)
+    }
+}
+
+fn corrupt(reason: String) -> StoreError {
+    StoreError::Corrupt { column: Column::Peers.name(), reason }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+mod peer_id_string {
+    use libp2p::PeerId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(peer_id: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&peer_id.to_base58())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_peers_merge_addresses_and_survive_reopen() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let peer = PeerId::random();
+        let a: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse()?;
+        let b: Multiaddr = "/ip4/127.0.0.1/udp/2/quic-v1".parse()?;
+        {
+            let book = PeerBook::new(Store::open(dir.path())?);
+            book.remember(peer, [a.clone()])?;
+            book.remember(peer, [b.clone(), a.clone()])?;
+        }
+        let book = PeerBook::new(Store::open(dir.path())?);
+        let all = book.all()?;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].addresses, vec![b, a]);
+        Ok(())
+    }
+}

@@ -1,0 +1,301 @@
+//! The node's persistent state: one RocksDB database per repo.
+//!
+//! Every kind of record lives in its own column family, named by [`Column`]. Blocks are keyed
+//! by their multihash bytes, so a CIDv0 and a CIDv1 of the same bytes share one block. Writes
+//! that must survive a crash (pins, core changes) are written with `sync = true` before they are
+//! acknowledged; bulk block imports go through [`Store::put_blocks`], one batch per call.
+
+mod blocks;
+mod pins;
+
+pub use blocks::{verify_hash, Block, BlockStore};
+pub use pins::{PinKind, PinRecord};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+/// The column families of the node database. The enum drives per-column options.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// Block bytes keyed by multihash.
+    Blocks,
+    /// Pins keyed by CID bytes; the value is the [`PinKind`].
+    Pins,
+    /// Core state: change envelopes, delegations, snapshots.
+    Cores,
+    /// Peers this node has seen: peer id bytes -> their last known addresses.
+    Peers,
+    /// Small node-wide records (schema version, counters).
+    Meta,
+}
+
+impl Column {
+    /// Every column, in a stable order.
+    pub const ALL: [Column; 5] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta];
+
+    /// The column family's name in RocksDB.
+    pub fn name(self) -> &'static str {
+        match self {
+            Column::Blocks => "blocks",
+            Column::Pins => "pins",
+            Column::Cores => "cores",
+            Column::Peers => "peers",
+            Column::Meta => "meta",
+        }
+    }
+
+    fn options(self) -> Options {
+        let mut opts = Options::default();
+        match self {
+            Column::Blocks => {
+                // Blocks are incompressible most of the time and large: keep big values out of
+                // the LSM tree's compactions with BlobDB and skip compression.
+                opts.set_enable_blob_files(true);
+                opts.set_min_blob_size(4096);
+                opts.set_write_buffer_size(64 << 20);
+                opts.set_compression_type(rocksdb::DBCompressionType::None);
+            }
+            _ => {
+                opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            }
+        }
+        opts
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// RocksDB refused an operation (I/O error, corruption, full disk, lock held).
+    #[error("database error: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// The database is used by another process (a node is already running on this repo).
+    #[error("the database at {0} is in use by another process (is a kubelt node already running on this repo?)")]
+    Locked(PathBuf),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in column {column}: {reason}")]
+    Corrupt { column: &'static str, reason: String },
+    /// A block's bytes do not hash to its CID.
+    #[error("block {cid} does not match its hash")]
+    HashMismatch { cid: cid::Cid },
+    /// The CID uses a hash function the node does not support.
+    #[error("unsupported multihash code 0x{0:x}")]
+    UnsupportedHash(u64),
+}
+
+/// Current on-disk schema; bumped when a record layout changes.
+const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// A handle to the node database. Cheap to clone; every clone shares one RocksDB instance.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` with every column family.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_open_files(256);
+        let cfs = Column::ALL.iter().map(|c| ColumnFamilyDescriptor::new(c.name(), c.options()));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
+            if e.to_string().contains("lock") {
+                StoreError::Locked(path.clone())
+            } else {
+                StoreError::Db(e)
+            }
+        })?;
+        let store = Store { db: Arc::new(db), path };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.get(Column::Meta, SCHEMA_KEY)? {
+            None => self.put_sync(Column::Meta, SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()),
+            Some(v) if v.as_slice() == SCHEMA_VERSION.to_be_bytes() => Ok(()),
+            Some(v) => Err(StoreError::Corrupt {
+                column: Column::Meta.name(),
+                reason: format!("unknown schema version {v:?}, expected {SCHEMA_VERSION}"),
+            }),
+        }
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, column: Column) -> &rocksdb::ColumnFamily {
+        // Every column family is created in `open`, so it is always there.
+        self.db.cf_handle(column.name()).expect("column family created at open")
+    }
+
+    /// Reads one value.
+    pub fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(column), key)?)
+    }
+
+    /// Reads one value without copying it out of RocksDB's block cache more than once.
+    pub fn get_pinned(&self, column: Column, key: &[u8]) -> Result<Option<rocksdb::DBPinnableSlice<'_>>, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(column), key)?)
+    }
+
+    /// Whether a key exists.
+    pub fn contains(&self, column: Column, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(column), key)?.is_some())
+    }
+
+    /// Writes one value; not synced (a crash may lose it).
+    pub fn put(&self, column: Column, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        Ok(self.db.put_cf(self.cf(column), key, value)?)
+    }
+
+    /// Writes one value and waits until it is on disk.
+    pub fn put_sync(&self, column: Column, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(column), key, value);
+        self.write(batch, true)
+    }
+
+    /// Deletes one key, synced.
+    pub fn delete_sync(&self, column: Column, key: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(column), key);
+        self.write(batch, true)
+    }
+
+    /// Starts a batch of writes over any columns.
+    pub fn batch(&self) -> StoreBatch<'_> {
+        StoreBatch { store: self, batch: WriteBatch::default() }
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// Iterates over every key and value of a column, in key order.
+    pub fn iter(&self, column: Column) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(column), rocksdb::IteratorMode::Start)
+            .map(|r| r.map_err(StoreError::from))
+    }
+
+    /// Iterates over the keys and values of a column that start with `prefix`.
+    pub fn iter_prefix<'a>(
+        &'a self,
+        column: Column,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a {
+        self.db
+            .iterator_cf(self.cf(column), rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
+            .map(|r| r.map_err(StoreError::from))
+            .take_while(move |r| match r {
+                Ok((k, _)) => k.starts_with(prefix),
+                Err(_) => true,
+            })
+    }
+
+    /// Flushes memtables and the WAL to disk; called on shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        for column in Column::ALL {
+            self.db.flush_cf(self.cf(column))?;
+        }
+        Ok(())
+    }
+
+    /// Approximate size in bytes of a column on disk (SST and blob files).
+    pub fn approximate_size(&self, column: Column) -> u64 {
+        let cf = self.cf(column);
+        let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
+        let blob = self.db.property_int_value_cf(cf, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
+        sst + blob
+    }
+}
+
+/// A set of writes applied atomically by [`StoreBatch::commit`].
+pub struct StoreBatch<'a> {
+    store: &'a Store,
+    batch: WriteBatch,
+}
+
+impl StoreBatch<'_> {
+    /// Adds a write.
+    pub fn put(&mut self, column: Column, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.store.cf(column), key, value);
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, column: Column, key: &[u8]) {
+        self.batch.delete_cf(self.store.cf(column), key);
+    }
+
+    /// Number of writes in the batch.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Applies every write at once; with `sync` waits until they are on disk.
+    pub fn commit(self, sync: bool) -> Result<(), StoreError> {
+        self.store.write(self.batch, sync)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_survive_reopen_and_second_open_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path)?;
+            store.put_sync(Column::Peers, b"k", b"v")?;
+            assert!(matches!(Store::open(&path), Err(StoreError::Locked(_))));
+            store.flush()?;
+        }
+        let store = Store::open(&path)?;
+        assert_eq!(store.get(Column::Peers, b"k")?.as_deref(), Some(&b"v"[..]));
+        assert_eq!(store.get(Column::Blocks, b"k")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn prefix_iteration_stops_at_the_prefix_end() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let mut batch = store.batch();
+        for key in [&b"a1"[..], b"a2", b"b1"] {
+            batch.put(Column::Cores, key, b"x");
+        }
+        batch.commit(false)?;
+        let keys: Vec<_> = store.iter_prefix(Column::Cores, b"a").map(|r| r.map(|(k, _)| k)).collect::<Result<_, _>>()?;
+        assert_eq!(keys.len(), 2);
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The composed libp2p `NetworkBehaviour` of a Kubelt node and how its swarm is built.
+//!
+//! Transports: TCP (noise + yamux), QUIC v1, and libp2p's in-process memory transport (for
+//! tests that run dozens of nodes in one process). Protocols: identify `/ipfs/id/1.0.0`
+//! (agent `kubelt/<version>`), ping `/ipfs/ping/1.0.0`, and Kademlia on our own DHT
+//! `/kubelt/kad/1.0.0` (never the public IPFS DHT).
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use libp2p::core::transport::{MemoryTransport, Transport as _};
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{connection_limits, identify, noise, ping, yamux, StreamProtocol, Swarm, SwarmBuilder};
+
+/// Kademlia protocol id of the Kubelt DHT.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0");
+/// Identify protocol id (the standard one, so Kubo peers can identify us).
+pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
+
+/// The agent version announced over identify.
+pub fn agent_version() -> String {
+    format!("kubelt/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// How this node takes part in the DHT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhtMode {
+    /// Answer DHT queries: for bootstrap nodes and reachable nodes.
+    #[default]
+    Server,
+    /// Only ask: for nodes behind NAT that others cannot dial.
+    Client,
+}
+
+/// Settings of the swarm.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Whether to answer DHT queries or only ask.
+    pub dht_mode: DhtMode,
+    /// How often Kademlia re-runs its bootstrap (random walk) to refresh the routing table.
+    pub bootstrap_interval: Duration,
+    /// Most established connections in total.
+    pub max_connections: u32,
+    /// Most connections to one peer.
+    pub max_connections_per_peer: u32,
+    /// Most connections still being negotiated.
+    pub max_pending: u32,
+    /// How long a connection with no open streams stays up.
+    pub idle_connection_timeout: Duration,
+    /// Timeout of one DHT query.
+    pub kad_query_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dht_mode: DhtMode::Server,
+            bootstrap_interval: Duration::from_secs(300),
+            max_connections: 256,
+            max_connections_per_peer: 4,
+            max_pending: 64,
+            idle_connection_timeout: Duration::from_secs(600),
+            kad_query_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Settings for a bootstrap node: DHT server, many more connections.
+    pub fn bootstrap() -> Self {
+        Config { dht_mode: DhtMode::Server, max_connections: 2048, max_pending: 256, ..Config::default() }
+    }
+}
+
+/// Every protocol a Kubelt node speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Caps connections so a flood of dials cannot exhaust the node.
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+}
+
+/// Errors building the swarm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error("noise setup failed: {0}")]
+    Noise(#[from] noise::Error),
+    #[error("building the behaviour failed: {0}")]
+    Behaviour(String),
+}
+
+/// Builds the swarm for `keypair` with the given settings. Listening and dialing are the
+/// caller's job (see [`crate::node`]).
+pub fn build(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+    let config = config.clone();
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(libp2p::tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)?
+        .with_quic_config(|mut quic| {
+            // Larger flow-control windows than the defaults: loopback and LAN transfers of big
+            // files are bounded by them, not by the link.
+            quic.max_stream_data = 16 * 1024 * 1024;
+            quic.max_connection_data = 64 * 1024 * 1024;
+            quic
+        })
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux_config())
+                    .timeout(Duration::from_secs(20)),
+            )
+        })
+        .map_err(|e| BuildError::Behaviour(e.to_string()))?
+        .with_behaviour(|key| new_behaviour(key, &config))
+        .map_err(|e| BuildError::Behaviour(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .build();
+    Ok(swarm)
+}
+
+fn yamux_config() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    // Bitswap and core sync open many short streams per connection.
+    config.set_max_num_streams(1024);
+    config
+}
+
+fn new_behaviour(key: &Keypair, config: &Config) -> Behaviour {
+    let peer_id = key.public().to_peer_id();
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(config.max_pending))
+        .with_max_pending_outgoing(Some(config.max_pending));
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+            .with_agent_version(agent_version())
+            .with_interval(Duration::from_secs(300)),
+    );
+
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config
+        .set_query_timeout(config.kad_query_timeout)
+        .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+        .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
+    let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+    kad.set_mode(Some(match config.dht_mode {
+        DhtMode::Server => kad::Mode::Server,
+        DhtMode::Client => kad::Mode::Client,
+    }));
+
+    Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new()),
+        kad,
+    }
+}

@@ -1,0 +1,579 @@
+//! The exporter: UnixFS DAGs back to bytes, directories and paths.
+//!
+//! Spec: UnixFS v1 (<https://github.com/ipfs/specs/blob/main/UNIXFS.md>), path resolution as
+//! in `ipfs cat /ipfs/<cid>/a/b`.
+//!
+//! Every block comes from a [`BlockSource`] (the local store, or later the network) and is
+//! checked against its CID before it is decoded, so an untrusted source cannot feed us bytes
+//! that are not the content. A file is read as an ordered stream of chunks: the DAG is walked
+//! depth-first while up to `read_ahead` blocks ahead of the reader are fetched concurrently,
+//! so memory stays at about `read_ahead` blocks whatever the file size.
+//!
+//! File nodes are read generally (a node's own `Data` bytes come before its children's), so
+//! trickle DAGs and files from other importers read correctly too; directories may be plain
+//! or HAMT-sharded.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use cid::Cid;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt, TryStreamExt};
+use kubelt_proto::unixfs::data::DataType;
+use kubelt_proto::unixfs::Data;
+use tokio::io::AsyncWriteExt;
+
+use super::dag_pb::{self, DecodedLink, DecodedNode, DAG_CBOR, DAG_PB, RAW};
+use super::hamt::{self, HashBits};
+use super::{cbor, verify_block, BlockSource, UnixfsError};
+
+/// Blocks fetched ahead of the reader by [`cat`]: 32 leaves of 256 KiB = 8 MiB in flight.
+pub const DEFAULT_READ_AHEAD: usize = 32;
+
+/// Multicodec of identity multihashes (inline CIDs: the bytes are in the CID).
+const IDENTITY: u64 = 0x00;
+
+/// What a CID names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EntryKind {
+    /// A UnixFS file (dag-pb), or a raw block, which is a file of its bytes.
+    File,
+    /// A plain UnixFS directory.
+    Directory,
+    /// A HAMT-sharded UnixFS directory.
+    HamtDirectory,
+    /// A UnixFS symlink.
+    Symlink,
+    /// Some other UnixFS node (`Metadata`).
+    Other,
+}
+
+impl EntryKind {
+    /// A short name for messages ("file", "directory"...).
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Directory => "directory",
+            EntryKind::HamtDirectory => "sharded directory",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Other => "UnixFS metadata node",
+        }
+    }
+
+    /// Whether paths can go through it.
+    pub fn is_dir(self) -> bool {
+        matches!(self, EntryKind::Directory | EntryKind::HamtDirectory)
+    }
+}
+
+/// What `stat` reports about a CID (like `ipfs files stat`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub cid: Cid,
+    pub kind: EntryKind,
+    /// File size in bytes; the target length for a symlink; 0 for directories.
+    pub size: u64,
+    /// The root block's size plus its links' `Tsize`: the DAG's encoded size.
+    pub cumulative_size: u64,
+    /// Number of links of the root block.
+    pub blocks: usize,
+}
+
+/// One directory entry as `ls` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LsEntry {
+    pub name: String,
+    pub cid: Cid,
+    /// The entry's `Tsize`, when the link has one.
+    pub tsize: Option<u64>,
+}
+
+/// What `get` wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GetReport {
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    /// File bytes written.
+    pub bytes: u64,
+}
+
+/// A verified block, decoded just enough to know what it is.
+#[derive(Debug)]
+enum Node {
+    /// A raw block: a file of exactly these bytes.
+    Raw(Bytes),
+    /// A dag-pb UnixFS node.
+    Unixfs { node: DecodedNode, data: Data },
+}
+
+impl Node {
+    fn decode(cid: &Cid, block: Bytes) -> Result<Self, UnixfsError> {
+        match cid.codec() {
+            RAW => Ok(Node::Raw(block)),
+            DAG_PB => {
+                let node = DecodedNode::decode(cid, block)?;
+                let data = node.unixfs(cid)?;
+                Ok(Node::Unixfs { node, data })
+            }
+            codec => Err(UnixfsError::UnsupportedCodec { cid: *cid, codec }),
+        }
+    }
+
+    fn kind(&self, cid: &Cid) -> Result<EntryKind, UnixfsError> {
+        match self {
+            Node::Raw(_) => Ok(EntryKind::File),
+            Node::Unixfs { data, .. } => match DataType::try_from(data.r#type) {
+                Ok(DataType::File | DataType::Raw) => Ok(EntryKind::File),
+                Ok(DataType::Directory) => Ok(EntryKind::Directory),
+                Ok(DataType::HamtShard) => Ok(EntryKind::HamtDirectory),
+                Ok(DataType::Symlink) => Ok(EntryKind::Symlink),
+                Ok(DataType::Metadata) => Ok(EntryKind::Other),
+                Err(_) => Err(UnixfsError::NotUnixfs { cid: *cid, reason: format!("unknown type {}", data.r#type) }),
+            },
+        }
+    }
+}
+
+/// Fetches a block and checks it against its CID.
+fn fetch<S: BlockSource + ?Sized>(source: &S, cid: Cid) -> BoxFuture<'static, Result<Bytes, UnixfsError>> {
+    if cid.hash().code() == IDENTITY {
+        // The content is the CID's digest itself.
+        return Box::pin(std::future::ready(Ok(Bytes::copy_from_slice(cid.hash().digest()))));
+    }
+    let get = source.get(cid);
+    Box::pin(async move {
+        let block = get.await?;
+        verify_block(&cid, &block)?;
+        Ok(block)
+    })
+}
+
+async fn fetch_node<S: BlockSource + ?Sized>(source: &S, cid: Cid) -> Result<(Node, EntryKind), UnixfsError> {
+    let block = fetch(source, cid).await?;
+    let node = Node::decode(&cid, block)?;
+    let kind = node.kind(&cid)?;
+    Ok((node, kind))
+}
+
+/// The CIDs a block links to, for DAG walks (GC, CAR export, bitswap sessions): dag-pb links,
+/// dag-cbor tag-42 links; raw blocks (and inline identity CIDs) link to nothing.
+pub fn links(cid: &Cid, data: &[u8]) -> Result<Vec<Cid>, UnixfsError> {
+    match cid.codec() {
+        DAG_PB => dag_pb::link_cids(cid, data),
+        RAW => Ok(Vec::new()),
+        DAG_CBOR => cbor::links(data).map_err(|reason| UnixfsError::InvalidDagPb { cid: *cid, reason }),
+        _ if cid.hash().code() == IDENTITY => Ok(Vec::new()),
+        codec => Err(UnixfsError::UnsupportedCodec { cid: *cid, codec }),
+    }
+}
+
+/// Splits `cid[/a/b]` or `/ipfs/cid[/a/b]` into the root CID and the path segments.
+fn parse_path(path: &str) -> Result<(Cid, Vec<&str>), UnixfsError> {
+    let invalid = |reason| UnixfsError::InvalidPath { path: path.to_string(), reason };
+    let trimmed = path.strip_prefix("/ipfs/").unwrap_or(path).trim_start_matches('/');
+    let mut segments = trimmed.split('/').filter(|s| !s.is_empty());
+    let root = segments.next().ok_or_else(|| invalid("no CID"))?;
+    let cid = Cid::try_from(root).map_err(|_| invalid("the first segment is not a CID"))?;
+    let segments: Vec<&str> = segments.collect();
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(invalid("'.' and '..' segments are not allowed"));
+    }
+    Ok((cid, segments))
+}
+
+/// Resolves `cid[/segment/...]` (optionally prefixed with `/ipfs/`) through plain and sharded
+/// directories to the CID it names.
+pub async fn resolve<S: BlockSource + ?Sized>(source: &S, path: &str) -> Result<Cid, UnixfsError> {
+    let (mut cid, segments) = parse_path(path)?;
+    for segment in segments {
+        let (node, kind) = fetch_node(source, cid).await?;
+        cid = match (node, kind) {
+            (Node::Unixfs { node, .. }, EntryKind::Directory) => node
+                .links
+                .into_iter()
+                .find(|link| link.name == segment)
+                .map(|link| link.cid)
+                .ok_or_else(|| UnixfsError::PathNotFound { segment: segment.to_string(), dir: cid })?,
+            (Node::Unixfs { node, data }, EntryKind::HamtDirectory) => {
+                hamt_find(source, cid, node, &data, segment).await?
+            }
+            (_, kind) => return Err(UnixfsError::NotADirectory { cid, found: kind.name() }),
+        };
+    }
+    Ok(cid)
+}
+
+/// Looks `name` up in a HAMT directory by following its hash down the shards.
+async fn hamt_find<S: BlockSource + ?Sized>(
+    source: &S,
+    root: Cid,
+    mut node: DecodedNode,
+    data: &Data,
+    name: &str,
+) -> Result<Cid, UnixfsError> {
+    let (bits, pad) = hamt_params(root, data)?;
+    let mut hash = HashBits::new(name);
+    loop {
+        let index = hash.next(bits).ok_or_else(|| UnixfsError::PathNotFound { segment: name.to_string(), dir: root })?;
+        let prefix = format!("{index:0pad$X}");
+        let link = node
+            .links
+            .iter()
+            .find(|link| link.name.starts_with(&prefix))
+            .ok_or_else(|| UnixfsError::PathNotFound { segment: name.to_string(), dir: root })?;
+        if link.name.len() > pad {
+            return if link.name.get(pad..) == Some(name) {
+                Ok(link.cid)
+            } else {
+                Err(UnixfsError::PathNotFound { segment: name.to_string(), dir: root })
+            };
+        }
+        let shard = link.cid;
+        let (child, _) = fetch_node(source, shard).await?;
+        node = match child {
+            Node::Unixfs { node, data } if data.r#type == DataType::HamtShard as i32 => {
+                hamt_params(shard, &data)?;
+                node
+            }
+            _ => return Err(UnixfsError::InvalidHamt { cid: shard, reason: "a shard link points to a non-shard".into() }),
+        };
+    }
+}
+
+/// The index width (bits) and link-name prefix length of a shard; only murmur3 is known.
+fn hamt_params(cid: Cid, data: &Data) -> Result<(usize, usize), UnixfsError> {
+    if data.hash_type != Some(hamt::HASH_MURMUR3) {
+        return Err(UnixfsError::InvalidHamt { cid, reason: format!("unsupported hash type {:?}", data.hash_type) });
+    }
+    let fanout = data.fanout.unwrap_or(0);
+    let bits = hamt::fanout_bits(fanout)
+        .ok_or_else(|| UnixfsError::InvalidHamt { cid, reason: format!("invalid fanout {fanout}") })?;
+    Ok((bits, hamt::prefix_len(fanout)))
+}
+
+/// Describes what a CID names (type, size).
+pub async fn stat<S: BlockSource + ?Sized>(source: &S, cid: Cid) -> Result<Stat, UnixfsError> {
+    let block = fetch(source, cid).await?;
+    let block_len = block.len() as u64;
+    let node = Node::decode(&cid, block)?;
+    let kind = node.kind(&cid)?;
+    Ok(match node {
+        Node::Raw(bytes) => Stat { cid, kind, size: bytes.len() as u64, cumulative_size: block_len, blocks: 0 },
+        Node::Unixfs { node, data } => {
+            let size = match kind {
+                EntryKind::File => data.filesize.unwrap_or_else(|| data.data.as_ref().map_or(0, |d| d.len() as u64)),
+                EntryKind::Symlink => data.data.as_ref().map_or(0, |d| d.len() as u64),
+                _ => 0,
+            };
+            let cumulative_size = block_len + node.links.iter().filter_map(|l| l.tsize).sum::<u64>();
+            Stat { cid, kind, size, cumulative_size, blocks: node.links.len() }
+        }
+    })
+}
+
+/// Lists a directory (plain or sharded), entries in name order.
+pub async fn ls<S: BlockSource + ?Sized>(source: &S, cid: Cid) -> Result<Vec<LsEntry>, UnixfsError> {
+    let (node, kind) = fetch_node(source, cid).await?;
+    dir_entries(source, cid, node, kind).await
+}
+
+async fn dir_entries<S: BlockSource + ?Sized>(
+    source: &S,
+    cid: Cid,
+    node: Node,
+    kind: EntryKind,
+) -> Result<Vec<LsEntry>, UnixfsError> {
+    let entry = |link: DecodedLink, name: String| LsEntry { name, cid: link.cid, tsize: link.tsize };
+    let plain = |link: DecodedLink| LsEntry { name: link.name, cid: link.cid, tsize: link.tsize };
+    match (node, kind) {
+        (Node::Unixfs { node, .. }, EntryKind::Directory) => {
+            Ok(node.links.into_iter().map(plain).collect())
+        }
+        (Node::Unixfs { node, data }, EntryKind::HamtDirectory) => {
+            let (_, pad) = hamt_params(cid, &data)?;
+            let mut entries = Vec::new();
+            let mut shards = vec![(cid, node)];
+            while !shards.is_empty() {
+                let mut next = Vec::new();
+                for (shard, node) in shards {
+                    for link in node.links {
+                        if link.name.len() < pad {
+                            return Err(UnixfsError::InvalidHamt { cid: shard, reason: format!("bad link name {:?}", link.name) });
+                        } else if link.name.len() == pad {
+                            next.push(link.cid);
+                        } else {
+                            let name = link.name.get(pad..).ok_or_else(|| UnixfsError::InvalidHamt {
+                                cid: shard,
+                                reason: format!("bad link name {:?}", link.name),
+                            })?;
+                            let name = name.to_string();
+                            entries.push(entry(link, name));
+                        }
+                    }
+                }
+                // Fetch the next level of shards concurrently.
+                shards = futures::stream::iter(next)
+                    .map(|shard| async move {
+                        match fetch_node(source, shard).await? {
+                            (Node::Unixfs { node, data }, EntryKind::HamtDirectory) => {
+                                hamt_params(shard, &data)?;
+                                Ok((shard, node))
+                            }
+                            _ => Err(UnixfsError::InvalidHamt { cid: shard, reason: "a shard link points to a non-shard".into() }),
+                        }
+                    })
+                    .buffered(16)
+                    .try_collect()
+                    .await?;
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(entries)
+        }
+        (_, kind) => Err(UnixfsError::NotADirectory { cid, found: kind.name() }),
+    }
+}
+
+/// Reads a file as an ordered stream of byte chunks, with [`DEFAULT_READ_AHEAD`] blocks
+/// fetched ahead. The stream ends with an error if a block is missing, corrupt, or the file
+/// does not have the size its root announces.
+pub fn cat<S: BlockSource>(source: S, cid: Cid) -> impl Stream<Item = Result<Bytes, UnixfsError>> + Send + 'static {
+    cat_with_read_ahead(source, cid, DEFAULT_READ_AHEAD)
+}
+
+/// [`cat`] with a chosen number of blocks in flight (at least 1).
+pub fn cat_with_read_ahead<S: BlockSource>(
+    source: S,
+    cid: Cid,
+    read_ahead: usize,
+) -> impl Stream<Item = Result<Bytes, UnixfsError>> + Send + 'static {
+    FileStream::new(source, cid, None, read_ahead)
+}
+
+/// One piece of the file, in file order.
+enum Slot {
+    /// A block to fetch, not requested yet.
+    Wanted(Cid),
+    /// A block being fetched.
+    Fetching(Cid, BoxFuture<'static, Result<Bytes, UnixfsError>>),
+    /// A fetched, verified block, not yet decoded.
+    Fetched(Cid, Bytes),
+    /// File bytes ready to hand out.
+    Data(Bytes),
+    /// A fetch that failed; reported when the reader gets there.
+    Failed(UnixfsError),
+}
+
+/// The stream behind [`cat`]: a queue of slots in file order; the first `read_ahead` are
+/// being fetched; the head is decoded into data and child slots as soon as it arrives.
+struct FileStream<S> {
+    source: S,
+    root: Cid,
+    queue: VecDeque<Slot>,
+    read_ahead: usize,
+    /// The size the root announces, checked at the end.
+    expected: Option<u64>,
+    /// Whether the root block was decoded (and `expected` set from it).
+    root_expanded: bool,
+    emitted: u64,
+    done: bool,
+}
+
+impl<S: BlockSource> FileStream<S> {
+    fn new(source: S, root: Cid, root_block: Option<Bytes>, read_ahead: usize) -> Self {
+        let first = match root_block {
+            Some(block) => Slot::Fetched(root, block),
+            None => Slot::Wanted(root),
+        };
+        FileStream {
+            source,
+            root,
+            queue: VecDeque::from([first]),
+            read_ahead: read_ahead.max(1),
+            expected: None,
+            root_expanded: false,
+            emitted: 0,
+            done: false,
+        }
+    }
+
+    /// Replaces the fetched head block by its data and its children, in order.
+    fn expand(&mut self, cid: Cid, block: Bytes) -> Result<(), UnixfsError> {
+        let is_root = !self.root_expanded;
+        self.root_expanded = true;
+        let node = Node::decode(&cid, block)?;
+        let kind = node.kind(&cid)?;
+        if kind != EntryKind::File {
+            return Err(if is_root {
+                UnixfsError::NotAFile { cid, found: kind.name() }
+            } else {
+                UnixfsError::NotUnixfs { cid, reason: format!("a {} inside a file", kind.name()) }
+            });
+        }
+        match node {
+            Node::Raw(bytes) => {
+                if is_root {
+                    self.expected = Some(bytes.len() as u64);
+                }
+                if !bytes.is_empty() {
+                    self.queue.push_front(Slot::Data(bytes));
+                }
+            }
+            Node::Unixfs { node, data } => {
+                if is_root {
+                    self.expected = data.filesize;
+                }
+                for link in node.links.into_iter().rev() {
+                    self.queue.push_front(Slot::Wanted(link.cid));
+                }
+                if let Some(bytes) = data.data.filter(|b| !b.is_empty()) {
+                    self.queue.push_front(Slot::Data(bytes));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts fetches in the read-ahead window and polls every fetch in flight.
+    fn drive_fetches(&mut self, cx: &mut Context<'_>) {
+        for slot in self.queue.iter_mut().take(self.read_ahead) {
+            if let Slot::Wanted(cid) = *slot {
+                *slot = Slot::Fetching(cid, fetch(&self.source, cid));
+            }
+        }
+        for slot in self.queue.iter_mut() {
+            if let Slot::Fetching(cid, fut) = slot {
+                if let Poll::Ready(result) = fut.as_mut().poll(cx) {
+                    *slot = match result {
+                        Ok(bytes) => Slot::Fetched(*cid, bytes),
+                        Err(e) => Slot::Failed(e),
+                    };
+                }
+            }
+        }
+    }
+}
+
+// Nothing in a `FileStream` is pinned in place: the fetch futures are boxed.
+impl<S> Unpin for FileStream<S> {}
+
+impl<S: BlockSource> Stream for FileStream<S> {
+    type Item = Result<Bytes, UnixfsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = Pin::into_inner(self);
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            this.drive_fetches(cx);
+            match this.queue.pop_front() {
+                None => {
+                    this.done = true;
+                    return match this.expected {
+                        Some(expected) if expected != this.emitted => Poll::Ready(Some(Err(UnixfsError::SizeMismatch {
+                            cid: this.root,
+                            expected,
+                            actual: this.emitted,
+                        }))),
+                        _ => Poll::Ready(None),
+                    };
+                }
+                Some(Slot::Data(bytes)) => {
+                    this.emitted += bytes.len() as u64;
+                    return Poll::Ready(Some(Ok(bytes)));
+                }
+                Some(Slot::Fetched(cid, block)) => {
+                    if let Err(e) = this.expand(cid, block) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Some(Slot::Failed(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Some(slot @ (Slot::Fetching(..) | Slot::Wanted(_))) => {
+                    // Still on its way; every fetch in flight has our waker.
+                    this.queue.push_front(slot);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Checks that a directory entry name is safe to create inside the output directory.
+fn safe_name(dir: Cid, name: &str) -> Result<&str, UnixfsError> {
+    let bad = name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']);
+    if bad {
+        return Err(UnixfsError::UnsafeName { name: name.to_string(), dir });
+    }
+    Ok(name)
+}
+
+/// Writes what `cid` names to `out`: a file, a symlink, or a directory tree (created, with
+/// everything below it). Entry names that could escape `out` (`..`, `/`) are refused.
+pub async fn get<S: BlockSource + Clone>(source: &S, cid: Cid, out: &Path) -> Result<GetReport, UnixfsError> {
+    let mut report = GetReport::default();
+    let mut stack: Vec<(Cid, PathBuf)> = vec![(cid, out.to_path_buf())];
+    while let Some((cid, path)) = stack.pop() {
+        let block = fetch(source, cid).await?;
+        let node = Node::decode(&cid, block.clone())?;
+        let kind = node.kind(&cid)?;
+        match kind {
+            EntryKind::File => {
+                drop(node);
+                report.bytes += write_file(FileStream::new(source.clone(), cid, Some(block), DEFAULT_READ_AHEAD), &path).await?;
+                report.files += 1;
+            }
+            EntryKind::Directory | EntryKind::HamtDirectory => {
+                tokio::fs::create_dir_all(&path).await.map_err(|e| UnixfsError::io(&path, e))?;
+                report.directories += 1;
+                for entry in dir_entries(source, cid, node, kind).await?.into_iter().rev() {
+                    let name = safe_name(cid, &entry.name)?;
+                    stack.push((entry.cid, path.join(name)));
+                }
+            }
+            EntryKind::Symlink => {
+                let target = match &node {
+                    Node::Unixfs { data, .. } => data.data.clone().unwrap_or_default(),
+                    Node::Raw(_) => Bytes::new(),
+                };
+                write_symlink(&target, &path).await?;
+                report.symlinks += 1;
+            }
+            EntryKind::Other => return Err(UnixfsError::NotAFile { cid, found: kind.name() }),
+        }
+    }
+    Ok(report)
+}
+
+async fn write_file<S: BlockSource>(mut stream: FileStream<S>, path: &Path) -> Result<u64, UnixfsError> {
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| UnixfsError::io(path, e))?;
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        file.write_all(&chunk).await.map_err(|e| UnixfsError::io(path, e))?;
+        written += chunk.len() as u64;
+    }
+    file.flush().await.map_err(|e| UnixfsError::io(path, e))?;
+    Ok(written)
+}
+
+#[cfg(unix)]
+async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::OsStr::from_bytes(target).to_os_string();
+    tokio::fs::symlink(&target, path).await.map_err(|e| UnixfsError::io(path, e))
+}
+
+#[cfg(not(unix))]
+async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
+    // No portable symlinks: write the target as the file's content.
+    tokio::fs::write(path, target).await.map_err(|e| UnixfsError::io(path, e))
+}

