@@ -30,6 +30,17 @@ impl ApiClient {
         Ok(ApiClient { url, secret, agent, repo_display })
     }
 
+    /// Streams `GET /ipfs/<path>` from the node's gateway; an HTTP error becomes an error with
+    /// the gateway's message.
+    pub fn gateway_get(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send + Sync + 'static>> {
+        let url = format!("{}ipfs/{}", self.url, path.trim_start_matches("/ipfs/"));
+        match self.agent.get(&url).call() {
+            Ok(response) => Ok(response.into_reader()),
+            Err(ureq::Error::Status(_, response)) => bail!("{}", response.into_string().unwrap_or_default().trim()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Calls a method and returns its result, or the node's error message.
     pub fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
         let request = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });

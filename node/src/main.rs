@@ -4,6 +4,8 @@
 mod api_client;
 mod cli;
 mod config;
+mod content;
+mod gateway;
 mod repo;
 mod rpc;
 

@@ -14,3 +14,4 @@ pub mod swarm;
 pub mod node;
 pub mod unixfs;
 pub mod car;
+pub mod core;

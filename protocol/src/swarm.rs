@@ -3,7 +3,8 @@
 //! Transports: TCP (noise + yamux), QUIC v1, and libp2p's in-process memory transport (for
 //! tests that run dozens of nodes in one process). Protocols: identify `/ipfs/id/1.0.0`
 //! (agent `kubelt/<version>`), ping `/ipfs/ping/1.0.0`, and Kademlia on our own DHT
-//! `/kubelt/kad/1.0.0` (never the public IPFS DHT).
+//! `/kubelt/kad/1.0.0` (never the public IPFS DHT), and bitswap `/ipfs/bitswap/1.2.0` (with
+//! 1.1.0 and 1.0.0) for content, wire-compatible with Kubo.
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -14,6 +15,9 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, identify, noise, ping, yamux, StreamProtocol, Swarm, SwarmBuilder};
+
+use crate::bitswap;
+use crate::store::Store;
 
 /// Kademlia protocol id of the Kubelt DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0");
@@ -53,6 +57,8 @@ pub struct Config {
     pub idle_connection_timeout: Duration,
     /// Timeout of one DHT query.
     pub kad_query_timeout: Duration,
+    /// Bitswap tuning.
+    pub bitswap: bitswap::Config,
 }
 
 impl Default for Config {
@@ -65,6 +71,7 @@ impl Default for Config {
             max_pending: 64,
             idle_connection_timeout: Duration::from_secs(600),
             kad_query_timeout: Duration::from_secs(30),
+            bitswap: bitswap::Config::default(),
         }
     }
 }
@@ -84,6 +91,7 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
+    pub bitswap: bitswap::Behaviour,
 }
 
 /// Errors building the swarm.
@@ -98,7 +106,7 @@ pub enum BuildError {
 
 /// Builds the swarm for `keypair` with the given settings. Listening and dialing are the
 /// caller's job (see [`crate::node`]).
-pub fn build(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+pub fn build(keypair: Keypair, config: &Config, store: Store) -> Result<Swarm<Behaviour>, BuildError> {
     let config = config.clone();
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -121,7 +129,7 @@ pub fn build(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>, Buil
             )
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
-        .with_behaviour(|key| new_behaviour(key, &config))
+        .with_behaviour(|key| new_behaviour(key, &config, store))
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
         .build();
@@ -135,7 +143,7 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
-fn new_behaviour(key: &Keypair, config: &Config) -> Behaviour {
+fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Behaviour {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -165,5 +173,6 @@ fn new_behaviour(key: &Keypair, config: &Config) -> Behaviour {
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
         kad,
+        bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
     }
 }

@@ -1,5 +1,6 @@
 //! The `kubelt` command line: one file per group of subcommands.
 
+mod content;
 mod init;
 mod query;
 mod run;
@@ -47,6 +48,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import a file or directory (same CIDs as `ipfs add`) and pin it.
+    Add(content::AddArgs),
+    /// Write a file to stdout, fetching missing blocks from the network.
+    Cat {
+        /// CID or CID/path.
+        path: String,
+    },
+    /// Write a file or directory tree to disk, fetching missing blocks from the network.
+    Get {
+        /// CID or CID/path.
+        path: String,
+        /// Where to write it (default: the last path segment, in the current directory).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Pins keep content from garbage collection.
+    Pin {
+        #[command(subcommand)]
+        command: content::PinCommand,
+    },
+    /// Repo maintenance.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+    /// CAR v1 import and export.
+    Dag {
+        #[command(subcommand)]
+        command: content::DagCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Delete every block that no pin reaches.
+    Gc,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,5 +118,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Swarm { command: SwarmCommand::Peers { json } } => query::swarm_peers(&repo, json),
         Command::Swarm { command: SwarmCommand::Connect { addr, json } } => query::swarm_connect(&repo, addr, json),
         Command::Status { json } => query::status(&repo, json),
+        Command::Add(args) => content::add(&repo, args),
+        Command::Cat { path } => content::cat(&repo, &path),
+        Command::Get { path, output } => content::get(&repo, &path, output),
+        Command::Pin { command } => content::pin(&repo, command),
+        Command::Repo { command: RepoCommand::Gc } => content::gc(&repo),
+        Command::Dag { command } => content::dag(&repo, command),
     }
 }

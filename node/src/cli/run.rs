@@ -77,7 +77,7 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         }
 
         let shutdown = node.shutdown_token();
-        let state = rpc::ApiState { client: node.client.clone(), store, secret };
+        let state = rpc::ApiState { client: node.client.clone(), store, secret, gc_lock: Default::default() };
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(rpc::serve(api_listener, state, async move { api_shutdown.cancelled().await }));
 

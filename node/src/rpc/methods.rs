@@ -22,6 +22,8 @@ pub struct MethodDoc {
 }
 
 const STRING: &str = r#"{"type":"string"}"#;
+const BOOL: &str = r#"{"type":"boolean"}"#;
+const INT: &str = r#"{"type":"integer"}"#;
 
 /// Every method the API serves.
 pub const METHODS: &[MethodDoc] = &[
@@ -56,6 +58,82 @@ pub const METHODS: &[MethodDoc] = &[
         result: r#"{"type":"object","properties":{"peer_id":{"type":"string"}}}"#,
     },
     MethodDoc {
+        name: "content_add",
+        summary: "Imports a file or directory from the node's file system (like `ipfs add`) and pins it. CIDs equal Kubo's.",
+        params: &[
+            Param { name: "path", schema: STRING, required: true, summary: "absolute path on the node's machine" },
+            Param { name: "recursive", schema: BOOL, required: false, summary: "add a directory tree" },
+            Param { name: "cid_version", schema: INT, required: false, summary: "0 (default, Qm...) or 1 (bafy..., raw leaves)" },
+            Param { name: "hidden", schema: BOOL, required: false, summary: "include files whose name starts with '.'" },
+            Param { name: "pin", schema: BOOL, required: false, summary: "pin the root (default true)" },
+        ],
+        result: r#"{"type":"object","properties":{"cid":{"type":"string"},"size":{"type":"integer"},"name":{"type":"string"}}}"#,
+    },
+    MethodDoc {
+        name: "content_cat",
+        summary: "A file's bytes, base64-encoded (at most 16 MiB; stream bigger files from GET /ipfs/<cid>).",
+        params: &[Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" }],
+        result: r#"{"type":"object","properties":{"data_base64":{"type":"string"},"size":{"type":"integer"}}}"#,
+    },
+    MethodDoc {
+        name: "content_get",
+        summary: "Writes a file or directory tree to the node's file system, fetching missing blocks.",
+        params: &[
+            Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" },
+            Param { name: "output", schema: STRING, required: true, summary: "where to write it" },
+        ],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "content_stat",
+        summary: "Type, size and cumulative DAG size of a CID or path.",
+        params: &[Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" }],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "content_ls",
+        summary: "Entries of a directory.",
+        params: &[Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" }],
+        result: r#"{"type":"array","items":{"type":"object"}}"#,
+    },
+    MethodDoc {
+        name: "pin_add",
+        summary: "Pins a CID: recursive (default) fetches and keeps the whole DAG, direct the one block.",
+        params: &[
+            Param { name: "cid", schema: STRING, required: true, summary: "the CID" },
+            Param { name: "recursive", schema: BOOL, required: false, summary: "default true" },
+        ],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "pin_rm",
+        summary: "Removes a pin.",
+        params: &[Param { name: "cid", schema: STRING, required: true, summary: "the CID" }],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc { name: "pin_ls", summary: "Every pin with its type.", params: &[], result: r#"{"type":"array"}"# },
+    MethodDoc {
+        name: "repo_gc",
+        summary: "Deletes every block that no pin reaches.",
+        params: &[],
+        result: r#"{"type":"object","properties":{"removed":{"type":"integer"},"kept":{"type":"integer"}}}"#,
+    },
+    MethodDoc {
+        name: "dag_export",
+        summary: "Writes the DAG under a CID as a CAR v1 file on the node's file system (GET /ipfs/<cid>?format=car streams it).",
+        params: &[
+            Param { name: "cid", schema: STRING, required: true, summary: "the root" },
+            Param { name: "output", schema: STRING, required: true, summary: "path of the CAR file" },
+        ],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "dag_import",
+        summary: "Imports a CAR v1 file (every block verified) and pins its roots.",
+        params: &[Param { name: "path", schema: STRING, required: true, summary: "path of the CAR file" }],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
         name: "dht_routingTable",
         summary: "Peers in the Kademlia routing table.",
         params: &[],
@@ -87,6 +165,8 @@ pub async fn dispatch(state: &ApiState, method: &str, params: Value) -> Result<V
                 .map_err(RpcError::node)?;
             Ok(json!({ "peer_id": peer.to_base58() }))
         }
+        "content_add" | "content_cat" | "content_get" | "content_stat" | "content_ls" | "pin_add" | "pin_rm"
+        | "pin_ls" | "repo_gc" | "dag_export" | "dag_import" => super::content::dispatch(state, method, params).await,
         _ => Err(RpcError::new(code::INTERNAL_ERROR, format!("method {method} is described but not implemented"))),
     }
 }

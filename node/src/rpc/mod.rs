@@ -7,6 +7,7 @@
 //! -32602 invalid params, -32603 internal error; -32001 is a missing or wrong secret and
 //! -32000 an error of the node itself (its message says what went wrong).
 
+mod content;
 mod methods;
 
 use std::net::SocketAddr;
@@ -64,11 +65,17 @@ pub struct ApiState {
     pub store: Store,
     /// The secret from `api.cookie`.
     pub secret: Arc<str>,
+    /// Keeps GC out while an add has not pinned its root yet.
+    pub gc_lock: crate::content::GcLock,
 }
 
 /// The router of the whole API server.
 pub fn router(state: ApiState) -> Router {
-    Router::new().route("/", post(json_rpc)).route("/rpc", post(json_rpc)).with_state(state)
+    Router::new()
+        .route("/", post(json_rpc))
+        .route("/rpc", post(json_rpc))
+        .route("/ipfs/{*path}", axum::routing::get(crate::gateway::get_ipfs))
+        .with_state(state)
 }
 
 /// Serves the API until `shutdown` completes.

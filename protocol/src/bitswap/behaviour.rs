@@ -206,7 +206,7 @@ impl Behaviour {
                 self.events.push_back(ToSwarm::NotifyHandler {
                     peer_id: peer,
                     handler: NotifyHandler::One(conn),
-                    event: HandlerIn::Send(OutboundMessage { message, kind: MessageKind::Wants, size }),
+                    event: HandlerIn::Send(OutboundMessage::new(message, MessageKind::Wants, size)),
                 });
             }
         }
@@ -387,7 +387,7 @@ impl Behaviour {
             self.events.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(conn),
-                event: HandlerIn::Send(OutboundMessage { message, kind: MessageKind::Response, size }),
+                event: HandlerIn::Send(OutboundMessage::new(message, MessageKind::Response, size)),
             });
             if self.ledger.has_work(&peer) {
                 self.serve_queue.push_back(peer);

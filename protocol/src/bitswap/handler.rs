@@ -39,6 +39,14 @@ pub struct OutboundMessage {
     pub kind: MessageKind,
     /// The behaviour's size estimate; reported back unchanged.
     pub size: usize,
+    /// Already resent once after a broken stream.
+    pub retried: bool,
+}
+
+impl OutboundMessage {
+    pub fn new(message: Message, kind: MessageKind, size: usize) -> Self {
+        OutboundMessage { message, kind, size, retried: false }
+    }
 }
 
 /// From the behaviour.
@@ -77,7 +85,9 @@ pub struct HandlerConfig {
     pub keep_alive: Duration,
 }
 
-type WriteFuture = BoxFuture<'static, (Result<Stream, FrameError>, Sent)>;
+/// A write's outcome; on failure on a reused stream, the message comes back for one retry on a
+/// fresh stream (the remote may have reset the old one, e.g. after refusing a frame).
+type WriteFuture = BoxFuture<'static, (Result<Stream, FrameError>, Sent, Option<OutboundMessage>)>;
 
 /// What a finished write reports.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +104,8 @@ enum Lane {
     Closed,
     /// A stream was requested from the swarm.
     Opening,
-    Idle(Stream, Version),
+    /// A negotiated stream; `bool`: it already carried a message.
+    Idle(Stream, Version, bool),
     Writing(WriteFuture),
 }
 
@@ -142,7 +153,7 @@ impl Handler {
         }
     }
 
-    fn start_write(&self, stream: Stream, version: Version, msg: OutboundMessage) -> WriteFuture {
+    fn start_write(&self, stream: Stream, version: Version, used: bool, msg: OutboundMessage) -> WriteFuture {
         let timeout = self.config.send_timeout;
         let sent = Sent {
             kind: msg.kind,
@@ -156,14 +167,13 @@ impl Handler {
             let mut stream = stream;
             let frame = msg.message.encode_frame(version);
             if frame.len() > max + 10 {
-                return (Err(FrameError::TooLarge { len: frame.len(), max }), sent);
+                return (Err(FrameError::TooLarge { len: frame.len(), max }), sent, None);
             }
-            let result = match tokio::time::timeout(timeout, write_frame(&mut stream, &frame)).await {
-                Ok(Ok(())) => Ok(stream),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(FrameError::Timeout(timeout)),
-            };
-            (result, sent)
+            match tokio::time::timeout(timeout, write_frame(&mut stream, &frame)).await {
+                Ok(Ok(())) => (Ok(stream), sent, None),
+                Ok(Err(e)) => (Err(e), sent, (used && !msg.retried).then(|| OutboundMessage { retried: true, ..msg })),
+                Err(_) => (Err(FrameError::Timeout(timeout)), sent, None),
+            }
         }
         .boxed()
     }
@@ -241,8 +251,8 @@ impl ConnectionHandler for Handler {
                             self.lanes[i] = Lane::Writing(fut);
                             break;
                         }
-                        Poll::Ready((Ok(stream), sent)) => {
-                            self.lanes[i] = Lane::Idle(stream, sent.version);
+                        Poll::Ready((Ok(stream), sent, _)) => {
+                            self.lanes[i] = Lane::Idle(stream, sent.version, true);
                             self.events.push_back(HandlerOut::Sent {
                                 kind: sent.kind,
                                 size: sent.size,
@@ -251,15 +261,19 @@ impl ConnectionHandler for Handler {
                                 version: sent.version,
                             });
                         }
-                        Poll::Ready((Err(e), sent)) => {
+                        Poll::Ready((Err(e), _, Some(retry))) => {
+                            tracing::debug!(error = %e, "bitswap stream broke; resending on a new one");
+                            self.queue_for(i).push_front(retry);
+                        }
+                        Poll::Ready((Err(e), sent, None)) => {
                             tracing::debug!(error = %e, "bitswap send failed");
                             self.events.push_back(HandlerOut::SendFailed { kind: sent.kind, size: sent.size, error: e.to_string() });
                         }
                     },
-                    Lane::Idle(stream, version) => match self.queue_for(i).pop_front() {
-                        Some(msg) => self.lanes[i] = Lane::Writing(self.start_write(stream, version, msg)),
+                    Lane::Idle(stream, version, used) => match self.queue_for(i).pop_front() {
+                        Some(msg) => self.lanes[i] = Lane::Writing(self.start_write(stream, version, used, msg)),
                         None => {
-                            self.lanes[i] = Lane::Idle(stream, version);
+                            self.lanes[i] = Lane::Idle(stream, version, used);
                             break;
                         }
                     },
@@ -324,7 +338,7 @@ impl ConnectionHandler for Handler {
                     self.events.push_back(HandlerOut::Negotiated(version));
                 }
                 if let Some(lane) = self.lanes.get_mut(info) {
-                    *lane = Lane::Idle(stream, version);
+                    *lane = Lane::Idle(stream, version, false);
                 }
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => {

@@ -214,6 +214,9 @@ pub enum Rejected {
     /// An operation refers to an object or operation outside the change's causal history.
     #[error("bad reference: {0}")]
     BadReference(String),
+    /// This replica already found the change invalid.
+    #[error("already found invalid: {0}")]
+    KnownInvalid(String),
 }
 
 /// A change that passed every check that does not depend on the core's history.

@@ -1,6 +1,10 @@
 //! The handle through which everything outside the event loop talks to the swarm.
 
+use cid::Cid;
 use libp2p::{Multiaddr, PeerId};
+
+use super::content::FetchError;
+use crate::bitswap::{SessionId, Stats as BitswapStats};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -12,6 +16,14 @@ pub(crate) enum Command {
     RoutingTable { reply: oneshot::Sender<Vec<PeerInfo>> },
     Connect { addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, ConnectError>> },
     Status { reply: oneshot::Sender<NodeStatus> },
+    NewSession { reply: oneshot::Sender<SessionId> },
+    CloseSession { session: SessionId },
+    /// Resolves once the block is in the store, or with the reason it could not be fetched.
+    FetchBlock { cid: Cid, session: SessionId, reply: oneshot::Sender<Result<(), FetchError>> },
+    /// Announce in the DHT that this node has `cid`.
+    Provide { cid: Cid },
+    /// Blocks were added locally: peers that want them get them.
+    BlocksAdded { cids: Vec<Cid> },
 }
 
 /// Who this node is and where it listens.
@@ -47,6 +59,31 @@ pub struct NodeStatus {
     pub bootstraps_completed: u64,
     pub connections_established: u64,
     pub connections_closed: u64,
+    pub bitswap: BitswapStatus,
+}
+
+/// Bitswap counters for `kubelt status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitswapStatus {
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    pub blocks_received: u64,
+    pub bytes_received: u64,
+    pub duplicate_blocks: u64,
+    pub wantlist_size: usize,
+}
+
+impl BitswapStatus {
+    pub(crate) fn new(stats: BitswapStats, wantlist_size: usize) -> Self {
+        BitswapStatus {
+            blocks_sent: stats.blocks_sent,
+            bytes_sent: stats.block_bytes_sent,
+            blocks_received: stats.blocks_received,
+            bytes_received: stats.block_bytes_received,
+            duplicate_blocks: stats.dup_blocks,
+            wantlist_size,
+        }
+    }
 }
 
 /// Why a `connect` failed.
@@ -109,5 +146,31 @@ impl Client {
     /// Counters for `kubelt status`.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Starts a bitswap session: blocks fetched in one session are asked first from the peers
+    /// that sent earlier blocks of it.
+    pub async fn new_session(&self) -> Result<SessionId, NodeError> {
+        self.ask(|reply| Command::NewSession { reply }).await
+    }
+
+    /// Ends a session (best effort: never blocks).
+    pub fn close_session(&self, session: SessionId) {
+        let _ = self.commands.try_send(Command::CloseSession { session });
+    }
+
+    /// Fetches a block over bitswap into the store.
+    pub async fn fetch_block(&self, cid: Cid, session: SessionId) -> Result<(), FetchError> {
+        self.ask(|reply| Command::FetchBlock { cid, session, reply }).await.map_err(|_| FetchError::Stopped)?
+    }
+
+    /// Announces `cid` in the DHT.
+    pub async fn provide(&self, cid: Cid) -> Result<(), NodeError> {
+        self.commands.send(Command::Provide { cid }).await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Tells bitswap about blocks added locally.
+    pub async fn blocks_added(&self, cids: Vec<Cid>) -> Result<(), NodeError> {
+        self.commands.send(Command::BlocksAdded { cids }).await.map_err(|_| NodeError::Stopped)
     }
 }

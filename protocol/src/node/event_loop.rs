@@ -12,7 +12,11 @@ use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Command, ConnectError, NodeInfo, NodeStatus, PeerInfo};
+use cid::Cid;
+
+use super::client::{BitswapStatus, Command, ConnectError, NodeInfo, NodeStatus, PeerInfo};
+use super::content::FetchError;
+use crate::bitswap;
 use super::peers::PeerBook;
 use super::{Config, StartError};
 use crate::store::Store;
@@ -36,6 +40,10 @@ pub(crate) struct EventLoop {
     connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
     /// Agent versions learned over identify.
     agents: HashMap<PeerId, String>,
+    /// `fetch_block` calls waiting for their block.
+    pending_fetches: HashMap<Cid, Vec<oneshot::Sender<Result<(), FetchError>>>>,
+    /// Provider lookups in flight, by the CID they look for.
+    provider_queries: HashMap<kad::QueryId, Cid>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -60,6 +68,8 @@ impl EventLoop {
             pending_connects: HashMap::new(),
             connections: HashMap::new(),
             agents: HashMap::new(),
+            pending_fetches: HashMap::new(),
+            provider_queries: HashMap::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -225,6 +235,64 @@ impl EventLoop {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Command::NewSession { reply } => {
+                let _ = reply.send(self.swarm.behaviour_mut().bitswap.new_session());
+            }
+            Command::CloseSession { session } => self.swarm.behaviour_mut().bitswap.close_session(session),
+            Command::FetchBlock { cid, session, reply } => {
+                let first = !self.pending_fetches.contains_key(&cid);
+                self.pending_fetches.entry(cid).or_default().push(reply);
+                if first {
+                    self.swarm.behaviour_mut().bitswap.want([cid], Some(session));
+                }
+            }
+            Command::Provide { cid } => {
+                let key = kad::RecordKey::new(&cid.hash().to_bytes());
+                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                    tracing::warn!(%cid, "cannot provide: {e}");
+                }
+            }
+            Command::BlocksAdded { cids } => self.swarm.behaviour_mut().bitswap.notify_new_blocks(cids),
+        }
+    }
+
+    fn on_bitswap_event(&mut self, event: bitswap::Event) {
+        match event {
+            bitswap::Event::BlockReceived { cid, .. } => {
+                for waiter in self.pending_fetches.remove(&cid).unwrap_or_default() {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            bitswap::Event::NotFound { cid, error, .. } => {
+                for waiter in self.pending_fetches.remove(&cid).unwrap_or_default() {
+                    let _ = waiter.send(Err(FetchError::NotFound(error.to_string())));
+                }
+            }
+            bitswap::Event::FindProviders { cid, .. } => {
+                if self.provider_queries.values().any(|c| *c == cid) {
+                    return;
+                }
+                let key = kad::RecordKey::new(&cid.hash().to_bytes());
+                let query = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.provider_queries.insert(query, cid);
+            }
+            bitswap::Event::PeerMisbehaved { peer, reason } => {
+                tracing::warn!(%peer, "disconnecting a peer that sent bad blocks: {reason}");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    /// Dials providers found for a wanted block; bitswap asks them once connected.
+    fn on_providers(&mut self, cid: Cid, providers: impl IntoIterator<Item = PeerId>) {
+        let local = *self.swarm.local_peer_id();
+        for provider in providers {
+            if provider == local || self.swarm.is_connected(&provider) {
+                continue;
+            }
+            tracing::debug!(%cid, %provider, "dialing provider");
+            let addresses = self.peer_book.get(&provider).ok().flatten().map(|p| p.addresses).unwrap_or_default();
+            self.dial_known(provider, addresses);
         }
     }
 
@@ -258,6 +326,7 @@ impl EventLoop {
                 swarm::IDENTIFY_PROTOCOL.to_string(),
                 "/ipfs/ping/1.0.0".to_string(),
                 KAD_PROTOCOL.to_string(),
+                bitswap::PROTOCOL_1_2_0.to_string(),
             ],
         }
     }
@@ -275,6 +344,10 @@ impl EventLoop {
             bootstraps_completed: self.bootstraps_completed,
             connections_established: self.connections_established,
             connections_closed: self.connections_closed,
+            bitswap: BitswapStatus::new(
+                self.swarm.behaviour().bitswap.stats(),
+                self.swarm.behaviour().bitswap.wantlist().len(),
+            ),
         }
     }
 
@@ -342,6 +415,16 @@ impl EventLoop {
                     if let Err(e) = self.peer_book.remember(peer_id, addrs) {
                         tracing::warn!("cannot remember peer {peer_id}: {e}");
                     }
+                }
+            }
+            BehaviourEvent::Bitswap(event) => self.on_bitswap_event(event),
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. }) => {
+                let Some(cid) = self.provider_queries.get(&id).copied() else { return };
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    self.on_providers(cid, providers);
+                }
+                if step.last {
+                    self.provider_queries.remove(&id);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, is_new_peer, .. }) => {

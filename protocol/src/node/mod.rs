@@ -7,10 +7,12 @@
 //! maintenance and the shutdown token.
 
 mod client;
+mod content;
 mod event_loop;
 mod peers;
 
 pub use client::{Client, ConnectError, NodeError, NodeInfo, NodeStatus, PeerInfo};
+pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 
 use std::time::Duration;
@@ -74,7 +76,7 @@ impl Node {
     /// Listen addresses that fail are reported as errors here, before the node is announced.
     pub async fn start(keypair: Keypair, store: Store, config: Config) -> Result<Node, StartError> {
         let peer_id = keypair.public().to_peer_id();
-        let mut swarm = swarm::build(keypair, &config.swarm)?;
+        let mut swarm = swarm::build(keypair, &config.swarm, store.clone())?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }

@@ -577,3 +577,209 @@ async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
     // No portable symlinks: write the target as the file's content.
     tokio::fs::write(path, target).await.map_err(|e| UnixfsError::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::{Block, Store};
+    use crate::unixfs::dir::{add_path, DirectoryBuilder};
+    use crate::unixfs::importer::{add_bytes, add_file, tests::pseudo_random, ImportOptions, DEFAULT_CHUNK_SIZE};
+
+    /// Blocks in memory, keyed by multihash like the store; can be told to lie about one.
+    #[derive(Clone, Default)]
+    struct MemSource {
+        blocks: Arc<HashMap<Vec<u8>, Bytes>>,
+    }
+
+    impl MemSource {
+        fn new(blocks: &[Block]) -> Self {
+            MemSource { blocks: Arc::new(blocks.iter().map(|b| (b.cid.hash().to_bytes(), b.data.clone())).collect()) }
+        }
+    }
+
+    impl BlockSource for MemSource {
+        fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, UnixfsError>> {
+            let found = self.blocks.get(&cid.hash().to_bytes()).cloned();
+            Box::pin(async move { found.ok_or(UnixfsError::BlockNotFound(cid)) })
+        }
+    }
+
+    async fn cat_all<S: BlockSource>(source: S, cid: Cid) -> Result<Vec<u8>, UnixfsError> {
+        let mut out = Vec::new();
+        let mut stream = std::pin::pin!(cat(source, cid));
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cat_returns_the_imported_bytes_at_chunk_and_fanout_boundaries() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let c = DEFAULT_CHUNK_SIZE;
+        let sizes = [0, 1, c - 1, c, c + 1, 174 * c, 174 * c + 1, 5 * (1 << 20) + 12345];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let data = pseudo_random(size, i as u64 + 100);
+            for opts in [ImportOptions::default(), ImportOptions::cid_v1()] {
+                let imported = {
+                    let (store, data, opts) = (store.clone(), data.clone(), opts.clone());
+                    tokio::task::spawn_blocking(move || add_file(&store, &data[..], &opts, &mut |_| {})).await??
+                };
+                assert_eq!(imported.size, size as u64);
+                let back = cat_all(store.clone(), imported.cid).await?;
+                assert!(back == data, "{size} bytes with {opts:?} came back different");
+                let stat = stat(&store, imported.cid).await?;
+                assert_eq!((stat.kind, stat.size, stat.cumulative_size), (EntryKind::File, size as u64, imported.tsize));
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_block_that_does_not_match_its_cid_is_refused() -> anyhow::Result<()> {
+        let data = pseudo_random(3 * DEFAULT_CHUNK_SIZE, 1);
+        let (root, mut blocks) = add_bytes(&data, &ImportOptions::default())?;
+        let mut corrupt = blocks[1].data.to_vec();
+        corrupt[100] ^= 1;
+        let lied_about = blocks[1].cid;
+        blocks[1].data = Bytes::from(corrupt);
+        let err = cat_all(MemSource::new(&blocks), root.cid).await.unwrap_err();
+        assert!(matches!(err, UnixfsError::HashMismatch(cid) if cid == lied_about), "{err}");
+
+        blocks.remove(1);
+        let err = cat_all(MemSource::new(&blocks), root.cid).await.unwrap_err();
+        assert!(matches!(err, UnixfsError::BlockNotFound(cid) if cid == lied_about), "{err}");
+        assert_eq!(err.to_string(), format!("block {lied_about} not found"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn cat_of_a_directory_says_it_is_not_a_file() -> anyhow::Result<()> {
+        let mut blocks = Vec::new();
+        let root = DirectoryBuilder::new(ImportOptions::default()).finish(&mut blocks)?;
+        let err = cat_all(MemSource::new(&blocks), root.cid).await.unwrap_err();
+        assert!(matches!(err, UnixfsError::NotAFile { .. }), "{err}");
+        assert!(err.to_string().contains("not a UnixFS file"), "{err}");
+        Ok(())
+    }
+
+    /// A tree with a sub-directory inside a sharded directory.
+    fn sharded_tree(opts: &ImportOptions) -> anyhow::Result<(Cid, Vec<Block>, Vec<(String, Vec<u8>)>)> {
+        let mut blocks = Vec::new();
+        let mut inner = DirectoryBuilder::new(opts.clone());
+        let (deep, file_blocks) = add_bytes(b"deep file\n", opts)?;
+        blocks.extend(file_blocks);
+        inner.add("deep.txt", deep)?;
+        let inner = inner.finish(&mut blocks)?;
+        let mut top = DirectoryBuilder::new(opts.clone());
+        let mut files = Vec::new();
+        for i in 0..300 {
+            let name = format!("file-{i:03}");
+            let content = pseudo_random(i * 10, i as u64);
+            let (file, file_blocks) = add_bytes(&content, opts)?;
+            blocks.extend(file_blocks);
+            top.add(&name, file)?;
+            files.push((name, content));
+        }
+        top.add("inner", inner)?;
+        assert!(top.will_shard());
+        let root = top.finish(&mut blocks)?;
+        Ok((root.cid, blocks, files))
+    }
+
+    #[tokio::test]
+    async fn paths_resolve_through_plain_and_sharded_directories() -> anyhow::Result<()> {
+        for opts in [ImportOptions::default(), ImportOptions::cid_v1()] {
+            let opts = ImportOptions { hamt_threshold: 4096, ..opts };
+            let (root, blocks, files) = sharded_tree(&opts)?;
+            let source = MemSource::new(&blocks);
+            assert_eq!(stat(&source, root).await?.kind, EntryKind::HamtDirectory);
+            let deep = resolve(&source, &format!("/ipfs/{root}/inner/deep.txt")).await?;
+            assert_eq!(cat_all(source.clone(), deep).await?, b"deep file\n");
+            for (name, content) in files.iter().step_by(37) {
+                let cid = resolve(&source, &format!("{root}/{name}")).await?;
+                assert_eq!(&cat_all(source.clone(), cid).await?, content);
+            }
+            let err = resolve(&source, &format!("{root}/inner/nope")).await.unwrap_err();
+            assert!(err.to_string().starts_with("path segment 'nope' not found in directory"), "{err}");
+            assert!(matches!(resolve(&source, &format!("{root}/nope")).await, Err(UnixfsError::PathNotFound { .. })));
+            let err = resolve(&source, &format!("{root}/file-001/x")).await.unwrap_err();
+            assert!(matches!(err, UnixfsError::NotADirectory { .. }), "{err}");
+            let listing = ls(&source, root).await?;
+            assert_eq!(listing.len(), 301);
+            assert!(listing.windows(2).all(|w| w[0].name < w[1].name));
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn get_writes_files_directories_and_symlinks_back() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("a/b/c"))?;
+        std::fs::create_dir_all(src.join("empty"))?;
+        std::fs::write(src.join("top.bin"), pseudo_random(3 * DEFAULT_CHUNK_SIZE + 5, 1))?;
+        std::fs::write(src.join("a/b/c/leaf.txt"), b"leaf\n")?;
+        std::fs::write(src.join("a/Z"), b"capital sorts first\n")?;
+        std::fs::write(src.join(".hidden"), b"skipped by default\n")?;
+        #[cfg(unix)]
+        std::os::unix::fs::symlink("a/b/c/leaf.txt", src.join("link"))?;
+        let store = Store::open(tmp.path().join("db"))?;
+
+        let opts = ImportOptions::default();
+        let hidden_too = ImportOptions { include_hidden: true, ..opts.clone() };
+        let (s, p) = (store.clone(), src.clone());
+        let (root, with_hidden) = tokio::task::spawn_blocking(move || -> Result<_, UnixfsError> {
+            Ok((add_path(&s, &p, true, &opts, &mut |_| {})?, add_path(&s, &p, true, &hidden_too, &mut |_| {})?))
+        })
+        .await??;
+        assert_ne!(root.cid, with_hidden.cid);
+
+        let out = tmp.path().join("out");
+        let report = get(&store, root.cid, &out).await?;
+        assert_eq!((report.files, report.directories), (3, 5));
+        assert_eq!(std::fs::read(out.join("top.bin"))?, std::fs::read(src.join("top.bin"))?);
+        assert_eq!(std::fs::read(out.join("a/b/c/leaf.txt"))?, b"leaf\n");
+        assert!(out.join("empty").is_dir());
+        assert!(!out.join(".hidden").exists());
+        #[cfg(unix)]
+        assert_eq!(std::fs::read_link(out.join("link"))?, Path::new("a/b/c/leaf.txt"));
+
+        let out2 = tmp.path().join("out2");
+        get(&store, with_hidden.cid, &out2).await?;
+        assert_eq!(std::fs::read(out2.join(".hidden"))?, b"skipped by default\n");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn get_refuses_entry_names_that_escape_the_output() -> anyhow::Result<()> {
+        // Hand-made directory with a ".." entry, as a hostile peer could serve.
+        let opts = ImportOptions::default();
+        let (file, mut blocks) = add_bytes(b"x", &opts)?;
+        let bytes = dag_pb::encode_node(
+            [dag_pb::LinkRef { cid: &file.cid, name: "..", tsize: file.tsize }].into_iter(),
+            Some(dag_pb::DIRECTORY_DATA),
+        );
+        let dir = opts.block(DAG_PB, Bytes::from(bytes));
+        let root = dir.cid;
+        blocks.push(dir);
+        let tmp = tempfile::tempdir()?;
+        let err = get(&MemSource::new(&blocks), root, &tmp.path().join("out")).await.unwrap_err();
+        assert!(matches!(err, UnixfsError::UnsafeName { .. }), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn links_of_raw_and_dag_pb_blocks() -> anyhow::Result<()> {
+        let data = pseudo_random(2 * DEFAULT_CHUNK_SIZE, 3);
+        let (root, blocks) = add_bytes(&data, &ImportOptions::cid_v1())?;
+        let root_block = blocks.last().map(|b| b.data.clone()).unwrap_or_default();
+        assert_eq!(links(&root.cid, &root_block)?, vec![blocks[0].cid, blocks[1].cid]);
+        assert!(links(&blocks[0].cid, &blocks[0].data)?.is_empty());
+        Ok(())
+    }
+}

@@ -95,7 +95,7 @@ mod tests {
         let store = Store::open(dir.path())?;
         let opts = ImportOptions::default();
         let (kept, kept_blocks) = add_bytes(&pseudo_random(600_000, 1), &opts)?;
-        let (gone, gone_blocks) = add_bytes(&pseudo_random(600_000, 2), &opts)?;
+        let (_, gone_blocks) = add_bytes(&pseudo_random(600_000, 2), &opts)?;
         let (direct, direct_blocks) = add_bytes(&pseudo_random(600_000, 3), &ImportOptions::cid_v1())?;
         store.put_blocks(kept_blocks.iter().chain(&gone_blocks).chain(&direct_blocks))?;
         store.pin(&kept.cid, PinKind::Recursive)?;

@@ -544,3 +544,112 @@ pub(crate) mod tests {
         Ok(())
     }
 }
+
+/// Throughput measurements; run with
+/// `cargo test --release -p kubelt-protocol unixfs::importer::bench -- --ignored --nocapture`
+/// on an otherwise idle machine.
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    use super::tests::pseudo_random;
+    use super::*;
+
+    const SIZE: usize = 100 << 20;
+
+    fn mb_per_s(bytes: usize, since: Instant) -> f64 {
+        bytes as f64 / 1e6 / since.elapsed().as_secs_f64()
+    }
+
+    #[test]
+    #[ignore = "benchmark"]
+    fn import_100_mib_throughput() -> anyhow::Result<()> {
+        let data = pseudo_random(SIZE, 42);
+        for (label, opts) in [("cidv0", ImportOptions::default()), ("cidv1", ImportOptions::cid_v1())] {
+            // Hashing and encoding only.
+            let start = Instant::now();
+            let mut importer = FileImporter::new(opts.clone())?;
+            let mut count = 0usize;
+            let mut sink = CountingSink(&mut count);
+            importer.push_reader(&mut &data[..], &mut sink)?;
+            let root = importer.finish(&mut sink);
+            println!("{label}: hash+encode {:.0} MB/s ({count} blocks, root {})", mb_per_s(SIZE, start), root.cid);
+
+            // Into a fresh RocksDB store, from a file in the page cache.
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("input");
+            std::fs::write(&path, &data)?;
+            let store = Store::open(dir.path().join("db"))?;
+            let start = Instant::now();
+            let stored = add_file(&store, std::fs::File::open(&path)?, &opts, &mut |_| {})?;
+            println!("{label}: add_file into RocksDB {:.0} MB/s", mb_per_s(SIZE, start));
+            assert_eq!(stored, root);
+        }
+        Ok(())
+    }
+
+    struct CountingSink<'a>(&'a mut usize);
+
+    impl Extend<Block> for CountingSink<'_> {
+        fn extend<I: IntoIterator<Item = Block>>(&mut self, blocks: I) {
+            *self.0 += blocks.into_iter().count();
+        }
+    }
+}
+#[cfg(test)]
+mod tmp_probe {
+    use super::*;
+    use std::time::Instant;
+    fn raw_db(path: &std::path::Path) -> rocksdb::DB {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.increase_parallelism(2);
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(4096);
+        opts.set_write_buffer_size(64 << 20);
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        rocksdb::DB::open(&opts, path).unwrap()
+    }
+    #[test]
+    #[ignore]
+    fn probe_put_blocks() -> anyhow::Result<()> {
+        let data = super::tests::pseudo_random(100 << 20, 42);
+        let (_, blocks) = add_bytes(&data, &ImportOptions::cid_v1())?;
+        for batch in [1usize, 4, 16, 64] {
+            let dir = tempfile::tempdir()?;
+            let store = Store::open(dir.path())?;
+            let start = Instant::now();
+            for chunk in blocks.chunks(batch) { store.put_blocks(chunk)?; }
+            let t1 = start.elapsed();
+            store.flush()?;
+            println!("store batch {batch}: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
+        }
+        for (wal, batch) in [(true, 4usize), (false, 4), (false, 64)] {
+            let dir = tempfile::tempdir()?;
+            let db = raw_db(dir.path());
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.disable_wal(!wal);
+            let start = Instant::now();
+            for chunk in blocks.chunks(batch) {
+                let mut b = rocksdb::WriteBatch::default();
+                for blk in chunk { b.put(blk.cid.hash().to_bytes(), &blk.data); }
+                db.write_opt(b, &wo)?;
+            }
+            let t1 = start.elapsed();
+            db.flush()?;
+            println!("raw wal={wal} batch {batch}: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
+        }
+        // Two writer threads.
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let (a, b) = blocks.split_at(blocks.len() / 2);
+            for half in [a, b] { let store = store.clone(); s.spawn(move || for c in half.chunks(4) { store.put_blocks(c).unwrap(); }); }
+        });
+        let t1 = start.elapsed();
+        store.flush()?;
+        println!("store 2 threads batch 4: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! The registry of every core this node replicates.
+
+use std::collections::BTreeMap;
+
+use kubelt_proto::core::{OwnerStatement, SignedChange, SyncRequest, SyncResponse};
+use libp2p::identity::PeerId;
+
+use super::address::Address;
+use super::change::Rejected;
+use super::delegation::{Delegation, DelegationError};
+use super::replica::{Accepted, ApplyError, Config, CoreError, Replica};
+use super::sync::SyncStep;
+use crate::store::{Column, Store};
+
+/// Every core this node holds, loaded from the store at start. One owner (the node's event
+/// loop) drives it; it does no I/O but the store's.
+#[derive(Debug)]
+pub struct Cores {
+    store: Store,
+    config: Config,
+    replicas: BTreeMap<Address, Replica>,
+}
+
+impl Cores {
+    /// Loads every core recorded in the store.
+    pub fn load(store: Store, config: Config) -> Result<Cores, CoreError> {
+        let mut addresses = Vec::new();
+        for entry in store.iter_prefix(Column::Cores, b"m/") {
+            let (key, _) = entry?;
+            let text = String::from_utf8_lossy(&key[2..]).into_owned();
+            let address = Address::parse(&text).map_err(|e| CoreError::Corrupt { key: format!("m/{text}"), reason: e.to_string() })?;
+            addresses.push(address);
+        }
+        let mut replicas = BTreeMap::new();
+        for address in addresses {
+            let started = std::time::Instant::now();
+            let replica = Replica::open(store.clone(), address, config.clone())?;
+            tracing::info!(core = %address, changes = replica.len(), elapsed = ?started.elapsed(), "core loaded");
+            replicas.insert(address, replica);
+        }
+        Ok(Cores { store, config, replicas })
+    }
+
+    /// Holds `core` (creating an empty replica if new), without write rights unless a
+    /// delegation was set before.
+    pub fn follow(&mut self, core: Address) -> Result<&mut Replica, CoreError> {
+        if !self.replicas.contains_key(&core) {
+            let replica = Replica::open(self.store.clone(), core, self.config.clone())?;
+            self.replicas.insert(core, replica);
+        }
+        self.replicas.get_mut(&core).ok_or(CoreError::UnknownCore(core))
+    }
+
+    /// Holds the core a delegation is for and records the delegation as this node's own.
+    pub fn own(&mut self, delegation: OwnerStatement) -> Result<&mut Replica, CoreError> {
+        let verified = Delegation::verify(&delegation)?;
+        let replica = self.follow(verified.owner)?;
+        replica.set_own_delegation(Some(delegation))?;
+        Ok(replica)
+    }
+
+    /// The cores held, in address order.
+    pub fn list(&self) -> Vec<Address> {
+        self.replicas.keys().copied().collect()
+    }
+
+    /// One replica.
+    pub fn get(&self, core: &Address) -> Option<&Replica> {
+        self.replicas.get(core)
+    }
+
+    /// One replica, mutable.
+    pub fn get_mut(&mut self, core: &Address) -> Option<&mut Replica> {
+        self.replicas.get_mut(core)
+    }
+
+    /// Every replica.
+    pub fn iter(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.values()
+    }
+
+    fn route(&mut self, core: &str) -> Result<&mut Replica, Rejected> {
+        let address = Address::parse(core)
+            .map_err(|e| Rejected::MalformedEnvelope(format!("core {core:?}: {e}")))?;
+        if address.to_lower_hex() != core {
+            return Err(Rejected::MalformedEnvelope(format!("core {core:?} is not in lower-case wire form")));
+        }
+        self.replicas.get_mut(&address).ok_or_else(|| Rejected::UnknownCore(core.to_owned()))
+    }
+
+    /// Verifies and applies a remote envelope to the core it names (see
+    /// [`Replica::apply_remote`]).
+    pub fn apply_remote(&mut self, envelope: SignedChange) -> Result<Accepted, ApplyError> {
+        let replica = self.route(&envelope.core).map_err(ApplyError::Rejected)?;
+        replica.apply_remote(envelope)
+    }
+
+    /// Starts or continues a catch-up session for `core` with `peer`.
+    pub fn sync_request(&mut self, core: &Address, peer: &PeerId) -> Option<SyncRequest> {
+        self.replicas.get_mut(core)?.sync_request(peer)
+    }
+
+    /// Answers a catch-up request.
+    pub fn handle_sync_request(&mut self, request: SyncRequest, peer: &PeerId) -> SyncResponse {
+        match self.route(&request.core) {
+            Ok(replica) => replica.handle_sync_request(request, peer),
+            Err(e) => SyncResponse { core: request.core, error: e.to_string(), ..Default::default() },
+        }
+    }
+
+    /// Takes a catch-up response; returns the next request of the session, if any.
+    pub fn handle_sync_response(&mut self, response: SyncResponse, peer: &PeerId) -> SyncStep {
+        match self.route(&response.core) {
+            Ok(replica) => replica.handle_sync_response(response, peer),
+            Err(e) => SyncStep { error: Some(e.to_string()), ..Default::default() },
+        }
+    }
+
+    /// Forgets every session with `peer` (disconnected).
+    pub fn end_sync(&mut self, peer: &PeerId) {
+        for replica in self.replicas.values_mut() {
+            replica.end_sync(peer);
+        }
+    }
+
+    /// Verifies a delegation statement for a core without holding it (for the CLI and API).
+    pub fn verify_delegation(statement: &OwnerStatement) -> Result<Delegation, DelegationError> {
+        Delegation::verify(statement)
+    }
+}

@@ -1,0 +1,1474 @@
+//! One replica of one core: the Automerge document, the verified history behind it, and the
+//! rules that decide which changes belong to it.
+//!
+//! A [`Replica`] is a plain state machine: no tasks, no sockets, no clock except where a local
+//! write stamps its own change. Everything it accepts is written to the [`Store`] (synced)
+//! before the call that accepted it returns.
+//!
+//! # Validity
+//!
+//! A change is valid when
+//! 1. its envelope passes the history-free checks ([`super::change`]): core, size, decoding,
+//!    the author's signature, actor bound to the author, a delegation signed by the owner for
+//!    that author;
+//! 2. all its dependencies are valid (a change whose dependency is missing is *held back*, not
+//!    judged);
+//! 3. its sequence number is the next one of its actor in its own history, and no other change
+//!    with the same actor and sequence number is known (else the author equivocated);
+//! 4. its **time** — its own timestamp, raised to the latest time of its dependencies, because
+//!    a change cannot be older than what it builds on — lies inside the delegation's window;
+//! 5. every object and operation it refers to is in its causal history, and every top-level key
+//!    it writes is a namespace the delegation covers (the reserved `_kubelt` only for a change
+//!    carrying an owner-signed revocation, and then nothing else);
+//! 6. its author is not cut off: for every known revocation of the author's key, the change is
+//!    at or before the revocation's kept sequence number of its actor; for an equivocating actor,
+//!    before the equivocated sequence number.
+//!
+//! Rules 2–6 look only at the change and its causal past, plus two kinds of self-certifying
+//! facts that only grow: owner-signed revocations and signed equivocation proofs. Learning such
+//! a fact can only invalidate changes, so every replica that has seen the same changes and facts
+//! has the same valid set — whatever the arrival order. When a fact invalidates changes that
+//! are already in the document, the replica deletes them (and their descendants: with vector
+//! clocks, "descends from a cut-off change of actor A" is `clock[A] > keep`) and rebuilds the
+//! document from the remaining changes.
+//!
+//! Facts spread with the changes that carry them; the envelopes that taught a replica a fact
+//! are kept as *evidence* and attached to every sync exchange, so a replica that never saw the
+//! invalid carrier still learns the fact.
+//!
+//! # Store layout (column `cores`)
+//!
+//! | key | value |
+//! |---|---|
+//! | `m/<core>` | [`CoreMeta`] JSON: this node's own delegation, if it writes the core |
+//! | `<core>/c/<u64 BE>` | a valid change, in admission (topological) order: [`StoredChange`] |
+//! | `<core>/d/<statement id>` | a delegation statement (`OwnerStatement` protobuf), shared by changes |
+//! | `<core>/r/<statement id>` | a known revocation statement |
+//! | `<core>/k/<actor>` | an equivocating actor's last valid sequence number (u64 BE) |
+//! | `<core>/x/<change hash>` | a change that was valid and got invalidated: the reason |
+//! | `<core>/e/<change hash>` | an evidence envelope (`SignedChange` protobuf) |
+//!
+//! `<core>` is the lower-case address.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use automerge::sync::State as SyncState;
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use kubelt_proto::core::{OwnerStatement, SignedChange};
+use libp2p::identity::{Keypair, PeerId};
+use prost::Message as _;
+use time::OffsetDateTime;
+
+use super::address::Address;
+use super::change::{
+    self, check_envelope, check_namespaces, inflate_batch, inspect, seal, verify_delegations, Checked,
+    DelegationCache, History, Rejected, RevocationRecord, Touched,
+};
+use super::delegation::{self, Delegation, DelegationError, Revocation, RESERVED_NAMESPACE};
+use super::value::{self, PathError};
+use crate::store::{Column, Store, StoreError};
+
+/// Limits of a replica.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Largest change accepted (bytes).
+    pub max_change_size: usize,
+    /// Changes held back for missing dependencies; the oldest are dropped beyond this.
+    pub max_pending: usize,
+    /// Rounds of one catch-up session before giving up (a peer that keeps offering changes we
+    /// reject must not keep us busy forever).
+    pub max_sync_rounds: u32,
+    /// Peers with an open catch-up session.
+    pub max_sync_sessions: usize,
+    /// Evidence envelopes kept and attached to sync exchanges.
+    pub max_evidence: usize,
+    /// Changes rejected because of their history, remembered so their descendants are rejected
+    /// at once instead of being held back.
+    pub max_remembered_rejections: usize,
+    /// Threads that verify envelope signatures of a large batch.
+    pub verify_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_change_size: change::MAX_CHANGE_SIZE,
+            max_pending: 20_000,
+            max_sync_rounds: 32,
+            max_sync_sessions: 256,
+            max_evidence: 256,
+            max_remembered_rejections: 100_000,
+            verify_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8),
+        }
+    }
+}
+
+/// Errors of loading and persisting replicas.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not decode.
+    #[error("corrupt core record {key}: {reason}")]
+    Corrupt {
+        /// The key, printable.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The statement given as this node's delegation is not one.
+    #[error("delegation: {0}")]
+    Delegation(#[from] DelegationError),
+    /// The core is not held by this node.
+    #[error("this node does not replicate core {0}")]
+    UnknownCore(Address),
+}
+
+/// Why a local write failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The namespace or path is not writable.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The namespace name is invalid or reserved.
+    #[error("invalid namespace {0:?}")]
+    Namespace(String),
+    /// The delegation does not allow this write (wrong core, key, namespace, expired).
+    #[error("delegation: {0}")]
+    Delegation(#[from] DelegationError),
+    /// This node's key was revoked by the owner.
+    #[error("this node's key {0} was revoked by the owner of the core")]
+    Revoked(PeerId),
+    /// The change failed the same checks a remote replica would apply (a bug if it happens).
+    #[error("the change would be rejected by other replicas: {0}")]
+    Rejected(Rejected),
+    /// The write changes nothing.
+    #[error("the write produced no change")]
+    NoChange,
+    /// The node key could not sign.
+    #[error("signing failed: {0}")]
+    Signing(String),
+    /// The change could not be persisted.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        WriteError::Core(CoreError::Store(e))
+    }
+}
+
+/// Why a remote change was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The change is invalid: reject it (gossipsub `Reject`), do not forward it.
+    #[error(transparent)]
+    Rejected(Rejected),
+    /// The replica could not store it: nothing was decided, do not forward it.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+/// The outcome of an accepted remote change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Accepted {
+    /// The change — and any held-back change it unblocked — is now in the document and stored.
+    /// Forward it.
+    Applied(Report),
+    /// The change is not (or not yet) part of the document, but it taught this replica a new
+    /// revocation or equivocation proof. Forward it: every replica needs the fact.
+    Evidence(Report),
+    /// Already known.
+    Duplicate,
+    /// Held back until these dependencies arrive; ask a peer for them (core-sync).
+    MissingDeps {
+        /// Dependencies this replica lacks.
+        missing: Vec<ChangeHash>,
+    },
+}
+
+/// What an accepted change did to the document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Changes added to the document, in the order applied.
+    pub applied: Vec<ChangeHash>,
+    /// Changes removed from the document because a new fact invalidated them.
+    pub invalidated: Vec<ChangeHash>,
+    /// Whether the document was rebuilt from the stored changes.
+    pub rebuilt: bool,
+}
+
+/// The outcome of a batch of remote changes.
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// Changes added to the document, in the order applied.
+    pub applied: Vec<ChangeHash>,
+    /// Envelopes already known.
+    pub duplicates: usize,
+    /// Envelopes held back for missing dependencies.
+    pub held: Vec<ChangeHash>,
+    /// Dependencies of held-back changes that this replica lacks.
+    pub missing: Vec<ChangeHash>,
+    /// Envelopes rejected, with the change hash when it could be decoded.
+    pub rejected: Vec<(Option<ChangeHash>, Rejected)>,
+    /// Changes removed from the document because a new fact invalidated them.
+    pub invalidated: Vec<ChangeHash>,
+    /// Whether the document was rebuilt.
+    pub rebuilt: bool,
+    /// Whether the batch taught a new revocation or equivocation.
+    pub learned: bool,
+}
+
+/// Stored form of a valid change: the envelope minus the core (in the key) and the delegation
+/// (stored once under its id).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct StoredChange {
+    #[prost(bytes = "vec", tag = "1")]
+    pub change: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub author: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub delegation_id: Vec<u8>,
+}
+
+/// Per-core record `m/<core>`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(super) struct CoreMeta {
+    /// Format version.
+    pub version: u32,
+    /// This node's delegation for the core (`None`: the node only follows it).
+    pub delegation: Option<StatementJson>,
+}
+
+/// JSON form of an owner statement.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct StatementJson {
+    pub message: String,
+    pub signature: String,
+}
+
+impl StatementJson {
+    fn from_statement(s: &OwnerStatement) -> Self {
+        StatementJson { message: s.message.clone(), signature: format!("0x{}", hex::encode(&s.signature)) }
+    }
+    fn to_statement(&self) -> Result<OwnerStatement, DelegationError> {
+        delegation::owner_statement(&self.message, &self.signature)
+    }
+}
+
+pub(super) fn meta_key(core: &Address) -> Vec<u8> {
+    format!("m/{}", core.to_lower_hex()).into_bytes()
+}
+
+pub(super) fn core_key(core: &Address, kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(45 + rest.len());
+    key.extend_from_slice(core.to_lower_hex().as_bytes());
+    key.push(b'/');
+    key.push(kind);
+    key.push(b'/');
+    key.extend_from_slice(rest);
+    key
+}
+
+/// What the replica knows about one valid change.
+#[derive(Debug, Clone)]
+pub(super) struct Meta {
+    /// Position in the store's admission order.
+    pub seq_no: u64,
+    /// Its time: own timestamp raised to its dependencies' (unix seconds).
+    pub time: i64,
+    /// Vector clock: for each actor index, the last sequence number in this change's history
+    /// (itself included).
+    pub clock: Box<[u64]>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct ActorInfo {
+    pub id: ActorId,
+    pub peer: PeerId,
+    pub suffix: [u8; change::ACTOR_SUFFIX_LEN],
+    /// Valid changes by sequence number (index = seq - 1).
+    pub chain: Vec<ChangeHash>,
+    /// First operation counter of each change of `chain`.
+    pub start_ops: Vec<u64>,
+    /// One past the last operation counter of each change of `chain`.
+    pub ends: Vec<u64>,
+}
+
+/// The valid history, indexed for the checks.
+#[derive(Debug, Default)]
+pub(super) struct Dag {
+    pub metas: HashMap<ChangeHash, Meta>,
+    pub actors: Vec<ActorInfo>,
+    pub actor_index: HashMap<ActorId, u32>,
+    /// Objects by creating operation (actor index, counter) -> namespace.
+    pub objects: HashMap<(u32, u64), Arc<str>>,
+    pub next_seq_no: u64,
+}
+
+impl Dag {
+    fn prior_clock(&self, deps: &[ChangeHash]) -> Vec<u64> {
+        let mut clock: Vec<u64> = Vec::new();
+        for dep in deps {
+            if let Some(meta) = self.metas.get(dep) {
+                if clock.len() < meta.clock.len() {
+                    clock.resize(meta.clock.len(), 0);
+                }
+                for (c, d) in clock.iter_mut().zip(meta.clock.iter()) {
+                    *c = (*c).max(*d);
+                }
+            }
+        }
+        clock
+    }
+
+    pub(super) fn max_time(&self, deps: &[ChangeHash]) -> i64 {
+        deps.iter().filter_map(|d| self.metas.get(d)).map(|m| m.time).max().unwrap_or(i64::MIN)
+    }
+}
+
+/// The core's history seen from one change's causal past.
+struct HistoryView<'a> {
+    dag: &'a Dag,
+    prior: &'a [u64],
+}
+
+impl HistoryView<'_> {
+    fn locate(&self, actor: &ActorId, counter: u64) -> Result<u32, String> {
+        let idx = *self.dag.actor_index.get(actor).ok_or("unknown actor")?;
+        let info = &self.dag.actors[idx as usize];
+        let pos = info.start_ops.partition_point(|&s| s <= counter);
+        if pos == 0 || counter >= info.ends[pos - 1] {
+            return Err("no such operation".into());
+        }
+        let seq = pos as u64;
+        if self.prior.get(idx as usize).copied().unwrap_or(0) < seq {
+            return Err("not in the change's causal history".into());
+        }
+        Ok(idx)
+    }
+}
+
+impl History for HistoryView<'_> {
+    fn op_in_history(&self, actor: &ActorId, counter: u64) -> Result<(), String> {
+        self.locate(actor, counter).map(|_| ())
+    }
+
+    fn object_namespace(&self, actor: &ActorId, counter: u64) -> Result<Arc<str>, String> {
+        let idx = self.locate(actor, counter)?;
+        self.dag.objects.get(&(idx, counter)).cloned().ok_or_else(|| "not an object".into())
+    }
+}
+
+/// What admitting a change will record.
+struct Plan {
+    prior: Vec<u64>,
+    time: i64,
+    actor: Option<u32>,
+    touched: Touched,
+}
+
+/// Why an actor is cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Revoked,
+    Equivocated,
+}
+
+/// Envelopes held back for missing dependencies.
+#[derive(Default)]
+struct Pending {
+    items: HashMap<ChangeHash, (u64, Checked)>,
+    arrival: BTreeMap<u64, ChangeHash>,
+    waiting: HashMap<ChangeHash, Vec<ChangeHash>>,
+    next: u64,
+}
+
+impl Pending {
+    fn insert(&mut self, item: Checked, missing: &[ChangeHash]) {
+        let hash = item.hash;
+        for m in missing {
+            self.waiting.entry(*m).or_default().push(hash);
+        }
+        let n = self.next;
+        self.next += 1;
+        self.arrival.insert(n, hash);
+        self.items.insert(hash, (n, item));
+    }
+
+    fn remove(&mut self, hash: &ChangeHash) -> Option<Checked> {
+        let (n, item) = self.items.remove(hash)?;
+        self.arrival.remove(&n);
+        Some(item)
+    }
+
+    fn evict_to(&mut self, cap: usize) -> usize {
+        let mut evicted = 0;
+        while self.items.len() > cap {
+            let Some((_, hash)) = self.arrival.pop_first() else { break };
+            self.items.remove(&hash);
+            evicted += 1;
+        }
+        if evicted > 0 {
+            let items = &self.items;
+            self.waiting.retain(|_, ws| {
+                ws.retain(|w| items.contains_key(w));
+                !ws.is_empty()
+            });
+        }
+        evicted
+    }
+}
+
+/// A catch-up session this replica drives with one peer (see [`super::sync`]).
+#[derive(Default)]
+pub(super) struct Session {
+    pub state: SyncState,
+    pub rounds: u32,
+    /// Dependencies of changes this peer sent that are still missing: the peer has them.
+    pub peer_missing: HashSet<ChangeHash>,
+    pub last_heads: Option<(Vec<ChangeHash>, Option<Vec<ChangeHash>>)>,
+    pub stalled: u32,
+}
+
+/// One replica of one core.
+pub struct Replica {
+    pub(super) core: Address,
+    pub(super) store: Store,
+    pub(super) config: Config,
+    pub(super) own_delegation: Option<OwnerStatement>,
+    pub(super) doc: Automerge,
+    pub(super) dag: Dag,
+    /// Delegation statements by id (those of stored changes, and this node's).
+    pub(super) statements: HashMap<[u8; 32], OwnerStatement>,
+    /// Ids of the statements stored under `d/`.
+    stored_statements: HashSet<[u8; 32]>,
+    delegation_cache: DelegationCache,
+    /// Known revocations by statement id, and by revoked key.
+    revocations: BTreeMap<[u8; 32], (Revocation, OwnerStatement)>,
+    revoked_peers: HashMap<PeerId, Vec<[u8; 32]>>,
+    /// Equivocating actors -> last valid sequence number.
+    equivocations: HashMap<ActorId, u64>,
+    /// Changes found invalid: persisted ones (were valid, got invalidated) and recent
+    /// rejections for history reasons.
+    invalid: HashMap<ChangeHash, String>,
+    recent_invalid: HashMap<ChangeHash, String>,
+    /// Evidence envelopes, oldest first.
+    pub(super) evidence: VecDeque<(ChangeHash, SignedChange)>,
+    /// Recently seen (actor, seq) -> envelope, to catch equivocation among changes that never
+    /// become valid here.
+    seen: HashMap<(ActorId, u64), (ChangeHash, SignedChange)>,
+    pending: Pending,
+    local_actor: Option<(PeerId, ActorId)>,
+    pub(super) sessions: HashMap<PeerId, Session>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("core", &self.core)
+            .field("changes", &self.dag.metas.len())
+            .field("pending", &self.pending.items.len())
+            .finish()
+    }
+}
+
+pub(super) fn unix_now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn corrupt(key: &[u8], reason: impl ToString) -> CoreError {
+    CoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: reason.to_string() }
+}
+
+/// Whether a rejection depends only on the change and its history (then every envelope of the
+/// same change gets it, and its descendants are invalid too), as opposed to the envelope's
+/// delegation or encoding.
+fn is_intrinsic(r: &Rejected) -> bool {
+    matches!(
+        r,
+        Rejected::Revoked { .. }
+            | Rejected::Equivocation { .. }
+            | Rejected::DependsOnInvalid(_)
+            | Rejected::SequenceGap { .. }
+            | Rejected::BadReference(_)
+    )
+}
+
+impl Replica {
+    /// Creates or opens the replica of `core`, loading everything stored.
+    pub(super) fn open(store: Store, core: Address, config: Config) -> Result<Replica, CoreError> {
+        let mut replica = Replica {
+            core,
+            store,
+            config,
+            own_delegation: None,
+            doc: Automerge::new(),
+            dag: Dag::default(),
+            statements: HashMap::new(),
+            stored_statements: HashSet::new(),
+            delegation_cache: HashMap::new(),
+            revocations: BTreeMap::new(),
+            revoked_peers: HashMap::new(),
+            equivocations: HashMap::new(),
+            invalid: HashMap::new(),
+            recent_invalid: HashMap::new(),
+            evidence: VecDeque::new(),
+            seen: HashMap::new(),
+            pending: Pending::default(),
+            local_actor: None,
+            sessions: HashMap::new(),
+        };
+        replica.load()?;
+        Ok(replica)
+    }
+
+    fn load(&mut self) -> Result<(), CoreError> {
+        let core = self.core;
+        let store = self.store.clone();
+        let key = meta_key(&core);
+        match self.store.get(Column::Cores, &key)? {
+            Some(bytes) => {
+                let meta: CoreMeta = serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?;
+                if let Some(d) = meta.delegation {
+                    let statement = d.to_statement().map_err(|e| corrupt(&key, e))?;
+                    self.remember_statement(statement.clone());
+                    self.own_delegation = Some(statement);
+                }
+            }
+            None => self.store.put_sync(Column::Cores, &key, &serde_json::to_vec(&CoreMeta::default()).unwrap_or_default())?,
+        }
+        let prefix = core_key(&core, b'd', b"");
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let statement = OwnerStatement::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
+            let id = self.remember_statement(statement);
+            self.stored_statements.insert(id);
+        }
+        let prefix = core_key(&core, b'r', b"");
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let statement = OwnerStatement::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
+            let revocation = Revocation::verify(&statement).map_err(|e| corrupt(&k, e))?;
+            self.add_revocation(revocation, statement);
+        }
+        let prefix = core_key(&core, b'k', b"");
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let actor = ActorId::from(&k[prefix.len()..]);
+            let keep = <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes).map_err(|_| corrupt(&k, "not a u64"))?;
+            self.equivocations.insert(actor, keep);
+        }
+        let prefix = core_key(&core, b'x', b"");
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let hash = ChangeHash::try_from(&k[prefix.len()..]).map_err(|e| corrupt(&k, e))?;
+            self.invalid.insert(hash, String::from_utf8_lossy(&v).into_owned());
+        }
+        let prefix = core_key(&core, b'e', b"");
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let hash = ChangeHash::try_from(&k[prefix.len()..]).map_err(|e| corrupt(&k, e))?;
+            let envelope = SignedChange::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
+            self.evidence.push_back((hash, envelope));
+        }
+        self.rebuild_from_store()
+    }
+
+    /// Re-derives the history indexes and the document from the stored valid changes.
+    fn rebuild_from_store(&mut self) -> Result<(), CoreError> {
+        self.dag = Dag::default();
+        self.doc = Automerge::new();
+        self.local_actor = None;
+        self.sessions.clear();
+        let store = self.store.clone();
+        let prefix = core_key(&self.core, b'c', b"");
+        let mut records = Vec::new();
+        for entry in store.iter_prefix(Column::Cores, &prefix) {
+            let (k, v) = entry?;
+            let seq_no = <[u8; 8]>::try_from(&k[prefix.len()..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&k, "bad sequence key"))?;
+            records.push((seq_no, v));
+        }
+        let mut changes = Vec::with_capacity(records.len());
+        let mut dropped = store.batch();
+        for (seq_no, bytes) in records {
+            let key = core_key(&self.core, b'c', &seq_no.to_be_bytes());
+            let record = StoredChange::decode(&bytes[..]).map_err(|e| corrupt(&key, e))?;
+            let checked = match self.checked_from_store(&record) {
+                Ok(c) => c,
+                Err(reason) => {
+                    tracing::error!(core = %self.core, %reason, "dropping a stored change that no longer decodes");
+                    dropped.delete(Column::Cores, &key);
+                    continue;
+                }
+            };
+            let verdict = if checked.change.deps().iter().all(|d| self.dag.metas.contains_key(d)) {
+                self.plan(&checked)
+            } else {
+                Err(Rejected::DependsOnInvalid(
+                    checked.change.deps().iter().find(|d| !self.dag.metas.contains_key(*d)).copied().unwrap_or(checked.hash),
+                ))
+            };
+            match verdict {
+                Ok(plan) => {
+                    // Keep the stored position (commit_plan numbers the change next_seq_no).
+                    self.dag.next_seq_no = seq_no;
+                    self.commit_plan(&checked, plan);
+                    changes.push(checked.change);
+                }
+                Err(reason) => {
+                    tracing::warn!(core = %self.core, hash = %checked.hash, %reason, "stored change is no longer valid");
+                    dropped.delete(Column::Cores, &key);
+                    dropped.put(Column::Cores, &core_key(&self.core, b'x', &checked.hash.0), reason.to_string().as_bytes());
+                    self.invalid.insert(checked.hash, reason.to_string());
+                }
+            }
+        }
+        if !dropped.is_empty() {
+            dropped.commit(true)?;
+        }
+        self.apply_to_doc(changes);
+        Ok(())
+    }
+
+    fn apply_to_doc(&mut self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let doc = &mut self.doc;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(changes)));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(core = %self.core, error = %e, "Automerge refused verified changes"),
+            Err(_) => tracing::error!(core = %self.core, "Automerge panicked on verified changes"),
+        }
+    }
+
+    fn checked_from_store(&mut self, record: &StoredChange) -> Result<Checked, String> {
+        let id: [u8; 32] = record.delegation_id.as_slice().try_into().map_err(|_| "bad delegation id".to_string())?;
+        let statement = self.statements.get(&id).cloned().ok_or("delegation statement missing")?;
+        let delegation = self.verified_delegation(&statement).map_err(|e| e.to_string())?;
+        let (change, expanded) = change::decode_change(&record.change).map_err(|e| e.to_string())?;
+        let (author, suffix) = change::split_actor(change.actor_id()).ok_or("actor is not a peer id")?;
+        let revocation = change::carried_revocation(&change, &self.core).map_err(|e| e.to_string())?;
+        let hash = change.hash();
+        Ok(Checked {
+            envelope: SignedChange {
+                core: self.core.to_lower_hex(),
+                change: record.change.clone().into(),
+                author: record.author.clone().into(),
+                signature: record.signature.clone().into(),
+                delegation: Some(statement),
+            },
+            change,
+            expanded,
+            hash,
+            author,
+            suffix,
+            delegation,
+            delegation_id: id,
+            revocation,
+        })
+    }
+
+    fn remember_statement(&mut self, statement: OwnerStatement) -> [u8; 32] {
+        let id = delegation::statement_id(&statement);
+        self.statements.entry(id).or_insert(statement);
+        id
+    }
+
+    fn verified_delegation(&mut self, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
+        let id = delegation::statement_id(statement);
+        self.delegation_cache
+            .entry(id)
+            .or_insert_with(|| Delegation::verify(statement).map(Arc::new))
+            .clone()
+    }
+
+    fn add_revocation(&mut self, revocation: Revocation, statement: OwnerStatement) -> bool {
+        if self.revocations.contains_key(&revocation.id) {
+            return false;
+        }
+        self.revoked_peers.entry(revocation.peer).or_default().push(revocation.id);
+        self.revocations.insert(revocation.id, (revocation, statement));
+        true
+    }
+
+    /// The last valid sequence number of an actor, if the actor is cut off.
+    fn keep_for(&self, actor: &ActorId, peer: &PeerId, suffix: &[u8; 8]) -> Option<(u64, Cut)> {
+        let mut best: Option<(u64, Cut)> = None;
+        if let Some(ids) = self.revoked_peers.get(peer) {
+            for id in ids {
+                if let Some((r, _)) = self.revocations.get(id) {
+                    let keep = r.keep_for(suffix);
+                    if best.is_none_or(|(b, _)| keep < b) {
+                        best = Some((keep, Cut::Revoked));
+                    }
+                }
+            }
+        }
+        if let Some(&keep) = self.equivocations.get(actor) {
+            if best.is_none_or(|(b, _)| keep < b) {
+                best = Some((keep, Cut::Equivocated));
+            }
+        }
+        best
+    }
+
+    /// The history-dependent checks of a change whose dependencies are all valid.
+    fn plan(&self, item: &Checked) -> Result<Plan, Rejected> {
+        let change = &item.change;
+        let deps = change.deps();
+        let prior = self.dag.prior_clock(deps);
+        let time = change.timestamp().max(self.dag.max_time(deps));
+        let actor = self.dag.actor_index.get(change.actor_id()).copied();
+        let seq = change.seq();
+        if let Some(idx) = actor {
+            if let Some(existing) = self.dag.actors[idx as usize].chain.get((seq as usize).wrapping_sub(1)) {
+                if *existing != item.hash {
+                    return Err(Rejected::Equivocation { author: item.author, seq });
+                }
+            }
+        }
+        let expected = actor.and_then(|i| prior.get(i as usize).copied()).unwrap_or(0) + 1;
+        if seq != expected {
+            return Err(Rejected::SequenceGap { expected, got: seq });
+        }
+        if let Some((keep, cut)) = self.keep_for(change.actor_id(), &item.author, &item.suffix) {
+            if seq > keep {
+                return Err(match cut {
+                    Cut::Revoked => Rejected::Revoked { author: item.author, seq, keep },
+                    Cut::Equivocated => Rejected::Equivocation { author: item.author, seq: keep + 1 },
+                });
+            }
+        }
+        item.delegation.check(&self.core, &item.author, time).map_err(Rejected::Delegation)?;
+        for other in change.other_actor_ids() {
+            let known = self
+                .dag
+                .actor_index
+                .get(other)
+                .is_some_and(|i| prior.get(*i as usize).copied().unwrap_or(0) > 0);
+            if !known {
+                return Err(Rejected::BadReference(format!("actor {other} is not in the change's history")));
+            }
+        }
+        let touched = inspect(&item.expanded, &HistoryView { dag: &self.dag, prior: &prior })?;
+        check_namespaces(&touched, &item.delegation, item.revocation.is_some())?;
+        Ok(Plan { prior, time, actor, touched })
+    }
+
+    fn commit_plan(&mut self, item: &Checked, plan: Plan) {
+        let dag = &mut self.dag;
+        let seq_no = dag.next_seq_no;
+        dag.next_seq_no += 1;
+        let idx = match plan.actor {
+            Some(i) => i,
+            None => {
+                let i = dag.actors.len() as u32;
+                dag.actors.push(ActorInfo {
+                    id: item.change.actor_id().clone(),
+                    peer: item.author,
+                    suffix: item.suffix,
+                    chain: Vec::new(),
+                    start_ops: Vec::new(),
+                    ends: Vec::new(),
+                });
+                dag.actor_index.insert(item.change.actor_id().clone(), i);
+                i
+            }
+        };
+        let mut clock = plan.prior;
+        if clock.len() <= idx as usize {
+            clock.resize(idx as usize + 1, 0);
+        }
+        clock[idx as usize] = item.change.seq();
+        let info = &mut dag.actors[idx as usize];
+        let start = item.change.start_op().get();
+        info.chain.push(item.hash);
+        info.start_ops.push(start);
+        info.ends.push(start + item.change.len() as u64);
+        for (counter, namespace) in plan.touched.objects {
+            dag.objects.insert((idx, counter), namespace);
+        }
+        dag.metas.insert(
+            item.hash,
+            Meta { seq_no, time: plan.time, clock: clock.into_boxed_slice() },
+        );
+    }
+
+    fn is_invalid(&self, hash: &ChangeHash) -> Option<&String> {
+        self.invalid.get(hash).or_else(|| self.recent_invalid.get(hash))
+    }
+
+    fn remember_rejection(&mut self, hash: ChangeHash, reason: &Rejected) {
+        if self.recent_invalid.len() >= self.config.max_remembered_rejections {
+            self.recent_invalid.clear();
+        }
+        self.recent_invalid.insert(hash, reason.to_string());
+    }
+
+    fn add_evidence(&mut self, hash: ChangeHash, envelope: SignedChange, batch: &mut crate::store::StoreBatch<'_>) {
+        if self.evidence.iter().any(|(h, _)| *h == hash) {
+            return;
+        }
+        batch.put(Column::Cores, &core_key(&self.core, b'e', &hash.0), &envelope.encode_to_vec());
+        self.evidence.push_back((hash, envelope));
+        while self.evidence.len() > self.config.max_evidence {
+            if let Some((old, _)) = self.evidence.pop_front() {
+                batch.delete(Column::Cores, &core_key(&self.core, b'e', &old.0));
+            }
+        }
+    }
+
+    /// Verifies and applies remote envelopes (a gossip message, a sync batch). Envelopes may
+    /// come in any order; everything accepted is stored (synced) before this returns.
+    pub fn apply_batch(&mut self, mut envelopes: Vec<SignedChange>) -> Result<BatchReport, CoreError> {
+        let mut report = BatchReport::default();
+        if envelopes.is_empty() {
+            return Ok(report);
+        }
+        inflate_batch(&mut envelopes);
+        verify_delegations(envelopes.iter(), &mut self.delegation_cache);
+        let checked = self.check_all(envelopes);
+
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        let mut learned = false;
+        let mut ready: VecDeque<Checked> = VecDeque::new();
+        let mut admitted: Vec<Checked> = Vec::new();
+        for result in checked {
+            let item = match result {
+                Ok(item) => item,
+                Err(reason) => {
+                    report.rejected.push((None, reason));
+                    continue;
+                }
+            };
+            learned |= self.learn(&item, &mut batch);
+            if self.dag.metas.contains_key(&item.hash) || self.pending.items.contains_key(&item.hash) {
+                report.duplicates += 1;
+                continue;
+            }
+            if let Some(reason) = self.is_invalid(&item.hash) {
+                report.rejected.push((Some(item.hash), Rejected::KnownInvalid(reason.clone())));
+                continue;
+            }
+            self.route(item, &mut ready, &mut report);
+            self.drain(&mut ready, &mut admitted, &mut report);
+        }
+
+        let evicted = self.pending.evict_to(self.config.max_pending);
+        if evicted > 0 {
+            tracing::warn!(core = %self.core, evicted, "held-back changes dropped: too many missing dependencies");
+        }
+        report.held.retain(|h| self.pending.items.contains_key(h));
+        let mut missing: BTreeSet<ChangeHash> = BTreeSet::new();
+        for hash in &report.held {
+            if let Some((_, item)) = self.pending.items.get(hash) {
+                for d in item.change.deps() {
+                    if !self.dag.metas.contains_key(d) && !self.pending.items.contains_key(d) {
+                        missing.insert(*d);
+                    }
+                }
+            }
+        }
+        report.missing = missing.into_iter().collect();
+
+        // New facts may invalidate changes, old or just admitted.
+        let invalidated: HashSet<ChangeHash> = if learned { self.cut_violations() } else { HashSet::new() };
+
+        for item in &admitted {
+            if invalidated.contains(&item.hash) {
+                continue;
+            }
+            self.persist_change(item, &mut batch);
+        }
+        let admitted_hashes: HashSet<ChangeHash> = admitted.iter().map(|a| a.hash).collect();
+        let mut removed: Vec<ChangeHash> = Vec::new();
+        for hash in &invalidated {
+            let Some(meta) = self.dag.metas.get(hash) else { continue };
+            if admitted_hashes.contains(hash) {
+                let reason = "its author was cut off by a fact learned in the same batch";
+                self.recent_invalid.insert(*hash, reason.into());
+                report.rejected.push((Some(*hash), Rejected::KnownInvalid(reason.into())));
+            } else {
+                batch.delete(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()));
+                let reason = "invalidated by a revocation or an equivocation proof";
+                batch.put(Column::Cores, &core_key(&self.core, b'x', &hash.0), reason.as_bytes());
+                self.invalid.insert(*hash, reason.into());
+                removed.push(*hash);
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit(true)?;
+        }
+
+        report.learned = learned;
+        if invalidated.is_empty() {
+            report.applied = admitted.iter().map(|a| a.hash).collect();
+            self.apply_to_doc(admitted.into_iter().map(|a| a.change).collect());
+        } else {
+            report.applied = admitted.iter().map(|a| a.hash).filter(|h| !invalidated.contains(h)).collect();
+            removed.sort();
+            if !removed.is_empty() {
+                tracing::info!(core = %self.core, count = removed.len(), "rebuilding the document without invalidated changes");
+            }
+            report.invalidated = removed;
+            report.rebuilt = true;
+            self.rebuild_from_store()?;
+        }
+        Ok(report)
+    }
+
+    /// Admits ready changes in causal order; each admission may unblock held-back changes.
+    fn drain(&mut self, ready: &mut VecDeque<Checked>, admitted: &mut Vec<Checked>, report: &mut BatchReport) {
+        while let Some(item) = ready.pop_front() {
+            match self.plan(&item) {
+                Ok(plan) => {
+                    self.commit_plan(&item, plan);
+                    if let Some(waiters) = self.pending.waiting.remove(&item.hash) {
+                        for w in waiters {
+                            let ready_now = self
+                                .pending
+                                .items
+                                .get(&w)
+                                .is_some_and(|(_, c)| c.change.deps().iter().all(|d| self.dag.metas.contains_key(d)));
+                            if ready_now {
+                                if let Some(c) = self.pending.remove(&w) {
+                                    ready.push_back(c);
+                                }
+                            }
+                        }
+                    }
+                    admitted.push(item);
+                }
+                Err(reason) => self.reject_with_descendants(item.hash, reason, report),
+            }
+        }
+    }
+
+    /// Runs the history-free checks, on several threads for large batches.
+    fn check_all(&self, envelopes: Vec<SignedChange>) -> Vec<Result<Checked, Rejected>> {
+        let core = self.core;
+        let cache = &self.delegation_cache;
+        let max = self.config.max_change_size;
+        let threads = self.config.verify_threads.max(1);
+        if envelopes.len() < 64 || threads == 1 {
+            return envelopes.into_iter().map(|e| check_envelope(&core, e, cache, max)).collect();
+        }
+        let chunk = envelopes.len().div_ceil(threads);
+        let mut chunks: Vec<Vec<SignedChange>> = Vec::new();
+        let mut iter = envelopes.into_iter();
+        loop {
+            let part: Vec<SignedChange> = iter.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
+            chunks.push(part);
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|part| {
+                    scope.spawn(move || part.into_iter().map(|e| check_envelope(&core, e, cache, max)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| vec![Err(Rejected::MalformedChange("verification panicked".into()))])
+                })
+                .collect()
+        })
+    }
+
+    /// Learns the facts an envelope proves: a revocation it carries, an equivocation of its
+    /// author. Returns whether anything new was learned.
+    fn learn(&mut self, item: &Checked, batch: &mut crate::store::StoreBatch<'_>) -> bool {
+        let mut learned = false;
+        if let Some((revocation, statement)) = &item.revocation {
+            if self.add_revocation(revocation.clone(), statement.clone()) {
+                tracing::info!(core = %self.core, peer = %revocation.peer, "learned a revocation");
+                batch.put(Column::Cores, &core_key(&self.core, b'r', &revocation.id), &statement.encode_to_vec());
+                self.add_evidence(item.hash, item.envelope.clone(), batch);
+                learned = true;
+            }
+        }
+        let actor = item.change.actor_id().clone();
+        let seq = item.change.seq();
+        let twin = self
+            .dag
+            .actor_index
+            .get(&actor)
+            .and_then(|i| self.dag.actors[*i as usize].chain.get((seq as usize).wrapping_sub(1)).copied())
+            .filter(|h| *h != item.hash)
+            .map(|h| (h, None))
+            .or_else(|| {
+                self.seen
+                    .get(&(actor.clone(), seq))
+                    .filter(|(h, _)| *h != item.hash)
+                    .map(|(h, e)| (*h, Some(e.clone())))
+            });
+        if let Some((twin_hash, twin_envelope)) = twin {
+            let keep = seq.saturating_sub(1);
+            let current = self.equivocations.get(&actor).copied();
+            if current.is_none_or(|c| keep < c) {
+                tracing::warn!(core = %self.core, author = %item.author, seq, "equivocation: two changes with one sequence number");
+                self.equivocations.insert(actor.clone(), keep);
+                batch.put(Column::Cores, &core_key(&self.core, b'k', actor.to_bytes()), &keep.to_be_bytes());
+                let twin_envelope = twin_envelope.or_else(|| self.envelope(&twin_hash));
+                if let Some(env) = twin_envelope {
+                    self.add_evidence(twin_hash, env, batch);
+                }
+                self.add_evidence(item.hash, item.envelope.clone(), batch);
+                learned = true;
+            }
+        } else {
+            if self.seen.len() >= 4096 {
+                self.seen.clear();
+            }
+            self.seen.entry((actor, seq)).or_insert_with(|| (item.hash, item.envelope.clone()));
+        }
+        learned
+    }
+
+    fn route(&mut self, item: Checked, ready: &mut VecDeque<Checked>, report: &mut BatchReport) {
+        let deps = item.change.deps();
+        if let Some(bad) = deps.iter().find(|d| self.is_invalid(d).is_some()).copied() {
+            let reason = Rejected::DependsOnInvalid(bad);
+            self.remember_rejection(item.hash, &reason);
+            report.rejected.push((Some(item.hash), reason));
+            return;
+        }
+        let missing: Vec<ChangeHash> = deps.iter().filter(|d| !self.dag.metas.contains_key(d)).copied().collect();
+        if missing.is_empty() {
+            ready.push_back(item);
+        } else {
+            report.held.push(item.hash);
+            self.pending.insert(item, &missing);
+        }
+    }
+
+    fn reject_with_descendants(&mut self, hash: ChangeHash, reason: Rejected, report: &mut BatchReport) {
+        let mut stack = vec![(hash, reason)];
+        while let Some((hash, reason)) = stack.pop() {
+            let intrinsic = is_intrinsic(&reason);
+            if intrinsic {
+                self.remember_rejection(hash, &reason);
+                if let Some(waiters) = self.pending.waiting.remove(&hash) {
+                    for w in waiters {
+                        if self.pending.remove(&w).is_some() {
+                            stack.push((w, Rejected::DependsOnInvalid(hash)));
+                        }
+                    }
+                }
+            }
+            report.rejected.push((Some(hash), reason));
+        }
+    }
+
+    /// Valid changes that the known cuts (revocations, equivocations) invalidate.
+    fn cut_violations(&self) -> HashSet<ChangeHash> {
+        let cuts: Vec<(usize, u64)> = self
+            .dag
+            .actors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| self.keep_for(&a.id, &a.peer, &a.suffix).map(|(keep, _)| (i, keep)))
+            .collect();
+        if cuts.is_empty() {
+            return HashSet::new();
+        }
+        self.dag
+            .metas
+            .iter()
+            .filter(|(_, m)| cuts.iter().any(|(i, keep)| m.clock.get(*i).copied().unwrap_or(0) > *keep))
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
+    fn persist_change(&mut self, item: &Checked, batch: &mut crate::store::StoreBatch<'_>) {
+        let Some(meta) = self.dag.metas.get(&item.hash) else { return };
+        let record = StoredChange {
+            change: item.envelope.change.to_vec(),
+            author: item.envelope.author.to_vec(),
+            signature: item.envelope.signature.to_vec(),
+            delegation_id: item.delegation_id.to_vec(),
+        };
+        batch.put(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()), &record.encode_to_vec());
+        if !self.stored_statements.contains(&item.delegation_id) {
+            let statement = item.envelope.delegation.clone().or_else(|| self.statements.get(&item.delegation_id).cloned());
+            if let Some(statement) = statement {
+                batch.put(Column::Cores, &core_key(&self.core, b'd', &item.delegation_id), &statement.encode_to_vec());
+                self.statements.insert(item.delegation_id, statement);
+                self.stored_statements.insert(item.delegation_id);
+            }
+        }
+    }
+
+    /// The stored envelope of a valid change.
+    pub fn envelope(&self, hash: &ChangeHash) -> Option<SignedChange> {
+        let meta = self.dag.metas.get(hash)?;
+        self.envelope_at(meta.seq_no)
+    }
+
+    pub(super) fn envelope_at(&self, seq_no: u64) -> Option<SignedChange> {
+        let bytes = self.store.get(Column::Cores, &core_key(&self.core, b'c', &seq_no.to_be_bytes())).ok()??;
+        let record = StoredChange::decode(&bytes[..]).ok()?;
+        let id: [u8; 32] = record.delegation_id.as_slice().try_into().ok()?;
+        Some(SignedChange {
+            core: self.core.to_lower_hex(),
+            change: record.change.into(),
+            author: record.author.into(),
+            signature: record.signature.into(),
+            delegation: self.statements.get(&id).cloned(),
+        })
+    }
+
+    /// Verifies and applies one remote envelope (a gossip message).
+    ///
+    /// `Ok` means: forward it (`Applied`, `Evidence`), ignore it (`Duplicate`), or fetch its
+    /// dependencies (`MissingDeps`). `Err` means: reject it, do not forward.
+    pub fn apply_remote(&mut self, envelope: SignedChange) -> Result<Accepted, ApplyError> {
+        let report = self.apply_batch(vec![envelope])?;
+        let summary = Report { applied: report.applied.clone(), invalidated: report.invalidated.clone(), rebuilt: report.rebuilt };
+        if !report.applied.is_empty() {
+            Ok(Accepted::Applied(summary))
+        } else if report.learned {
+            Ok(Accepted::Evidence(summary))
+        } else if let Some((_, reason)) = report.rejected.into_iter().next() {
+            Err(ApplyError::Rejected(reason))
+        } else if !report.held.is_empty() {
+            Ok(Accepted::MissingDeps { missing: report.missing })
+        } else {
+            Ok(Accepted::Duplicate)
+        }
+    }
+
+    fn local_actor(&mut self, author: PeerId) -> ActorId {
+        match &self.local_actor {
+            Some((peer, actor)) if *peer == author => actor.clone(),
+            _ => {
+                let suffix: [u8; change::ACTOR_SUFFIX_LEN] = rand::random();
+                let actor = change::actor_id(&author, suffix);
+                self.local_actor = Some((author, actor.clone()));
+                actor
+            }
+        }
+    }
+
+    /// Makes, verifies, stores (synced) and returns one local change.
+    fn local_change(
+        &mut self,
+        keypair: &Keypair,
+        statement: &OwnerStatement,
+        time: i64,
+        message: Option<String>,
+        namespace: &str,
+        write: impl FnOnce(&mut Transaction<'_>) -> Result<(), PathError>,
+    ) -> Result<SignedChange, WriteError> {
+        let author = keypair.public().to_peer_id();
+        let delegation = self.verified_delegation(statement)?;
+        let heads = self.doc.get_heads();
+        let effective = time.max(self.dag.max_time(&heads));
+        delegation.check(&self.core, &author, effective)?;
+        if namespace != RESERVED_NAMESPACE && !delegation.namespaces.allows(namespace) {
+            return Err(DelegationError::NamespaceNotDelegated(namespace.to_owned()).into());
+        }
+        let actor = self.local_actor(author);
+        let (_, suffix) = change::split_actor(&actor).ok_or(WriteError::NoChange)?;
+        let next_seq = self.dag.actor_index.get(&actor).map(|i| self.dag.actors[*i as usize].chain.len() as u64).unwrap_or(0) + 1;
+        if let Some((keep, _)) = self.keep_for(&actor, &author, &suffix) {
+            if next_seq > keep {
+                return Err(WriteError::Revoked(author));
+            }
+        }
+        self.doc.set_actor(actor);
+        let mut options = CommitOptions::default().with_time(time);
+        if let Some(m) = message {
+            options = options.with_message(m);
+        }
+        let hash = match self.doc.transact_with(|_| options, write) {
+            Ok(success) => success.hash.ok_or(WriteError::NoChange)?,
+            Err(failure) => return Err(failure.error.into()),
+        };
+        let change = self.doc.get_change_by_hash(&hash).ok_or(WriteError::NoChange)?;
+        let envelope = seal(&self.core, change.raw_bytes().to_vec(), keypair, statement)
+            .map_err(|e| WriteError::Signing(e.to_string()))?;
+        // The same checks every other replica will run.
+        let checked = check_envelope(&self.core, envelope.clone(), &self.delegation_cache, self.config.max_change_size);
+        let verdict = checked.and_then(|c| self.plan(&c).map(|p| (c, p)));
+        let (checked, plan) = match verdict {
+            Ok(v) => v,
+            Err(reason) => {
+                tracing::error!(core = %self.core, %reason, "a local change failed verification; rolling back");
+                self.rebuild_from_store()?;
+                return Err(WriteError::Rejected(reason));
+            }
+        };
+        self.commit_plan(&checked, plan);
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        self.persist_change(&checked, &mut batch);
+        batch.commit(true).map_err(CoreError::from)?;
+        Ok(envelope)
+    }
+
+    /// Writes `value` at `namespace/path` as this node (`keypair`, authorized by `delegation`):
+    /// makes one Automerge change, signs it, stores it (synced: it survives a crash once this
+    /// returns) and returns the envelope to publish.
+    pub fn set(
+        &mut self,
+        namespace: &str,
+        path: &str,
+        value: &serde_json::Value,
+        keypair: &Keypair,
+        delegation: &OwnerStatement,
+    ) -> Result<SignedChange, WriteError> {
+        self.set_at(namespace, path, value, keypair, delegation, unix_now())
+    }
+
+    /// [`Replica::set`] with an explicit change time (unix seconds).
+    pub fn set_at(
+        &mut self,
+        namespace: &str,
+        path: &str,
+        value: &serde_json::Value,
+        keypair: &Keypair,
+        delegation: &OwnerStatement,
+        time: i64,
+    ) -> Result<SignedChange, WriteError> {
+        if !delegation::is_valid_namespace(namespace) {
+            return Err(WriteError::Namespace(namespace.to_owned()));
+        }
+        let segments = value::parse_path(path)?;
+        self.local_change(keypair, delegation, time, None, namespace, |tx| {
+            value::set_path(tx, namespace, &segments, value)
+        })
+    }
+
+    /// Reads `namespace/path` (`""` for the whole namespace); `None` when nothing is there.
+    pub fn get(&self, namespace: &str, path: &str) -> Result<Option<serde_json::Value>, PathError> {
+        let segments = value::parse_path(path)?;
+        Ok(value::get_path(&self.doc, namespace, &segments))
+    }
+
+    /// The namespaces present in the document.
+    pub fn namespaces(&self) -> Vec<String> {
+        value::namespaces(&self.doc)
+    }
+
+    /// Carries an owner-signed revocation into the core as a change of this node (any valid
+    /// delegation will do: the owner's signature is the authority). Applies it locally, which
+    /// invalidates the revoked key's later changes here at once.
+    pub fn revoke(
+        &mut self,
+        revocation: &OwnerStatement,
+        keypair: &Keypair,
+        delegation: &OwnerStatement,
+    ) -> Result<SignedChange, WriteError> {
+        self.revoke_at(revocation, keypair, delegation, unix_now())
+    }
+
+    /// [`Replica::revoke`] with an explicit change time.
+    pub fn revoke_at(
+        &mut self,
+        revocation: &OwnerStatement,
+        keypair: &Keypair,
+        delegation: &OwnerStatement,
+        time: i64,
+    ) -> Result<SignedChange, WriteError> {
+        let verified = Revocation::verify(revocation)?;
+        if verified.owner != self.core {
+            return Err(DelegationError::WrongCore { core: self.core, owner: verified.owner }.into());
+        }
+        // If this replica's history already contains changes of the revoked key past the cut,
+        // the first carrier descends from them and is itself cut off; it then carries the
+        // revocation again on the cleaned history.
+        let mut last = None;
+        for _ in 0..2 {
+            let envelope = self.carry_revocation(revocation, &verified, keypair, delegation, time)?;
+            let hash = change::decode_change(&envelope.change).map(|(c, _)| c.hash()).map_err(WriteError::Rejected)?;
+            let carried = self.contains(&hash);
+            last = Some(envelope);
+            if carried {
+                break;
+            }
+        }
+        last.ok_or(WriteError::NoChange)
+    }
+
+    fn carry_revocation(
+        &mut self,
+        revocation: &OwnerStatement,
+        verified: &Revocation,
+        keypair: &Keypair,
+        delegation: &OwnerStatement,
+        time: i64,
+    ) -> Result<SignedChange, WriteError> {
+        let record = RevocationRecord::new(revocation);
+        let message = serde_json::to_string(&record).map_err(|e| WriteError::Signing(e.to_string()))?;
+        let id_hex = hex::encode(verified.id);
+        let value = serde_json::json!({
+            "peer": verified.peer.to_string(),
+            "message": record.message,
+            "signature": record.signature,
+        });
+        let path = vec!["revocations".to_owned(), id_hex];
+        let envelope = self.local_change(keypair, delegation, time, Some(message), RESERVED_NAMESPACE, |tx| {
+            value::set_path(tx, RESERVED_NAMESPACE, &path, &value)
+        })?;
+        // Learn the fact through the ordinary path so the cut applies here too.
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        let checked = check_envelope(&self.core, envelope.clone(), &self.delegation_cache, self.config.max_change_size)
+            .map_err(WriteError::Rejected)?;
+        let learned = self.learn(&checked, &mut batch);
+        let invalidated = if learned { self.cut_violations() } else { HashSet::new() };
+        for hash in &invalidated {
+            if let Some(meta) = self.dag.metas.get(hash) {
+                batch.delete(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()));
+                let reason = "invalidated by a revocation";
+                batch.put(Column::Cores, &core_key(&self.core, b'x', &hash.0), reason.as_bytes());
+                self.invalid.insert(*hash, reason.into());
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit(true).map_err(CoreError::from)?;
+        }
+        if !invalidated.is_empty() {
+            self.rebuild_from_store()?;
+        }
+        Ok(envelope)
+    }
+
+    /// For each actor `peer` wrote with, the last change this replica holds: the cut a
+    /// revocation signed now would keep.
+    pub fn revocation_keep(&self, peer: &PeerId) -> BTreeMap<[u8; 8], u64> {
+        self.dag
+            .actors
+            .iter()
+            .filter(|a| a.peer == *peer)
+            .map(|a| (a.suffix, a.chain.len() as u64))
+            .collect()
+    }
+
+    /// The revocation message for the owner to sign, keeping what this replica holds of `peer`.
+    pub fn revocation_message(&self, peer: &PeerId, now: OffsetDateTime) -> Result<String, DelegationError> {
+        delegation::revocation_message(&self.core, peer, &self.revocation_keep(peer), now)
+    }
+
+    /// Revocations this replica knows.
+    pub fn revocations(&self) -> Vec<Revocation> {
+        self.revocations.values().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// Known revocations that no valid change of the document records (their carrier was
+    /// itself invalid). A node with write access should carry them again with
+    /// [`Replica::revoke`] so that followers learn them through the document.
+    pub fn uncarried_revocations(&self) -> Vec<OwnerStatement> {
+        self.revocations
+            .values()
+            .filter(|(r, _)| {
+                self.get(RESERVED_NAMESPACE, &format!("revocations/{}", hex::encode(r.id))).ok().flatten().is_none()
+            })
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// The core id.
+    pub fn core(&self) -> Address {
+        self.core
+    }
+
+    /// The document's heads, sorted.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        let mut heads = self.doc.get_heads();
+        heads.sort();
+        heads
+    }
+
+    /// Number of valid changes.
+    pub fn len(&self) -> usize {
+        self.dag.metas.len()
+    }
+
+    /// Whether the core has no change yet.
+    pub fn is_empty(&self) -> bool {
+        self.dag.metas.is_empty()
+    }
+
+    /// Changes held back for missing dependencies.
+    pub fn pending_len(&self) -> usize {
+        self.pending.items.len()
+    }
+
+    /// Dependencies this replica lacks for its held-back changes (ask peers for them).
+    pub fn missing_deps(&self) -> Vec<ChangeHash> {
+        let mut out: BTreeSet<ChangeHash> = BTreeSet::new();
+        for (_, item) in self.pending.items.values() {
+            for d in item.change.deps() {
+                if !self.dag.metas.contains_key(d) && !self.pending.items.contains_key(d) {
+                    out.insert(*d);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// This node's delegation for the core, if it writes it.
+    pub fn own_delegation(&self) -> Option<&OwnerStatement> {
+        self.own_delegation.as_ref()
+    }
+
+    /// Sets (verifying it) or clears this node's delegation for the core; persisted.
+    pub fn set_own_delegation(&mut self, statement: Option<OwnerStatement>) -> Result<(), CoreError> {
+        if let Some(s) = &statement {
+            let d = Delegation::verify(s)?;
+            if d.owner != self.core {
+                return Err(DelegationError::WrongCore { core: self.core, owner: d.owner }.into());
+            }
+            let id = self.remember_statement(s.clone());
+            self.store.put_sync(Column::Cores, &core_key(&self.core, b'd', &id), &s.encode_to_vec())?;
+            self.stored_statements.insert(id);
+        }
+        let meta = CoreMeta { version: 1, delegation: statement.as_ref().map(StatementJson::from_statement) };
+        self.store.put_sync(
+            Column::Cores,
+            &meta_key(&self.core),
+            &serde_json::to_vec(&meta).map_err(|e| corrupt(&meta_key(&self.core), e))?,
+        )?;
+        self.own_delegation = statement;
+        Ok(())
+    }
+
+    /// The Automerge document (read-only).
+    pub fn document(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// The time of a valid change as the rules see it (own timestamp raised to its
+    /// dependencies'), unix seconds.
+    pub fn change_time(&self, hash: &ChangeHash) -> Option<i64> {
+        self.dag.metas.get(hash).map(|m| m.time)
+    }
+
+    /// Whether a change is valid and in the document.
+    pub fn contains(&self, hash: &ChangeHash) -> bool {
+        self.dag.metas.contains_key(hash)
+    }
+}

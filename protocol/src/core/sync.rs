@@ -1,0 +1,234 @@
+//! Catch-up: Automerge's sync protocol, carrying verified envelopes instead of raw changes.
+//!
+//! `/kubelt/core-sync/1.0.0` is request-response, so one side drives a *session*: it sends a
+//! [`SyncRequest`], the other answers with a [`SyncResponse`], and the driver decides whether
+//! another round is needed. Each message holds an Automerge sync message (heads, needs, a bloom
+//! filter of what the sender has) and, next to it, the `SignedChange` envelopes of the changes
+//! Automerge decided to send. The changes Automerge itself would embed are stripped: a receiver
+//! never applies a change it has not verified, and it verifies envelopes, not bare changes.
+//!
+//! - The driver keeps an [`automerge::sync::State`] per peer for the session; the responder
+//!   keeps none (each request is answered from a fresh state, which costs a full bloom filter
+//!   of the responder's history but means a restarted or confused peer can never wedge it).
+//! - Only sync message format V1 is advertised, so Automerge never answers with a whole
+//!   document (V2's shortcut), which we could not verify change by change.
+//! - Envelopes are sent in causal order, with repeated delegations omitted
+//!   ([`super::change`]); evidence envelopes ride along so facts spread even when the change
+//!   carrying them is invalid.
+//! - Bloom-filter false positives leave a receiver with changes whose dependencies the sender
+//!   wrongly thought it had; the receiver names those dependencies in its next `need` (the
+//!   sender has them: it sent their descendants).
+//! - A session ends when Automerge has nothing more to say, after
+//!   [`super::Config::max_sync_rounds`] rounds, or when two rounds in a row change nothing
+//!   (the peer offers changes we reject).
+
+use std::collections::BTreeSet;
+
+use automerge::sync::{Capability, ChunkList, Message as SyncMessage, State as SyncState, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+use kubelt_proto::core::{SignedChange, SyncRequest, SyncResponse};
+use libp2p::identity::PeerId;
+
+use super::change::deflate_batch;
+use super::replica::{BatchReport, Replica, Session};
+
+/// The outcome of one round of a session this replica drives.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SyncStep {
+    /// What the peer's envelopes did.
+    pub report: BatchReport,
+    /// The next request to send, or `None` when the session is over.
+    pub next: Option<SyncRequest>,
+    /// The peer's (or our) error, if the session ended on one.
+    pub error: Option<String>,
+}
+
+fn generate(doc: &Automerge, state: &mut SyncState) -> Option<SyncMessage> {
+    // Automerge trusts the peer's `have` hashes in places; a hostile message must not take the
+    // node down.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.generate_sync_message(state))).unwrap_or_else(|_| {
+        tracing::warn!("Automerge panicked generating a sync message");
+        None
+    })
+}
+
+fn receive(doc: &mut Automerge, state: &mut SyncState, mut message: SyncMessage) -> Result<(), String> {
+    // Never apply changes that came without an envelope.
+    message.changes = ChunkList::empty();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.receive_sync_message(state, message)));
+    state.their_capabilities = Some(vec![Capability::MessageV1]);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("bad sync message: {e}")),
+        Err(_) => Err("bad sync message".into()),
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<SyncMessage, String> {
+    SyncMessage::decode(bytes).map_err(|e| format!("undecodable sync message: {e}"))
+}
+
+impl Replica {
+    /// Starts or continues a catch-up session with `peer`: the request to send, or `None` when
+    /// there is nothing to ask or tell (or the session hit its limits).
+    ///
+    /// Call it on connect, when [`super::Accepted::MissingDeps`] reports missing dependencies,
+    /// and periodically; then feed each response to [`Replica::handle_sync_response`].
+    pub fn sync_request(&mut self, peer: &PeerId) -> Option<SyncRequest> {
+        if !self.sessions.contains_key(peer) && self.sessions.len() >= self.config.max_sync_sessions {
+            if let Some(victim) = self.sessions.keys().next().copied() {
+                self.sessions.remove(&victim);
+            }
+        }
+        let max_rounds = self.config.max_sync_rounds;
+        let session = self.sessions.entry(*peer).or_default();
+        session.rounds += 1;
+        if session.rounds > max_rounds {
+            tracing::warn!(core = %self.core, %peer, "core-sync session gave up after {max_rounds} rounds");
+            self.sessions.remove(peer);
+            return None;
+        }
+        let metas = &self.dag.metas;
+        session.peer_missing.retain(|h| !metas.contains_key(h));
+        let extra_need: Vec<ChangeHash> = session.peer_missing.iter().copied().collect();
+        let before = session.state.sent_hashes.clone();
+        let mut message = generate(&self.doc, &mut session.state);
+        if message.is_none() && !extra_need.is_empty() {
+            session.state.have_responded = false;
+            message = generate(&self.doc, &mut session.state);
+        }
+        let Some(message) = message else {
+            self.sessions.remove(peer);
+            return None;
+        };
+        let sent: Vec<ChangeHash> = session.state.sent_hashes.difference(&before).copied().collect();
+        let (sync_message, changes) = self.outgoing(message, &sent, &extra_need);
+        Some(SyncRequest { core: self.core.to_lower_hex(), sync_message: sync_message.into(), changes })
+    }
+
+    /// Answers a peer's request: applies the envelopes it carries, then says what we have and
+    /// what we need, with the envelopes the peer lacks.
+    pub fn handle_sync_request(&mut self, request: SyncRequest, peer: &PeerId) -> SyncResponse {
+        let core = self.core.to_lower_hex();
+        let error = |e: String| SyncResponse { core: core.clone(), sync_message: Default::default(), changes: Vec::new(), error: e };
+        if request.core != core {
+            return error(format!("this is core {core}, not {}", request.core));
+        }
+        let report = match self.apply_batch(request.changes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(core = %self.core, %peer, error = %e, "core-sync: cannot store the peer's changes");
+                return error("the responder could not store changes".into());
+            }
+        };
+        log_report(self, peer, &report);
+        let message = match decode(&request.sync_message) {
+            Ok(m) => m,
+            Err(e) => return error(e),
+        };
+        let mut state = SyncState::new();
+        if let Err(e) = receive(&mut self.doc, &mut state, message) {
+            return error(e);
+        }
+        let Some(reply) = generate(&self.doc, &mut state) else {
+            // A fresh state always has something to say; this only happens after a panic.
+            return error("the responder could not build a sync message".into());
+        };
+        let sent: Vec<ChangeHash> = state.sent_hashes.iter().copied().collect();
+        let (sync_message, changes) = self.outgoing(reply, &sent, &report.missing);
+        SyncResponse { core, sync_message: sync_message.into(), changes, error: String::new() }
+    }
+
+    /// Takes a peer's response to our request: applies its envelopes and returns the next
+    /// request of the session, if any.
+    pub fn handle_sync_response(&mut self, response: SyncResponse, peer: &PeerId) -> SyncStep {
+        let core = self.core.to_lower_hex();
+        if !response.error.is_empty() || response.core != core {
+            self.sessions.remove(peer);
+            let error = if response.error.is_empty() { format!("response for core {}", response.core) } else { response.error };
+            return SyncStep { error: Some(error), ..Default::default() };
+        }
+        let report = match self.apply_batch(response.changes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.sessions.remove(peer);
+                return SyncStep { error: Some(e.to_string()), ..Default::default() };
+            }
+        };
+        log_report(self, peer, &report);
+        let heads = self.doc.get_heads();
+        let session = self.sessions.entry(*peer).or_insert_with(Session::default);
+        session.peer_missing.extend(report.missing.iter().copied());
+        if response.sync_message.is_empty() {
+            session.state.in_flight = false;
+        } else {
+            let received = decode(&response.sync_message).and_then(|m| receive(&mut self.doc, &mut session.state, m));
+            if let Err(e) = received {
+                self.sessions.remove(peer);
+                return SyncStep { report, error: Some(e), ..Default::default() };
+            }
+        }
+        let position = (heads, session.state.their_heads.clone());
+        if report.applied.is_empty() && session.last_heads.as_ref() == Some(&position) {
+            session.stalled += 1;
+        } else {
+            session.stalled = 0;
+        }
+        session.last_heads = Some(position);
+        if session.stalled >= 2 {
+            tracing::debug!(core = %self.core, %peer, "core-sync session stalled; ending it");
+            self.sessions.remove(peer);
+            return SyncStep { report, ..Default::default() };
+        }
+        let next = self.sync_request(peer);
+        SyncStep { report, next, error: None }
+    }
+
+    /// Forgets the session with `peer` (disconnected).
+    pub fn end_sync(&mut self, peer: &PeerId) {
+        self.sessions.remove(peer);
+    }
+
+    /// Strips the changes out of an Automerge sync message and lists their envelopes instead.
+    fn outgoing(&self, mut message: SyncMessage, sent: &[ChangeHash], extra_need: &[ChangeHash]) -> (Vec<u8>, Vec<SignedChange>) {
+        message.changes = ChunkList::empty();
+        let mut need: BTreeSet<ChangeHash> = message.need.iter().copied().collect();
+        for h in extra_need {
+            if need.insert(*h) {
+                message.need.push(*h);
+            }
+        }
+        message.supported_capabilities = Some(vec![Capability::MessageV1]);
+        let mut order: Vec<(u64, ChangeHash)> =
+            sent.iter().filter_map(|h| self.dag.metas.get(h).map(|m| (m.seq_no, *h))).collect();
+        order.sort_unstable();
+        let mut envelopes: Vec<SignedChange> = Vec::with_capacity(order.len() + self.evidence.len());
+        for (seq_no, hash) in order {
+            match self.envelope_at(seq_no) {
+                Some(e) => envelopes.push(e),
+                None => tracing::warn!(core = %self.core, %hash, "core-sync: stored envelope missing"),
+            }
+        }
+        let in_doc: BTreeSet<&ChangeHash> = sent.iter().collect();
+        envelopes.extend(self.evidence.iter().filter(|(h, _)| !in_doc.contains(h)).map(|(_, e)| e.clone()));
+        deflate_batch(&mut envelopes);
+        (message.encode(), envelopes)
+    }
+}
+
+fn log_report(replica: &Replica, peer: &PeerId, report: &BatchReport) {
+    if !report.applied.is_empty() || !report.rejected.is_empty() || !report.held.is_empty() {
+        tracing::debug!(
+            core = %replica.core(),
+            %peer,
+            applied = report.applied.len(),
+            rejected = report.rejected.len(),
+            held = report.held.len(),
+            "core-sync batch"
+        );
+    }
+    for (hash, reason) in report.rejected.iter().take(3) {
+        tracing::debug!(core = %replica.core(), %peer, ?hash, %reason, "core-sync: change rejected");
+    }
+}
