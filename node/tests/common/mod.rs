@@ -1,6 +1,8 @@
 //! Helpers for tests that run real `kubelt` processes on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod kubo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,6 +30,29 @@ pub fn describe(output: &Output) -> String {
     )
 }
 
+/// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Runs a kubelt command that must succeed and returns its trimmed stdout.
+pub fn kubelt_ok(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = kubelt(repo, args)?;
+    if !out.status.success() {
+        bail!("kubelt {args:?} failed: {}", describe(&out));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Waits until `check` returns `Ok(true)` or the deadline passes.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -41,6 +66,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyh
         std::thread::sleep(Duration::from_millis(200));
     }
     bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})")
+}
+
+/// Bitswap counters of a running node.
+pub fn bitswap_stat(node: &TestNode, field: &str) -> anyhow::Result<u64> {
+    node.call("node_status", Value::Null)?["bitswap"][field].as_u64().context("no such bitswap counter")
 }
 
 /// A `kubelt run` process with its own repo, listening on loopback only.
@@ -130,6 +160,11 @@ impl TestNode {
             Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json()?)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The API's base URL (for the gateway).
+    pub fn api_url(&self) -> &str {
+        &self.api_url
     }
 
     pub fn secret(&self) -> &str {

@@ -214,6 +214,15 @@ pub enum Rejected {
     /// An operation refers to an object or operation outside the change's causal history.
     #[error("bad reference: {0}")]
     BadReference(String),
+    /// The change claims a time too far ahead of this node's clock; it is refused for now,
+    /// not judged (see [`super::Config::max_clock_skew`]).
+    #[error("the change is dated {}, more than the allowed clock skew ahead of this node ({}); retry later", super::delegation::fmt_time(*time), super::delegation::fmt_time(*horizon))]
+    FromTheFuture {
+        /// The change's own timestamp.
+        time: i64,
+        /// This node's clock plus the allowed skew.
+        horizon: i64,
+    },
     /// This replica already found the change invalid.
     #[error("already found invalid: {0}")]
     KnownInvalid(String),

@@ -90,6 +90,16 @@ pub struct Config {
     pub max_remembered_rejections: usize,
     /// Threads that verify envelope signatures of a large batch.
     pub verify_threads: usize,
+    /// How far (seconds) a remote change's own timestamp may be ahead of this node's clock.
+    /// Later ones are refused *for now* (not judged invalid: they are accepted once the clock
+    /// catches up, e.g. by a later catch-up). This bounds how far one key can push the time of
+    /// everything built on its changes, which could otherwise lock out keys whose delegations
+    /// expire earlier.
+    pub max_clock_skew: i64,
+    /// Most envelopes in one sync message (the rest follow in the next round).
+    pub max_sync_changes: usize,
+    /// Most bytes of envelopes in one sync message (at least one envelope is always sent).
+    pub max_sync_bytes: usize,
 }
 
 impl Default for Config {
@@ -102,6 +112,9 @@ impl Default for Config {
             max_evidence: 256,
             max_remembered_rejections: 100_000,
             verify_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8),
+            max_clock_skew: 600,
+            max_sync_changes: 50_000,
+            max_sync_bytes: 32 << 20,
         }
     }
 }
@@ -484,6 +497,10 @@ impl std::fmt::Debug for Replica {
     }
 }
 
+/// Envelopes remembered by (actor, seq) to catch equivocations among changes that are not valid
+/// here.
+const SEEN_CAP: usize = 1024;
+
 pub(super) fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -844,6 +861,7 @@ impl Replica {
         inflate_batch(&mut envelopes);
         verify_delegations(envelopes.iter(), &mut self.delegation_cache);
         let checked = self.check_all(envelopes);
+        let horizon = unix_now().saturating_add(self.config.max_clock_skew);
 
         let store = self.store.clone();
         let mut batch = store.batch();
@@ -859,6 +877,10 @@ impl Replica {
                 }
             };
             learned |= self.learn(&item, &mut batch);
+            if item.change.timestamp() > horizon && !self.dag.metas.contains_key(&item.hash) {
+                report.rejected.push((Some(item.hash), Rejected::FromTheFuture { time: item.change.timestamp(), horizon }));
+                continue;
+            }
             if self.dag.metas.contains_key(&item.hash) || self.pending.items.contains_key(&item.hash) {
                 report.duplicates += 1;
                 continue;
@@ -1038,7 +1060,7 @@ impl Replica {
                 learned = true;
             }
         } else {
-            if self.seen.len() >= 4096 {
+            if self.seen.len() >= SEEN_CAP {
                 self.seen.clear();
             }
             self.seen.entry((actor, seq)).or_insert_with(|| (item.hash, item.envelope.clone()));

@@ -103,7 +103,16 @@ impl Replica {
             return None;
         };
         let sent: Vec<ChangeHash> = session.state.sent_hashes.difference(&before).copied().collect();
-        let (sync_message, changes) = self.outgoing(message, &sent, &extra_need);
+        let (sync_message, changes, unsent) = self.outgoing(message, &sent, &extra_need);
+        if !unsent.is_empty() {
+            // Over the size limits: let Automerge offer these again next round.
+            if let Some(session) = self.sessions.get_mut(peer) {
+                for h in &unsent {
+                    session.state.sent_hashes.remove(h);
+                }
+                session.state.have_responded = false;
+            }
+        }
         Some(SyncRequest { core: self.core.to_lower_hex(), sync_message: sync_message.into(), changes })
     }
 
@@ -131,12 +140,20 @@ impl Replica {
         if let Err(e) = receive(&mut self.doc, &mut state, message) {
             return error(e);
         }
+        // Automerge gives up on the whole message if the peer needs a change we do not hold
+        // (e.g. one we found invalid); answer the rest.
+        let metas = &self.dag.metas;
+        if let Some(need) = state.their_need.as_mut() {
+            need.retain(|h| metas.contains_key(h));
+        }
         let Some(reply) = generate(&self.doc, &mut state) else {
             // A fresh state always has something to say; this only happens after a panic.
             return error("the responder could not build a sync message".into());
         };
         let sent: Vec<ChangeHash> = state.sent_hashes.iter().copied().collect();
-        let (sync_message, changes) = self.outgoing(reply, &sent, &report.missing);
+        // Envelopes over the size limits are left out; the peer's next bloom filter will not
+        // contain them, so the next round sends them.
+        let (sync_message, changes, _unsent) = self.outgoing(reply, &sent, &report.missing);
         SyncResponse { core, sync_message: sync_message.into(), changes, error: String::new() }
     }
 
@@ -168,6 +185,10 @@ impl Replica {
                 self.sessions.remove(peer);
                 return SyncStep { report, error: Some(e), ..Default::default() };
             }
+            let metas = &self.dag.metas;
+            if let Some(need) = session.state.their_need.as_mut() {
+                need.retain(|h| metas.contains_key(h));
+            }
         }
         let position = (heads, session.state.their_heads.clone());
         if report.applied.is_empty() && session.last_heads.as_ref() == Some(&position) {
@@ -190,8 +211,15 @@ impl Replica {
         self.sessions.remove(peer);
     }
 
-    /// Strips the changes out of an Automerge sync message and lists their envelopes instead.
-    fn outgoing(&self, mut message: SyncMessage, sent: &[ChangeHash], extra_need: &[ChangeHash]) -> (Vec<u8>, Vec<SignedChange>) {
+    /// Strips the changes out of an Automerge sync message and lists their envelopes instead,
+    /// in causal order and within the size limits. Returns the encoded message, the envelopes
+    /// and the hashes left out.
+    fn outgoing(
+        &self,
+        mut message: SyncMessage,
+        sent: &[ChangeHash],
+        extra_need: &[ChangeHash],
+    ) -> (Vec<u8>, Vec<SignedChange>, Vec<ChangeHash>) {
         message.changes = ChunkList::empty();
         let mut need: BTreeSet<ChangeHash> = message.need.iter().copied().collect();
         for h in extra_need {
@@ -203,17 +231,27 @@ impl Replica {
         let mut order: Vec<(u64, ChangeHash)> =
             sent.iter().filter_map(|h| self.dag.metas.get(h).map(|m| (m.seq_no, *h))).collect();
         order.sort_unstable();
-        let mut envelopes: Vec<SignedChange> = Vec::with_capacity(order.len() + self.evidence.len());
+        let mut envelopes: Vec<SignedChange> = Vec::with_capacity(order.len().min(self.config.max_sync_changes) + self.evidence.len());
+        let mut unsent = Vec::new();
+        let mut bytes = 0usize;
         for (seq_no, hash) in order {
+            // A prefix of a causal order is causally closed: the receiver can apply it all.
+            if !envelopes.is_empty() && (envelopes.len() >= self.config.max_sync_changes || bytes >= self.config.max_sync_bytes) {
+                unsent.push(hash);
+                continue;
+            }
             match self.envelope_at(seq_no) {
-                Some(e) => envelopes.push(e),
+                Some(e) => {
+                    bytes += e.change.len() + e.author.len() + e.signature.len() + 64;
+                    envelopes.push(e);
+                }
                 None => tracing::warn!(core = %self.core, %hash, "core-sync: stored envelope missing"),
             }
         }
         let in_doc: BTreeSet<&ChangeHash> = sent.iter().collect();
         envelopes.extend(self.evidence.iter().filter(|(h, _)| !in_doc.contains(h)).map(|(_, e)| e.clone()));
         deflate_batch(&mut envelopes);
-        (message.encode(), envelopes)
+        (message.encode(), envelopes, unsent)
     }
 }
 

@@ -380,7 +380,7 @@ impl Extend<Block> for BlockSink {
             self.bytes += block.data.len();
             self.batch.push(block);
         }
-        if self.bytes >= BATCH_BYTES {
+        if self.bytes >= std::env::var("KUBELT_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BATCH_BYTES) {
             self.flush();
         }
     }
