@@ -164,8 +164,8 @@ pub enum Rejected {
     ActorMismatch {
         /// Actor id, hex.
         actor: String,
-        /// The envelope's author.
-        author: PeerId,
+        /// The envelope's author (peer id, base58).
+        author: String,
     },
     /// The delegation is invalid or does not cover this change (wrong core, wrong key,
     /// expired at the change's time, …).
@@ -185,8 +185,8 @@ pub enum Rejected {
     /// The author's key was revoked by the owner and this change is past the kept history.
     #[error("node key {author} was revoked by the owner; change {seq} of its session is after the last kept ({keep})")]
     Revoked {
-        /// The revoked key.
-        author: PeerId,
+        /// The revoked key (peer id, base58).
+        author: String,
         /// The change's sequence number in its actor.
         seq: u64,
         /// The last kept sequence number of that actor.
@@ -195,8 +195,8 @@ pub enum Rejected {
     /// The author signed two different changes with the same actor and sequence number.
     #[error("node key {author} signed two different changes with sequence number {seq}: all its changes from there on are void")]
     Equivocation {
-        /// The key.
-        author: PeerId,
+        /// The key (peer id, base58).
+        author: String,
         /// The sequence number used twice.
         seq: u64,
     },
@@ -320,7 +320,7 @@ pub(crate) fn check_envelope(
     let suffix = match split_actor(change.actor_id()) {
         Some((peer, suffix)) if peer == author => suffix,
         _ => {
-            return Err(Rejected::ActorMismatch { actor: change.actor_id().to_hex_string(), author });
+            return Err(Rejected::ActorMismatch { actor: change.actor_id().to_hex_string(), author: author.to_string() });
         }
     };
     let delegation_id = super::delegation::statement_id(delegation_statement);
@@ -336,7 +336,10 @@ pub(crate) fn check_envelope(
         return Err(Rejected::Delegation(DelegationError::WrongCore { core: *core, owner: delegation.owner }));
     }
     if delegation.peer != author {
-        return Err(Rejected::Delegation(DelegationError::WrongPeer { delegated: delegation.peer, author }));
+        return Err(Rejected::Delegation(DelegationError::WrongPeer {
+            delegated: delegation.peer.to_string(),
+            author: author.to_string(),
+        }));
     }
     let revocation = carried_revocation(&change, core)?;
     let hash = change.hash();

@@ -113,10 +113,10 @@ pub enum DelegationError {
     /// The delegation authorizes another node key than the change's author.
     #[error("the delegation authorizes node {delegated}, not the author {author}")]
     WrongPeer {
-        /// The key named in the delegation.
-        delegated: PeerId,
-        /// The key that signed the change.
-        author: PeerId,
+        /// The key named in the delegation (peer id, base58).
+        delegated: String,
+        /// The key that signed the change (peer id, base58).
+        author: String,
     },
     /// The change's time is after the delegation's expiration.
     #[error("the delegation expired at {}, the change is from {}", fmt_time(*expired_at), fmt_time(*at))]
@@ -352,7 +352,7 @@ impl Delegation {
             return Err(DelegationError::WrongCore { core: *core, owner: self.owner });
         }
         if self.peer != *author {
-            return Err(DelegationError::WrongPeer { delegated: self.peer, author: *author });
+            return Err(DelegationError::WrongPeer { delegated: self.peer.to_string(), author: author.to_string() });
         }
         self.valid_at(at)
     }

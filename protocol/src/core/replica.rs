@@ -756,7 +756,7 @@ impl Replica {
         if let Some(idx) = actor {
             if let Some(existing) = self.dag.actors[idx as usize].chain.get((seq as usize).wrapping_sub(1)) {
                 if *existing != item.hash {
-                    return Err(Rejected::Equivocation { author: item.author, seq });
+                    return Err(Rejected::Equivocation { author: item.author.to_string(), seq });
                 }
             }
         }
@@ -767,8 +767,8 @@ impl Replica {
         if let Some((keep, cut)) = self.keep_for(change.actor_id(), &item.author, &item.suffix) {
             if seq > keep {
                 return Err(match cut {
-                    Cut::Revoked => Rejected::Revoked { author: item.author, seq, keep },
-                    Cut::Equivocated => Rejected::Equivocation { author: item.author, seq: keep + 1 },
+                    Cut::Revoked => Rejected::Revoked { author: item.author.to_string(), seq, keep },
+                    Cut::Equivocated => Rejected::Equivocation { author: item.author.to_string(), seq: keep + 1 },
                 });
             }
         }

@@ -30,7 +30,7 @@ use kubelt_proto::core::{SignedChange, SyncRequest, SyncResponse};
 use libp2p::identity::PeerId;
 
 use super::change::deflate_batch;
-use super::replica::{BatchReport, Replica, Session};
+use super::replica::{BatchReport, Replica};
 
 /// The outcome of one round of a session this replica drives.
 #[derive(Debug, Clone, Default)]
@@ -175,7 +175,7 @@ impl Replica {
         };
         log_report(self, peer, &report);
         let heads = self.doc.get_heads();
-        let session = self.sessions.entry(*peer).or_insert_with(Session::default);
+        let session = self.sessions.entry(*peer).or_default();
         session.peer_missing.extend(report.missing.iter().copied());
         if response.sync_message.is_empty() {
             session.state.in_flight = false;

@@ -33,6 +33,9 @@ use super::{cbor, verify_block, BlockSource, UnixfsError};
 /// Blocks fetched ahead of the reader by [`cat`]: 32 leaves of 256 KiB = 8 MiB in flight.
 pub const DEFAULT_READ_AHEAD: usize = 32;
 
+/// Blocks at least this big are verified on tokio's blocking pool.
+const PARALLEL_VERIFY_MIN: usize = 64 * 1024;
+
 /// Multicodec of identity multihashes (inline CIDs: the bytes are in the CID).
 const IDENTITY: u64 = 0x00;
 
@@ -148,8 +151,15 @@ fn fetch<S: BlockSource + ?Sized>(source: &S, cid: Cid) -> BoxFuture<'static, Re
     let get = source.get(cid);
     Box::pin(async move {
         let block = get.await?;
-        verify_block(&cid, &block)?;
-        Ok(block)
+        match tokio::runtime::Handle::try_current() {
+            // Hash big blocks on the blocking pool: the blocks in flight are then checked in
+            // parallel instead of one after the other on the reader's task.
+            Ok(runtime) if block.len() >= PARALLEL_VERIFY_MIN => runtime
+                .spawn_blocking(move || verify_block(&cid, &block).map(|()| block))
+                .await
+                .map_err(|e| UnixfsError::Source(format!("verification task failed: {e}")))?,
+            _ => verify_block(&cid, &block).map(|()| block),
+        }
     })
 }
 

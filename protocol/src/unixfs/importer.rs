@@ -360,10 +360,12 @@ pub(crate) fn import_reader(
     }
 }
 
-/// Bytes of blocks handed to RocksDB in one `put_blocks` batch.
-pub const BATCH_BYTES: usize = 16 << 20;
-/// Batches queued for the writer thread; bounds memory to about 3 × [`BATCH_BYTES`].
-const QUEUED_BATCHES: usize = 2;
+/// Bytes of blocks handed to RocksDB in one `put_blocks` batch. Measured: 4 MiB batches
+/// write ~25% faster than 16 MiB ones and ~50% faster than 64 MiB ones (fewer memtable
+/// stalls), and much faster than one block per write.
+pub const BATCH_BYTES: usize = 4 << 20;
+/// Batches queued for the writer thread; bounds memory to about 6 × [`BATCH_BYTES`].
+const QUEUED_BATCHES: usize = 4;
 
 /// Collects blocks into large batches and hands them to a writer thread.
 pub(crate) struct BlockSink {
@@ -380,7 +382,7 @@ impl Extend<Block> for BlockSink {
             self.bytes += block.data.len();
             self.batch.push(block);
         }
-        if self.bytes >= std::env::var("KUBELT_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BATCH_BYTES) {
+        if self.bytes >= BATCH_BYTES {
             self.flush();
         }
     }
@@ -584,6 +586,18 @@ mod bench {
             let stored = add_file(&store, std::fs::File::open(&path)?, &opts, &mut |_| {})?;
             println!("{label}: add_file into RocksDB {:.0} MB/s", mb_per_s(SIZE, start));
             assert_eq!(stored, root);
+
+            // Back out through the exporter (verifying every block).
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let start = Instant::now();
+            let read = runtime.block_on(async {
+                use futures::TryStreamExt;
+                crate::unixfs::cat(store.clone(), root.cid)
+                    .try_fold(0usize, |n, chunk| async move { Ok(n + chunk.len()) })
+                    .await
+            })?;
+            assert_eq!(read, SIZE);
+            println!("{label}: cat from RocksDB {:.0} MB/s", mb_per_s(SIZE, start));
         }
         Ok(())
     }
@@ -594,62 +608,5 @@ mod bench {
         fn extend<I: IntoIterator<Item = Block>>(&mut self, blocks: I) {
             *self.0 += blocks.into_iter().count();
         }
-    }
-}
-#[cfg(test)]
-mod tmp_probe {
-    use super::*;
-    use std::time::Instant;
-    fn raw_db(path: &std::path::Path) -> rocksdb::DB {
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.increase_parallelism(2);
-        opts.set_enable_blob_files(true);
-        opts.set_min_blob_size(4096);
-        opts.set_write_buffer_size(64 << 20);
-        opts.set_compression_type(rocksdb::DBCompressionType::None);
-        rocksdb::DB::open(&opts, path).unwrap()
-    }
-    #[test]
-    #[ignore]
-    fn probe_put_blocks() -> anyhow::Result<()> {
-        let data = super::tests::pseudo_random(100 << 20, 42);
-        let (_, blocks) = add_bytes(&data, &ImportOptions::cid_v1())?;
-        for batch in [1usize, 4, 16, 64] {
-            let dir = tempfile::tempdir()?;
-            let store = Store::open(dir.path())?;
-            let start = Instant::now();
-            for chunk in blocks.chunks(batch) { store.put_blocks(chunk)?; }
-            let t1 = start.elapsed();
-            store.flush()?;
-            println!("store batch {batch}: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
-        }
-        for (wal, batch) in [(true, 4usize), (false, 4), (false, 64)] {
-            let dir = tempfile::tempdir()?;
-            let db = raw_db(dir.path());
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.disable_wal(!wal);
-            let start = Instant::now();
-            for chunk in blocks.chunks(batch) {
-                let mut b = rocksdb::WriteBatch::default();
-                for blk in chunk { b.put(blk.cid.hash().to_bytes(), &blk.data); }
-                db.write_opt(b, &wo)?;
-            }
-            let t1 = start.elapsed();
-            db.flush()?;
-            println!("raw wal={wal} batch {batch}: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
-        }
-        // Two writer threads.
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let (a, b) = blocks.split_at(blocks.len() / 2);
-            for half in [a, b] { let store = store.clone(); s.spawn(move || for c in half.chunks(4) { store.put_blocks(c).unwrap(); }); }
-        });
-        let t1 = start.elapsed();
-        store.flush()?;
-        println!("store 2 threads batch 4: put {:.0} MB/s, with flush {:.0} MB/s", 104.8/t1.as_secs_f64(), 104.8/start.elapsed().as_secs_f64());
-        Ok(())
     }
 }
