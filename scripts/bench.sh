@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network]     (default: all)
+#   scripts/bench.sh [network|content] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
+# content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
+#          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
@@ -13,4 +15,10 @@ cd "$KUBELT_ROOT/scripts/bench"
 if [ "$what" = all ] || [ "$what" = network ]; then
   log "network: start-up to first peer, idle memory"
   python3 network.py "${KUBELT_BENCH_IDLE_SECS:-60}"
+fi
+if [ "$what" = all ] || [ "$what" = content ]; then
+  log "content: add, transfer, memory (side by side with Kubo)"
+  export KUBO_PEER="${KUBO_PEER:-$KUBELT_ROOT/../shared/tools/kubo_peer.py}"
+  # Loopback only: the benchmark and the Kubo peers run in a private network namespace.
+  unshare -n -- sh -c 'ip link set lo up && exec python3 content.py "$@"' sh "${@:2}"
 fi

@@ -61,10 +61,16 @@ pub enum CarError {
     Unverifiable { cid: Cid, reason: String },
     /// Exporting needed a block that could not be read or walked.
     #[error(transparent)]
-    Dag(#[from] UnixfsError),
+    Dag(Box<UnixfsError>),
     /// The store failed.
     #[error("store error: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<UnixfsError> for CarError {
+    fn from(e: UnixfsError) -> Self {
+        CarError::Dag(Box::new(e))
+    }
 }
 
 /// What an import or export moved.

@@ -181,7 +181,7 @@ pub(crate) fn get_path(doc: &impl ReadDoc, namespace: &str, path: &[String]) -> 
             Value::Object(ObjType::Map | ObjType::Table) => lookup(doc, &maps_of(&candidates), &Prop::Map(segment.clone())),
             Value::Object(ObjType::List) => {
                 let index: usize = segment.parse().ok()?;
-                lookup(doc, &[first.1.clone()], &Prop::Seq(index))
+                lookup(doc, std::slice::from_ref(&first.1), &Prop::Seq(index))
             }
             _ => return None,
         };

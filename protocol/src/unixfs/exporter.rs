@@ -677,8 +677,11 @@ mod tests {
         Ok(())
     }
 
+    /// (name, content) of the files of a test tree.
+    type Files = Vec<(String, Vec<u8>)>;
+
     /// A tree with a sub-directory inside a sharded directory.
-    fn sharded_tree(opts: &ImportOptions) -> anyhow::Result<(Cid, Vec<Block>, Vec<(String, Vec<u8>)>)> {
+    fn sharded_tree(opts: &ImportOptions) -> anyhow::Result<(Cid, Vec<Block>, Files)> {
         let mut blocks = Vec::new();
         let mut inner = DirectoryBuilder::new(opts.clone());
         let (deep, file_blocks) = add_bytes(b"deep file\n", opts)?;

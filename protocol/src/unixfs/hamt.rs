@@ -109,7 +109,7 @@ pub fn prefix_len(fanout: u64) -> usize {
 
 /// log2 of a valid fanout (a power of two, multiple of 8), else `None`.
 pub fn fanout_bits(fanout: u64) -> Option<usize> {
-    (fanout.is_power_of_two() && fanout >= 8 && fanout <= 1 << 16).then(|| fanout.trailing_zeros() as usize)
+    (fanout.is_power_of_two() && (8..=1 << 16).contains(&fanout)).then(|| fanout.trailing_zeros() as usize)
 }
 
 /// One directory entry on its way into the trie.

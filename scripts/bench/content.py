@@ -1,0 +1,105 @@
+"""Issue 4 benchmarks, side by side with Kubo in one run (loopback only; run inside a private
+network namespace by bench.sh).
+
+add:       100 MiB `kubelt add` (offline, fresh repo) vs Kubo `add`.
+transfer:  100 MiB kubelt->kubelt over QUIC and over TCP, Kubo->Kubo, Kubo->kubelt, kubelt->Kubo.
+memory:    peak RSS of a kubelt node fetching 1 GiB from another kubelt node.
+"""
+import os, subprocess, sys, tempfile, time
+from kubelt_nodes import Node, BIN
+from kubo import Kubo
+
+MIB = 1024 * 1024
+SIZE = int(os.environ.get("KUBELT_BENCH_MIB", "100")) * MIB
+BIG = int(os.environ.get("KUBELT_BENCH_BIG_MIB", "1024")) * MIB
+what = sys.argv[1:] or ["add", "transfer", "memory"]
+results = []
+
+
+def report(name, seconds, size, baseline=None):
+    rate = size / seconds / 1e6
+    line = f"{name:<34} {seconds:7.3f} s {rate:9.1f} MB/s"
+    if baseline:
+        line += f"   {rate / baseline:5.2f}x baseline"
+    print(line, flush=True)
+    return rate
+
+
+def random_file(path, size):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MIB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def kubelt_cat(node, cid):
+    start = time.monotonic()
+    subprocess.run([BIN, "--repo", node.repo, "cat", cid], stdout=subprocess.DEVNULL, check=True)
+    return time.monotonic() - start
+
+
+with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root:
+    data = os.path.join(root, "data.bin")
+    random_file(data, SIZE)
+    subprocess.run(["cat", data], stdout=subprocess.DEVNULL)  # warm the page cache for both
+
+    if "add" in what:
+        print(f"-- add {SIZE // MIB} MiB")
+        kubo = Kubo()
+        start = time.monotonic(); kubo_cid = kubo.add(data); kubo_s = time.monotonic() - start
+        kubo.quit()
+        repo = os.path.join(root, "add-repo")
+        subprocess.run([BIN, "--repo", repo, "init"], check=True, capture_output=True)
+        start = time.monotonic()
+        cid = subprocess.run([BIN, "--repo", repo, "add", "-q", data], check=True, capture_output=True, text=True).stdout.strip()
+        ours_s = time.monotonic() - start
+        base = report("Kubo add", kubo_s, SIZE)
+        report("kubelt add (process, fresh repo)", ours_s, SIZE, base)
+        print(f"same CID: {cid == kubo_cid} ({cid})")
+
+    if "transfer" in what:
+        print(f"-- transfer {SIZE // MIB} MiB over loopback")
+        k1, k2 = Kubo(), Kubo()
+        kcid = k1.add(data)
+        assert k2.connect(k1.addr())
+        start = time.monotonic(); ok = k2.get(kcid, os.path.join(root, "k2.out")); kk = time.monotonic() - start
+        assert ok
+        base = report("Kubo -> Kubo", kk, SIZE)
+        k2.quit()
+
+        a = Node(root, "a")
+        subprocess.run([BIN, "--repo", a.repo, "add", "-q", data], check=True, capture_output=True)
+        for transport in ["/quic-v1", "/tcp/"]:
+            b = Node(root, f"b{transport.strip('/').replace('/', '')}")
+            b.call("swarm_connect", {"addr": next(x for x in a.addresses if transport in x)})
+            report(f"kubelt -> kubelt ({transport.strip('/')})", kubelt_cat(b, kcid), SIZE, base)
+            b.stop()
+
+        c = Node(root, "c")
+        c.call("swarm_connect", {"addr": k1.addr()})
+        report("Kubo -> kubelt", kubelt_cat(c, kcid), SIZE, base)
+        c.stop()
+
+        k3 = Kubo()
+        assert k3.connect(a.tcp_addr())
+        start = time.monotonic(); ok = k3.get(kcid, os.path.join(root, "k3.out")); t = time.monotonic() - start
+        assert ok
+        report("kubelt -> Kubo", t, SIZE, base)
+        k3.quit(); k1.quit(); a.stop()
+
+    if "memory" in what:
+        print(f"-- peak RSS fetching {BIG // MIB} MiB")
+        big = os.path.join(root, "big.bin")
+        random_file(big, BIG)
+        os.remove(data)
+        a = Node(root, "big-a")
+        cid = subprocess.run([BIN, "--repo", a.repo, "add", "-q", big], check=True, capture_output=True, text=True).stdout.strip()
+        os.remove(big)
+        b = Node(root, "big-b")
+        b.call("swarm_connect", {"addr": a.quic_addr()})
+        t = kubelt_cat(b, cid)
+        report("kubelt -> kubelt 1 GiB (quic)", t, BIG)
+        print(f"peak RSS of the fetching node: {b.hwm_kb() / 1024:.1f} MB (goal < 200 MB); serving node: {a.hwm_kb() / 1024:.1f} MB")
+        a.stop(); b.stop()
