@@ -7,6 +7,10 @@
 //! - [`store`]: RocksDB with one column family per kind of record.
 //! - [`swarm`]: the composed `NetworkBehaviour` and how the swarm is built from a [`swarm::Config`].
 //! - [`node`]: the one task that owns the swarm, and the [`node::Client`] handle that talks to it.
+//! - [`unixfs`], [`car`]: Kubo-compatible DAGs of files and directories, CAR v1.
+//! - [`bitswap`]: `/ipfs/bitswap/1.2.0`, wire-compatible with Kubo.
+//! - [`core`]: wallet-owned cores: delegations, signed changes, Automerge replicas (no I/O).
+//! - [`sync`]: cores on the network: gossipsub topics and `/kubelt/core-sync/1.0.0`.
 
 pub mod bitswap;
 pub mod store;
@@ -15,3 +19,4 @@ pub mod node;
 pub mod unixfs;
 pub mod car;
 pub mod core;
+pub mod sync;

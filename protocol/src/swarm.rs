@@ -4,7 +4,8 @@
 //! tests that run dozens of nodes in one process). Protocols: identify `/ipfs/id/1.0.0`
 //! (agent `kubelt/<version>`), ping `/ipfs/ping/1.0.0`, and Kademlia on our own DHT
 //! `/kubelt/kad/1.0.0` (never the public IPFS DHT), and bitswap `/ipfs/bitswap/1.2.0` (with
-//! 1.1.0 and 1.0.0) for content, wire-compatible with Kubo.
+//! 1.1.0 and 1.0.0) for content, wire-compatible with Kubo; gossipsub v1.1 and
+//! `/kubelt/core-sync/1.0.0` for cores (see [`crate::sync`]).
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -14,10 +15,11 @@ use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, identify, noise, ping, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{connection_limits, gossipsub, identify, noise, ping, request_response, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
 use crate::bitswap;
 use crate::store::Store;
+use crate::sync;
 
 /// Kademlia protocol id of the Kubelt DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0");
@@ -92,6 +94,8 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
     pub bitswap: bitswap::Behaviour,
+    pub gossipsub: gossipsub::Behaviour,
+    pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
 }
 
 /// Errors building the swarm.
@@ -102,6 +106,8 @@ pub enum BuildError {
     Noise(#[from] noise::Error),
     #[error("building the behaviour failed: {0}")]
     Behaviour(String),
+    #[error(transparent)]
+    Sync(#[from] sync::SyncSetupError),
 }
 
 /// Builds the swarm for `keypair` with the given settings. Listening and dialing are the
@@ -129,7 +135,7 @@ pub fn build(keypair: Keypair, config: &Config, store: Store) -> Result<Swarm<Be
             )
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
-        .with_behaviour(|key| new_behaviour(key, &config, store))
+        .with_behaviour(|key| new_behaviour(key, &config, store).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>))
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
         .build();
@@ -143,7 +149,7 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
-fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Behaviour {
+fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behaviour, BuildError> {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -168,11 +174,13 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Behaviour {
         DhtMode::Client => kad::Mode::Client,
     }));
 
-    Behaviour {
+    Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
         kad,
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
-    }
+        gossipsub: sync::gossipsub(key)?,
+        core_sync: sync::core_sync(),
+    })
 }

@@ -1,6 +1,7 @@
 //! The `kubelt` command line: one file per group of subcommands.
 
 mod content;
+mod core;
 mod init;
 mod query;
 mod run;
@@ -78,6 +79,11 @@ pub enum Command {
         #[command(subcommand)]
         command: content::DagCommand,
     },
+    /// Cores: wallet-owned state replicated between nodes.
+    Core {
+        #[command(subcommand)]
+        command: core::CoreCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,5 +130,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Pin { command } => content::pin(&repo, command),
         Command::Repo { command: RepoCommand::Gc } => content::gc(&repo),
         Command::Dag { command } => content::dag(&repo, command),
+        Command::Core { command } => core::core(&repo, command),
     }
 }

@@ -134,6 +134,69 @@ pub const METHODS: &[MethodDoc] = &[
         result: r#"{"type":"object"}"#,
     },
     MethodDoc {
+        name: "core_delegationMessage",
+        summary: "The SIWE (EIP-4361) text an owner signs to let a node key write to their core.",
+        params: &[
+            Param { name: "address", schema: STRING, required: true, summary: "the owner's Ethereum address (the core id)" },
+            Param { name: "peer", schema: STRING, required: false, summary: "peer id to authorize (default: this node)" },
+            Param { name: "namespaces", schema: STRING, required: false, summary: "comma-separated namespaces, or * (default)" },
+            Param { name: "expires", schema: STRING, required: false, summary: "validity, e.g. 30d (default), 12h" },
+        ],
+        result: r#"{"type":"object","properties":{"message":{"type":"string"}}}"#,
+    },
+    MethodDoc {
+        name: "core_revocationMessage",
+        summary: "The text an owner signs to revoke a node key (the key's changes made so far stay).",
+        params: &[
+            Param { name: "address", schema: STRING, required: true, summary: "the core" },
+            Param { name: "peer", schema: STRING, required: true, summary: "peer id to revoke" },
+        ],
+        result: r#"{"type":"object","properties":{"message":{"type":"string"}}}"#,
+    },
+    MethodDoc {
+        name: "core_submit",
+        summary: "Verifies an owner-signed delegation (for this node) or revocation and applies it.",
+        params: &[
+            Param { name: "message", schema: STRING, required: true, summary: "the signed text, exactly" },
+            Param { name: "signature", schema: STRING, required: true, summary: "0x-hex EIP-191 signature (65 bytes)" },
+        ],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "core_follow",
+        summary: "Holds a replica of a core without write rights.",
+        params: &[Param { name: "address", schema: STRING, required: true, summary: "the core" }],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "core_set",
+        summary: "Writes a JSON value at namespace/path; returns once the change is on disk.",
+        params: &[
+            Param { name: "address", schema: STRING, required: true, summary: "the core" },
+            Param { name: "namespace", schema: STRING, required: true, summary: "top-level namespace" },
+            Param { name: "path", schema: STRING, required: true, summary: "a/b/c inside the namespace" },
+            Param { name: "value", schema: r#"{}"#, required: true, summary: "any JSON value" },
+        ],
+        result: r#"{"type":"object"}"#,
+    },
+    MethodDoc {
+        name: "core_get",
+        summary: "Reads the JSON value at namespace/path (the whole namespace without path).",
+        params: &[
+            Param { name: "address", schema: STRING, required: true, summary: "the core" },
+            Param { name: "namespace", schema: STRING, required: true, summary: "top-level namespace" },
+            Param { name: "path", schema: STRING, required: false, summary: "a/b/c inside the namespace" },
+        ],
+        result: r#"{}"#,
+    },
+    MethodDoc { name: "core_ls", summary: "Cores held, with heads, change counts and replica counts.", params: &[], result: r#"{"type":"array"}"# },
+    MethodDoc {
+        name: "core_heads",
+        summary: "The heads of a core.",
+        params: &[Param { name: "address", schema: STRING, required: true, summary: "the core" }],
+        result: r#"{"type":"array","items":{"type":"string"}}"#,
+    },
+    MethodDoc {
         name: "dht_routingTable",
         summary: "Peers in the Kademlia routing table.",
         params: &[],
@@ -167,11 +230,13 @@ pub async fn dispatch(state: &ApiState, method: &str, params: Value) -> Result<V
         }
         "content_add" | "content_cat" | "content_get" | "content_stat" | "content_ls" | "pin_add" | "pin_rm"
         | "pin_ls" | "repo_gc" | "dag_export" | "dag_import" => super::content::dispatch(state, method, params).await,
+        "core_follow" | "core_submit" | "core_set" | "core_get" | "core_ls" | "core_heads" | "core_delegationMessage"
+        | "core_revocationMessage" => super::core::dispatch(state, method, params).await,
         _ => Err(RpcError::new(code::INTERNAL_ERROR, format!("method {method} is described but not implemented"))),
     }
 }
 
-fn to_value(value: impl serde::Serialize) -> Result<Value, RpcError> {
+pub(super) fn to_value(value: impl serde::Serialize) -> Result<Value, RpcError> {
     serde_json::to_value(value).map_err(|e| RpcError::new(code::INTERNAL_ERROR, e.to_string()))
 }
 

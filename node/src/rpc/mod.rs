@@ -8,6 +8,7 @@
 //! -32000 an error of the node itself (its message says what went wrong).
 
 mod content;
+mod core;
 mod methods;
 
 use std::net::SocketAddr;

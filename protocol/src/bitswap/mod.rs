@@ -25,13 +25,32 @@
 //! let mut bitswap = bitswap::Behaviour::new(store.clone(), bitswap::Config::default());
 //! // ... in the swarm's behaviour; then, from the event loop:
 //! let session = swarm.behaviour_mut().bitswap.want(vec![root], None);
+//! // more blocks of the same DAG: same session, so they go to the peers that had the root
+//! swarm.behaviour_mut().bitswap.want(children, Some(session));
 //! match event {
 //!     bitswap::Event::BlockReceived { session, cid, .. } => { /* read it from the store */ }
 //!     bitswap::Event::FindProviders { cid, .. } => { kad.get_providers(cid.hash().to_bytes().into()); }
 //!     bitswap::Event::NotFound { cid, error, .. } => { /* give up: error says why */ }
 //!     _ => {}
 //! }
+//! // blocks added by an import or the API: peers waiting for them get them now
+//! swarm.behaviour_mut().bitswap.notify_new_blocks(cids);
 //! ```
+//!
+//! Peers found by a provider search only need to be dialed: every connected peer gets the
+//! active wants. Call [`Behaviour::close_session`] when a fetch is abandoned.
+//!
+//! # Interop notes
+//!
+//! - Kubo's answers (blocks, HAVE/DONT_HAVE) each come on a new stream that Kubo closes right
+//!   after writing. Over QUIC, go-libp2p before v0.38 (Kubo before ~0.33) closes before reading
+//!   the multistream-select echo, which rust-libp2p's listener treats as a failed negotiation
+//!   and drops the stream with its data (`failed to upgrade inbound stream: sending stopped by
+//!   peer`); go-multistream#87 made Go listeners tolerate this. Over TCP/yamux it works. The
+//!   node needs `multistream-select` patched the same way to fetch from older Kubo over QUIC.
+//! - Many Kubo peers have RSA identities: libp2p needs its `rsa` feature to connect to them.
+//! - Peers speaking 1.0.0/1.1.0 are asked with want-block only (they ignore want-have and
+//!   never send DONT_HAVE, so only timeouts move such a want on).
 
 pub mod behaviour;
 pub mod handler;

@@ -276,7 +276,7 @@ impl WantManager {
             }
         }
         // Highest priority first, like every other list we send.
-        entries.sort_by(|a, b| b.priority.cmp(&a.priority));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.priority));
         if !entries.is_empty() {
             self.outbox.entry(peer).or_default().extend(entries);
         }
@@ -492,7 +492,7 @@ impl WantManager {
             self.finish(&mh, None);
         }
         // Oldest want first: one search per session and interval.
-        session_searches.sort_by(|a, b| b.2.cmp(&a.2));
+        session_searches.sort_by_key(|s| std::cmp::Reverse(s.2));
         for (sid, cid, _) in session_searches {
             self.request_providers(sid, cid, now);
         }

@@ -223,8 +223,11 @@ fn verify_siwe(statement: &OwnerStatement) -> Result<(siwe::Message, Address), D
     if statement.signature.len() != 65 {
         return Err(DelegationError::WrongSignatureLength(statement.signature.len()));
     }
-    let message: siwe::Message = statement
-        .message
+    // The signature covers the exact text; parsing forgives what copy-and-paste through a
+    // wallet tends to add (CRLF line ends, a trailing newline).
+    let normalized = statement.message.replace("\r\n", "\n");
+    let message: siwe::Message = normalized
+        .trim_end()
         .parse()
         .map_err(|e: siwe::ParseError| DelegationError::Malformed(format!("not a SIWE (EIP-4361) message: {e}")))?;
     let claimed = Address::from_bytes(message.address);

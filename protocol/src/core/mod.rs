@@ -48,6 +48,13 @@
 //! - Changes whose dependencies are missing are held back (bounded) and reported, so the
 //!   network layer can start a catch-up.
 //!
+//! # Gossip validation
+//!
+//! [`Cores::apply_remote`] maps onto gossipsub's validation result: `Ok(Accepted::Applied)` and
+//! `Ok(Accepted::Evidence)` → `Accept` (forward); `Ok(Accepted::Duplicate)` → `Ignore`;
+//! `Ok(Accepted::MissingDeps)` → `Ignore`, and start a catch-up with the peer that sent it;
+//! `Err(ApplyError::Rejected)` → `Reject`; `Err(ApplyError::Core)` (the store failed) → `Ignore`.
+//!
 //! # Specs
 //!
 //! - [EIP-4361](https://eips.ethereum.org/EIPS/eip-4361) Sign-In with Ethereum (message format).

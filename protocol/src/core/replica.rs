@@ -98,8 +98,12 @@ pub struct Config {
     pub max_clock_skew: i64,
     /// Most envelopes in one sync message (the rest follow in the next round).
     pub max_sync_changes: usize,
-    /// Most bytes of envelopes in one sync message (at least one envelope is always sent).
-    pub max_sync_bytes: usize,
+    /// Most bytes of a `SyncRequest` this replica writes (at least one envelope is always
+    /// sent). Keep it under the codec's request limit.
+    pub max_sync_request_bytes: usize,
+    /// Most bytes of a `SyncResponse` this replica writes. Keep it under the codec's
+    /// response limit.
+    pub max_sync_response_bytes: usize,
 }
 
 impl Default for Config {
@@ -114,7 +118,8 @@ impl Default for Config {
             verify_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8),
             max_clock_skew: 600,
             max_sync_changes: 50_000,
-            max_sync_bytes: 32 << 20,
+            max_sync_request_bytes: 6 << 20,
+            max_sync_response_bytes: 32 << 20,
         }
     }
 }
@@ -485,6 +490,9 @@ pub struct Replica {
     pending: Pending,
     local_actor: Option<(PeerId, ActorId)>,
     pub(super) sessions: HashMap<PeerId, Session>,
+    /// Heads shared with a peer at the end of the last session, to start the next one with a
+    /// small bloom filter.
+    pub(super) shared_heads: HashMap<PeerId, Vec<ChangeHash>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -546,6 +554,7 @@ impl Replica {
             pending: Pending::default(),
             local_actor: None,
             sessions: HashMap::new(),
+            shared_heads: HashMap::new(),
         };
         replica.load()?;
         Ok(replica)
@@ -609,6 +618,7 @@ impl Replica {
         self.doc = Automerge::new();
         self.local_actor = None;
         self.sessions.clear();
+        self.shared_heads.clear();
         let store = self.store.clone();
         let prefix = core_key(&self.core, b'c', b"");
         let mut records = Vec::new();

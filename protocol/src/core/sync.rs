@@ -18,19 +18,38 @@
 //! - Bloom-filter false positives leave a receiver with changes whose dependencies the sender
 //!   wrongly thought it had; the receiver names those dependencies in its next `need` (the
 //!   sender has them: it sent their descendants).
+//! - Requests are capped at [`super::Config::max_sync_request_bytes`] and responses at
+//!   [`super::Config::max_sync_response_bytes`] (keep them under the codec's frame limits);
+//!   what does not fit follows in the next round, in causal order.
 //! - A session ends when Automerge has nothing more to say, after
 //!   [`super::Config::max_sync_rounds`] rounds, or when two rounds in a row change nothing
 //!   (the peer offers changes we reject).
 
-use std::collections::BTreeSet;
+//!
+//! # Driving it (the network layer)
+//!
+//! ```text
+//! on connect, on Accepted::MissingDeps, on a timer:
+//!     if let Some(req) = cores.sync_request(&core, &peer) { send(peer, req) }
+//! on an inbound request:  respond(cores.handle_sync_request(req, &peer))
+//! on a response:          let step = cores.handle_sync_response(resp, &peer);
+//!                         if let Some(req) = step.next { send(peer, req) }
+//! on failure, timeout or disconnect: cores.end_sync(&peer)
+//! ```
+//!
+//! One request per (core, peer) is outstanding at a time: while one is, `sync_request` returns
+//! `None`.
+
+use std::collections::{BTreeSet, HashSet};
 
 use automerge::sync::{Capability, ChunkList, Message as SyncMessage, State as SyncState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use kubelt_proto::core::{SignedChange, SyncRequest, SyncResponse};
+use prost::Message as _;
 use libp2p::identity::PeerId;
 
 use super::change::deflate_batch;
-use super::replica::{BatchReport, Replica};
+use super::replica::{BatchReport, Replica, Session};
 
 /// The outcome of one round of a session this replica drives.
 #[derive(Debug, Clone, Default)]
@@ -76,17 +95,32 @@ impl Replica {
     /// Call it on connect, when [`super::Accepted::MissingDeps`] reports missing dependencies,
     /// and periodically; then feed each response to [`Replica::handle_sync_response`].
     pub fn sync_request(&mut self, peer: &PeerId) -> Option<SyncRequest> {
-        if !self.sessions.contains_key(peer) && self.sessions.len() >= self.config.max_sync_sessions {
-            if let Some(victim) = self.sessions.keys().next().copied() {
-                self.sessions.remove(&victim);
+        if let Some(session) = self.sessions.get(peer) {
+            if session.state.in_flight {
+                // A request is outstanding; its response continues the session. (If it is
+                // lost, call `end_sync`.)
+                return None;
             }
+        } else {
+            if self.sessions.len() >= self.config.max_sync_sessions {
+                if let Some(victim) = self.sessions.keys().next().copied() {
+                    self.sessions.remove(&victim);
+                }
+            }
+            let mut session = Session::default();
+            if let Some(heads) = self.shared_heads.get(peer) {
+                if heads.iter().all(|h| self.dag.metas.contains_key(h)) {
+                    session.state.shared_heads = heads.clone();
+                }
+            }
+            self.sessions.insert(*peer, session);
         }
         let max_rounds = self.config.max_sync_rounds;
-        let session = self.sessions.entry(*peer).or_default();
+        let session = self.sessions.get_mut(peer)?;
         session.rounds += 1;
         if session.rounds > max_rounds {
             tracing::warn!(core = %self.core, %peer, "core-sync session gave up after {max_rounds} rounds");
-            self.sessions.remove(peer);
+            self.finish(peer);
             return None;
         }
         let metas = &self.dag.metas;
@@ -99,11 +133,11 @@ impl Replica {
             message = generate(&self.doc, &mut session.state);
         }
         let Some(message) = message else {
-            self.sessions.remove(peer);
+            self.finish(peer);
             return None;
         };
         let sent: Vec<ChangeHash> = session.state.sent_hashes.difference(&before).copied().collect();
-        let (sync_message, changes, unsent) = self.outgoing(message, &sent, &extra_need);
+        let (sync_message, changes, unsent) = self.outgoing(message, &sent, &extra_need, self.config.max_sync_request_bytes);
         if !unsent.is_empty() {
             // Over the size limits: let Automerge offer these again next round.
             if let Some(session) = self.sessions.get_mut(peer) {
@@ -114,6 +148,18 @@ impl Replica {
             }
         }
         Some(SyncRequest { core: self.core.to_lower_hex(), sync_message: sync_message.into(), changes })
+    }
+
+    /// Ends the session with `peer`, remembering what we share for the next one.
+    fn finish(&mut self, peer: &PeerId) {
+        if let Some(session) = self.sessions.remove(peer) {
+            if self.shared_heads.len() >= self.config.max_sync_sessions && !self.shared_heads.contains_key(peer) {
+                if let Some(victim) = self.shared_heads.keys().next().copied() {
+                    self.shared_heads.remove(&victim);
+                }
+            }
+            self.shared_heads.insert(*peer, session.state.shared_heads);
+        }
     }
 
     /// Answers a peer's request: applies the envelopes it carries, then says what we have and
@@ -153,7 +199,7 @@ impl Replica {
         let sent: Vec<ChangeHash> = state.sent_hashes.iter().copied().collect();
         // Envelopes over the size limits are left out; the peer's next bloom filter will not
         // contain them, so the next round sends them.
-        let (sync_message, changes, _unsent) = self.outgoing(reply, &sent, &report.missing);
+        let (sync_message, changes, _unsent) = self.outgoing(reply, &sent, &report.missing, self.config.max_sync_response_bytes);
         SyncResponse { core, sync_message: sync_message.into(), changes, error: String::new() }
     }
 
@@ -199,14 +245,15 @@ impl Replica {
         session.last_heads = Some(position);
         if session.stalled >= 2 {
             tracing::debug!(core = %self.core, %peer, "core-sync session stalled; ending it");
-            self.sessions.remove(peer);
+            self.finish(peer);
             return SyncStep { report, ..Default::default() };
         }
         let next = self.sync_request(peer);
         SyncStep { report, next, error: None }
     }
 
-    /// Forgets the session with `peer` (disconnected).
+    /// Forgets the session with `peer`: call it when a request failed or timed out, or the
+    /// peer disconnected, so the next [`Replica::sync_request`] starts afresh.
     pub fn end_sync(&mut self, peer: &PeerId) {
         self.sessions.remove(peer);
     }
@@ -219,6 +266,7 @@ impl Replica {
         mut message: SyncMessage,
         sent: &[ChangeHash],
         extra_need: &[ChangeHash],
+        max_bytes: usize,
     ) -> (Vec<u8>, Vec<SignedChange>, Vec<ChangeHash>) {
         message.changes = ChunkList::empty();
         let mut need: BTreeSet<ChangeHash> = message.need.iter().copied().collect();
@@ -228,30 +276,52 @@ impl Replica {
             }
         }
         message.supported_capabilities = Some(vec![Capability::MessageV1]);
+        let encoded = message.encode();
         let mut order: Vec<(u64, ChangeHash)> =
             sent.iter().filter_map(|h| self.dag.metas.get(h).map(|m| (m.seq_no, *h))).collect();
         order.sort_unstable();
-        let mut envelopes: Vec<SignedChange> = Vec::with_capacity(order.len().min(self.config.max_sync_changes) + self.evidence.len());
+        // What is left for envelopes, with room for field tags and lengths.
+        let mut budget = max_bytes.saturating_sub(encoded.len() + 1024);
+        let mut authors: HashSet<bytes::Bytes> = HashSet::new();
+        let mut cost = |e: &SignedChange| -> usize {
+            // Delegations are sent once per author (see `deflate_batch`).
+            let delegation = if authors.insert(e.author.clone()) { e.delegation.as_ref().map_or(0, |d| d.encoded_len()) } else { 0 };
+            e.change.len() + e.author.len() + e.signature.len() + e.core.len() + delegation + 24
+        };
+        let mut envelopes: Vec<SignedChange> = Vec::with_capacity(order.len().min(self.config.max_sync_changes));
         let mut unsent = Vec::new();
-        let mut bytes = 0usize;
         for (seq_no, hash) in order {
-            // A prefix of a causal order is causally closed: the receiver can apply it all.
-            if !envelopes.is_empty() && (envelopes.len() >= self.config.max_sync_changes || bytes >= self.config.max_sync_bytes) {
+            // A prefix of a causal order is causally closed: the receiver can apply all of it.
+            if !unsent.is_empty() || envelopes.len() >= self.config.max_sync_changes {
                 unsent.push(hash);
                 continue;
             }
-            match self.envelope_at(seq_no) {
-                Some(e) => {
-                    bytes += e.change.len() + e.author.len() + e.signature.len() + 64;
-                    envelopes.push(e);
-                }
-                None => tracing::warn!(core = %self.core, %hash, "core-sync: stored envelope missing"),
+            let Some(e) = self.envelope_at(seq_no) else {
+                tracing::warn!(core = %self.core, %hash, "core-sync: stored envelope missing");
+                continue;
+            };
+            let c = cost(&e);
+            if c > budget && !envelopes.is_empty() {
+                unsent.push(hash);
+                continue;
             }
+            budget = budget.saturating_sub(c);
+            envelopes.push(e);
         }
         let in_doc: BTreeSet<&ChangeHash> = sent.iter().collect();
-        envelopes.extend(self.evidence.iter().filter(|(h, _)| !in_doc.contains(h)).map(|(_, e)| e.clone()));
+        for (hash, e) in &self.evidence {
+            if in_doc.contains(hash) {
+                continue;
+            }
+            let c = cost(e);
+            if c > budget {
+                break;
+            }
+            budget -= c;
+            envelopes.push(e.clone());
+        }
         deflate_batch(&mut envelopes);
-        (message.encode(), envelopes, unsent)
+        (encoded, envelopes, unsent)
     }
 }
 

@@ -204,6 +204,10 @@ fn delegation_round_trip_recovers_owner_key_namespaces_and_expiry() -> TestResul
     raw[64] -= 27;
     assert_eq!(Delegation::verify(&owner_statement(&message, &hex::encode(&raw))?)?.owner, owner.address);
 
+    // A wallet that signed the text with CRLF line ends and a trailing newline.
+    let pasted = format!("{}\r\n", message.replace('\n', "\r\n"));
+    assert_eq!(Delegation::verify(&owner.statement(pasted))?.peer, node);
+
     // Shape errors say what is wrong.
     assert!(matches!(parse_signature("0xzz"), Err(DelegationError::BadHex(_))));
     assert!(matches!(parse_signature(&format!("0x{}", hex::encode(&signature[..64]))), Err(DelegationError::WrongSignatureLength(64))));

@@ -5,6 +5,8 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::content::FetchError;
 use crate::bitswap::{SessionId, Stats as BitswapStats};
+use crate::core::Address;
+use kubelt_proto::core::OwnerStatement;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,7 +26,57 @@ pub(crate) enum Command {
     Provide { cid: Cid },
     /// Blocks were added locally: peers that want them get them.
     BlocksAdded { cids: Vec<Cid> },
+    CoreFollow { core: Address, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
+    CoreSubmit { statement: OwnerStatement, reply: oneshot::Sender<Result<SubmitOutcome, CoreCommandError>> },
+    CoreSet {
+        core: Address,
+        namespace: String,
+        path: String,
+        value: serde_json::Value,
+        reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>>,
+    },
+    CoreGet {
+        core: Address,
+        namespace: String,
+        path: String,
+        reply: oneshot::Sender<Result<serde_json::Value, CoreCommandError>>,
+    },
+    CoreList { reply: oneshot::Sender<Vec<CoreSummary>> },
+    CoreRevocationMessage { core: Address, peer: PeerId, reply: oneshot::Sender<Result<String, CoreCommandError>> },
 }
+
+/// A core held by this node, as `kubelt core ls` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct CoreSummary {
+    /// The owner's address, EIP-55 checksummed.
+    pub address: String,
+    /// Current heads (hex change hashes), sorted.
+    pub heads: Vec<String>,
+    /// Changes in the document.
+    pub changes: usize,
+    /// Changes held back for missing dependencies.
+    pub pending: usize,
+    /// Other peers known to hold this core (subscribed to its topic).
+    pub replicas: usize,
+    /// Whether this node holds a delegation to write.
+    pub writable: bool,
+    /// Top-level namespaces of the document.
+    pub namespaces: Vec<String>,
+}
+
+/// What a submitted owner statement did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitOutcome {
+    /// `delegation` or `revocation`.
+    pub kind: String,
+    pub core: String,
+    pub peer: String,
+}
+
+/// Why a core command failed; the message says what to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CoreCommandError(pub String);
 
 /// Who this node is and where it listens.
 #[derive(Debug, Clone, Serialize)]
@@ -169,8 +221,42 @@ impl Client {
         self.commands.send(Command::Provide { cid }).await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Holds a replica of a core without write rights.
+    pub async fn core_follow(&self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| Command::CoreFollow { core, reply }).await.map_err(stopped)?
+    }
+
+    /// Verifies and applies an owner-signed delegation (for this node) or revocation.
+    pub async fn core_submit(&self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
+        self.ask(|reply| Command::CoreSubmit { statement, reply }).await.map_err(stopped)?
+    }
+
+    /// Writes a JSON value at `namespace/path`; returns once the change is on disk.
+    pub async fn core_set(&self, core: Address, namespace: String, path: String, value: serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| Command::CoreSet { core, namespace, path, value, reply }).await.map_err(stopped)?
+    }
+
+    /// Reads the JSON value at `namespace/path` (`path` empty: the whole namespace).
+    pub async fn core_get(&self, core: Address, namespace: String, path: String) -> Result<serde_json::Value, CoreCommandError> {
+        self.ask(|reply| Command::CoreGet { core, namespace, path, reply }).await.map_err(stopped)?
+    }
+
+    /// The revocation text for the owner to sign: it keeps the changes `peer` made so far.
+    pub async fn core_revocation_message(&self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
+        self.ask(|reply| Command::CoreRevocationMessage { core, peer, reply }).await.map_err(stopped)?
+    }
+
+    /// The cores held.
+    pub async fn core_list(&self) -> Result<Vec<CoreSummary>, NodeError> {
+        self.ask(|reply| Command::CoreList { reply }).await
+    }
+
     /// Tells bitswap about blocks added locally.
     pub async fn blocks_added(&self, cids: Vec<Cid>) -> Result<(), NodeError> {
         self.commands.send(Command::BlocksAdded { cids }).await.map_err(|_| NodeError::Stopped)
     }
+}
+
+fn stopped(_: NodeError) -> CoreCommandError {
+    CoreCommandError("the node has stopped".into())
 }

@@ -1,5 +1,7 @@
 //! The task that owns the swarm. Nothing else touches it: other tasks send [`Command`]s.
 
+mod cores;
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,12 @@ const MAX_DIALS_PER_TICK: usize = 8;
 
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// The node key: signs core changes.
+    keypair: libp2p::identity::Keypair,
+    /// Every core replica this node holds.
+    cores: crate::core::Cores,
+    /// When the last periodic catch-up round ran.
+    last_core_sync: Instant,
     store: Store,
     peer_book: PeerBook,
     config: Config,
@@ -53,13 +61,18 @@ pub(crate) struct EventLoop {
 impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
+        keypair: libp2p::identity::Keypair,
         store: Store,
+        cores: crate::core::Cores,
         config: Config,
         commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) -> Self {
         EventLoop {
             swarm,
+            keypair,
+            cores,
+            last_core_sync: Instant::now(),
             peer_book: PeerBook::new(store.clone()),
             store,
             config,
@@ -111,6 +124,7 @@ impl EventLoop {
     /// Runs until the shutdown token is cancelled, then saves state.
     pub(crate) async fn run(mut self) {
         self.join_network();
+        self.announce_cores();
         let mut maintenance = tokio::time::interval(self.config.maintenance_interval);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -118,7 +132,13 @@ impl EventLoop {
                 _ = self.shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
-                _ = maintenance.tick() => self.maintain_connections(),
+                _ = maintenance.tick() => {
+                    self.maintain_connections();
+                    if self.last_core_sync.elapsed() >= self.config.core_sync_interval {
+                        self.last_core_sync = Instant::now();
+                        self.sync_all_cores();
+                    }
+                }
             }
         }
         tracing::info!("node stopping");
@@ -253,6 +273,24 @@ impl EventLoop {
                 }
             }
             Command::BlocksAdded { cids } => self.swarm.behaviour_mut().bitswap.notify_new_blocks(cids),
+            Command::CoreFollow { core, reply } => {
+                let _ = reply.send(self.core_follow(core));
+            }
+            Command::CoreSubmit { statement, reply } => {
+                let _ = reply.send(self.core_submit(statement));
+            }
+            Command::CoreSet { core, namespace, path, value, reply } => {
+                let _ = reply.send(self.core_set(core, &namespace, &path, &value));
+            }
+            Command::CoreGet { core, namespace, path, reply } => {
+                let _ = reply.send(self.core_get(core, &namespace, &path));
+            }
+            Command::CoreList { reply } => {
+                let _ = reply.send(self.core_list());
+            }
+            Command::CoreRevocationMessage { core, peer, reply } => {
+                let _ = reply.send(self.core_revocation_message(core, peer));
+            }
         }
     }
 
@@ -375,6 +413,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                if num_established == 0 {
+                    self.cores.end_sync(&peer_id);
+                }
                 self.connections_closed += 1;
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     conns.retain(|(id, _)| *id != connection_id);
@@ -418,8 +459,16 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Bitswap(event) => self.on_bitswap_event(event),
+            BehaviourEvent::Gossipsub(event) => self.on_gossipsub_event(event),
+            BehaviourEvent::CoreSync(event) => self.on_core_sync_event(event),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. }) => {
-                let Some(cid) = self.provider_queries.get(&id).copied() else { return };
+                let Some(cid) = self.provider_queries.get(&id).copied() else {
+                    // A lookup of a core's replicas (not a block): dial them all.
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        self.on_providers(Cid::default(), providers);
+                    }
+                    return;
+                };
                 if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
                     self.on_providers(cid, providers);
                 }

@@ -11,7 +11,7 @@ mod content;
 mod event_loop;
 mod peers;
 
-pub use client::{Client, ConnectError, NodeError, NodeInfo, NodeStatus, PeerInfo};
+pub use client::{Client, ConnectError, CoreCommandError, CoreSummary, NodeError, NodeInfo, NodeStatus, PeerInfo, SubmitOutcome};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 
@@ -38,6 +38,10 @@ pub struct Config {
     pub maintenance_interval: Duration,
     /// Swarm settings (DHT mode, connection limits).
     pub swarm: swarm::Config,
+    /// Limits of core replicas.
+    pub cores: crate::core::Config,
+    /// How often replicas run catch-up with every peer that holds the same core.
+    pub core_sync_interval: Duration,
 }
 
 impl Default for Config {
@@ -48,6 +52,8 @@ impl Default for Config {
             target_peers: 16,
             maintenance_interval: Duration::from_secs(10),
             swarm: swarm::Config::default(),
+            cores: crate::core::Config::default(),
+            core_sync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -60,6 +66,8 @@ pub enum StartError {
     Build(#[from] swarm::BuildError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
+    #[error("cannot load the cores: {0}")]
+    Cores(#[from] crate::core::CoreError),
 }
 
 /// A started node: its client handle and the task that runs it.
@@ -76,13 +84,14 @@ impl Node {
     /// Listen addresses that fail are reported as errors here, before the node is announced.
     pub async fn start(keypair: Keypair, store: Store, config: Config) -> Result<Node, StartError> {
         let peer_id = keypair.public().to_peer_id();
-        let mut swarm = swarm::build(keypair, &config.swarm, store.clone())?;
+        let cores = crate::core::Cores::load(store.clone(), config.cores.clone())?;
+        let mut swarm = swarm::build(keypair.clone(), &config.swarm, store.clone())?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
         let (command_tx, command_rx) = mpsc::channel(256);
         let shutdown = CancellationToken::new();
-        let mut event_loop = event_loop::EventLoop::new(swarm, store, config, command_rx, shutdown.clone());
+        let mut event_loop = event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, shutdown.clone());
         // Wait until every listener has reported its address (or failed), so that `info()`
         // right after start shows real ports.
         event_loop.await_listeners().await?;

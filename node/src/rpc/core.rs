@@ -1,0 +1,116 @@
+//! The core methods: follow, submit owner statements, set/get values, list cores, and the
+//! texts an owner signs.
+
+use serde_json::{json, Map, Value};
+
+use kubelt_protocol::core::{delegation_message, owner_statement, Address};
+
+use super::methods::to_value;
+use super::{ApiState, RpcError};
+
+fn string<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, RpcError> {
+    params.get(name).and_then(Value::as_str).ok_or_else(|| RpcError::invalid_params(format!("param '{name}' must be a string")))
+}
+
+fn address(params: &Map<String, Value>) -> Result<Address, RpcError> {
+    let text = string(params, "address")?;
+    Address::parse(text).map_err(|e| RpcError::invalid_params(format!("invalid address '{text}': {e}")))
+}
+
+fn peer(params: &Map<String, Value>) -> Result<Option<libp2p::PeerId>, RpcError> {
+    match params.get("peer") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => text.parse().map(Some).map_err(|e| RpcError::invalid_params(format!("invalid peer id '{text}': {e}"))),
+        Some(_) => Err(RpcError::invalid_params("param 'peer' must be a string")),
+    }
+}
+
+/// Parses `30d`, `12h`, `15m`, `90s` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: i64 = number.parse().map_err(|_| format!("invalid duration '{text}' (use e.g. 30d, 12h, 15m, 90s)"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("invalid duration unit in '{text}' (use s, m, h, d or w)")),
+    };
+    if n <= 0 {
+        return Err(format!("duration '{text}' must be positive"));
+    }
+    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds) as u64))
+}
+
+pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> Result<Value, RpcError> {
+    let client = &state.client;
+    match method {
+        "core_follow" => to_value(client.core_follow(address(&p)?).await.map_err(RpcError::node)?),
+        "core_submit" => {
+            let message = string(&p, "message")?;
+            let signature = string(&p, "signature")?;
+            let statement = owner_statement(message, signature).map_err(|e| RpcError::invalid_params(e.to_string()))?;
+            to_value(client.core_submit(statement).await.map_err(RpcError::node)?)
+        }
+        "core_set" => {
+            let core = address(&p)?;
+            let value = p.get("value").cloned().ok_or_else(|| RpcError::invalid_params("missing param 'value'"))?;
+            let summary = client
+                .core_set(core, string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string(), value)
+                .await
+                .map_err(RpcError::node)?;
+            to_value(summary)
+        }
+        "core_get" => {
+            let core = address(&p)?;
+            let path = p.get("path").and_then(Value::as_str).unwrap_or("").to_string();
+            client.core_get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::node)
+        }
+        "core_ls" => to_value(client.core_list().await.map_err(RpcError::node)?),
+        "core_heads" => {
+            let core = address(&p)?;
+            let cores = client.core_list().await.map_err(RpcError::node)?;
+            let summary = cores
+                .into_iter()
+                .find(|c| c.address == core.to_checksum())
+                .ok_or_else(|| RpcError::node(format!("this node does not hold core {}", core.to_checksum())))?;
+            Ok(json!(summary.heads))
+        }
+        "core_delegationMessage" => {
+            let core = address(&p)?;
+            let peer = match peer(&p)? {
+                Some(peer) => peer,
+                None => client.info().await.map_err(RpcError::node)?.peer_id.parse().map_err(RpcError::node)?,
+            };
+            let namespaces_text = p.get("namespaces").and_then(Value::as_str).unwrap_or("*");
+            let namespaces: Vec<&str> = namespaces_text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            let expires = parse_duration(p.get("expires").and_then(Value::as_str).unwrap_or("30d")).map_err(RpcError::invalid_params)?;
+            let message = delegation_message(&core, &peer, &namespaces, expires, time::OffsetDateTime::now_utc())
+                .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+            Ok(json!({ "message": message }))
+        }
+        "core_revocationMessage" => {
+            let core = address(&p)?;
+            let peer = peer(&p)?.ok_or_else(|| RpcError::invalid_params("missing param 'peer'"))?;
+            let message = client.core_revocation_message(core, peer).await.map_err(RpcError::node)?;
+            Ok(json!({ "message": message }))
+        }
+        other => Err(RpcError::new(super::code::METHOD_NOT_FOUND, format!("method not found: {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("30d").unwrap(), std::time::Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("90").unwrap(), std::time::Duration::from_secs(90));
+        assert!(parse_duration("3y").is_err());
+        assert!(parse_duration("0h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! The event loop's share of cores: commands from the API, gossipsub messages, catch-up
+//! sessions, and finding replicas through the DHT.
+//!
+//! Every decision is the core logic's ([`crate::core::Cores`]); here changes are only moved:
+//! a local write is stored, then published on `kubelt/core/<address>`; a received message is
+//! verified before gossipsub may forward it (`Accept`), and anything invalid is `Reject`ed so
+//! it never travels further.
+
+use kubelt_proto::core::{OwnerStatement, SignedChange};
+use kubelt_proto::Message;
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::{kad, request_response, PeerId};
+
+use super::EventLoop;
+use crate::core::{Accepted, Address, ApplyError, Delegation, Revocation};
+use crate::node::client::{CoreCommandError, CoreSummary, SubmitOutcome};
+use crate::sync;
+
+fn err(e: impl std::fmt::Display) -> CoreCommandError {
+    CoreCommandError(e.to_string())
+}
+
+impl EventLoop {
+    /// Subscribes to the topic of every core held and announces them in the DHT.
+    pub(super) fn announce_cores(&mut self) {
+        for core in self.cores.list() {
+            self.join_core(core);
+        }
+    }
+
+    /// Subscribes to a core's topic, provides its DHT key and looks for other replicas.
+    fn join_core(&mut self, core: Address) {
+        let topic = sync::topic(&core);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+            tracing::warn!(%core, "cannot subscribe to the core's topic: {e}");
+        }
+        let key = kad::RecordKey::new(&core.dht_key());
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key.clone()) {
+            tracing::debug!(%core, "cannot provide the core yet: {e}");
+        }
+        self.swarm.behaviour_mut().kad.get_providers(key);
+    }
+
+    pub(super) fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        self.cores.follow(core).map_err(err)?;
+        self.join_core(core);
+        self.sync_core_with_everyone(core);
+        self.core_summary(core)
+    }
+
+    pub(super) fn core_submit(&mut self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
+        let local = *self.swarm.local_peer_id();
+        if let Ok(delegation) = Delegation::verify(&statement) {
+            if delegation.peer != local {
+                return Err(CoreCommandError(format!(
+                    "this delegation authorizes peer {}, not this node ({local}): submit it on that node",
+                    delegation.peer
+                )));
+            }
+            self.cores.own(statement).map_err(err)?;
+            self.join_core(delegation.owner);
+            self.sync_core_with_everyone(delegation.owner);
+            tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
+            return Ok(SubmitOutcome { kind: "delegation".into(), core: delegation.owner.to_checksum(), peer: local.to_base58() });
+        }
+        let revocation = Revocation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid delegation or revocation: {e}")))?;
+        let core = revocation.owner;
+        let replica = self
+            .cores
+            .get_mut(&core)
+            .ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        let own = replica
+            .own_delegation()
+            .cloned()
+            .ok_or_else(|| CoreCommandError("a revocation is carried into the core by a node that may write to it; this one may not".into()))?;
+        let envelope = replica.revoke(&statement, &self.keypair, &own).map_err(err)?;
+        self.publish(core, envelope);
+        tracing::info!(%core, revoked = %revocation.peer, "revocation applied");
+        Ok(SubmitOutcome { kind: "revocation".into(), core: core.to_checksum(), peer: revocation.peer.to_base58() })
+    }
+
+    pub(super) fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
+        let replica = self
+            .cores
+            .get_mut(&core)
+            .ok_or_else(|| CoreCommandError(format!("this node does not hold core {} (follow it, or submit a delegation)", core.to_checksum())))?;
+        let delegation = replica
+            .own_delegation()
+            .cloned()
+            .ok_or_else(|| CoreCommandError(format!("this node has no delegation to write to core {}", core.to_checksum())))?;
+        let envelope = replica.set(namespace, path, value, &self.keypair, &delegation).map_err(err)?;
+        self.publish(core, envelope);
+        self.core_summary(core)
+    }
+
+    pub(super) fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
+        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        Ok(replica.get(namespace, path).map_err(err)?.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub(super) fn core_revocation_message(&mut self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
+        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        replica.revocation_message(&peer, time::OffsetDateTime::now_utc()).map_err(err)
+    }
+
+    pub(super) fn core_list(&mut self) -> Vec<CoreSummary> {
+        self.cores.list().into_iter().filter_map(|core| self.core_summary(core).ok()).collect()
+    }
+
+    fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        let topic = sync::topic(&core).hash();
+        let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
+        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("unknown core {core}")))?;
+        let mut heads: Vec<String> = replica.heads().iter().map(|h| h.to_string()).collect();
+        heads.sort();
+        Ok(CoreSummary {
+            address: core.to_checksum(),
+            heads,
+            changes: replica.len(),
+            pending: replica.pending_len(),
+            replicas,
+            writable: replica.own_delegation().is_some(),
+            namespaces: replica.namespaces(),
+        })
+    }
+
+    /// Publishes a stored change on the core's topic. With no peer yet, catch-up delivers it.
+    fn publish(&mut self, core: Address, envelope: SignedChange) {
+        let topic = sync::topic(&core);
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, envelope.encode_to_vec()) {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                tracing::debug!(%core, "no replica online; the change will travel by catch-up");
+            }
+            Err(e) => tracing::warn!(%core, "cannot publish a change: {e}"),
+        }
+    }
+
+    pub(super) fn on_gossipsub_event(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message { propagation_source, message_id, message } => {
+                let acceptance = self.validate_gossip(&propagation_source, &message.data);
+                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                if let Some(core) = self.cores.list().into_iter().find(|c| sync::topic(c).hash() == topic) {
+                    tracing::debug!(%peer_id, %core, "peer holds the same core: catching up");
+                    self.start_sync(core, peer_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Verifies a received change: only what the core logic accepts is forwarded.
+    fn validate_gossip(&mut self, source: &PeerId, data: &[u8]) -> MessageAcceptance {
+        let envelope = match SignedChange::decode(data) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                tracing::warn!(%source, "rejected a malformed change envelope: {e}");
+                return MessageAcceptance::Reject;
+            }
+        };
+        let core = envelope.core.clone();
+        match self.cores.apply_remote(envelope) {
+            Ok(Accepted::Applied(_)) | Ok(Accepted::Evidence(_)) => MessageAcceptance::Accept,
+            Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
+            Ok(Accepted::MissingDeps { missing }) => {
+                tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies: catching up");
+                if let Ok(address) = Address::parse(&core) {
+                    self.start_sync(address, *source);
+                }
+                MessageAcceptance::Ignore
+            }
+            Err(ApplyError::Rejected(reason)) => {
+                tracing::warn!(%source, %core, "rejected a change: {reason}");
+                MessageAcceptance::Reject
+            }
+            Err(e) => {
+                tracing::error!(%core, "cannot store a change: {e}");
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    /// Starts a catch-up session for `core` with `peer` (if one is not running).
+    pub(super) fn start_sync(&mut self, core: Address, peer: PeerId) {
+        if let Some(request) = self.cores.sync_request(&core, &peer) {
+            self.swarm.behaviour_mut().core_sync.send_request(&peer, request);
+        }
+    }
+
+    fn sync_core_with_everyone(&mut self, core: Address) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.start_sync(core, peer);
+        }
+    }
+
+    /// The periodic catch-up: every core with every connected peer that holds it.
+    pub(super) fn sync_all_cores(&mut self) {
+        for core in self.cores.list() {
+            let topic = sync::topic(&core).hash();
+            let peers: Vec<PeerId> = self
+                .swarm
+                .behaviour()
+                .gossipsub
+                .all_peers()
+                .filter(|(_, topics)| topics.contains(&&topic))
+                .map(|(peer, _)| *peer)
+                .collect();
+            for peer in peers {
+                self.start_sync(core, peer);
+            }
+            // Replicas we are not connected to yet are found through the DHT.
+            self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
+        }
+    }
+
+    pub(super) fn on_core_sync_event(&mut self, event: request_response::Event<kubelt_proto::core::SyncRequest, kubelt_proto::core::SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let response = self.cores.handle_sync_request(request, &peer);
+                    let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
+                }
+                request_response::Message::Response { response, .. } => {
+                    let step = self.cores.handle_sync_response(response, &peer);
+                    if !step.report.applied.is_empty() {
+                        tracing::info!(%peer, applied = step.report.applied.len(), "caught up with a replica");
+                    }
+                    for (_, reason) in &step.report.rejected {
+                        tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
+                    }
+                    if let Some(error) = step.error {
+                        tracing::debug!(%peer, "catch-up ended: {error}");
+                    }
+                    if let Some(next) = step.next {
+                        self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "catch-up request failed: {error}");
+                self.cores.end_sync(&peer);
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "catch-up answer failed: {error}");
+            }
+            _ => {}
+        }
+    }
+}
