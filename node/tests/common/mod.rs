@@ -44,6 +44,11 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A TCP port that was free a moment ago, for nodes that must come back on the same address.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// Runs a kubelt command that must succeed and returns its trimmed stdout.
 pub fn kubelt_ok(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = kubelt(repo, args)?;
@@ -100,12 +105,19 @@ impl TestNode {
 
     /// Starts a node on an existing repo.
     pub fn start_on(repo: &Path, name: &str, extra: &[&str]) -> anyhow::Result<TestNode> {
+        Self::start_with(repo, name, &["--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"], extra)
+    }
+
+    /// Starts a node on an existing repo with the given listen flags.
+    pub fn start_with(repo: &Path, name: &str, listen: &[&str], extra: &[&str]) -> anyhow::Result<TestNode> {
         let _ = std::fs::remove_file(repo.join("api"));
         let log = std::fs::File::create(repo.join("node.log"))?;
         let child = Command::new(kubelt_bin())
             .arg("--repo")
             .arg(repo)
-            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+            .arg("run")
+            .args(listen)
+            .args(["--api", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -207,6 +219,15 @@ impl TestNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the node with SIGKILL: no clean shutdown at all.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// Whether the process is still running.

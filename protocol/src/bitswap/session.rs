@@ -42,6 +42,9 @@ type Mh = cid::multihash::Multihash<64>;
 /// How many multihashes of finished or cancelled wants we remember, to tell a late block from a
 /// forged one.
 const RECENT_CAPACITY: usize = 16 * 1024;
+/// How many banned peers we remember (oldest forgotten first), so that bans cannot grow without
+/// bound.
+const BANNED_CAPACITY: usize = 4096;
 /// How many capacity-blocked wants one scheduling pass looks past before it stops.
 const SCAN_LIMIT: usize = 256;
 
@@ -135,6 +138,7 @@ pub struct WantManager {
     ready: VecDeque<Mh>,
     peers: BTreeMap<PeerId, PeerState>,
     banned: BTreeSet<PeerId>,
+    banned_order: VecDeque<PeerId>,
     penalties: HashMap<PeerId, u32>,
     sessions: HashMap<SessionId, Session>,
     outbox: BTreeMap<PeerId, Vec<WantlistEntry>>,
@@ -154,6 +158,7 @@ impl WantManager {
             ready: VecDeque::new(),
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
+            banned_order: VecDeque::new(),
             penalties: HashMap::new(),
             sessions: HashMap::new(),
             outbox: BTreeMap::new(),
@@ -421,6 +426,13 @@ impl WantManager {
             return false;
         }
         self.banned.insert(peer);
+        self.banned_order.push_back(peer);
+        if self.banned_order.len() > BANNED_CAPACITY {
+            if let Some(old) = self.banned_order.pop_front() {
+                self.banned.remove(&old);
+                self.penalties.remove(&old);
+            }
+        }
         if self.penalties.len() > 4096 {
             // Bound the memory; a banned peer stays banned via `banned`.
             self.penalties.retain(|p, _| *p == peer);

