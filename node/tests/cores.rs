@@ -94,28 +94,33 @@ fn a_node_that_only_knows_the_address_finds_replicas_through_the_dht() -> anyhow
     let dir = tempfile::tempdir()?;
     let (key, address) = wallet(dir.path(), "owner")?;
     let boot = TestNode::start(dir.path(), "boot", &["--bootstrap"])?;
-    let writer = TestNode::start(dir.path(), "writer", &["--peer", &boot.tcp_addr()])?;
+    let writer = start_dht_client(dir.path(), "writer", &boot)?;
     delegate(&writer, &address, &key)?;
     for i in 0..10 {
         set(&writer, &address, &format!("item{i}"), json!({ "n": i }))?;
     }
-    // The newcomer keeps a single connection (to the bootstrap, which does not hold the core)
-    // and drops idle ones quickly, so once the DHT queries of its start-up are over it is not
-    // connected to the writer: only a provider lookup can lead it there.
-    let repo = dir.path().join("newcomer");
-    kubelt_ok(&repo, &["init"])?;
-    let config = std::fs::read_to_string(repo.join("config.toml"))?
-        .replace("target_peers = 16", "target_peers = 1")
-        .replace("idle_connection_timeout_secs = 600", "idle_connection_timeout_secs = 1");
-    std::fs::write(repo.join("config.toml"), config)?;
-    let newcomer = TestNode::start_on(&repo, "newcomer", &["--peer", &boot.tcp_addr()])?;
-    wait_until("the newcomer to be connected to the bootstrap only", Duration::from_secs(20), || {
-        Ok(newcomer.connected_peers()? == vec![boot.peer_id.clone()])
-    })?;
+    let newcomer = start_dht_client(dir.path(), "newcomer", &boot)?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(newcomer.connected_peers()?, vec![boot.peer_id.clone()], "connected to the bootstrap only");
     kubelt_ok(&newcomer.repo, &["core", "follow", &address])?;
     let doc = converged(&[&writer, &newcomer], &address, Duration::from_secs(30))?;
     assert_eq!(doc["item9"]["n"], 9);
+    assert!(newcomer.log().contains("found replicas of the core in the DHT"), "{}", newcomer.log());
     Ok(())
+}
+
+/// A node in DHT client mode that keeps one connection (to `boot`): DHT servers never list it,
+/// so no other node learns about it, and it learns about no other node, except through
+/// provider records. The writer and the newcomer of the DHT test are such nodes, so only the
+/// core's provider record in the DHT can bring them together.
+fn start_dht_client(dir: &Path, name: &str, boot: &TestNode) -> anyhow::Result<TestNode> {
+    let repo = dir.join(name);
+    kubelt_ok(&repo, &["init"])?;
+    let config = std::fs::read_to_string(repo.join("config.toml"))?
+        .replace("target_peers = 16", "target_peers = 1")
+        .replace("dht_mode = \"server\"", "dht_mode = \"client\"");
+    std::fs::write(repo.join("config.toml"), config)?;
+    TestNode::start_on(&repo, name, &["--peer", &boot.tcp_addr()])
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub(crate) struct EventLoop {
     pending_fetches: HashMap<Cid, Vec<oneshot::Sender<Result<(), FetchError>>>>,
     /// Provider lookups in flight, by the CID they look for.
     provider_queries: HashMap<kad::QueryId, Cid>,
+    /// Lookups of core replicas in flight, by core.
+    replica_queries: HashMap<kad::QueryId, crate::core::Address>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -83,6 +85,7 @@ impl EventLoop {
             agents: HashMap::new(),
             pending_fetches: HashMap::new(),
             provider_queries: HashMap::new(),
+            replica_queries: HashMap::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -105,6 +108,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => match event {
                     SwarmEvent::NewListenAddr { listener_id, address } => {
                         self.log_listen_addr(&address);
+                        self.announce_listen_addr(address.clone());
                         ready.insert(listener_id);
                     }
                     SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
@@ -181,8 +185,11 @@ impl EventLoop {
     }
 
     fn dial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
+        // Behaviours add what they know: Kademlia its routing table and the addresses that
+        // providers came with in a lookup still running.
         let opts = DialOpts::peer_id(peer_id)
             .addresses(addresses)
+            .extend_addresses_through_behaviour()
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         if let Err(e) = self.swarm.dial(opts) {
@@ -389,13 +396,24 @@ impl EventLoop {
         }
     }
 
+    /// A concrete listen address is also an address others can use: it goes into identify and
+    /// into our provider records (no AutoNAT here to confirm addresses from outside).
+    fn announce_listen_addr(&mut self, address: Multiaddr) {
+        if !is_unspecified(&address) && !matches!(address.iter().next(), Some(Protocol::Memory(_))) {
+            self.swarm.add_external_address(address);
+        }
+    }
+
     fn log_listen_addr(&self, address: &Multiaddr) {
         tracing::info!("listening on {}", with_peer_id(address.clone(), *self.swarm.local_peer_id()));
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => self.log_listen_addr(&address),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.log_listen_addr(&address);
+                self.announce_listen_addr(address);
+            }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.connections_established += 1;
                 let remote = endpoint.get_remote_address().clone();
@@ -463,10 +481,7 @@ impl EventLoop {
             BehaviourEvent::CoreSync(event) => self.on_core_sync_event(event),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. }) => {
                 let Some(cid) = self.provider_queries.get(&id).copied() else {
-                    // A lookup of a core's replicas (not a block): dial them all.
-                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
-                        self.on_providers(Cid::default(), providers);
-                    }
+                    self.on_replicas_found(id, result, step.last);
                     return;
                 };
                 if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {

@@ -35,10 +35,34 @@ impl EventLoop {
             tracing::warn!(%core, "cannot subscribe to the core's topic: {e}");
         }
         let key = kad::RecordKey::new(&core.dht_key());
-        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key.clone()) {
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
             tracing::debug!(%core, "cannot provide the core yet: {e}");
         }
-        self.swarm.behaviour_mut().kad.get_providers(key);
+        self.find_replicas(core);
+    }
+
+    /// Looks up the core's replicas in the DHT; they are dialed when found.
+    fn find_replicas(&mut self, core: Address) {
+        let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
+        self.replica_queries.insert(query, core);
+    }
+
+    /// Dials the replicas of a core that a DHT lookup found; catch-up starts once connected.
+    pub(super) fn on_replicas_found(&mut self, query: kad::QueryId, result: Result<kad::GetProvidersOk, kad::GetProvidersError>, last: bool) {
+        let Some(core) = (if last { self.replica_queries.remove(&query) } else { self.replica_queries.get(&query).copied() }) else {
+            return;
+        };
+        let local = *self.swarm.local_peer_id();
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            let new: Vec<PeerId> = providers.into_iter().filter(|p| *p != local && !self.swarm.is_connected(p)).collect();
+            if !new.is_empty() {
+                tracing::info!(%core, replicas = new.len(), "found replicas of the core in the DHT; connecting");
+            }
+            for peer in new {
+                let addresses = self.peer_book.get(&peer).ok().flatten().map(|p| p.addresses).unwrap_or_default();
+                self.dial_known(peer, addresses);
+            }
+        }
     }
 
     pub(super) fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
@@ -217,7 +241,7 @@ impl EventLoop {
                 self.start_sync(core, peer);
             }
             // Replicas we are not connected to yet are found through the DHT.
-            self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
+            self.find_replicas(core);
         }
     }
 
