@@ -322,8 +322,9 @@ cmd_status() {
   local d s
   d=$(tmpdir)
   local all; all=$(services)
-  local up_list=""
-  for s in $all; do running "$s" && up_list+=" $s"; done
+  local up_list="" names
+  names=$(docker ps --format '{{ .Names }}')
+  for s in $all; do grep -qx "kt-$s" <<<"$names" && up_list+=" $s"; done
   each "$d/status" "$up_list" status --json
   if have_core; then
     each "$d/ls" "$up_list" core ls --json
@@ -335,8 +336,12 @@ cmd_status() {
   fi
   printf '%-11s %-54s %5s %5s %-20s %s\n' NODE "PEER ID" PEERS CORES HEADS "IN SYNC"
   for s in $all; do
-    if ! running "$s"; then
+    if ! grep -qw "$s" <<<"$up_list"; then
       printf '%-11s %-54s %5s %5s %-20s %s\n' "$s" "(container not running)" - - - -
+      continue
+    fi
+    if [ ! -s "$d/status/$s" ]; then
+      printf '%-11s %-54s %5s %5s %-20s %s\n' "$s" "(no answer from its API)" - - - -
       continue
     fi
     local pid peers cores heads sync
@@ -390,22 +395,33 @@ cmd_down() {
   fi
 }
 
+# Memory of each container now (`docker stats`, page cache excluded) and, where the cgroup v1
+# files are readable, its peak since it started (page cache included).
 cmd_mem() {
-  local list=""
-  local s
+  local list="" s
   for s in $(services); do running "$s" && list+=" kt-$s"; done
   [ -n "$list" ] || die "no testnet container is running"
+  local peaks; peaks=$(tmpdir)/peaks
   # shellcheck disable=SC2086
-  docker stats --no-stream --format '{{ .Name }} {{ .MemUsage }} {{ .CPUPerc }}' $list | awk '
+  docker inspect -f '{{ .Name }} {{ .Id }}' $list | while read -r s id; do
+    local f=/sys/fs/cgroup/memory/docker/$id/memory.max_usage_in_bytes
+    [ -r "$f" ] && echo "${s#/} $(cat "$f")"
+  done >"$peaks" || true
+  # shellcheck disable=SC2086
+  docker stats --no-stream --format '{{ .Name }} {{ .MemUsage }} {{ .CPUPerc }}' $list | awk -v peaks="$peaks" '
     function mib(v) {
       if (v ~ /GiB$/) return v * 1024; if (v ~ /MiB$/) return v + 0; if (v ~ /KiB$/) return v / 1024
       if (v ~ /kB$/) return v / 1024; if (v ~ /MB$/) return v + 0; if (v ~ /GB$/) return v * 1024; return v / 1048576
     }
-    { m = mib($2); name[NR] = $1; mem[NR] = m; cpu[NR] = $NF; total += m; if (m > max) max = m; if (min == "" || m < min) min = m }
+    BEGIN { while ((getline line < peaks) > 0) { split(line, f, " "); peak[f[1]] = f[2] / 1048576 } }
+    { m = mib($2); name[NR] = $1; mem[NR] = m; cpu[NR] = $NF; total += m; if (m > max) max = m; if (min == "" || m < min) min = m
+      if ($1 in peak) { p = peak[$1]; if (p > pmax) pmax = p } }
     END {
-      printf "%-16s %10s %8s\n", "CONTAINER", "MEMORY", "CPU"
-      for (i = 1; i <= NR; i++) printf "%-16s %7.1f MiB %8s\n", name[i], mem[i], cpu[i]
-      printf "memory: %d containers, total %.0f MiB, mean %.1f MiB, min %.1f MiB, max %.1f MiB\n", NR, total, total / NR, min, max
+      printf "%-16s %10s %8s %16s\n", "CONTAINER", "MEMORY", "CPU", "PEAK (w/ cache)"
+      for (i = 1; i <= NR; i++) printf "%-16s %6.1f MiB %8s %12s\n", name[i], mem[i], cpu[i], (name[i] in peak) ? sprintf("%.1f MiB", peak[name[i]]) : "-"
+      printf "memory: %d containers, total %.0f MiB, mean %.1f MiB, min %.1f MiB, max %.1f MiB", NR, total, total / NR, min, max
+      if (pmax > 0) printf "; highest peak (page cache included) %.1f MiB", pmax
+      printf "\n"
     }'
 }
 

@@ -59,19 +59,22 @@ impl BlockStore for Store {
 
 impl Store {
     /// Stores blocks whose hashes the caller has already computed (the importer made them),
-    /// in one atomic batch. Not synced: pinning the root afterwards syncs the WAL.
+    /// in one atomic batch, without the write-ahead log: pinning the root flushes them.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
         let mut batch = self.batch();
         for block in blocks {
             batch.put(Column::Blocks, &block.cid.hash().to_bytes(), &block.data);
         }
-        batch.commit(false)
+        batch.commit_unlogged()
     }
 
-    /// Verifies a block that came from outside (network, CAR file) and stores it.
+    /// Verifies a block that came from outside (network, CAR file) and stores it (without the
+    /// write-ahead log, like [`Store::put_blocks`]).
     pub fn put_verified_block(&self, cid: &Cid, data: &[u8]) -> Result<(), StoreError> {
         verify_hash(cid, data)?;
-        self.put(Column::Blocks, &cid.hash().to_bytes(), data)
+        let mut batch = self.batch();
+        batch.put(Column::Blocks, &cid.hash().to_bytes(), data);
+        batch.commit_unlogged()
     }
 
     /// Removes a block.

@@ -3,7 +3,12 @@
 //! Every kind of record lives in its own column family, named by [`Column`]. Blocks are keyed
 //! by their multihash bytes, so a CIDv0 and a CIDv1 of the same bytes share one block. Writes
 //! that must survive a crash (pins, core changes) are written with `sync = true` before they are
-//! acknowledged; bulk block imports go through [`Store::put_blocks`], one batch per call.
+//! acknowledged.
+//!
+//! Blocks skip RocksDB's write-ahead log: every block would otherwise be written twice (log, then
+//! blob file), which halves import and transfer speed. Until it is pinned a block is a cache
+//! entry that a crash may lose (it can be fetched again); [`Store::pin`] flushes the blocks
+//! column to disk before it writes the pin, so a pinned DAG is always on disk.
 
 mod blocks;
 mod pins;
@@ -192,6 +197,18 @@ impl Store {
         Ok(self.db.write_opt(batch, &opts)?)
     }
 
+    /// Writes a batch of blocks without the write-ahead log (see the module doc).
+    fn write_unlogged(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// Makes every block written so far durable (blocks skip the write-ahead log).
+    pub fn flush_blocks(&self) -> Result<(), StoreError> {
+        Ok(self.db.flush_cf(self.cf(Column::Blocks))?)
+    }
+
     /// Iterates over every key and value of a column, in key order.
     pub fn iter(&self, column: Column) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
         self.db
@@ -262,6 +279,11 @@ impl StoreBatch<'_> {
     /// Applies every write at once; with `sync` waits until they are on disk.
     pub fn commit(self, sync: bool) -> Result<(), StoreError> {
         self.store.write(self.batch, sync)
+    }
+
+    /// Applies every write at once without the write-ahead log: for blocks only.
+    pub(crate) fn commit_unlogged(self) -> Result<(), StoreError> {
+        self.store.write_unlogged(self.batch)
     }
 }
 

@@ -40,8 +40,10 @@ pub struct PinRecord {
 }
 
 impl Store {
-    /// Pins a CID, synced to disk. A recursive pin replaces a direct one.
+    /// Pins a CID, synced to disk, after making the blocks written so far durable (they skip
+    /// the write-ahead log). A recursive pin replaces a direct one.
     pub fn pin(&self, cid: &Cid, kind: PinKind) -> Result<(), StoreError> {
+        self.flush_blocks()?;
         self.put_sync(Column::Pins, &cid.to_bytes(), &[kind.to_byte()])
     }
 
