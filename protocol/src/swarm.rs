@@ -177,7 +177,8 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify,
-        ping: ping::Behaviour::new(ping::Config::new()),
+        // A ping every 10 s with a 10 s timeout: dead connections are noticed within ~20 s.
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(10)).with_timeout(Duration::from_secs(10))),
         kad,
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
         gossipsub: sync::gossipsub(key)?,

@@ -158,15 +158,30 @@ pub enum NodeError {
     Connect(#[from] ConnectError),
 }
 
+/// Changes that entered a core's document on this node (local writes, gossip, catch-up).
+#[derive(Debug, Clone)]
+pub struct CoreUpdate {
+    pub core: Address,
+    /// Hex hashes of the changes applied, in order.
+    pub applied: Vec<String>,
+}
+
 /// A cheap, cloneable handle to a running node.
 #[derive(Debug, Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
+    core_updates: tokio::sync::broadcast::Sender<CoreUpdate>,
 }
 
 impl Client {
-    pub(crate) fn new(commands: mpsc::Sender<Command>) -> Self {
-        Client { commands }
+    pub(crate) fn new(commands: mpsc::Sender<Command>, core_updates: tokio::sync::broadcast::Sender<CoreUpdate>) -> Self {
+        Client { commands, core_updates }
+    }
+
+    /// Every change applied to a core from now on. A subscriber that falls more than a few
+    /// thousand updates behind gets `Lagged` and should re-read the heads.
+    pub fn core_updates(&self) -> tokio::sync::broadcast::Receiver<CoreUpdate> {
+        self.core_updates.subscribe()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {

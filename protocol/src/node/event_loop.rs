@@ -37,6 +37,8 @@ pub(crate) struct EventLoop {
     cores: crate::core::Cores,
     /// When the last periodic catch-up round ran.
     last_core_sync: Instant,
+    /// Where applied core changes are announced (API subscriptions, benchmarks).
+    core_updates: tokio::sync::broadcast::Sender<super::client::CoreUpdate>,
     store: Store,
     peer_book: PeerBook,
     config: Config,
@@ -68,6 +70,7 @@ impl EventLoop {
         cores: crate::core::Cores,
         config: Config,
         commands: mpsc::Receiver<Command>,
+        core_updates: tokio::sync::broadcast::Sender<super::client::CoreUpdate>,
         shutdown: CancellationToken,
     ) -> Self {
         EventLoop {
@@ -75,6 +78,7 @@ impl EventLoop {
             keypair,
             cores,
             last_core_sync: Instant::now(),
+            core_updates,
             peer_book: PeerBook::new(store.clone()),
             store,
             config,
@@ -475,6 +479,13 @@ impl EventLoop {
                         tracing::warn!("cannot remember peer {peer_id}: {e}");
                     }
                 }
+            }
+            BehaviourEvent::Ping(libp2p::ping::Event { peer, connection, result: Err(error) }) => {
+                // A connection that no longer answers pings is dead (the peer vanished, or a
+                // partition): close it, so the peer counts are true and reconnecting, which
+                // triggers catch-up, can happen.
+                tracing::info!(%peer, "closing a connection that stopped answering pings: {error}");
+                self.swarm.close_connection(connection);
             }
             BehaviourEvent::Bitswap(event) => self.on_bitswap_event(event),
             BehaviourEvent::Gossipsub(event) => self.on_gossipsub_event(event),

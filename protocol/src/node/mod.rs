@@ -11,7 +11,7 @@ mod content;
 mod event_loop;
 mod peers;
 
-pub use client::{Client, ConnectError, CoreCommandError, CoreSummary, NodeError, NodeInfo, NodeStatus, PeerInfo, SubmitOutcome};
+pub use client::{Client, ConnectError, CoreCommandError, CoreSummary, CoreUpdate, NodeError, NodeInfo, NodeStatus, PeerInfo, SubmitOutcome};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 
@@ -90,13 +90,15 @@ impl Node {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
         let (command_tx, command_rx) = mpsc::channel(256);
+        let (core_updates, _) = tokio::sync::broadcast::channel(4096);
         let shutdown = CancellationToken::new();
-        let mut event_loop = event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, shutdown.clone());
+        let mut event_loop =
+            event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, core_updates.clone(), shutdown.clone());
         // Wait until every listener has reported its address (or failed), so that `info()`
         // right after start shows real ports.
         event_loop.await_listeners().await?;
         let task = tokio::spawn(event_loop.run());
-        Ok(Node { client: Client::new(command_tx), peer_id, task, shutdown })
+        Ok(Node { client: Client::new(command_tx, core_updates), peer_id, task, shutdown })
     }
 
     /// A token that stops the node when cancelled.

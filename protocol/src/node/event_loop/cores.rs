@@ -13,7 +13,8 @@ use libp2p::{kad, request_response, PeerId};
 
 use super::EventLoop;
 use crate::core::{Accepted, Address, ApplyError, Delegation, Revocation};
-use crate::node::client::{CoreCommandError, CoreSummary, SubmitOutcome};
+use crate::core::ChangeHash;
+use crate::node::client::{CoreCommandError, CoreSummary, CoreUpdate, SubmitOutcome};
 use crate::sync;
 
 fn err(e: impl std::fmt::Display) -> CoreCommandError {
@@ -113,7 +114,11 @@ impl EventLoop {
             .cloned()
             .ok_or_else(|| CoreCommandError(format!("this node has no delegation to write to core {}", core.to_checksum())))?;
         match replica.set(namespace, path, value, &self.keypair, &delegation) {
-            Ok(envelope) => self.publish(core, envelope),
+            Ok(envelope) => {
+                let heads = replica.heads();
+                self.announce_applied(core, &heads);
+                self.publish(core, envelope);
+            }
             // Writing the value that is already there is done: nothing to store or send.
             Err(crate::core::WriteError::NoChange) => {}
             Err(e) => return Err(err(e)),
@@ -150,6 +155,13 @@ impl EventLoop {
             writable: replica.own_delegation().is_some(),
             namespaces: replica.namespaces(),
         })
+    }
+
+    /// Announces changes that entered a core's document (nobody listening is fine).
+    fn announce_applied(&self, core: Address, applied: &[ChangeHash]) {
+        if !applied.is_empty() && self.core_updates.receiver_count() > 0 {
+            let _ = self.core_updates.send(CoreUpdate { core, applied: applied.iter().map(|h| h.to_string()).collect() });
+        }
     }
 
     /// Publishes a stored change on the core's topic. With no peer yet, catch-up delivers it.
@@ -191,7 +203,12 @@ impl EventLoop {
         };
         let core = envelope.core.clone();
         match self.cores.apply_remote(envelope) {
-            Ok(Accepted::Applied(_)) | Ok(Accepted::Evidence(_)) => MessageAcceptance::Accept,
+            Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
+                if let Ok(address) = Address::parse(&core) {
+                    self.announce_applied(address, &report.applied);
+                }
+                MessageAcceptance::Accept
+            }
             Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
             Ok(Accepted::MissingDeps { missing }) => {
                 tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies: catching up");
@@ -253,9 +270,13 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
                 }
                 request_response::Message::Response { response, .. } => {
+                    let core = Address::parse(&response.core).ok();
                     let step = self.cores.handle_sync_response(response, &peer);
                     if !step.report.applied.is_empty() {
                         tracing::info!(%peer, applied = step.report.applied.len(), "caught up with a replica");
+                        if let Some(core) = core {
+                            self.announce_applied(core, &step.report.applied);
+                        }
                     }
                     for (_, reason) in &step.report.rejected {
                         tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
