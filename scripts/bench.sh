@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network|content] (default: all)
+#   scripts/bench.sh [network|content|cores] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
 #          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize.
+#          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline.
+# cores:   change propagation p50/p99 over 1,000 changes and catch-up of 10,000 changes, with 2
+#          and 20 nodes (protocol/benches/core_sync.rs).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
@@ -21,4 +24,10 @@ if [ "$what" = all ] || [ "$what" = content ]; then
   export KUBO_PEER="${KUBO_PEER:-$KUBELT_ROOT/../shared/tools/kubo_peer.py}"
   # Loopback only: the benchmark and the Kubo peers run in a private network namespace.
   unshare -n -- sh -c 'ip link set lo up && exec python3 content.py "$@"' sh "${@:2}"
+fi
+if [ "$what" = all ] || [ "$what" = cores ]; then
+  log "cores: propagation and catch-up, 2 and 20 nodes"
+  cd "$KUBELT_ROOT"
+  cargo build --release --locked -p kubelt-protocol --benches
+  unshare -n -- sh -c 'ip link set lo up && exec cargo bench --locked --offline -p kubelt-protocol --bench core_sync' 2>&1 | grep -E "nodes:|rror"
 fi

@@ -1,0 +1,194 @@
+//! Core sync benchmark (issue 5): propagation of a change from one node to the others over
+//! loopback (p50/p99 over 1,000 changes) and catch-up of 10,000 changes made while a node was
+//! offline, with 2 and with 20 nodes holding the core. All nodes run in this process on TCP
+//! 127.0.0.1, so they share the machine's cores.
+//!
+//! `cargo bench -p kubelt-protocol --bench core_sync` (env: `CORE_BENCH_CHANGES`,
+//! `CORE_BENCH_CATCHUP`, `CORE_BENCH_NODES` = "2,20").
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ethers_core::k256::ecdsa::SigningKey;
+use ethers_core::utils::{hash_message, secret_key_to_address};
+use kubelt_proto::core::OwnerStatement;
+use kubelt_protocol::core::{delegation_message, Address};
+use kubelt_protocol::node::{Config, Node};
+use kubelt_protocol::store::Store;
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+struct Wallet {
+    key: SigningKey,
+    address: Address,
+}
+
+impl Wallet {
+    fn new() -> Self {
+        let key = SigningKey::random(&mut rand::thread_rng());
+        let address = Address::from_bytes(secret_key_to_address(&key).0);
+        Wallet { key, address }
+    }
+
+    fn delegate(&self, node: &Node) -> anyhow::Result<OwnerStatement> {
+        let message = delegation_message(&self.address, &node.peer_id, &["*"], Duration::from_secs(86_400), time::OffsetDateTime::now_utc())?;
+        let hash = hash_message(message.as_bytes());
+        let (signature, recovery) = self.key.sign_prehash_recoverable(hash.as_bytes())?;
+        let mut bytes = signature.to_bytes().to_vec();
+        bytes.push(recovery.to_byte() + 27);
+        Ok(OwnerStatement { message, signature: bytes.into() })
+    }
+}
+
+struct BenchNode {
+    node: Option<Node>,
+    keypair: Keypair,
+    store_path: std::path::PathBuf,
+}
+
+async fn start(keypair: &Keypair, store_path: &std::path::Path, peers: Vec<Multiaddr>) -> anyhow::Result<Node> {
+    let config = Config {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        bootstrap_peers: peers,
+        maintenance_interval: Duration::from_secs(1),
+        ..Config::default()
+    };
+    Ok(Node::start(keypair.clone(), Store::open(store_path)?, config).await?)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wallet = Wallet::new();
+    let core = wallet.address;
+    let mut nodes = Vec::new();
+    let mut first_addr = vec![];
+    for i in 0..nodes_count {
+        let keypair = Keypair::generate_ed25519();
+        let store_path = dir.path().join(format!("n{i}"));
+        let node = start(&keypair, &store_path, first_addr.clone()).await?;
+        if i == 0 {
+            first_addr = vec![node.client.info().await?.addresses[0].parse()?];
+        }
+        nodes.push(BenchNode { node: Some(node), keypair, store_path });
+    }
+    let writer = nodes[0].node.as_ref().context("writer")?.client.clone();
+    writer.core_submit(wallet.delegate(nodes[0].node.as_ref().context("writer")?)?).await?;
+    for n in &nodes[1..] {
+        n.node.as_ref().context("node")?.client.core_follow(core).await?;
+    }
+    // Every follower reports the changes it applies.
+    let (arrivals_tx, mut arrivals) = mpsc::channel::<(usize, String, Instant)>(1 << 16);
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        let mut updates = n.node.as_ref().context("node")?.client.core_updates();
+        let tx = arrivals_tx.clone();
+        tokio::spawn(async move {
+            while let Ok(update) = updates.recv().await {
+                let now = Instant::now();
+                for hash in update.applied {
+                    if tx.send((i, hash, now)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let followers = nodes_count - 1;
+    // Warm up until the gossipsub mesh delivers to every follower.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut warm = 0;
+    'warm: loop {
+        anyhow::ensure!(Instant::now() < deadline, "the mesh did not form within 60 s");
+        let summary = writer.core_set(core, "bench".into(), "warm".into(), json!(warm)).await?;
+        warm += 1;
+        let head = summary.heads[0].clone();
+        let mut seen = HashSet::new();
+        let wait = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => continue 'warm,
+                Some((i, hash, _)) = arrivals.recv() => if hash == head { seen.insert(i); if seen.len() == followers { break 'warm; } },
+            }
+        }
+    }
+    // Propagation: one change at a time, from the call on the writer to its application on each
+    // follower (so it includes the writer's synced write).
+    let mut latencies = Vec::with_capacity(changes * followers);
+    for i in 0..changes {
+        let t0 = Instant::now();
+        let summary = writer.core_set(core, "bench".into(), format!("k{}", i % 64), json!(i)).await?;
+        let head = summary.heads[0].clone();
+        let mut seen = 0;
+        while seen < followers {
+            let (_, hash, at) = tokio::time::timeout(Duration::from_secs(30), arrivals.recv()).await?.context("arrivals closed")?;
+            if hash == head {
+                latencies.push(at - t0);
+                seen += 1;
+            }
+        }
+    }
+    latencies.sort();
+    println!(
+        "{nodes_count} nodes: propagation of {changes} changes to {followers} follower(s): p50 {}, p99 {}, max {} (goal p50 < 10 ms, p99 < 50 ms)",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().context("no samples")?)
+    );
+
+    // Catch-up: the last follower goes offline, the writer makes `catch_up` changes, the
+    // follower comes back.
+    let last = nodes.last_mut().context("nodes")?;
+    last.node.take().context("running")?.stop().await;
+    drop(arrivals);
+    let start_writes = Instant::now();
+    for i in 0..catch_up {
+        writer.core_set(core, "offline".into(), format!("k{}", i % 256), json!(i)).await?;
+    }
+    let writes = start_writes.elapsed();
+    let target = writer.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+    let t0 = Instant::now();
+    let node = start(&last.keypair, &last.store_path, first_addr.clone()).await?;
+    loop {
+        let heads = node.client.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+        if heads == target {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(120), "catch-up did not finish in 120 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    println!(
+        "{nodes_count} nodes: catch-up of {catch_up} changes after a restart: {:.2} s from start to identical heads (goal < 2 s; the writer made them in {:.1} s)",
+        t0.elapsed().as_secs_f64(),
+        writes.as_secs_f64()
+    );
+    node.stop().await;
+    for n in nodes.iter_mut() {
+        if let Some(node) = n.node.take() {
+            node.stop().await;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let changes = env("CORE_BENCH_CHANGES", 1000);
+    let catch_up = env("CORE_BENCH_CATCHUP", 10_000);
+    let sizes = std::env::var("CORE_BENCH_NODES").unwrap_or_else(|_| "2,20".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    for size in sizes.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
+        runtime.block_on(run(size.max(2), changes, catch_up))?;
+    }
+    Ok(())
+}
