@@ -8,7 +8,6 @@ mod content;
 mod gateway;
 mod repo;
 mod rpc;
-mod wallet;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

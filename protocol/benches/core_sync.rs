@@ -10,38 +10,13 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ethers_core::k256::ecdsa::SigningKey;
-use ethers_core::utils::{hash_message, secret_key_to_address};
-use kubelt_proto::core::OwnerStatement;
-use kubelt_protocol::core::{delegation_message, Address};
+use kubelt_protocol::core::DevWallet;
 use kubelt_protocol::node::{Config, Node};
 use kubelt_protocol::store::Store;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use serde_json::json;
 use tokio::sync::mpsc;
-
-struct Wallet {
-    key: SigningKey,
-    address: Address,
-}
-
-impl Wallet {
-    fn new() -> Self {
-        let key = SigningKey::random(&mut rand::thread_rng());
-        let address = Address::from_bytes(secret_key_to_address(&key).0);
-        Wallet { key, address }
-    }
-
-    fn delegate(&self, node: &Node) -> anyhow::Result<OwnerStatement> {
-        let message = delegation_message(&self.address, &node.peer_id, &["*"], Duration::from_secs(86_400), time::OffsetDateTime::now_utc())?;
-        let hash = hash_message(message.as_bytes());
-        let (signature, recovery) = self.key.sign_prehash_recoverable(hash.as_bytes())?;
-        let mut bytes = signature.to_bytes().to_vec();
-        bytes.push(recovery.to_byte() + 27);
-        Ok(OwnerStatement { message, signature: bytes.into() })
-    }
-}
 
 struct BenchNode {
     node: Option<Node>,
@@ -69,8 +44,8 @@ fn ms(d: Duration) -> String {
 
 async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let wallet = Wallet::new();
-    let core = wallet.address;
+    let wallet = DevWallet::random();
+    let core = wallet.address();
     let mut nodes = Vec::new();
     let mut first_addr = vec![];
     for i in 0..nodes_count {
@@ -83,7 +58,8 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
         nodes.push(BenchNode { node: Some(node), keypair, store_path });
     }
     let writer = nodes[0].node.as_ref().context("writer")?.client.clone();
-    writer.core_submit(wallet.delegate(nodes[0].node.as_ref().context("writer")?)?).await?;
+    let delegation = wallet.delegate(&nodes[0].keypair.public().to_peer_id(), &["*"], Duration::from_secs(86_400), time::OffsetDateTime::now_utc())?;
+    writer.core_submit(delegation).await?;
     for n in &nodes[1..] {
         n.node.as_ref().context("node")?.client.core_follow(core).await?;
     }

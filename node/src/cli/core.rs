@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::api_client::ApiClient;
 use crate::repo::Repo;
-use crate::wallet::DevWallet;
+use kubelt_protocol::core::DevWallet;
 
 #[derive(Debug, Subcommand)]
 pub enum CoreCommand {
@@ -75,10 +75,8 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 
 pub fn core(repo: &Repo, command: CoreCommand) -> anyhow::Result<()> {
     if let CoreCommand::DevWallet { key, create } = &command {
-        if *create {
-            DevWallet::create(key)?;
-        }
-        println!("{}", DevWallet::from_file(key)?.address());
+        let wallet = if *create { DevWallet::create(key)? } else { DevWallet::from_file(key)? };
+        println!("{}", wallet.address().to_checksum());
         return Ok(());
     }
     let api = ApiClient::for_repo(repo)?;
@@ -98,7 +96,7 @@ pub fn core(repo: &Repo, command: CoreCommand) -> anyhow::Result<()> {
             let message = message.trim_end_matches('\n');
             let signature = match (signature, sign_with) {
                 (Some(signature), _) => signature,
-                (None, Some(key)) => DevWallet::from_file(&key)?.sign(message)?,
+                (None, Some(key)) => format!("0x{}", hex::encode(DevWallet::from_file(&key)?.sign(message)?)),
                 (None, None) => anyhow::bail!("give --signature or --sign-with"),
             };
             let outcome = api.call("core_submit", json!({ "message": message, "signature": signature }))?;

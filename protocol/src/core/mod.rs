@@ -85,6 +85,7 @@ mod cores;
 mod replica;
 mod sync;
 mod value;
+mod wallet;
 
 #[cfg(test)]
 mod tests;
@@ -96,6 +97,7 @@ pub use delegation::{delegation_message, owner_statement, parse_signature, revoc
 pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
 pub use sync::SyncStep;
 pub use value::PathError;
+pub use wallet::{DevWallet, WalletError};
 
 /// Re-exported so callers can name heads without depending on automerge.
 pub use automerge::ChangeHash;

@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
-use ethers_core::k256::ecdsa::SigningKey;
-use ethers_core::utils::{hash_message, secret_key_to_address};
 use kubelt_proto::core::{OwnerStatement, SignedChange};
 use libp2p::identity::{Keypair, PeerId};
 use rand::seq::SliceRandom;
@@ -24,34 +22,27 @@ type TestResult = anyhow::Result<()>;
 
 /// A wallet: the owner of a core.
 struct Wallet {
-    key: SigningKey,
+    dev: DevWallet,
     address: Address,
 }
 
 impl Wallet {
     fn new() -> Self {
-        let key = SigningKey::random(&mut rand::thread_rng());
-        let address = Address::from_bytes(secret_key_to_address(&key).0);
-        Wallet { key, address }
+        let dev = DevWallet::random();
+        Wallet { address: dev.address(), dev }
     }
 
     /// EIP-191 personal_sign: r ‖ s ‖ v with v = 27/28.
     fn sign(&self, message: &str) -> Vec<u8> {
-        let hash = hash_message(message.as_bytes());
-        let (sig, recid) = self.key.sign_prehash_recoverable(hash.as_bytes()).expect("signing");
-        let mut out = sig.to_bytes().to_vec();
-        out.push(recid.to_byte() + 27);
-        out
+        self.dev.sign(message).expect("signing")
     }
 
     fn statement(&self, message: String) -> OwnerStatement {
-        let signature = self.sign(&message);
-        OwnerStatement { message, signature: signature.into() }
+        self.dev.statement(message).expect("signing")
     }
 
     fn delegate(&self, peer: &PeerId, namespaces: &[&str], expires_in: Duration, now: i64) -> OwnerStatement {
-        let message = delegation_message(&self.address, peer, namespaces, expires_in, at(now)).expect("message");
-        self.statement(message)
+        self.dev.delegate(peer, namespaces, expires_in, at(now)).expect("delegation")
     }
 }
 
