@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod content;
 mod gateway;
+mod metrics;
 mod repo;
 mod rpc;
 

@@ -35,6 +35,11 @@ fn api_refuses_calls_without_the_secret_and_reports_json_rpc_errors() -> anyhow:
     let (_, reply) = node.post_raw(r#"{"jsonrpc":"2.0","id":1,"method":"swarm_connect","params":{"addr":"/ip4/nope"}}"#, Some(node.secret()))?;
     assert_eq!(reply["error"]["code"], -32602);
 
+    // Prometheus metrics need no secret.
+    let metrics = ureq::get(&format!("{}metrics", node.api_url())).call()?.into_string()?;
+    assert!(metrics.contains("kubelt_connected_peers 0"), "{metrics}");
+    assert!(metrics.contains("kubelt_bitswap_blocks_sent_total 0"), "{metrics}");
+
     let discover = node.call("rpc.discover", Value::Null)?;
     assert_eq!(discover["openrpc"], "1.2.6");
     let names: Vec<&str> = discover["methods"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();

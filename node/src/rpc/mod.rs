@@ -76,6 +76,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/", post(json_rpc))
         .route("/rpc", post(json_rpc))
         .route("/ipfs/{*path}", axum::routing::get(crate::gateway::get_ipfs))
+        .route("/metrics", axum::routing::get(crate::metrics::metrics))
         .with_state(state)
 }
 
