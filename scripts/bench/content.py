@@ -5,7 +5,7 @@ add:       100 MiB `kubelt add` (offline, fresh repo) vs Kubo `add`.
 transfer:  100 MiB kubelt->kubelt over QUIC and over TCP, Kubo->Kubo, Kubo->kubelt, kubelt->Kubo.
 memory:    peak RSS of a kubelt node fetching 1 GiB from another kubelt node.
 """
-import os, subprocess, sys, tempfile, time
+import os, shutil, subprocess, sys, tempfile, time
 from kubelt_nodes import Node, BIN
 from kubo import Kubo
 
@@ -34,6 +34,28 @@ def random_file(path, size):
             left -= n
 
 
+def sendme(data, root):
+    """iroh's sendme, relay disabled: (import seconds, transfer seconds), or None if missing."""
+    if not shutil.which("sendme"):
+        return None
+    work = tempfile.mkdtemp(dir=root)
+    start = time.monotonic()
+    sender = subprocess.Popen(["sendme", "send", "--relay", "disabled", "--ticket-type", "addresses", "--no-progress", data],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
+    ticket = None
+    for line in sender.stdout:
+        if "sendme receive" in line:
+            ticket = line.split()[-1]
+            break
+    imported = time.monotonic() - start
+    start = time.monotonic()
+    subprocess.run(["sendme", "receive", "--relay", "disabled", "--no-progress", ticket], cwd=work, check=True, capture_output=True)
+    transferred = time.monotonic() - start
+    sender.kill()
+    shutil.rmtree(work, ignore_errors=True)
+    return imported, transferred
+
+
 def kubelt_cat(node, cid):
     start = time.monotonic()
     subprocess.run([BIN, "--repo", node.repo, "cat", cid], stdout=subprocess.DEVNULL, check=True)
@@ -58,6 +80,9 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
         base = report("Kubo add", kubo_s, SIZE)
         report("kubelt add (process, fresh repo)", ours_s, SIZE, base)
         print(f"same CID: {cid == kubo_cid} ({cid})")
+        iroh = sendme(data, root)
+        if iroh:
+            report("sendme import (to ticket)", iroh[0], SIZE, base)
 
     if "transfer" in what:
         print(f"-- transfer {SIZE // MIB} MiB over loopback")
@@ -68,6 +93,9 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
         assert ok
         base = report("Kubo -> Kubo", kk, SIZE)
         k2.quit()
+        iroh = sendme(data, root)
+        if iroh:
+            report("sendme -> sendme (iroh, QUIC)", iroh[1], SIZE, base)
 
         a = Node(root, "a")
         subprocess.run([BIN, "--repo", a.repo, "add", "-q", data], check=True, capture_output=True)
