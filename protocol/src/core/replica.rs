@@ -104,6 +104,8 @@ pub struct Config {
     /// Most bytes of a `SyncResponse` this replica writes. Keep it under the codec's
     /// response limit.
     pub max_sync_response_bytes: usize,
+    /// Whether applying remote changes waits for fsync (local writes always do).
+    pub sync_remote_changes: bool,
 }
 
 impl Default for Config {
@@ -120,6 +122,7 @@ impl Default for Config {
             max_sync_changes: 50_000,
             max_sync_request_bytes: 6 << 20,
             max_sync_response_bytes: 32 << 20,
+            sync_remote_changes: false,
         }
     }
 }
@@ -946,7 +949,11 @@ impl Replica {
             }
         }
         if !batch.is_empty() {
-            batch.commit(true)?;
+            // Remote changes go to the write-ahead log without waiting for fsync: they survive a
+            // crash of the process, and on a crash of the machine the other replicas still hold
+            // them. A later local write is synced, and its sync covers everything logged before
+            // it, so no acknowledged change can reach the disk without its dependencies.
+            batch.commit(self.config.sync_remote_changes)?;
         }
 
         report.learned = learned;

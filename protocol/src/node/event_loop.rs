@@ -54,6 +54,9 @@ pub(crate) struct EventLoop {
     pending_fetches: HashMap<Cid, Vec<oneshot::Sender<Result<(), FetchError>>>>,
     /// Provider lookups in flight, by the CID they look for.
     provider_queries: HashMap<kad::QueryId, Cid>,
+    /// The one catch-up session running per core, and the peers to catch up with after it:
+    /// catching up with every replica at once would ship the same changes many times.
+    core_sync_sessions: HashMap<crate::core::Address, (PeerId, std::collections::VecDeque<PeerId>)>,
     /// Lookups of core replicas in flight, by core.
     replica_queries: HashMap<kad::QueryId, crate::core::Address>,
     started: Instant,
@@ -90,6 +93,7 @@ impl EventLoop {
             pending_fetches: HashMap::new(),
             provider_queries: HashMap::new(),
             replica_queries: HashMap::new(),
+            core_sync_sessions: HashMap::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -437,6 +441,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if num_established == 0 {
                     self.cores.end_sync(&peer_id);
+                    self.sync_session_ended(&peer_id, None);
                 }
                 self.connections_closed += 1;
                 if let Some(conns) = self.connections.get_mut(&peer_id) {

@@ -228,10 +228,41 @@ impl EventLoop {
         }
     }
 
-    /// Starts a catch-up session for `core` with `peer` (if one is not running).
+    /// Starts a catch-up session for `core` with `peer`, or queues it behind the session that
+    /// is running for that core.
     pub(super) fn start_sync(&mut self, core: Address, peer: PeerId) {
+        if let Some((running, queued)) = self.core_sync_sessions.get_mut(&core) {
+            if *running != peer && !queued.contains(&peer) {
+                queued.push_back(peer);
+            }
+            return;
+        }
         if let Some(request) = self.cores.sync_request(&core, &peer) {
+            self.core_sync_sessions.insert(core, (peer, Default::default()));
             self.swarm.behaviour_mut().core_sync.send_request(&peer, request);
+        }
+    }
+
+    /// A session with `peer` ended (done, failed or disconnected): start the next one queued
+    /// for the same core.
+    pub(super) fn sync_session_ended(&mut self, peer: &PeerId, core: Option<Address>) {
+        let ended: Vec<Address> = self
+            .core_sync_sessions
+            .iter()
+            .filter(|(c, (running, _))| running == peer && core.is_none_or(|core| core == **c))
+            .map(|(c, _)| *c)
+            .collect();
+        for core in ended {
+            let Some((_, mut queued)) = self.core_sync_sessions.remove(&core) else { continue };
+            while let Some(next) = queued.pop_front() {
+                if self.swarm.is_connected(&next) {
+                    if let Some(request) = self.cores.sync_request(&core, &next) {
+                        self.core_sync_sessions.insert(core, (next, queued));
+                        self.swarm.behaviour_mut().core_sync.send_request(&next, request);
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -284,14 +315,18 @@ impl EventLoop {
                     if let Some(error) = step.error {
                         tracing::debug!(%peer, "catch-up ended: {error}");
                     }
-                    if let Some(next) = step.next {
-                        self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
+                    match step.next {
+                        Some(next) => {
+                            self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
+                        }
+                        None => self.sync_session_ended(&peer, core),
                     }
                 }
             },
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "catch-up request failed: {error}");
                 self.cores.end_sync(&peer);
+                self.sync_session_ended(&peer, None);
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "catch-up answer failed: {error}");
