@@ -20,3 +20,5 @@ pub mod unixfs;
 pub mod car;
 pub mod core;
 pub mod sync;
+#[doc(hidden)]
+pub mod testing;

@@ -17,23 +17,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use kubelt_protocol::store::Store;
+use kubelt_protocol::testing::pseudo_random;
 use kubelt_protocol::unixfs::{add_path, stat, EntryKind, ImportOptions};
 
 const CHUNK: usize = 262_144;
-
-/// Deterministic content (xorshift64*), so a failure reproduces.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// A running kubo_peer.py.
 struct Kubo {

@@ -30,19 +30,8 @@ pub fn describe(output: &Output) -> String {
     )
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[allow(unused_imports)]
+pub use kubelt_protocol::testing::pseudo_random;
 
 /// A TCP port that was free a moment ago, for nodes that must come back on the same address.
 pub fn free_port() -> anyhow::Result<u16> {

@@ -446,19 +446,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::store::BlockStore;
 
-    /// Deterministic test bytes (xorshift64*), so failures reproduce.
-    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
+    pub(crate) use crate::testing::pseudo_random;
 
     fn leaf_count(len: usize) -> usize {
         len.div_ceil(DEFAULT_CHUNK_SIZE).max(1)

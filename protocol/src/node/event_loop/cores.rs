@@ -21,6 +21,13 @@ fn err(e: impl std::fmt::Display) -> CoreCommandError {
     CoreCommandError(e.to_string())
 }
 
+/// The replica of a core this node holds, or an error that says so.
+fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut crate::core::Replica, CoreCommandError> {
+    cores
+        .get_mut(core)
+        .ok_or_else(|| CoreCommandError(format!("this node does not hold core {} (follow it, or submit a delegation)", core.to_checksum())))
+}
+
 impl EventLoop {
     /// Subscribes to the topic of every core held and announces them in the DHT.
     pub(super) fn announce_cores(&mut self) {
@@ -90,10 +97,7 @@ impl EventLoop {
         }
         let revocation = Revocation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid delegation or revocation: {e}")))?;
         let core = revocation.owner;
-        let replica = self
-            .cores
-            .get_mut(&core)
-            .ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        let replica = held(&mut self.cores, &core)?;
         let own = replica
             .own_delegation()
             .cloned()
@@ -105,10 +109,7 @@ impl EventLoop {
     }
 
     pub(super) fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
-        let replica = self
-            .cores
-            .get_mut(&core)
-            .ok_or_else(|| CoreCommandError(format!("this node does not hold core {} (follow it, or submit a delegation)", core.to_checksum())))?;
+        let replica = held(&mut self.cores, &core)?;
         let delegation = replica
             .own_delegation()
             .cloned()
@@ -127,12 +128,12 @@ impl EventLoop {
     }
 
     pub(super) fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
-        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        let replica = held(&mut self.cores, &core)?;
         Ok(replica.get(namespace, path).map_err(err)?.unwrap_or(serde_json::Value::Null))
     }
 
     pub(super) fn core_revocation_message(&mut self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
-        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("this node does not hold core {}", core.to_checksum())))?;
+        let replica = held(&mut self.cores, &core)?;
         replica.revocation_message(&peer, time::OffsetDateTime::now_utc()).map_err(err)
     }
 
