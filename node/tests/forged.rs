@@ -74,8 +74,12 @@ async fn forged_changes_are_rejected_and_never_forwarded() -> anyhow::Result<()>
         Ok(c.call("core_get", json!({ "address": address, "namespace": "app", "path": "real" }))? == json!("valid"))
     })?;
     attack.abort();
-    // ...but nothing forged ever reached c, and nothing forged is in either document.
-    assert!(!c.log().contains("rejected"), "c saw a forged change:\n{}", c.log());
+    // ...but a never forwarded anything forged to c (the attacker may reach c directly through
+    // the DHT; c then rejects it itself, with the attacker as the source), and nothing forged
+    // is in either document.
+    let log = c.log();
+    let forwarded_by_a: Vec<&str> = log.lines().filter(|l| l.contains("rejected") && l.contains(&a.peer_id)).collect();
+    assert!(forwarded_by_a.is_empty(), "a forwarded a forged change to c:\n{log}");
     for node in [&a, &c] {
         let app = node.call("core_get", json!({ "address": address, "namespace": "app" }))?;
         assert_eq!(app.get("stolen"), None, "{}: {app}", node.name);
