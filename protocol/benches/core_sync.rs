@@ -3,8 +3,8 @@
 //! offline, with 2 and with 20 nodes holding the core. All nodes run in this process on TCP
 //! 127.0.0.1, so they share the machine's cores.
 //!
-//! `cargo bench -p kubelt-protocol --bench core_sync` (env: `CORE_BENCH_CHANGES`,
-//! `CORE_BENCH_CATCHUP`, `CORE_BENCH_NODES` = "2,20").
+//! `scripts/bench.sh cores`, or `cargo test --release -p kubelt-protocol --bench core_sync`
+//! (env: `CORE_BENCH_CHANGES`, `CORE_BENCH_CATCHUP`, `CORE_BENCH_NODES` = "2,20").
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -57,8 +57,7 @@ pub(crate) struct EventLoop {
     /// The one catch-up session running per core, and the peers to catch up with after it:
     /// catching up with every replica at once would ship the same changes many times.
     core_sync_sessions: HashMap<crate::core::Address, (PeerId, std::collections::VecDeque<PeerId>)>,
-    /// The last peer that pushed changes to us in a catch-up request, per core, and when.
-    core_sync_pushes: HashMap<crate::core::Address, (PeerId, Instant)>,
+
     /// Lookups of core replicas in flight, by core.
     replica_queries: HashMap<kad::QueryId, crate::core::Address>,
     started: Instant,
@@ -96,7 +95,7 @@ impl EventLoop {
             provider_queries: HashMap::new(),
             replica_queries: HashMap::new(),
             core_sync_sessions: HashMap::new(),
-            core_sync_pushes: HashMap::new(),
+
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,

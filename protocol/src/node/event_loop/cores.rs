@@ -17,11 +17,6 @@ use crate::core::ChangeHash;
 use crate::node::client::{CoreCommandError, CoreSummary, CoreUpdate, SubmitOutcome};
 use crate::sync;
 
-/// The error a declined catch-up push gets.
-const BUSY: &str = "busy: catching up with another replica; retry later";
-/// How long a replica's push keeps others' pushes for the same core out.
-const PUSH_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn err(e: impl std::fmt::Display) -> CoreCommandError {
     CoreCommandError(e.to_string())
 }
@@ -249,35 +244,6 @@ impl EventLoop {
         }
     }
 
-    /// Whether to decline a catch-up request that pushes changes: when this node is already
-    /// taking the same core's history from another replica, a restarted node would otherwise
-    /// verify the same thousands of changes from every replica at once. The pusher's session
-    /// ends; the changes arrive through the running session, and anything left over through
-    /// the next one.
-    fn busy_with_another_replica(&mut self, request: &kubelt_proto::core::SyncRequest, peer: &PeerId) -> Option<Address> {
-        if request.changes.is_empty() {
-            return None;
-        }
-        let core = Address::parse(&request.core).ok()?;
-        let pulling_from_other = self.core_sync_sessions.get(&core).is_some_and(|(running, _)| running != peer);
-        let pushed_by_other = self
-            .core_sync_pushes
-            .get(&core)
-            .is_some_and(|(other, at)| other != peer && at.elapsed() < PUSH_WINDOW);
-        if pulling_from_other {
-            // Catch up with the pusher after the running session (start_sync queues it).
-            self.start_sync(core, *peer);
-            return Some(core);
-        }
-        if pushed_by_other {
-            // The pusher retries on its next periodic catch-up, by which time there is
-            // little left to send.
-            return Some(core);
-        }
-        self.core_sync_pushes.insert(core, (*peer, std::time::Instant::now()));
-        None
-    }
-
     /// A session with `peer` ended (done, failed or disconnected): start the next one queued
     /// for the same core.
     pub(super) fn sync_session_ended(&mut self, peer: &PeerId, core: Option<Address>) {
@@ -332,13 +298,7 @@ impl EventLoop {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let response = match self.busy_with_another_replica(&request, &peer) {
-                        Some(core) => {
-                            tracing::debug!(%peer, %core, "catch-up push declined: already catching up with another replica");
-                            kubelt_proto::core::SyncResponse { core: request.core, error: BUSY.into(), ..Default::default() }
-                        }
-                        None => self.cores.handle_sync_request(request, &peer),
-                    };
+                    let response = self.cores.handle_sync_request(request, &peer);
                     let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
                 }
                 request_response::Message::Response { response, .. } => {
