@@ -40,7 +40,8 @@ fn a_file_held_by_two_kubelt_peers_and_kubo_is_fetched_from_several_of_them() ->
     let Some(mut kubo) = Kubo::start()? else { return Ok(()) };
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("shared.bin");
-    std::fs::write(&file, pseudo_random(24 * 1024 * 1024, 12))?;
+    // Several times the blocks one peer may have in flight, so the session has reason to spread.
+    std::fs::write(&file, pseudo_random(64 * 1024 * 1024, 12))?;
     let cid = kubo.add(&file)?;
     let a = TestNode::start(dir.path(), "a", &[])?;
     let b = TestNode::start(dir.path(), "b", &[])?;

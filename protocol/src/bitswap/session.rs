@@ -621,7 +621,21 @@ impl WantManager {
                 .filter(|(n, _)| *n < per_peer)
                 .min();
             let Some((_, peer)) = best else { return false };
-            let others: Vec<PeerId> = session_peers.iter().filter(|p| **p != peer).copied().collect();
+            // Ask the other session peers *and* every connected peer not asked yet: a peer
+            // that answers HAVE becomes a candidate for this block, so a session does not stay
+            // pinned to the first peer that delivered while others hold the same blocks.
+            let others: Vec<PeerId> = self
+                .peers
+                .iter()
+                .filter(|(p, ps)| {
+                    **p != peer
+                        && ps.supports_have
+                        && !self.banned.contains(p)
+                        && !w.sent_to.contains(p)
+                        && !w.dont_have.contains(p)
+                })
+                .map(|(p, _)| *p)
+                .collect();
             self.fetch(mh, peer, now);
             self.ask_have(mh, &others, now);
             return true;
