@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use super::query::print_json;
 use crate::api_client::ApiClient;
 use crate::repo::Repo;
 use kubelt_protocol::core::DevWallet;
@@ -66,11 +67,6 @@ pub enum CoreCommand {
         #[arg(long)]
         create: bool,
     },
-}
-
-fn print_json(value: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
 }
 
 pub fn core(repo: &Repo, command: CoreCommand) -> anyhow::Result<()> {

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use crate::api_client::ApiClient;
 use crate::repo::Repo;
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
+/// Prints a JSON value for `--json` output.
+pub(super) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
