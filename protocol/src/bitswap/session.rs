@@ -855,6 +855,33 @@ mod tests {
     }
 
     #[test]
+    fn later_wants_also_ask_peers_outside_the_session_so_the_load_can_spread() {
+        let t0 = Instant::now();
+        let mut m = WantManager::new(cfg());
+        let p = peers(2);
+        m.peer_connected(p[0], true, t0);
+        let s = m.new_session();
+        m.want(s, [cid(1)], t0);
+        m.schedule(t0);
+        m.on_presence(p[0], &cid(1), Presence::Have);
+        m.schedule(t0);
+        m.on_block(p[0], &cid(1), t0);
+        m.take_outbox();
+        // p1 connects after the session found p0: the next wants go as want-block to p0 and
+        // as want-have to p1, whose HAVE makes it a candidate for the blocks p0 has no room for.
+        m.peer_connected(p[1], true, t0);
+        m.take_outbox();
+        m.want(s, [cid(2), cid(3), cid(4)], t0);
+        m.schedule(t0);
+        let out = m.take_outbox();
+        assert_eq!(summary(&out, &p[0]), vec![(cid(2), "block"), (cid(3), "block")]);
+        assert_eq!(summary(&out, &p[1]), vec![(cid(2), "have"), (cid(3), "have")]);
+        m.on_presence(p[1], &cid(4), Presence::Have);
+        m.schedule(t0);
+        assert_eq!(summary(&m.take_outbox(), &p[1]), vec![(cid(4), "block")]);
+    }
+
+    #[test]
     fn later_wants_go_straight_to_session_peers_as_want_block() {
         let t0 = Instant::now();
         let mut m = WantManager::new(cfg());
