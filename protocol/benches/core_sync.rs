@@ -134,6 +134,7 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     let writes = start_writes.elapsed();
     let target = writer.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
     let t0 = Instant::now();
+    tracing::info!("restarting the offline node for catch-up");
     let node = start(&last.keypair, &last.store_path, first_addr.clone()).await?;
     loop {
         let heads = node.client.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
@@ -158,6 +159,9 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    }
     let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let changes = env("CORE_BENCH_CHANGES", 1000);
     let catch_up = env("CORE_BENCH_CATCHUP", 10_000);
