@@ -97,7 +97,9 @@ impl Node {
         // Wait until every listener has reported its address (or failed), so that `info()`
         // right after start shows real ports.
         event_loop.await_listeners().await?;
-        let task = tokio::spawn(event_loop.run());
+        // Every line the node logs names it, so logs of many nodes in one process stay readable.
+        let short_id = peer_id.to_base58().chars().rev().take(6).collect::<String>().chars().rev().collect::<String>();
+        let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), tracing::info_span!("node", id = %short_id)));
         Ok(Node { client: Client::new(command_tx, core_updates), peer_id, task, shutdown })
     }
 
