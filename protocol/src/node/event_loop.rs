@@ -26,6 +26,8 @@ use crate::swarm::{self, Behaviour, BehaviourEvent, KAD_PROTOCOL};
 
 /// How long start-up waits for listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long held-back changes may wait for their dependencies through gossip before catch-up.
+const MISSING_DEPS_GRACE: Duration = Duration::from_secs(1);
 /// Most dials the maintenance tick starts at once.
 const MAX_DIALS_PER_TICK: usize = 8;
 
@@ -58,6 +60,10 @@ pub(crate) struct EventLoop {
     /// catching up with every replica at once would ship the same changes many times.
     core_sync_sessions: HashMap<crate::core::Address, (PeerId, std::collections::VecDeque<PeerId>)>,
 
+    /// Cores holding back changes whose dependencies have not arrived, with the peer that sent
+    /// one and since when: gossip often delivers the dependencies a moment later (messages take
+    /// different paths), so catch-up starts only if they are still missing after a grace period.
+    missing_deps_since: HashMap<crate::core::Address, (PeerId, Instant)>,
     /// Lookups of core replicas in flight, by core.
     replica_queries: HashMap<kad::QueryId, crate::core::Address>,
     started: Instant,
@@ -95,6 +101,7 @@ impl EventLoop {
             provider_queries: HashMap::new(),
             replica_queries: HashMap::new(),
             core_sync_sessions: HashMap::new(),
+            missing_deps_since: HashMap::new(),
 
             started: Instant::now(),
             bootstraps_completed: 0,
@@ -141,11 +148,14 @@ impl EventLoop {
         self.announce_cores();
         let mut maintenance = tokio::time::interval(self.config.maintenance_interval);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut missing_deps_check = tokio::time::interval(MISSING_DEPS_GRACE / 2);
+        missing_deps_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
+                _ = missing_deps_check.tick() => self.catch_up_missing_deps(),
                 _ = maintenance.tick() => {
                     self.maintain_connections();
                     if self.last_core_sync.elapsed() >= self.config.core_sync_interval {

@@ -212,9 +212,9 @@ impl EventLoop {
             }
             Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
             Ok(Accepted::MissingDeps { missing }) => {
-                tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies: catching up");
+                tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies");
                 if let Ok(address) = Address::parse(&core) {
-                    self.start_sync(address, *source);
+                    self.missing_deps_since.entry(address).or_insert((*source, std::time::Instant::now()));
                 }
                 MessageAcceptance::Ignore
             }
@@ -225,6 +225,24 @@ impl EventLoop {
             Err(e) => {
                 tracing::error!(%core, "cannot store a change: {e}");
                 MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    /// Catches up the cores whose held-back changes still miss dependencies after the grace
+    /// period (from the peer that sent one of them, which has its dependencies).
+    pub(super) fn catch_up_missing_deps(&mut self) {
+        let due: Vec<(Address, PeerId)> = self
+            .missing_deps_since
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() >= super::MISSING_DEPS_GRACE)
+            .map(|(core, (peer, _))| (*core, *peer))
+            .collect();
+        for (core, peer) in due {
+            self.missing_deps_since.remove(&core);
+            if self.cores.get(&core).is_some_and(|r| !r.missing_deps().is_empty()) {
+                tracing::debug!(%core, %peer, "dependencies still missing: catching up");
+                self.start_sync(core, peer);
             }
         }
     }
