@@ -33,6 +33,23 @@ fn path_param(params: &Map<String, Value>) -> Result<String, RpcError> {
     Ok(path.to_string())
 }
 
+/// A path param that must be absolute: the node may run in another directory than the caller.
+fn absolute_param(params: &Map<String, Value>, name: &str) -> Result<PathBuf, RpcError> {
+    let path = PathBuf::from(params.get(name).and_then(Value::as_str).unwrap_or_default());
+    if !path.is_absolute() {
+        return Err(RpcError::invalid_params(format!("{name} must be an absolute path")));
+    }
+    Ok(path)
+}
+
+/// The `path` param resolved to a CID, with the network source that fetched along the way.
+async fn resolved(state: &ApiState, params: &Map<String, Value>) -> Result<(String, NetworkBlocks, cid::Cid), RpcError> {
+    let path = path_param(params)?;
+    let source = network(state).await?;
+    let cid = unixfs::resolve(&source, &path).await.map_err(RpcError::node)?;
+    Ok((path, source, cid))
+}
+
 async fn network(state: &ApiState) -> Result<NetworkBlocks, RpcError> {
     NetworkBlocks::new(state.store.clone(), state.client.clone()).await.map_err(RpcError::node)
 }
@@ -60,9 +77,7 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             Ok(serde_json::to_value(added).unwrap_or(Value::Null))
         }
         "content_cat" => {
-            let path = path_param(&p)?;
-            let source = network(state).await?;
-            let cid = unixfs::resolve(&source, &path).await.map_err(RpcError::node)?;
+            let (path, source, cid) = resolved(state, &p).await?;
             let stat = unixfs::stat(&source, cid).await.map_err(RpcError::node)?;
             if stat.size > MAX_INLINE_CAT {
                 return Err(RpcError::node(format!(
@@ -78,27 +93,18 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             Ok(json!({ "size": data.len(), "data_base64": base64::engine::general_purpose::STANDARD.encode(&data) }))
         }
         "content_get" => {
-            let path = path_param(&p)?;
-            let output = PathBuf::from(p.get("output").and_then(Value::as_str).unwrap_or_default());
-            if !output.is_absolute() {
-                return Err(RpcError::invalid_params("output must be an absolute path"));
-            }
-            let source = network(state).await?;
-            let cid = unixfs::resolve(&source, &path).await.map_err(RpcError::node)?;
+            let output = absolute_param(&p, "output")?;
+            let (_, source, cid) = resolved(state, &p).await?;
             let report = unixfs::get(&source, cid, &output).await.map_err(RpcError::node)?;
             Ok(json!({ "cid": cid.to_string(), "files": report.files, "directories": report.directories, "symlinks": report.symlinks, "bytes": report.bytes }))
         }
         "content_stat" => {
-            let path = path_param(&p)?;
-            let source = network(state).await?;
-            let cid = unixfs::resolve(&source, &path).await.map_err(RpcError::node)?;
+            let (_, source, cid) = resolved(state, &p).await?;
             let stat = unixfs::stat(&source, cid).await.map_err(RpcError::node)?;
             Ok(json!({ "cid": cid.to_string(), "type": stat.kind.name(), "size": stat.size, "cumulative_size": stat.cumulative_size, "links": stat.blocks }))
         }
         "content_ls" => {
-            let path = path_param(&p)?;
-            let source = network(state).await?;
-            let cid = unixfs::resolve(&source, &path).await.map_err(RpcError::node)?;
+            let (_, source, cid) = resolved(state, &p).await?;
             let entries = unixfs::ls(&source, cid).await.map_err(RpcError::node)?;
             Ok(Value::Array(entries.into_iter().map(|e| json!({ "name": e.name, "cid": e.cid.to_string(), "size": e.tsize })).collect()))
         }
@@ -131,10 +137,7 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
         }
         "dag_export" => {
             let cid = cid_param(&p)?;
-            let output = PathBuf::from(p.get("output").and_then(Value::as_str).unwrap_or_default());
-            if !output.is_absolute() {
-                return Err(RpcError::invalid_params("output must be an absolute path"));
-            }
+            let output = absolute_param(&p, "output")?;
             let source = network(state).await?;
             let file = tokio::fs::File::create(&output).await.map_err(|e| RpcError::node(format!("cannot create {}: {e}", output.display())))?;
             let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
@@ -143,10 +146,7 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             Ok(json!({ "root": cid.to_string(), "blocks": summary.blocks, "bytes": summary.bytes }))
         }
         "dag_import" => {
-            let path = PathBuf::from(p.get("path").and_then(Value::as_str).unwrap_or_default());
-            if !path.is_absolute() {
-                return Err(RpcError::invalid_params("path must be absolute"));
-            }
+            let path = absolute_param(&p, "path")?;
             let _guard = state.gc_lock.read().await;
             let store = state.store.clone();
             let imported = blocking(move || content::dag_import(&store, &path)).await?;
