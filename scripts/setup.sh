@@ -8,10 +8,19 @@ source "$(dirname "$0")/common.sh"
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
-# librocksdb-sys runs bindgen, which needs libclang.
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-  need_apt+=(libclang-dev)
-fi
+# librocksdb-sys runs bindgen, whose clang-sys loads `libclang.so` or `libclang-N.so` (never
+# `libclang-cpp.so.N`, which the image ships without libclang-dev). Look for exactly those.
+has_libclang() {
+  [ -n "${LIBCLANG_PATH:-}" ] && ls "$LIBCLANG_PATH"/libclang.so "$LIBCLANG_PATH"/libclang-*.so >/dev/null 2>&1 && return 0
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang.so /usr/lib/llvm-*/lib/libclang-*.so \
+           /usr/lib/x86_64-linux-gnu/libclang.so /usr/lib/x86_64-linux-gnu/libclang-*.so; do
+    case "$f" in *libclang-cpp*) continue ;; esac
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+has_libclang || need_apt+=(libclang-dev)
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
