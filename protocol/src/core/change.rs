@@ -29,7 +29,7 @@
 //!   nothing, and it saves ~700 bytes per change on catch-up.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
 use automerge::{ActorId, Change, ChangeHash, ExpandedChange};
@@ -38,10 +38,16 @@ use libp2p::identity::{Keypair, PeerId, PublicKey, SigningError};
 use sha2::{Digest, Sha256};
 
 use super::address::Address;
+use super::bounds::scan_change;
 use super::delegation::{Delegation, DelegationError, Revocation, RESERVED_NAMESPACE};
 
 /// Largest change an envelope may carry (bytes).
 pub const MAX_CHANGE_SIZE: usize = 1 << 20;
+
+/// Largest author key (protobuf-encoded libp2p public key; RSA keys are the large ones).
+const MAX_AUTHOR_KEY: usize = 2048;
+/// Largest author signature.
+const MAX_SIGNATURE: usize = 1024;
 
 /// Domain separator of [`signing_bytes`].
 pub const SIGNING_DOMAIN: &[u8] = b"kubelt-core-change-v1";
@@ -200,6 +206,23 @@ pub enum Rejected {
         /// The sequence number used twice.
         seq: u64,
     },
+    /// The author's key was revoked, and this change takes the place of the change the
+    /// revocation kept at that sequence number.
+    #[error("node key {author} was revoked by the owner; its change {seq} conflicts with the change the revocation kept")]
+    NotKept {
+        /// The revoked key (peer id, base58).
+        author: String,
+        /// The change's sequence number in its actor.
+        seq: u64,
+    },
+    /// The change's first operation counter does not follow from its history.
+    #[error("the change starts at operation {got}; its history puts its first operation at {expected}")]
+    BadStartOp {
+        /// One past the largest counter of the change's history.
+        expected: u64,
+        /// What the change says.
+        got: u64,
+    },
     /// A dependency is a change that is itself invalid.
     #[error("depends on invalid change {0}")]
     DependsOnInvalid(ChangeHash),
@@ -244,25 +267,58 @@ pub(crate) struct Checked {
     pub revocation: Option<(Revocation, OwnerStatement)>,
 }
 
-/// Verified delegations by [`super::delegation::statement_id`]; a failed verification is
-/// remembered too, so a flood of envelopes with one bad delegation costs one ECDSA recovery.
-pub(crate) type DelegationCache = HashMap<[u8; 32], Result<Arc<Delegation>, DelegationError>>;
+/// Delegations verified for a core, by [`super::delegation::statement_id`], shared by every
+/// replica and every verification thread. Only delegations by a core's owner are kept (nobody
+/// else can make those), and only up to [`Delegations::CAP`]: it is a cache, and losing an entry
+/// costs one ECDSA recovery. Failures are not kept: an envelope reaches delegation checking only
+/// after its author's signature verified, and peers' budgets bound how often that happens.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Delegations(Arc<Mutex<HashMap<[u8; 32], Arc<Delegation>>>>);
 
-/// Decodes change bytes: one uncompressed change chunk.
-pub(crate) fn decode_change(bytes: &[u8]) -> Result<(Change, ExpandedChange), Rejected> {
-    // Chunk header: 4 magic bytes, 4 checksum bytes, then the chunk type (1 = change,
-    // 2 = compressed change).
-    match bytes.get(8) {
-        Some(1) => {}
-        Some(2) => return Err(Rejected::MalformedChange("compressed change chunks are not accepted".into())),
-        _ => return Err(Rejected::MalformedChange("not an Automerge change chunk".into())),
+impl Delegations {
+    /// Most cached delegations.
+    pub const CAP: usize = 8192;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Delegation>>> {
+        // A panic while holding the lock cannot leave the map inconsistent (single inserts).
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-    let change = Change::from_bytes(bytes.to_vec()).map_err(|e| Rejected::MalformedChange(e.to_string()))?;
-    // Automerge's expansion panics on some inconsistent inputs (unknown action codes, actor
-    // indexes out of range); a hostile change must cost a rejection, not the node.
-    let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
-        .map_err(|_| Rejected::MalformedChange("inconsistent operations".into()))?;
-    Ok((change, expanded))
+
+    /// Verifies `statement` as a delegation of `core`, from the cache when possible.
+    pub fn verify(&self, core: &Address, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
+        let id = super::delegation::statement_id(statement);
+        if let Some(hit) = self.lock().get(&id) {
+            return Ok(hit.clone());
+        }
+        let delegation = Arc::new(Delegation::verify(statement)?);
+        if delegation.owner != *core {
+            return Err(DelegationError::WrongCore { core: *core, owner: delegation.owner });
+        }
+        let mut map = self.lock();
+        if map.len() >= Self::CAP {
+            map.clear();
+        }
+        map.insert(id, delegation.clone());
+        Ok(delegation)
+    }
+}
+
+/// Decodes change bytes: one uncompressed change chunk, within the bounds of
+/// [`super::bounds`]. Automerge runs inside `catch_unwind`: a panic on hostile bytes costs a
+/// rejection, not the node.
+pub(crate) fn decode_change(bytes: &[u8]) -> Result<(Change, ExpandedChange), Rejected> {
+    scan_change(bytes).map_err(Rejected::MalformedChange)?;
+    decode_scanned(bytes)
+}
+
+/// [`decode_change`] for bytes that [`scan_change`] already accepted.
+fn decode_scanned(bytes: &[u8]) -> Result<(Change, ExpandedChange), Rejected> {
+    let decoded = std::panic::catch_unwind(|| {
+        let change = Change::from_bytes(bytes.to_vec()).map_err(|e| Rejected::MalformedChange(e.to_string()))?;
+        let expanded = change.decode();
+        Ok((change, expanded))
+    });
+    decoded.unwrap_or_else(|_| Err(Rejected::MalformedChange("inconsistent operations".into())))
 }
 
 /// Parses the revocation a change's commit message carries, if it carries one.
@@ -284,15 +340,20 @@ pub(crate) fn carried_revocation(
     Ok(Some((revocation, statement)))
 }
 
-/// The checks of an envelope that need nothing but the envelope: core, size, decoding,
-/// signature, actor binding, delegation signature and subject, carried revocation. The
-/// delegation must already be in `delegations` (see [`verify_delegations`]).
-pub(crate) fn check_envelope(
-    core: &Address,
+/// An envelope whose author's signature verified over the raw bytes, and whose change header
+/// (scanned, not yet decoded by Automerge) names an actor of that author.
+#[derive(Debug, Clone)]
+pub(crate) struct Signed {
     envelope: SignedChange,
-    delegations: &DelegationCache,
-    max_size: usize,
-) -> Result<Checked, Rejected> {
+    author: PeerId,
+    suffix: [u8; ACTOR_SUFFIX_LEN],
+}
+
+/// The first checks of an envelope, in the order that keeps hostile bytes away from
+/// dependencies: core, sizes, the author's signature over the raw change bytes, then a bounded
+/// scan of the change header ([`scan_change`]) for the actor, which must be the author's.
+/// Nothing here decodes the change with Automerge or verifies the owner's ECDSA signature.
+pub(crate) fn check_signed(core: &Address, envelope: SignedChange, max_size: usize) -> Result<Signed, Rejected> {
     let core_hex = core.to_lower_hex();
     if envelope.core != core_hex {
         return Err(Rejected::WrongCore { expected: core_hex, got: envelope.core.clone() });
@@ -300,63 +361,57 @@ pub(crate) fn check_envelope(
     if envelope.change.len() > max_size {
         return Err(Rejected::TooLarge { size: envelope.change.len(), max: max_size });
     }
-    if envelope.author.is_empty() {
-        return Err(Rejected::MalformedEnvelope("no author key".into()));
+    if envelope.author.is_empty() || envelope.author.len() > MAX_AUTHOR_KEY {
+        return Err(Rejected::MalformedEnvelope("no author key, or one too long".into()));
     }
     let author_key = PublicKey::try_decode_protobuf(&envelope.author)
         .map_err(|e| Rejected::MalformedEnvelope(format!("author key: {e}")))?;
-    if envelope.signature.is_empty() {
-        return Err(Rejected::MalformedEnvelope("no signature".into()));
+    if envelope.signature.is_empty() || envelope.signature.len() > MAX_SIGNATURE {
+        return Err(Rejected::MalformedEnvelope("no signature, or one too long".into()));
     }
-    let delegation_statement = envelope
-        .delegation
-        .as_ref()
-        .ok_or_else(|| Rejected::MalformedEnvelope("no delegation".into()))?;
-    let (change, expanded) = decode_change(&envelope.change)?;
+    if envelope.delegation.is_none() {
+        return Err(Rejected::MalformedEnvelope("no delegation".into()));
+    }
     if !author_key.verify(&signing_bytes(core, &envelope.change), &envelope.signature) {
         return Err(Rejected::BadSignature);
     }
+    let header = scan_change(&envelope.change).map_err(Rejected::MalformedChange)?;
     let author = author_key.to_peer_id();
-    let suffix = match split_actor(change.actor_id()) {
+    let suffix = match split_actor(&ActorId::from(header.actor.as_slice())) {
         Some((peer, suffix)) if peer == author => suffix,
-        _ => {
-            return Err(Rejected::ActorMismatch { actor: change.actor_id().to_hex_string(), author: author.to_string() });
-        }
+        _ => return Err(Rejected::ActorMismatch { actor: hex::encode(&header.actor), author: author.to_string() }),
     };
-    let delegation_id = super::delegation::statement_id(delegation_statement);
-    let delegation = match delegations.get(&delegation_id) {
-        Some(Ok(d)) => d.clone(),
-        Some(Err(e)) => return Err(Rejected::Delegation(e.clone())),
-        None => {
-            let d = Delegation::verify(delegation_statement).map_err(Rejected::Delegation)?;
-            Arc::new(d)
-        }
-    };
-    if delegation.owner != *core {
-        return Err(Rejected::Delegation(DelegationError::WrongCore { core: *core, owner: delegation.owner }));
-    }
+    Ok(Signed { envelope, author, suffix })
+}
+
+/// The rest of the history-free checks of a [`Signed`] envelope: the owner's delegation of the
+/// author (verified through `delegations`), then the change decoded by Automerge, then the
+/// revocation it may carry.
+pub(crate) fn check_delegated(core: &Address, signed: Signed, delegations: &Delegations) -> Result<Checked, Rejected> {
+    let Signed { envelope, author, suffix } = signed;
+    let statement = envelope.delegation.as_ref().ok_or_else(|| Rejected::MalformedEnvelope("no delegation".into()))?;
+    let delegation = delegations.verify(core, statement).map_err(Rejected::Delegation)?;
     if delegation.peer != author {
         return Err(Rejected::Delegation(DelegationError::WrongPeer {
             delegated: delegation.peer.to_string(),
             author: author.to_string(),
         }));
     }
+    let delegation_id = delegation.id;
+    let (change, expanded) = decode_scanned(&envelope.change)?;
     let revocation = carried_revocation(&change, core)?;
     let hash = change.hash();
     Ok(Checked { envelope, change, expanded, hash, author, suffix, delegation, delegation_id, revocation })
 }
 
-/// Verifies every distinct delegation of a batch once, filling the cache.
-pub(crate) fn verify_delegations<'a>(
-    envelopes: impl IntoIterator<Item = &'a SignedChange>,
-    cache: &mut DelegationCache,
-) {
-    for envelope in envelopes {
-        if let Some(statement) = &envelope.delegation {
-            let id = super::delegation::statement_id(statement);
-            cache.entry(id).or_insert_with(|| Delegation::verify(statement).map(Arc::new));
-        }
-    }
+/// Every history-free check of one envelope ([`check_signed`], then [`check_delegated`]).
+pub(crate) fn check_envelope(
+    core: &Address,
+    envelope: SignedChange,
+    delegations: &Delegations,
+    max_size: usize,
+) -> Result<Checked, Rejected> {
+    check_delegated(core, check_signed(core, envelope, max_size)?, delegations)
 }
 
 /// Fills in delegations omitted from a batch: an envelope without one uses the delegation of

@@ -6,7 +6,7 @@ use kubelt_proto::core::{OwnerStatement, SignedChange, SyncRequest, SyncResponse
 use libp2p::identity::PeerId;
 
 use super::address::Address;
-use super::change::Rejected;
+use super::change::{Checked, Delegations, Rejected};
 use super::delegation::{Delegation, DelegationError};
 use super::replica::{Accepted, ApplyError, Config, CoreError, Replica};
 use super::sync::SyncStep;
@@ -19,6 +19,8 @@ pub struct Cores {
     store: Store,
     config: Config,
     replicas: BTreeMap<Address, Replica>,
+    /// Delegations verified once for every replica and verification thread.
+    delegations: Delegations,
 }
 
 impl Cores {
@@ -32,20 +34,21 @@ impl Cores {
             addresses.push(address);
         }
         let mut replicas = BTreeMap::new();
+        let delegations = Delegations::default();
         for address in addresses {
             let started = std::time::Instant::now();
-            let replica = Replica::open(store.clone(), address, config.clone())?;
+            let replica = Replica::open(store.clone(), address, config.clone(), delegations.clone())?;
             tracing::info!(core = %address, changes = replica.len(), elapsed = ?started.elapsed(), "core loaded");
             replicas.insert(address, replica);
         }
-        Ok(Cores { store, config, replicas })
+        Ok(Cores { store, config, replicas, delegations })
     }
 
     /// Holds `core` (creating an empty replica if new), without write rights unless a
     /// delegation was set before.
     pub fn follow(&mut self, core: Address) -> Result<&mut Replica, CoreError> {
         if !self.replicas.contains_key(&core) {
-            let replica = Replica::open(self.store.clone(), core, self.config.clone())?;
+            let replica = Replica::open(self.store.clone(), core, self.config.clone(), self.delegations.clone())?;
             self.replicas.insert(core, replica);
         }
         self.replicas.get_mut(&core).ok_or(CoreError::UnknownCore(core))
@@ -95,6 +98,28 @@ impl Cores {
         replica.apply_remote(envelope)
     }
 
+    /// A verifier of envelopes that runs the history-free checks on any thread (signatures,
+    /// delegations, bounded decoding), so the thread that owns the replicas only does the
+    /// history checks ([`Cores::apply_verified`]).
+    pub fn verifier(&self) -> Verifier {
+        Verifier { delegations: self.delegations.clone(), config: self.config.clone() }
+    }
+
+    /// Applies an envelope that a [`Verifier`] checked (see [`Replica::apply_remote`]).
+    pub fn apply_verified(&mut self, verified: Verified) -> Result<Accepted, ApplyError> {
+        let replica = self.replicas.get_mut(&verified.core).ok_or_else(|| {
+            ApplyError::Rejected(Rejected::UnknownCore(verified.core.to_lower_hex()))
+        })?;
+        let checked = verified.checked.map_err(ApplyError::Rejected)?;
+        let report = replica.apply_checked(vec![Ok(checked)])?;
+        super::replica::outcome(report)
+    }
+
+    /// Whether this node holds `core`.
+    pub fn holds(&self, core: &Address) -> bool {
+        self.replicas.contains_key(core)
+    }
+
     /// Starts or continues a catch-up session for `core` with `peer`.
     pub fn sync_request(&mut self, core: &Address, peer: &PeerId) -> Option<SyncRequest> {
         self.replicas.get_mut(core)?.sync_request(peer)
@@ -126,5 +151,52 @@ impl Cores {
     /// Verifies a delegation statement for a core without holding it (for the CLI and API).
     pub fn verify_delegation(statement: &OwnerStatement) -> Result<Delegation, DelegationError> {
         Delegation::verify(statement)
+    }
+}
+
+/// Runs the history-free checks of remote envelopes off the thread that owns the replicas.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    delegations: Delegations,
+    config: Config,
+}
+
+/// An envelope after the history-free checks, ready for [`Cores::apply_verified`].
+#[derive(Debug)]
+pub struct Verified {
+    core: Address,
+    checked: Result<Checked, Rejected>,
+}
+
+impl Verified {
+    /// The core the envelope is for.
+    pub fn core(&self) -> Address {
+        self.core
+    }
+}
+
+impl Verifier {
+    /// Checks one envelope received as `data` (a gossip message on `topic_core`'s topic):
+    /// decodes the envelope, refuses one for another core than its topic's, then verifies the
+    /// author's signature, the delegation and the change, with panics in dependencies caught.
+    /// CPU-bound: call it from a blocking thread.
+    pub fn verify_gossip(&self, topic_core: Address, data: &[u8]) -> Result<Verified, Rejected> {
+        if data.len() > self.config.max_change_size + 64 * 1024 {
+            return Err(Rejected::TooLarge { size: data.len(), max: self.config.max_change_size });
+        }
+        let envelope = std::panic::catch_unwind(|| <SignedChange as prost::Message>::decode(data))
+            .map_err(|_| Rejected::MalformedEnvelope("the decoder panicked".into()))?
+            .map_err(|e| Rejected::MalformedEnvelope(e.to_string()))?;
+        let expected = topic_core.to_lower_hex();
+        if envelope.core != expected {
+            return Err(Rejected::WrongCore { expected, got: envelope.core });
+        }
+        let delegations = &self.delegations;
+        let max = self.config.max_change_size;
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::change::check_envelope(&topic_core, envelope, delegations, max)
+        }))
+        .unwrap_or_else(|_| Err(Rejected::MalformedChange("verification panicked".into())));
+        Ok(Verified { core: topic_core, checked })
     }
 }

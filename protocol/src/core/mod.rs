@@ -81,6 +81,7 @@ pub mod address;
 pub mod change;
 pub mod delegation;
 
+mod bounds;
 mod cores;
 mod replica;
 mod sync;
@@ -90,9 +91,12 @@ mod wallet;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod attack_tests;
+
 pub use address::{dht_key, Address, AddressError};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
-pub use cores::Cores;
+pub use cores::{Cores, Verified, Verifier};
 pub use delegation::{delegation_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Revocation};
 pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
 pub use sync::SyncStep;

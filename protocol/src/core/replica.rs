@@ -15,37 +15,58 @@
 //!    judged);
 //! 3. its sequence number is the next one of its actor in its own history, and no other change
 //!    with the same actor and sequence number is known (else the author equivocated);
-//! 4. its **time** — its own timestamp, raised to the latest time of its dependencies, because
-//!    a change cannot be older than what it builds on — lies inside the delegation's window;
-//! 5. every object and operation it refers to is in its causal history, and every top-level key
+//! 4. its **time** — its own timestamp, raised to the latest time of its dependencies (a change
+//!    cannot be older than what it builds on) and to its delegation's issue time (a key cannot
+//!    write before it was authorized) — lies inside the delegation's window;
+//! 5. its first operation counter (`start_op`) is one past the largest counter of its causal
+//!    history, as Automerge numbers a change made on that history: operation ids are Lamport
+//!    timestamps, and a change claiming a larger one would win every conflict it enters (and
+//!    one near `u32::MAX` would stop the next local write);
+//! 6. every object and operation it refers to is in its causal history, and every top-level key
 //!    it writes is a namespace the delegation covers (the reserved `_kubelt` only for a change
 //!    carrying an owner-signed revocation, and then nothing else);
-//! 6. its author is not cut off: for every known revocation of the author's key, the change is
-//!    at or before the revocation's kept sequence number of its actor; for an equivocating actor,
-//!    before the equivocated sequence number.
+//! 7. its author is not cut off: if the author's key is revoked, the change is at or before the
+//!    revocation's kept sequence number of its actor (and is not a second change at a kept
+//!    sequence number); otherwise, if its actor equivocated, it is before the equivocated
+//!    sequence number.
 //!
-//! Rules 2–6 look only at the change and its causal past, plus two kinds of self-certifying
-//! facts that only grow: owner-signed revocations and signed equivocation proofs. Learning such
-//! a fact can only invalidate changes, so every replica that has seen the same changes and facts
-//! has the same valid set — whatever the arrival order. When a fact invalidates changes that
-//! are already in the document, the replica deletes them (and their descendants: with vector
-//! clocks, "descends from a cut-off change of actor A" is `clock[A] > keep`) and rebuilds the
-//! document from the remaining changes.
+//! Rules 2–7 look only at the change and its causal past, plus two kinds of self-certifying
+//! facts that only accumulate: owner-signed revocations and signed equivocation proofs (two
+//! envelopes of one key with the same actor and sequence number). The verdict is a function of
+//! the set of changes and facts seen, not of their order: every replica that has seen the same
+//! changes and facts has the same valid set. A revocation's keep is **authoritative** for its
+//! key: equivocation proofs about a revoked key are ignored, so a key in hostile hands cannot,
+//! by equivocating after its cut, void what the owner kept or what others built on it. This is
+//! the one way a fact can make changes valid again: a replica that had voided changes for an
+//! equivocation of a key it then learns was revoked restores them. That is why invalidated
+//! changes stay in the store (their verdicts are derived from the facts at every rebuild: with
+//! vector clocks, "descends from a cut-off change of actor A" is `clock[A] > keep`), and why a
+//! fact that lifts a cut clears the remembered rejections.
 //!
 //! Facts spread with the changes that carry them; the envelopes that taught a replica a fact
-//! are kept as *evidence* and attached to every sync exchange, so a replica that never saw the
-//! invalid carrier still learns the fact.
+//! are kept as *evidence* — durably, never evicted — and attached to every sync exchange, so a
+//! replica that joins late, or never saw the invalid carrier, still learns every fact. Only
+//! owner-signed revocations and envelopes of delegated (and not revoked) keys add evidence, one
+//! proof per equivocating actor.
+//!
+//! # Hostile input
+//!
+//! Envelopes are checked in an order that keeps hostile bytes away from dependencies (see
+//! [`super::change`]): the author's signature over the raw bytes first, then a bounded scan of
+//! the change header ([`super::bounds`]), then the owner's delegation, and only then Automerge's
+//! decoder, inside `catch_unwind`. Sync messages are scanned the same way before Automerge
+//! decodes them. Held-back changes are bounded by count, bytes and bytes per author; a revoked
+//! key's changes past its cut are refused at once, never held.
 //!
 //! # Store layout (column `cores`)
 //!
 //! | key | value |
 //! |---|---|
 //! | `m/<core>` | [`CoreMeta`] JSON: this node's own delegation, if it writes the core |
-//! | `<core>/c/<u64 BE>` | a valid change, in admission (topological) order: [`StoredChange`] |
+//! | `<core>/c/<u64 BE>` | a change that was admitted, in admission (topological) order: [`StoredChange`] (it may be invalid under facts learned later) |
 //! | `<core>/d/<statement id>` | a delegation statement (`OwnerStatement` protobuf), shared by changes |
 //! | `<core>/r/<statement id>` | a known revocation statement |
 //! | `<core>/k/<actor>` | an equivocating actor's last valid sequence number (u64 BE) |
-//! | `<core>/x/<change hash>` | a change that was valid and got invalidated: the reason |
 //! | `<core>/e/<change hash>` | an evidence envelope (`SignedChange` protobuf) |
 //!
 //! `<core>` is the lower-case address.
@@ -63,8 +84,8 @@ use time::OffsetDateTime;
 
 use super::address::Address;
 use super::change::{
-    self, check_envelope, check_namespaces, inflate_batch, inspect, seal, verify_delegations, Checked,
-    DelegationCache, History, Rejected, RevocationRecord, Touched,
+    self, check_envelope, check_namespaces, inflate_batch, inspect, seal, Checked, Delegations, History, Rejected,
+    RevocationRecord, Touched,
 };
 use super::delegation::{self, Delegation, DelegationError, Revocation, RESERVED_NAMESPACE};
 use super::value::{self, PathError};
@@ -78,13 +99,17 @@ pub struct Config {
     pub max_change_size: usize,
     /// Changes held back for missing dependencies; the oldest are dropped beyond this.
     pub max_pending: usize,
+    /// Bytes of changes held back for missing dependencies, over all authors; the oldest are
+    /// dropped beyond this.
+    pub max_pending_bytes: usize,
+    /// Bytes of held-back changes of one author key; that author's oldest are dropped beyond
+    /// this, so one key cannot crowd out the others.
+    pub max_pending_bytes_per_author: usize,
     /// Rounds of one catch-up session before giving up (a peer that keeps offering changes we
     /// reject must not keep us busy forever).
     pub max_sync_rounds: u32,
     /// Peers with an open catch-up session.
     pub max_sync_sessions: usize,
-    /// Evidence envelopes kept and attached to sync exchanges.
-    pub max_evidence: usize,
     /// Changes rejected because of their history, remembered so their descendants are rejected
     /// at once instead of being held back.
     pub max_remembered_rejections: usize,
@@ -113,9 +138,10 @@ impl Default for Config {
         Config {
             max_change_size: change::MAX_CHANGE_SIZE,
             max_pending: 20_000,
+            max_pending_bytes: 64 << 20,
+            max_pending_bytes_per_author: 16 << 20,
             max_sync_rounds: 32,
             max_sync_sessions: 256,
-            max_evidence: 256,
             max_remembered_rejections: 100_000,
             verify_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8),
             max_clock_skew: 600,
@@ -312,6 +338,9 @@ pub(super) struct Meta {
     /// Vector clock: for each actor index, the last sequence number in this change's history
     /// (itself included).
     pub clock: Box<[u64]>,
+    /// The largest operation counter in this change's history (itself included): the next
+    /// change built on it starts at `max_op + 1`.
+    pub max_op: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -357,6 +386,11 @@ impl Dag {
     pub(super) fn max_time(&self, deps: &[ChangeHash]) -> i64 {
         deps.iter().filter_map(|d| self.metas.get(d)).map(|m| m.time).max().unwrap_or(i64::MIN)
     }
+
+    /// The largest operation counter in the history of `deps` (0 for none).
+    fn max_op(&self, deps: &[ChangeHash]) -> u64 {
+        deps.iter().filter_map(|d| self.metas.get(d)).map(|m| m.max_op).max().unwrap_or(0)
+    }
 }
 
 /// The core's history seen from one change's causal past.
@@ -396,8 +430,18 @@ impl History for HistoryView<'_> {
 struct Plan {
     prior: Vec<u64>,
     time: i64,
+    max_op: u64,
     actor: Option<u32>,
     touched: Touched,
+}
+
+/// What an envelope taught a replica.
+#[derive(Debug, Default, Clone, Copy)]
+struct Learned {
+    /// A new fact (revocation or equivocation proof).
+    any: bool,
+    /// A fact that lifts an earlier cut, so changes once invalid may be valid again.
+    relaxed: bool,
 }
 
 /// Why an actor is cut off.
@@ -407,13 +451,22 @@ enum Cut {
     Equivocated,
 }
 
-/// Envelopes held back for missing dependencies.
+/// Envelopes held back for missing dependencies, bounded by count, by bytes and by bytes per
+/// author key (only envelopes whose author's signature and delegation verified get here).
 #[derive(Default)]
 struct Pending {
     items: HashMap<ChangeHash, (u64, Checked)>,
     arrival: BTreeMap<u64, ChangeHash>,
     waiting: HashMap<ChangeHash, Vec<ChangeHash>>,
+    /// Bytes held in total.
+    bytes: usize,
+    /// Bytes held by author, with the arrival numbers of that author's items.
+    by_author: HashMap<PeerId, (usize, BTreeSet<u64>)>,
     next: u64,
+}
+
+fn held_size(item: &Checked) -> usize {
+    item.envelope.encoded_len() + 256
 }
 
 impl Pending {
@@ -424,6 +477,11 @@ impl Pending {
         }
         let n = self.next;
         self.next += 1;
+        let size = held_size(&item);
+        self.bytes += size;
+        let author = self.by_author.entry(item.author).or_default();
+        author.0 += size;
+        author.1.insert(n);
         self.arrival.insert(n, hash);
         self.items.insert(hash, (n, item));
     }
@@ -431,14 +489,33 @@ impl Pending {
     fn remove(&mut self, hash: &ChangeHash) -> Option<Checked> {
         let (n, item) = self.items.remove(hash)?;
         self.arrival.remove(&n);
+        let size = held_size(&item);
+        self.bytes = self.bytes.saturating_sub(size);
+        if let Some(author) = self.by_author.get_mut(&item.author) {
+            author.0 = author.0.saturating_sub(size);
+            author.1.remove(&n);
+            if author.1.is_empty() {
+                self.by_author.remove(&item.author);
+            }
+        }
         Some(item)
     }
 
-    fn evict_to(&mut self, cap: usize) -> usize {
+    /// Drops the oldest items of authors over `per_author` bytes, then the oldest of all until
+    /// the count and byte caps hold. Returns how many were dropped.
+    fn evict(&mut self, max_items: usize, max_bytes: usize, per_author: usize) -> usize {
         let mut evicted = 0;
-        while self.items.len() > cap {
-            let Some((_, hash)) = self.arrival.pop_first() else { break };
-            self.items.remove(&hash);
+        let heavy: Vec<PeerId> = self.by_author.iter().filter(|(_, (b, _))| *b > per_author).map(|(p, _)| *p).collect();
+        for author in heavy {
+            while let Some(oldest) = self.by_author.get(&author).filter(|(b, _)| *b > per_author).and_then(|(_, ns)| ns.first().copied()) {
+                let Some(hash) = self.arrival.get(&oldest).copied() else { break };
+                self.remove(&hash);
+                evicted += 1;
+            }
+        }
+        while self.items.len() > max_items || self.bytes > max_bytes {
+            let Some((_, hash)) = self.arrival.first_key_value().map(|(n, h)| (*n, *h)) else { break };
+            self.remove(&hash);
             evicted += 1;
         }
         if evicted > 0 {
@@ -475,21 +552,26 @@ pub struct Replica {
     pub(super) statements: HashMap<[u8; 32], OwnerStatement>,
     /// Ids of the statements stored under `d/`.
     stored_statements: HashSet<[u8; 32]>,
-    delegation_cache: DelegationCache,
+    delegations: Delegations,
     /// Known revocations by statement id, and by revoked key.
     revocations: BTreeMap<[u8; 32], (Revocation, OwnerStatement)>,
     revoked_peers: HashMap<PeerId, Vec<[u8; 32]>>,
     /// Equivocating actors -> last valid sequence number.
     equivocations: HashMap<ActorId, u64>,
-    /// Changes found invalid: persisted ones (were valid, got invalidated) and recent
-    /// rejections for history reasons.
+    /// Stored changes that the known facts invalidate (derived at every rebuild; their records
+    /// stay in the store so that a fact that restores them — a revocation whose keep overrides
+    /// an equivocation — brings them back), and recent rejections for history reasons.
     invalid: HashMap<ChangeHash, String>,
     recent_invalid: HashMap<ChangeHash, String>,
-    /// Evidence envelopes, oldest first.
-    pub(super) evidence: VecDeque<(ChangeHash, SignedChange)>,
+    /// Evidence envelopes: the carriers of known revocations and the two envelopes of each
+    /// equivocation proof. Durable and never evicted: they are the facts every replica needs,
+    /// and only owner-signed statements or envelopes of delegated keys can add to them.
+    pub(super) evidence: BTreeMap<ChangeHash, SignedChange>,
+    /// The two evidence envelopes that prove each equivocating actor's cut.
+    equivocation_proofs: HashMap<ActorId, [ChangeHash; 2]>,
     /// Recently seen (actor, seq) -> envelope, to catch equivocation among changes that never
-    /// become valid here.
-    seen: HashMap<(ActorId, u64), (ChangeHash, SignedChange)>,
+    /// become valid here (a detection aid, bounded by bytes).
+    seen: Seen,
     pending: Pending,
     local_actor: Option<(PeerId, ActorId)>,
     pub(super) sessions: HashMap<PeerId, Session>,
@@ -508,9 +590,38 @@ impl std::fmt::Debug for Replica {
     }
 }
 
-/// Envelopes remembered by (actor, seq) to catch equivocations among changes that are not valid
-/// here.
-const SEEN_CAP: usize = 1024;
+/// Bytes of envelopes remembered by (actor, seq) to catch equivocations among changes that are
+/// not valid here.
+const SEEN_BYTES: usize = 8 << 20;
+
+/// Envelopes by (actor, seq), oldest dropped first beyond [`SEEN_BYTES`].
+#[derive(Default)]
+struct Seen {
+    map: HashMap<(ActorId, u64), (ChangeHash, SignedChange)>,
+    order: VecDeque<(ActorId, u64)>,
+    bytes: usize,
+}
+
+impl Seen {
+    fn get(&self, key: &(ActorId, u64)) -> Option<&(ChangeHash, SignedChange)> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, key: (ActorId, u64), hash: ChangeHash, envelope: &SignedChange) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        self.bytes += envelope.encoded_len();
+        self.order.push_back(key.clone());
+        self.map.insert(key, (hash, envelope.clone()));
+        while self.bytes > SEEN_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some((_, e)) = self.map.remove(&old) {
+                self.bytes = self.bytes.saturating_sub(e.encoded_len());
+            }
+        }
+    }
+}
 
 pub(super) fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
@@ -530,13 +641,14 @@ fn is_intrinsic(r: &Rejected) -> bool {
             | Rejected::Equivocation { .. }
             | Rejected::DependsOnInvalid(_)
             | Rejected::SequenceGap { .. }
+            | Rejected::BadStartOp { .. }
             | Rejected::BadReference(_)
     )
 }
 
 impl Replica {
     /// Creates or opens the replica of `core`, loading everything stored.
-    pub(super) fn open(store: Store, core: Address, config: Config) -> Result<Replica, CoreError> {
+    pub(super) fn open(store: Store, core: Address, config: Config, delegations: Delegations) -> Result<Replica, CoreError> {
         let mut replica = Replica {
             core,
             store,
@@ -546,14 +658,15 @@ impl Replica {
             dag: Dag::default(),
             statements: HashMap::new(),
             stored_statements: HashSet::new(),
-            delegation_cache: HashMap::new(),
+            delegations,
             revocations: BTreeMap::new(),
             revoked_peers: HashMap::new(),
             equivocations: HashMap::new(),
             invalid: HashMap::new(),
             recent_invalid: HashMap::new(),
-            evidence: VecDeque::new(),
-            seen: HashMap::new(),
+            evidence: BTreeMap::new(),
+            equivocation_proofs: HashMap::new(),
+            seen: Seen::default(),
             pending: Pending::default(),
             local_actor: None,
             sessions: HashMap::new(),
@@ -599,25 +712,32 @@ impl Replica {
             let keep = <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes).map_err(|_| corrupt(&k, "not a u64"))?;
             self.equivocations.insert(actor, keep);
         }
+        // Invalidated changes were once recorded under `x/` and deleted; their verdicts are
+        // now derived from the facts at every rebuild. Drop the old records.
         let prefix = core_key(&core, b'x', b"");
+        let mut legacy = store.batch();
         for entry in store.iter_prefix(Column::Cores, &prefix) {
-            let (k, v) = entry?;
-            let hash = ChangeHash::try_from(&k[prefix.len()..]).map_err(|e| corrupt(&k, e))?;
-            self.invalid.insert(hash, String::from_utf8_lossy(&v).into_owned());
+            let (k, _) = entry?;
+            legacy.delete(Column::Cores, &k);
+        }
+        if !legacy.is_empty() {
+            legacy.commit(true)?;
         }
         let prefix = core_key(&core, b'e', b"");
         for entry in store.iter_prefix(Column::Cores, &prefix) {
             let (k, v) = entry?;
             let hash = ChangeHash::try_from(&k[prefix.len()..]).map_err(|e| corrupt(&k, e))?;
             let envelope = SignedChange::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
-            self.evidence.push_back((hash, envelope));
+            self.evidence.insert(hash, envelope);
         }
         self.rebuild_from_store()
     }
 
-    /// Re-derives the history indexes and the document from the stored valid changes.
+    /// Re-derives the history indexes, the verdicts and the document from the stored changes
+    /// and the known facts.
     fn rebuild_from_store(&mut self) -> Result<(), CoreError> {
         self.dag = Dag::default();
+        self.invalid.clear();
         self.doc = Automerge::new();
         self.local_actor = None;
         self.sessions.clear();
@@ -660,9 +780,8 @@ impl Replica {
                     changes.push(checked.change);
                 }
                 Err(reason) => {
-                    tracing::warn!(core = %self.core, hash = %checked.hash, %reason, "stored change is no longer valid");
-                    dropped.delete(Column::Cores, &key);
-                    dropped.put(Column::Cores, &core_key(&self.core, b'x', &checked.hash.0), reason.to_string().as_bytes());
+                    // Kept in the store: a later fact may restore it (see `invalid`).
+                    tracing::debug!(core = %self.core, hash = %checked.hash, %reason, "stored change is invalid under the known facts");
                     self.invalid.insert(checked.hash, reason.to_string());
                 }
             }
@@ -690,7 +809,7 @@ impl Replica {
     fn checked_from_store(&mut self, record: &StoredChange) -> Result<Checked, String> {
         let id: [u8; 32] = record.delegation_id.as_slice().try_into().map_err(|_| "bad delegation id".to_string())?;
         let statement = self.statements.get(&id).cloned().ok_or("delegation statement missing")?;
-        let delegation = self.verified_delegation(&statement).map_err(|e| e.to_string())?;
+        let delegation = self.delegations.verify(&self.core, &statement).map_err(|e| e.to_string())?;
         let (change, expanded) = change::decode_change(&record.change).map_err(|e| e.to_string())?;
         let (author, suffix) = change::split_actor(change.actor_id()).ok_or("actor is not a peer id")?;
         let revocation = change::carried_revocation(&change, &self.core).map_err(|e| e.to_string())?;
@@ -720,13 +839,6 @@ impl Replica {
         id
     }
 
-    fn verified_delegation(&mut self, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
-        let id = delegation::statement_id(statement);
-        self.delegation_cache
-            .entry(id)
-            .or_insert_with(|| Delegation::verify(statement).map(Arc::new))
-            .clone()
-    }
 
     fn add_revocation(&mut self, revocation: Revocation, statement: OwnerStatement) -> bool {
         if self.revocations.contains_key(&revocation.id) {
@@ -738,24 +850,19 @@ impl Replica {
     }
 
     /// The last valid sequence number of an actor, if the actor is cut off.
+    ///
+    /// A revocation's keep is authoritative for the key it revokes: an equivocation of that
+    /// key (which may happen after the cut, when the key is in hostile hands) can neither void
+    /// what the owner kept nor what others built on it. Equivocation proofs count only for keys
+    /// that are not revoked.
     fn keep_for(&self, actor: &ActorId, peer: &PeerId, suffix: &[u8; 8]) -> Option<(u64, Cut)> {
-        let mut best: Option<(u64, Cut)> = None;
         if let Some(ids) = self.revoked_peers.get(peer) {
-            for id in ids {
-                if let Some((r, _)) = self.revocations.get(id) {
-                    let keep = r.keep_for(suffix);
-                    if best.is_none_or(|(b, _)| keep < b) {
-                        best = Some((keep, Cut::Revoked));
-                    }
-                }
+            let keep = ids.iter().filter_map(|id| self.revocations.get(id)).map(|(r, _)| r.keep_for(suffix)).min();
+            if let Some(keep) = keep {
+                return Some((keep, Cut::Revoked));
             }
         }
-        if let Some(&keep) = self.equivocations.get(actor) {
-            if best.is_none_or(|(b, _)| keep < b) {
-                best = Some((keep, Cut::Equivocated));
-            }
-        }
-        best
+        self.equivocations.get(actor).map(|&keep| (keep, Cut::Equivocated))
     }
 
     /// The history-dependent checks of a change whose dependencies are all valid.
@@ -763,13 +870,19 @@ impl Replica {
         let change = &item.change;
         let deps = change.deps();
         let prior = self.dag.prior_clock(deps);
-        let time = change.timestamp().max(self.dag.max_time(deps));
+        // A change cannot be older than what it builds on, nor older than the delegation it
+        // relies on: a key cannot place its writes before it was authorized.
+        let time = change.timestamp().max(self.dag.max_time(deps)).max(item.delegation.issued_at);
         let actor = self.dag.actor_index.get(change.actor_id()).copied();
         let seq = change.seq();
+        let cut = self.keep_for(change.actor_id(), &item.author, &item.suffix);
         if let Some(idx) = actor {
             if let Some(existing) = self.dag.actors[idx as usize].chain.get((seq as usize).wrapping_sub(1)) {
                 if *existing != item.hash {
-                    return Err(Rejected::Equivocation { author: item.author.to_string(), seq });
+                    return Err(match cut {
+                        Some((_, Cut::Revoked)) => Rejected::NotKept { author: item.author.to_string(), seq },
+                        _ => Rejected::Equivocation { author: item.author.to_string(), seq },
+                    });
                 }
             }
         }
@@ -777,7 +890,16 @@ impl Replica {
         if seq != expected {
             return Err(Rejected::SequenceGap { expected, got: seq });
         }
-        if let Some((keep, cut)) = self.keep_for(change.actor_id(), &item.author, &item.suffix) {
+        // Operation ids are Lamport timestamps: a change starts right after the largest counter
+        // of its history, as Automerge numbers them. A change that claims a larger start would
+        // win every conflict (and one near `u32::MAX` would stop the next local write).
+        let max_op = self.dag.max_op(deps);
+        let start_op = change.start_op().get();
+        if start_op != max_op + 1 {
+            return Err(Rejected::BadStartOp { expected: max_op + 1, got: start_op });
+        }
+        let max_op = max_op.max((start_op + change.len() as u64).saturating_sub(1));
+        if let Some((keep, cut)) = cut {
             if seq > keep {
                 return Err(match cut {
                     Cut::Revoked => Rejected::Revoked { author: item.author.to_string(), seq, keep },
@@ -798,7 +920,7 @@ impl Replica {
         }
         let touched = inspect(&item.expanded, &HistoryView { dag: &self.dag, prior: &prior })?;
         check_namespaces(&touched, &item.delegation, item.revocation.is_some())?;
-        Ok(Plan { prior, time, actor, touched })
+        Ok(Plan { prior, time, max_op, actor, touched })
     }
 
     fn commit_plan(&mut self, item: &Checked, plan: Plan) {
@@ -836,7 +958,7 @@ impl Replica {
         }
         dag.metas.insert(
             item.hash,
-            Meta { seq_no, time: plan.time, clock: clock.into_boxed_slice() },
+            Meta { seq_no, time: plan.time, clock: clock.into_boxed_slice(), max_op: plan.max_op },
         );
     }
 
@@ -852,44 +974,66 @@ impl Replica {
     }
 
     fn add_evidence(&mut self, hash: ChangeHash, envelope: SignedChange, batch: &mut crate::store::StoreBatch<'_>) {
-        if self.evidence.iter().any(|(h, _)| *h == hash) {
+        if self.evidence.contains_key(&hash) {
             return;
         }
         batch.put(Column::Cores, &core_key(&self.core, b'e', &hash.0), &envelope.encode_to_vec());
-        self.evidence.push_back((hash, envelope));
-        while self.evidence.len() > self.config.max_evidence {
-            if let Some((old, _)) = self.evidence.pop_front() {
-                batch.delete(Column::Cores, &core_key(&self.core, b'e', &old.0));
-            }
+        self.evidence.insert(hash, envelope);
+    }
+
+    /// Drops evidence that no longer proves anything (a superseded equivocation proof), unless
+    /// it also carries a revocation.
+    fn drop_evidence(&mut self, hash: &ChangeHash, batch: &mut crate::store::StoreBatch<'_>) {
+        let carries_revocation = self
+            .evidence
+            .get(hash)
+            .and_then(|e| change::decode_change(&e.change).ok())
+            .is_some_and(|(c, _)| change::carried_revocation(&c, &self.core).ok().flatten().is_some());
+        if !carries_revocation && self.evidence.remove(hash).is_some() {
+            batch.delete(Column::Cores, &core_key(&self.core, b'e', &hash.0));
         }
     }
 
     /// Verifies and applies remote envelopes (a gossip message, a sync batch). Envelopes may
-    /// come in any order; everything accepted is stored (synced) before this returns.
-    pub fn apply_batch(&mut self, mut envelopes: Vec<SignedChange>) -> Result<BatchReport, CoreError> {
+    /// come in any order; everything accepted is stored before this returns.
+    pub fn apply_batch(&mut self, envelopes: Vec<SignedChange>) -> Result<BatchReport, CoreError> {
+        let checked = check_batch(&self.core, envelopes, &self.delegations, &self.config);
+        self.apply_checked(checked)
+    }
+
+    /// The checks that need the core's history, for envelopes that went through
+    /// [`check_batch`] (possibly on another thread), then storing what is valid.
+    pub(crate) fn apply_checked(&mut self, checked: Vec<Result<Checked, Rejected>>) -> Result<BatchReport, CoreError> {
         let mut report = BatchReport::default();
-        if envelopes.is_empty() {
+        if checked.is_empty() {
             return Ok(report);
         }
-        inflate_batch(&mut envelopes);
-        verify_delegations(envelopes.iter(), &mut self.delegation_cache);
-        let checked = self.check_all(envelopes);
         let horizon = unix_now().saturating_add(self.config.max_clock_skew);
-
         let store = self.store.clone();
         let mut batch = store.batch();
-        let mut learned = false;
+        let mut learned = Learned::default();
         let mut ready: VecDeque<Checked> = VecDeque::new();
         let mut admitted: Vec<Checked> = Vec::new();
+        let mut items = Vec::with_capacity(checked.len());
         for result in checked {
-            let item = match result {
-                Ok(item) => item,
-                Err(reason) => {
-                    report.rejected.push((None, reason));
-                    continue;
-                }
-            };
-            learned |= self.learn(&item, &mut batch);
+            match result {
+                Ok(item) => items.push(item),
+                Err(reason) => report.rejected.push((None, reason)),
+            }
+        }
+        // Facts first, then verdicts: a revocation in this batch decides about the other
+        // envelopes of the batch whatever their order in it.
+        for item in &items {
+            let new = self.learn(item, &mut batch);
+            learned.any |= new.any;
+            learned.relaxed |= new.relaxed;
+        }
+        if learned.relaxed {
+            // A cut was lifted: changes it voided are valid again.
+            self.recent_invalid.clear();
+            self.rebuild_from_store()?;
+        }
+        for item in items {
             if item.change.timestamp() > horizon && !self.dag.metas.contains_key(&item.hash) {
                 report.rejected.push((Some(item.hash), Rejected::FromTheFuture { time: item.change.timestamp(), horizon }));
                 continue;
@@ -906,9 +1050,13 @@ impl Replica {
             self.drain(&mut ready, &mut admitted, &mut report);
         }
 
-        let evicted = self.pending.evict_to(self.config.max_pending);
+        let evicted = self.pending.evict(
+            self.config.max_pending,
+            self.config.max_pending_bytes,
+            self.config.max_pending_bytes_per_author,
+        );
         if evicted > 0 {
-            tracing::warn!(core = %self.core, evicted, "held-back changes dropped: too many missing dependencies");
+            tracing::warn!(core = %self.core, evicted, "held-back changes dropped: over the limits for changes missing dependencies");
         }
         report.held.retain(|h| self.pending.items.contains_key(h));
         let mut missing: BTreeSet<ChangeHash> = BTreeSet::new();
@@ -923,31 +1071,12 @@ impl Replica {
         }
         report.missing = missing.into_iter().collect();
 
-        // New facts may invalidate changes, old or just admitted.
-        let invalidated: HashSet<ChangeHash> = if learned { self.cut_violations() } else { HashSet::new() };
-
+        // Everything admitted is stored; a new fact may make some of it (or older changes)
+        // invalid, or valid again, and then the verdicts are derived anew from the store.
         for item in &admitted {
-            if invalidated.contains(&item.hash) {
-                continue;
-            }
             self.persist_change(item, &mut batch);
         }
-        let admitted_hashes: HashSet<ChangeHash> = admitted.iter().map(|a| a.hash).collect();
-        let mut removed: Vec<ChangeHash> = Vec::new();
-        for hash in &invalidated {
-            let Some(meta) = self.dag.metas.get(hash) else { continue };
-            if admitted_hashes.contains(hash) {
-                let reason = "its author was cut off by a fact learned in the same batch";
-                self.recent_invalid.insert(*hash, reason.into());
-                report.rejected.push((Some(*hash), Rejected::KnownInvalid(reason.into())));
-            } else {
-                batch.delete(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()));
-                let reason = "invalidated by a revocation or an equivocation proof";
-                batch.put(Column::Cores, &core_key(&self.core, b'x', &hash.0), reason.as_bytes());
-                self.invalid.insert(*hash, reason.into());
-                removed.push(*hash);
-            }
-        }
+        let rederive = learned.any && !self.cut_violations().is_empty();
         if !batch.is_empty() {
             // Remote changes go to the write-ahead log without waiting for fsync: they survive a
             // crash of the process, and on a crash of the machine the other replicas still hold
@@ -955,21 +1084,32 @@ impl Replica {
             // it, so no acknowledged change can reach the disk without its dependencies.
             batch.commit(self.config.sync_remote_changes)?;
         }
-
-        report.learned = learned;
-        if invalidated.is_empty() {
+        report.learned = learned.any;
+        if !rederive {
             report.applied = admitted.iter().map(|a| a.hash).collect();
             self.apply_to_doc(admitted.into_iter().map(|a| a.change).collect());
-        } else {
-            report.applied = admitted.iter().map(|a| a.hash).filter(|h| !invalidated.contains(h)).collect();
-            removed.sort();
-            if !removed.is_empty() {
-                tracing::info!(core = %self.core, count = removed.len(), "rebuilding the document without invalidated changes");
-            }
-            report.invalidated = removed;
-            report.rebuilt = true;
-            self.rebuild_from_store()?;
+            return Ok(report);
         }
+        let admitted_hashes: HashSet<ChangeHash> = admitted.iter().map(|a| a.hash).collect();
+        let before: HashSet<ChangeHash> =
+            self.dag.metas.keys().filter(|h| !admitted_hashes.contains(h)).copied().collect();
+        self.recent_invalid.clear();
+        self.rebuild_from_store()?;
+        for item in &admitted {
+            if self.dag.metas.contains_key(&item.hash) {
+                report.applied.push(item.hash);
+            } else {
+                let reason = self.invalid.get(&item.hash).cloned().unwrap_or_default();
+                report.rejected.push((Some(item.hash), Rejected::KnownInvalid(reason)));
+            }
+        }
+        let mut removed: Vec<ChangeHash> = before.into_iter().filter(|h| !self.dag.metas.contains_key(h)).collect();
+        removed.sort();
+        if !removed.is_empty() {
+            tracing::info!(core = %self.core, count = removed.len(), "rebuilt the document without invalidated changes");
+        }
+        report.invalidated = removed;
+        report.rebuilt = true;
         Ok(report)
     }
 
@@ -1000,55 +1140,27 @@ impl Replica {
         }
     }
 
-    /// Runs the history-free checks, on several threads for large batches.
-    fn check_all(&self, envelopes: Vec<SignedChange>) -> Vec<Result<Checked, Rejected>> {
-        let core = self.core;
-        let cache = &self.delegation_cache;
-        let max = self.config.max_change_size;
-        let threads = self.config.verify_threads.max(1);
-        if envelopes.len() < 64 || threads == 1 {
-            return envelopes.into_iter().map(|e| check_envelope(&core, e, cache, max)).collect();
-        }
-        let chunk = envelopes.len().div_ceil(threads);
-        let mut chunks: Vec<Vec<SignedChange>> = Vec::new();
-        let mut iter = envelopes.into_iter();
-        loop {
-            let part: Vec<SignedChange> = iter.by_ref().take(chunk).collect();
-            if part.is_empty() {
-                break;
-            }
-            chunks.push(part);
-        }
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|part| {
-                    scope.spawn(move || part.into_iter().map(|e| check_envelope(&core, e, cache, max)).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join().unwrap_or_else(|_| vec![Err(Rejected::MalformedChange("verification panicked".into()))])
-                })
-                .collect()
-        })
-    }
-
     /// Learns the facts an envelope proves: a revocation it carries, an equivocation of its
-    /// author. Returns whether anything new was learned.
-    fn learn(&mut self, item: &Checked, batch: &mut crate::store::StoreBatch<'_>) -> bool {
-        let mut learned = false;
+    /// author.
+    fn learn(&mut self, item: &Checked, batch: &mut crate::store::StoreBatch<'_>) -> Learned {
+        let mut learned = Learned::default();
         if let Some((revocation, statement)) = &item.revocation {
             if self.add_revocation(revocation.clone(), statement.clone()) {
                 tracing::info!(core = %self.core, peer = %revocation.peer, "learned a revocation");
                 batch.put(Column::Cores, &core_key(&self.core, b'r', &revocation.id), &statement.encode_to_vec());
                 self.add_evidence(item.hash, item.envelope.clone(), batch);
-                learned = true;
+                learned.any = true;
+                // The revocation's keep now rules the key's actors: equivocation cuts of them
+                // no longer apply, and may have voided changes the owner kept.
+                learned.relaxed |= self.forget_equivocations_of(&revocation.peer, batch);
             }
         }
         let actor = item.change.actor_id().clone();
         let seq = item.change.seq();
+        if self.revoked_peers.contains_key(&item.author) {
+            // What a revoked key does is judged by its revocation alone.
+            return learned;
+        }
         let twin = self
             .dag
             .actor_index
@@ -1074,15 +1186,34 @@ impl Replica {
                     self.add_evidence(twin_hash, env, batch);
                 }
                 self.add_evidence(item.hash, item.envelope.clone(), batch);
-                learned = true;
+                // One proof per actor: the one with the lowest sequence number.
+                if let Some(old) = self.equivocation_proofs.insert(actor, [twin_hash, item.hash]) {
+                    for hash in old.iter().filter(|h| **h != twin_hash && **h != item.hash) {
+                        self.drop_evidence(hash, batch);
+                    }
+                }
+                learned.any = true;
             }
         } else {
-            if self.seen.len() >= SEEN_CAP {
-                self.seen.clear();
-            }
-            self.seen.entry((actor, seq)).or_insert_with(|| (item.hash, item.envelope.clone()));
+            self.seen.insert((actor, seq), item.hash, &item.envelope);
         }
         learned
+    }
+
+    /// Removes the equivocation cuts of `peer`'s actors (its revocation rules them now).
+    /// Returns whether there were any.
+    fn forget_equivocations_of(&mut self, peer: &PeerId, batch: &mut crate::store::StoreBatch<'_>) -> bool {
+        let actors: Vec<ActorId> = self
+            .equivocations
+            .keys()
+            .filter(|a| change::split_actor(a).is_some_and(|(p, _)| p == *peer))
+            .cloned()
+            .collect();
+        for actor in &actors {
+            self.equivocations.remove(actor);
+            batch.delete(Column::Cores, &core_key(&self.core, b'k', actor.to_bytes()));
+        }
+        !actors.is_empty()
     }
 
     fn route(&mut self, item: Checked, ready: &mut VecDeque<Checked>, report: &mut BatchReport) {
@@ -1092,6 +1223,20 @@ impl Replica {
             self.remember_rejection(item.hash, &reason);
             report.rejected.push((Some(item.hash), reason));
             return;
+        }
+        // A change past its actor's cut is invalid whatever its history: refuse it now rather
+        // than hold it (a revoked key must not be able to fill memory with held-back changes).
+        let seq = item.change.seq();
+        if let Some((keep, cut)) = self.keep_for(item.change.actor_id(), &item.author, &item.suffix) {
+            if seq > keep {
+                let reason = match cut {
+                    Cut::Revoked => Rejected::Revoked { author: item.author.to_string(), seq, keep },
+                    Cut::Equivocated => Rejected::Equivocation { author: item.author.to_string(), seq: keep + 1 },
+                };
+                self.remember_rejection(item.hash, &reason);
+                report.rejected.push((Some(item.hash), reason));
+                return;
+            }
         }
         let missing: Vec<ChangeHash> = deps.iter().filter(|d| !self.dag.metas.contains_key(d)).copied().collect();
         if missing.is_empty() {
@@ -1183,19 +1328,7 @@ impl Replica {
     /// `Ok` means: forward it (`Applied`, `Evidence`), ignore it (`Duplicate`), or fetch its
     /// dependencies (`MissingDeps`). `Err` means: reject it, do not forward.
     pub fn apply_remote(&mut self, envelope: SignedChange) -> Result<Accepted, ApplyError> {
-        let report = self.apply_batch(vec![envelope])?;
-        let summary = Report { applied: report.applied.clone(), invalidated: report.invalidated.clone(), rebuilt: report.rebuilt };
-        if !report.applied.is_empty() {
-            Ok(Accepted::Applied(summary))
-        } else if report.learned {
-            Ok(Accepted::Evidence(summary))
-        } else if let Some((_, reason)) = report.rejected.into_iter().next() {
-            Err(ApplyError::Rejected(reason))
-        } else if !report.held.is_empty() {
-            Ok(Accepted::MissingDeps { missing: report.missing })
-        } else {
-            Ok(Accepted::Duplicate)
-        }
+        outcome(self.apply_batch(vec![envelope])?)
     }
 
     fn local_actor(&mut self, author: PeerId) -> ActorId {
@@ -1221,9 +1354,9 @@ impl Replica {
         write: impl FnOnce(&mut Transaction<'_>) -> Result<(), PathError>,
     ) -> Result<SignedChange, WriteError> {
         let author = keypair.public().to_peer_id();
-        let delegation = self.verified_delegation(statement)?;
+        let delegation = self.delegations.verify(&self.core, statement)?;
         let heads = self.doc.get_heads();
-        let effective = time.max(self.dag.max_time(&heads));
+        let effective = time.max(self.dag.max_time(&heads)).max(delegation.issued_at);
         delegation.check(&self.core, &author, effective)?;
         if namespace != RESERVED_NAMESPACE && !delegation.namespaces.allows(namespace) {
             return Err(DelegationError::NamespaceNotDelegated(namespace.to_owned()).into());
@@ -1241,15 +1374,24 @@ impl Replica {
         if let Some(m) = message {
             options = options.with_message(m);
         }
-        let hash = match self.doc.transact_with(|_| options, write) {
-            Ok(success) => success.hash.ok_or(WriteError::NoChange)?,
-            Err(failure) => return Err(failure.error.into()),
+        // Automerge asserts its own invariants with panics; should one fire, the write fails and
+        // the document is rebuilt from the store, and the node goes on.
+        let doc = &mut self.doc;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.transact_with(|_| options, write)));
+        let hash = match outcome {
+            Ok(Ok(success)) => success.hash.ok_or(WriteError::NoChange)?,
+            Ok(Err(failure)) => return Err(failure.error.into()),
+            Err(_) => {
+                tracing::error!(core = %self.core, "Automerge panicked in a local transaction; rebuilding the document");
+                self.rebuild_from_store()?;
+                return Err(WriteError::Rejected(Rejected::MalformedChange("Automerge failed to make the change".into())));
+            }
         };
         let change = self.doc.get_change_by_hash(&hash).ok_or(WriteError::NoChange)?;
         let envelope = seal(&self.core, change.raw_bytes().to_vec(), keypair, statement)
             .map_err(|e| WriteError::Signing(e.to_string()))?;
         // The same checks every other replica will run.
-        let checked = check_envelope(&self.core, envelope.clone(), &self.delegation_cache, self.config.max_change_size);
+        let checked = check_envelope(&self.core, envelope.clone(), &self.delegations, self.config.max_change_size);
         let verdict = checked.and_then(|c| self.plan(&c).map(|p| (c, p)));
         let (checked, plan) = match verdict {
             Ok(v) => v,
@@ -1374,22 +1516,14 @@ impl Replica {
         // Learn the fact through the ordinary path so the cut applies here too.
         let store = self.store.clone();
         let mut batch = store.batch();
-        let checked = check_envelope(&self.core, envelope.clone(), &self.delegation_cache, self.config.max_change_size)
+        let checked = check_envelope(&self.core, envelope.clone(), &self.delegations, self.config.max_change_size)
             .map_err(WriteError::Rejected)?;
         let learned = self.learn(&checked, &mut batch);
-        let invalidated = if learned { self.cut_violations() } else { HashSet::new() };
-        for hash in &invalidated {
-            if let Some(meta) = self.dag.metas.get(hash) {
-                batch.delete(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()));
-                let reason = "invalidated by a revocation";
-                batch.put(Column::Cores, &core_key(&self.core, b'x', &hash.0), reason.as_bytes());
-                self.invalid.insert(*hash, reason.into());
-            }
-        }
         if !batch.is_empty() {
             batch.commit(true).map_err(CoreError::from)?;
         }
-        if !invalidated.is_empty() {
+        if learned.relaxed || (learned.any && !self.cut_violations().is_empty()) {
+            self.recent_invalid.clear();
             self.rebuild_from_store()?;
         }
         Ok(envelope)
@@ -1509,5 +1643,58 @@ impl Replica {
     /// Whether a change is valid and in the document.
     pub fn contains(&self, hash: &ChangeHash) -> bool {
         self.dag.metas.contains_key(hash)
+    }
+}
+
+/// The history-free checks of a batch of envelopes of `core` ([`change::check_envelope`]), on
+/// several threads for large batches. Needs nothing of the replica but the shared delegation
+/// cache, so it runs off the thread that owns the replicas.
+pub(crate) fn check_batch(
+    core: &Address,
+    mut envelopes: Vec<SignedChange>,
+    delegations: &Delegations,
+    config: &Config,
+) -> Vec<Result<Checked, Rejected>> {
+    inflate_batch(&mut envelopes);
+    let max = config.max_change_size;
+    let threads = config.verify_threads.max(1);
+    if envelopes.len() < 64 || threads == 1 {
+        return envelopes.into_iter().map(|e| check_envelope(core, e, delegations, max)).collect();
+    }
+    let chunk = envelopes.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<SignedChange>> = Vec::new();
+    let mut iter = envelopes.into_iter();
+    loop {
+        let part: Vec<SignedChange> = iter.by_ref().take(chunk).collect();
+        if part.is_empty() {
+            break;
+        }
+        chunks.push(part);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|part| scope.spawn(move || part.into_iter().map(|e| check_envelope(core, e, delegations, max)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(Rejected::MalformedChange("verification panicked".into()))]))
+            .collect()
+    })
+}
+
+/// The gossip verdict of a one-envelope batch.
+pub(super) fn outcome(report: BatchReport) -> Result<Accepted, ApplyError> {
+    let summary = Report { applied: report.applied.clone(), invalidated: report.invalidated.clone(), rebuilt: report.rebuilt };
+    if !report.applied.is_empty() {
+        Ok(Accepted::Applied(summary))
+    } else if report.learned {
+        Ok(Accepted::Evidence(summary))
+    } else if let Some((_, reason)) = report.rejected.into_iter().next() {
+        Err(ApplyError::Rejected(reason))
+    } else if !report.held.is_empty() {
+        Ok(Accepted::MissingDeps { missing: report.missing })
+    } else {
+        Ok(Accepted::Duplicate)
     }
 }

@@ -48,6 +48,7 @@ use kubelt_proto::core::{SignedChange, SyncRequest, SyncResponse};
 use prost::Message as _;
 use libp2p::identity::PeerId;
 
+use super::bounds::scan_sync_message;
 use super::change::deflate_batch;
 use super::replica::{BatchReport, Replica, Session};
 
@@ -84,8 +85,13 @@ fn receive(doc: &mut Automerge, state: &mut SyncState, mut message: SyncMessage)
     }
 }
 
+/// Decodes a peer's sync message, after [`scan_sync_message`] bounded every count in it (a
+/// Bloom filter's probe count decides what Automerge allocates per lookup).
 fn decode(bytes: &[u8]) -> Result<SyncMessage, String> {
-    SyncMessage::decode(bytes).map_err(|e| format!("undecodable sync message: {e}"))
+    scan_sync_message(bytes).map_err(|e| format!("refused sync message: {e}"))?;
+    std::panic::catch_unwind(|| SyncMessage::decode(bytes))
+        .map_err(|_| "undecodable sync message".to_string())?
+        .map_err(|e| format!("undecodable sync message: {e}"))
 }
 
 impl Replica {

@@ -18,52 +18,52 @@ use super::delegation::{self, Namespaces};
 use super::*;
 use crate::store::Store;
 
-type TestResult = anyhow::Result<()>;
+pub(super) type TestResult = anyhow::Result<()>;
 
 /// A wallet: the owner of a core.
-struct Wallet {
-    dev: DevWallet,
-    address: Address,
+pub(super) struct Wallet {
+    pub(super) dev: DevWallet,
+    pub(super) address: Address,
 }
 
 impl Wallet {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let dev = DevWallet::random();
         Wallet { address: dev.address(), dev }
     }
 
     /// EIP-191 personal_sign: r ‖ s ‖ v with v = 27/28.
-    fn sign(&self, message: &str) -> Vec<u8> {
+    pub(super) fn sign(&self, message: &str) -> Vec<u8> {
         self.dev.sign(message).expect("signing")
     }
 
-    fn statement(&self, message: String) -> OwnerStatement {
+    pub(super) fn statement(&self, message: String) -> OwnerStatement {
         self.dev.statement(message).expect("signing")
     }
 
-    fn delegate(&self, peer: &PeerId, namespaces: &[&str], expires_in: Duration, now: i64) -> OwnerStatement {
+    pub(super) fn delegate(&self, peer: &PeerId, namespaces: &[&str], expires_in: Duration, now: i64) -> OwnerStatement {
         self.dev.delegate(peer, namespaces, expires_in, at(now)).expect("delegation")
     }
 }
 
-fn at(t: i64) -> OffsetDateTime {
+pub(super) fn at(t: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(t).expect("time")
 }
 
-const T0: i64 = 1_750_000_000;
-const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(super) const T0: i64 = 1_750_000_000;
+pub(super) const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A node that writes changes by hand (no replica rules), to craft any history.
-struct Writer {
-    keypair: Keypair,
-    peer: PeerId,
-    doc: Automerge,
-    delegation: OwnerStatement,
-    core: Address,
+pub(super) struct Writer {
+    pub(super) keypair: Keypair,
+    pub(super) peer: PeerId,
+    pub(super) doc: Automerge,
+    pub(super) delegation: OwnerStatement,
+    pub(super) core: Address,
 }
 
 impl Writer {
-    fn new(owner: &Wallet, namespaces: &[&str], expires_in: Duration) -> Self {
+    pub(super) fn new(owner: &Wallet, namespaces: &[&str], expires_in: Duration) -> Self {
         let keypair = Keypair::generate_ed25519();
         let peer = keypair.public().to_peer_id();
         let delegation = owner.delegate(&peer, namespaces, expires_in, T0);
@@ -72,7 +72,7 @@ impl Writer {
         Writer { keypair, peer, doc, delegation, core: owner.address }
     }
 
-    fn commit(&mut self, time: i64, message: Option<String>, f: impl FnOnce(&mut automerge::transaction::Transaction<'_>)) -> SignedChange {
+    pub(super) fn commit(&mut self, time: i64, message: Option<String>, f: impl FnOnce(&mut automerge::transaction::Transaction<'_>)) -> SignedChange {
         let mut tx = self.doc.transaction();
         f(&mut tx);
         let mut options = CommitOptions::default().with_time(time);
@@ -85,12 +85,12 @@ impl Writer {
         change::seal(&self.core, change.raw_bytes().to_vec(), &self.keypair, &self.delegation).expect("seal")
     }
 
-    fn write(&mut self, namespace: &str, key: &str, value: serde_json::Value, time: i64) -> SignedChange {
+    pub(super) fn write(&mut self, namespace: &str, key: &str, value: serde_json::Value, time: i64) -> SignedChange {
         let path = vec![key.to_owned()];
         self.commit(time, None, |tx| super::value::set_path(tx, namespace, &path, &value).expect("write"))
     }
 
-    fn revoke(&mut self, statement: &OwnerStatement, time: i64) -> SignedChange {
+    pub(super) fn revoke(&mut self, statement: &OwnerStatement, time: i64) -> SignedChange {
         let record = RevocationRecord::new(statement);
         let id = hex::encode(delegation::statement_id(statement));
         let message = serde_json::to_string(&record).expect("json");
@@ -101,31 +101,31 @@ impl Writer {
         })
     }
 
-    fn absorb(&mut self, envelopes: &[&SignedChange]) {
+    pub(super) fn absorb(&mut self, envelopes: &[&SignedChange]) {
         let changes: Vec<Change> =
             envelopes.iter().map(|e| Change::from_bytes(e.change.to_vec()).expect("change")).collect();
         self.doc.apply_changes(changes).expect("apply");
     }
 
-    fn actor_suffix(&self) -> [u8; 8] {
+    pub(super) fn actor_suffix(&self) -> [u8; 8] {
         change::split_actor(self.doc.get_actor()).expect("actor").1
     }
 }
 
-fn hash_of(envelope: &SignedChange) -> ChangeHash {
+pub(super) fn hash_of(envelope: &SignedChange) -> ChangeHash {
     Change::from_bytes(envelope.change.to_vec()).expect("change").hash()
 }
 
 /// A node with its own store.
-struct Node {
-    _dir: tempfile::TempDir,
-    cores: Cores,
-    keypair: Keypair,
-    peer: PeerId,
+pub(super) struct Node {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) cores: Cores,
+    pub(super) keypair: Keypair,
+    pub(super) peer: PeerId,
 }
 
 impl Node {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path().join("db")).expect("store");
         let cores = Cores::load(store, Config::default()).expect("cores");
@@ -134,12 +134,12 @@ impl Node {
         Node { _dir: dir, cores, keypair, peer }
     }
 
-    fn replica(&mut self, core: Address) -> &mut Replica {
+    pub(super) fn replica(&mut self, core: Address) -> &mut Replica {
         self.cores.follow(core).expect("follow")
     }
 }
 
-fn rejected(result: Result<Accepted, ApplyError>) -> Rejected {
+pub(super) fn rejected(result: Result<Accepted, ApplyError>) -> Rejected {
     match result {
         Err(ApplyError::Rejected(r)) => r,
         other => panic!("expected a rejection, got {other:?}"),
@@ -147,7 +147,7 @@ fn rejected(result: Result<Accepted, ApplyError>) -> Rejected {
 }
 
 /// Drives one catch-up session of `a` with `b`; returns the number of round trips.
-fn sync(a: &mut Node, b: &mut Node, core: Address) -> usize {
+pub(super) fn sync(a: &mut Node, b: &mut Node, core: Address) -> usize {
     let (a_peer, b_peer) = (a.peer, b.peer);
     a.replica(core);
     b.replica(core);
@@ -165,7 +165,7 @@ fn sync(a: &mut Node, b: &mut Node, core: Address) -> usize {
     rounds
 }
 
-fn snapshot(replica: &Replica) -> (Vec<ChangeHash>, serde_json::Value) {
+pub(super) fn snapshot(replica: &Replica) -> (Vec<ChangeHash>, serde_json::Value) {
     let mut doc = serde_json::Map::new();
     for ns in replica.namespaces() {
         doc.insert(ns.clone(), replica.get(&ns, "").expect("get").unwrap_or_default());
@@ -727,7 +727,8 @@ fn ten_thousand_changes_catch_up_quickly() -> TestResult {
 
 #[test]
 fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
-    // A peer that embeds raw changes in the Automerge sync message gets them ignored.
+    // A peer that embeds raw changes in the Automerge sync message is refused: changes travel
+    // in signed envelopes, and nothing of the bare ones is applied.
     let owner = Wallet::new();
     let core = owner.address;
     let mut node = Node::new();
@@ -749,7 +750,7 @@ fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
     assert!(!message.changes.is_empty());
     let request = kubelt_proto::core::SyncRequest { core: core.to_lower_hex(), sync_message: message.encode().into(), changes: vec![] };
     let response = node.cores.handle_sync_request(request, &PeerId::random());
-    assert!(response.error.is_empty(), "{}", response.error);
+    assert!(response.error.contains("must not embed changes"), "{}", response.error);
     assert!(node.cores.get(&core).expect("core").is_empty());
     assert_eq!(node.cores.get(&core).expect("core").get("profile", "")?, None);
     Ok(())

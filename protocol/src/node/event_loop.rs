@@ -66,6 +66,10 @@ pub(crate) struct EventLoop {
     missing_deps_since: HashMap<crate::core::Address, (PeerId, Instant)>,
     /// Lookups of core replicas in flight, by core.
     replica_queries: HashMap<kad::QueryId, crate::core::Address>,
+    /// Gossip verification off this task: see `event_loop/cores.rs`.
+    gossip: cores::GossipVerification,
+    /// Core-sync requests and answers each peer may still have (see `cores::SyncBudget`).
+    sync_budgets: HashMap<PeerId, cores::SyncBudget>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -83,6 +87,7 @@ impl EventLoop {
         core_updates: tokio::sync::broadcast::Sender<super::client::CoreUpdate>,
         shutdown: CancellationToken,
     ) -> Self {
+        let gossip = cores::GossipVerification::new(cores.verifier());
         EventLoop {
             swarm,
             keypair,
@@ -102,6 +107,8 @@ impl EventLoop {
             replica_queries: HashMap::new(),
             core_sync_sessions: HashMap::new(),
             missing_deps_since: HashMap::new(),
+            gossip,
+            sync_budgets: HashMap::new(),
 
             started: Instant::now(),
             bootstraps_completed: 0,
@@ -155,6 +162,7 @@ impl EventLoop {
                 _ = self.shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
+                Some(verdict) = self.gossip.next_verdict() => self.on_gossip_verified(verdict),
                 _ = missing_deps_check.tick() => self.catch_up_missing_deps(),
                 _ = maintenance.tick() => {
                     self.maintain_connections();
@@ -392,6 +400,8 @@ impl EventLoop {
                 "/ipfs/ping/1.0.0".to_string(),
                 KAD_PROTOCOL.to_string(),
                 bitswap::PROTOCOL_1_2_0.to_string(),
+                crate::sync::CORE_SYNC_PROTOCOL.to_string(),
+                "/meshsub/1.1.0".to_string(),
             ],
         }
     }
@@ -461,6 +471,9 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
+                    // Per-peer state goes with the peer, so churn cannot grow it.
+                    self.agents.remove(&peer_id);
+                    self.sync_budgets.remove(&peer_id);
                     let cause = cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into());
                     tracing::info!(%peer_id, %cause, "peer disconnected");
                 }

@@ -49,8 +49,49 @@ pub fn gossipsub(keypair: &Keypair) -> Result<gossipsub::Behaviour, SyncSetupErr
         .duplicate_cache_time(Duration::from_secs(120))
         .build()
         .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;
-    gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), config)
-        .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))
+    let mut behaviour = gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), config)
+        .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;
+    behaviour.with_peer_score(peer_score_params(), peer_score_thresholds()).map_err(SyncSetupError::Gossipsub)?;
+    Ok(behaviour)
+}
+
+/// Peer scoring (gossipsub v1.1): a peer that sends changes our validation rejects loses score
+/// per topic ([`topic_score_params`]); below the thresholds it no longer gets our gossip, then
+/// our messages, then we ignore it altogether. IP colocation is not penalised: people behind
+/// one home router, and every node of a test on loopback, share an address.
+pub fn peer_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() }
+}
+
+/// Score thresholds: three rejected changes in quick succession graylist a peer (its messages
+/// are ignored until the penalty decays).
+pub fn peer_score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        ..Default::default()
+    }
+}
+
+/// Score parameters of a core's topic. Cores are quiet (a person's devices write now and
+/// then), so the mesh-delivery terms that punish silence are off; time in the mesh and first
+/// deliveries earn a little; each invalid message costs `10 × count²`, decaying by 70 % a
+/// second.
+pub fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.1,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 10.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.3,
+        ..Default::default()
+    }
 }
 
 /// The catch-up request-response behaviour.

@@ -6,16 +6,131 @@
 //! verified before gossipsub may forward it (`Accept`), and anything invalid is `Reject`ed so
 //! it never travels further.
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use kubelt_proto::core::{OwnerStatement, SignedChange};
 use kubelt_proto::Message;
-use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::gossipsub::{self, MessageAcceptance, MessageId, TopicHash};
 use libp2p::{kad, request_response, PeerId};
+use tokio::sync::mpsc;
 
 use super::EventLoop;
-use crate::core::{Accepted, Address, ApplyError, Delegation, Revocation};
+use crate::core::{Accepted, Address, ApplyError, Delegation, Rejected, Revocation, Verified, Verifier};
 use crate::core::ChangeHash;
 use crate::node::client::{CoreCommandError, CoreSummary, CoreUpdate, SubmitOutcome};
 use crate::sync;
+
+/// Gossip messages being verified at once, over all peers; more are ignored (not forwarded)
+/// until the backlog drains.
+const MAX_VERIFYING: usize = 256;
+/// Gossip messages of one propagation source being verified at once.
+const MAX_VERIFYING_PER_PEER: usize = 32;
+
+/// Gossip messages are verified off the event loop: decoding, the author's signature, the
+/// owner's delegation and Automerge's parsing of the change run on a blocking thread, inside
+/// `catch_unwind`, and only the history checks (bounded by the change's size) run here.
+pub(super) struct GossipVerification {
+    verifier: Verifier,
+    verdicts_tx: mpsc::Sender<GossipVerdict>,
+    verdicts: mpsc::Receiver<GossipVerdict>,
+    /// Messages in verification, per propagation source.
+    in_flight: HashMap<PeerId, usize>,
+    /// Which core each subscribed topic is.
+    topics: HashMap<TopicHash, Address>,
+}
+
+/// The outcome of verifying one gossip message off the event loop.
+pub(super) struct GossipVerdict {
+    id: MessageId,
+    source: PeerId,
+    core: Address,
+    result: Result<Verified, Rejected>,
+}
+
+impl GossipVerification {
+    pub(super) fn new(verifier: Verifier) -> Self {
+        let (verdicts_tx, verdicts) = mpsc::channel(MAX_VERIFYING);
+        GossipVerification { verifier, verdicts_tx, verdicts, in_flight: HashMap::new(), topics: HashMap::new() }
+    }
+
+    /// The next verified message.
+    pub(super) async fn next_verdict(&mut self) -> Option<GossipVerdict> {
+        self.verdicts.recv().await
+    }
+
+    /// Starts verifying a message; `false` when over the limits (the caller ignores it).
+    fn start(&mut self, id: MessageId, source: PeerId, core: Address, data: Vec<u8>) -> bool {
+        let total: usize = self.in_flight.values().sum();
+        let mine = self.in_flight.get(&source).copied().unwrap_or(0);
+        if total >= MAX_VERIFYING || mine >= MAX_VERIFYING_PER_PEER {
+            return false;
+        }
+        *self.in_flight.entry(source).or_default() += 1;
+        let verifier = self.verifier.clone();
+        let tx = self.verdicts_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = verifier.verify_gossip(core, &data);
+            // Capacity is MAX_VERIFYING and at most that many are in flight: this never waits.
+            let _ = tx.blocking_send(GossipVerdict { id, source, core, result });
+        });
+        true
+    }
+
+    fn finished(&mut self, source: &PeerId) {
+        if let Some(n) = self.in_flight.get_mut(source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(source);
+            }
+        }
+    }
+}
+
+/// A token bucket of core-sync requests and answer bytes for one peer. Cores are readable by
+/// any replica, so strangers are answered, but never faster than this: an answer can be
+/// thousands of times larger than the request that asked for it.
+pub(super) struct SyncBudget {
+    requests: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl SyncBudget {
+    /// Requests per second, sustained, and the burst allowed.
+    const REQUESTS_PER_SEC: f64 = 20.0;
+    const REQUEST_BURST: f64 = 60.0;
+    /// Answer bytes per second, sustained, and the burst allowed (a full catch-up of a large
+    /// core fits in the burst).
+    const BYTES_PER_SEC: f64 = (8 << 20) as f64;
+    const BYTE_BURST: f64 = (128 << 20) as f64;
+
+    fn new(now: Instant) -> Self {
+        SyncBudget { requests: Self::REQUEST_BURST, bytes: Self::BYTE_BURST, at: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.requests = (self.requests + dt * Self::REQUESTS_PER_SEC).min(Self::REQUEST_BURST);
+        self.bytes = (self.bytes + dt * Self::BYTES_PER_SEC).min(Self::BYTE_BURST);
+    }
+
+    /// Takes one request if the peer has budget left for a request and for some answer.
+    fn take_request(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.requests < 1.0 || self.bytes <= 0.0 {
+            return false;
+        }
+        self.requests -= 1.0;
+        true
+    }
+
+    /// Charges the bytes of an answer (the balance may go negative: the next requests wait).
+    fn charge(&mut self, bytes: usize) {
+        self.bytes -= bytes as f64;
+    }
+}
 
 fn err(e: impl std::fmt::Display) -> CoreCommandError {
     CoreCommandError(e.to_string())
@@ -39,6 +154,10 @@ impl EventLoop {
     /// Subscribes to a core's topic, provides its DHT key and looks for other replicas.
     fn join_core(&mut self, core: Address) {
         let topic = sync::topic(&core);
+        self.gossip.topics.insert(topic.hash(), core);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.set_topic_params(topic.clone(), sync::topic_score_params()) {
+            tracing::warn!(%core, "cannot set the topic's peer-score parameters: {e}");
+        }
         if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
             tracing::warn!(%core, "cannot subscribe to the core's topic: {e}");
         }
@@ -180,11 +299,19 @@ impl EventLoop {
     pub(super) fn on_gossipsub_event(&mut self, event: gossipsub::Event) {
         match event {
             gossipsub::Event::Message { propagation_source, message_id, message } => {
-                let acceptance = self.validate_gossip(&propagation_source, &message.data);
-                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, acceptance);
+                // The topic names the core; a message for a core we do not hold is not ours to
+                // judge, and the envelope must be for the topic's core (checked off the loop).
+                let Some(core) = self.gossip.topics.get(&message.topic).copied() else {
+                    self.report_gossip(&message_id, &propagation_source, MessageAcceptance::Ignore);
+                    return;
+                };
+                if !self.gossip.start(message_id.clone(), propagation_source, core, message.data) {
+                    tracing::debug!(peer = %propagation_source, %core, "too many gossip messages in verification; ignoring one");
+                    self.report_gossip(&message_id, &propagation_source, MessageAcceptance::Ignore);
+                }
             }
             gossipsub::Event::Subscribed { peer_id, topic } => {
-                if let Some(core) = self.cores.list().into_iter().find(|c| sync::topic(c).hash() == topic) {
+                if let Some(core) = self.gossip.topics.get(&topic).copied() {
                     tracing::debug!(%peer_id, %core, "peer holds the same core: catching up");
                     self.start_sync(core, peer_id);
                 }
@@ -193,29 +320,28 @@ impl EventLoop {
         }
     }
 
-    /// Verifies a received change: only what the core logic accepts is forwarded.
-    fn validate_gossip(&mut self, source: &PeerId, data: &[u8]) -> MessageAcceptance {
-        let envelope = match SignedChange::decode(data) {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                tracing::warn!(%source, "rejected a malformed change envelope: {e}");
-                return MessageAcceptance::Reject;
-            }
+    fn report_gossip(&mut self, id: &MessageId, source: &PeerId, acceptance: MessageAcceptance) {
+        let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(id, source, acceptance);
+    }
+
+    /// A gossip message came back from verification: the history checks, then the verdict
+    /// that tells gossipsub whether to forward it.
+    pub(super) fn on_gossip_verified(&mut self, verdict: GossipVerdict) {
+        let GossipVerdict { id, source, core, result } = verdict;
+        self.gossip.finished(&source);
+        let outcome = match result {
+            Ok(verified) => self.cores.apply_verified(verified),
+            Err(reason) => Err(ApplyError::Rejected(reason)),
         };
-        let core = envelope.core.clone();
-        match self.cores.apply_remote(envelope) {
+        let acceptance = match outcome {
             Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
-                if let Ok(address) = Address::parse(&core) {
-                    self.announce_applied(address, &report.applied);
-                }
+                self.announce_applied(core, &report.applied);
                 MessageAcceptance::Accept
             }
             Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
             Ok(Accepted::MissingDeps { missing }) => {
                 tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies");
-                if let Ok(address) = Address::parse(&core) {
-                    self.missing_deps_since.entry(address).or_insert((*source, std::time::Instant::now()));
-                }
+                self.missing_deps_since.entry(core).or_insert((source, Instant::now()));
                 MessageAcceptance::Ignore
             }
             Err(ApplyError::Rejected(reason)) => {
@@ -226,7 +352,8 @@ impl EventLoop {
                 tracing::error!(%core, "cannot store a change: {e}");
                 MessageAcceptance::Ignore
             }
-        }
+        };
+        self.report_gossip(&id, &source, acceptance);
     }
 
     /// Catches up the cores whose held-back changes still miss dependencies after the grace
@@ -316,7 +443,22 @@ impl EventLoop {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let response = self.cores.handle_sync_request(request, &peer);
+                    let now = Instant::now();
+                    let budget = self.sync_budgets.entry(peer).or_insert_with(|| SyncBudget::new(now));
+                    let response = if budget.take_request(now) {
+                        let response = self.cores.handle_sync_request(request, &peer);
+                        if let Some(budget) = self.sync_budgets.get_mut(&peer) {
+                            budget.charge(response.encoded_len());
+                        }
+                        response
+                    } else {
+                        tracing::debug!(%peer, "core-sync request over the peer's budget");
+                        kubelt_proto::core::SyncResponse {
+                            core: request.core,
+                            error: "busy: too many catch-up requests from this peer; retry later".into(),
+                            ..Default::default()
+                        }
+                    };
                     let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
                 }
                 request_response::Message::Response { response, .. } => {
