@@ -228,6 +228,11 @@ impl EventLoop {
     /// Keeps the node connected: dials routing-table and remembered peers while below the
     /// target, and goes back to the bootstrap peers when it has lost everyone.
     fn maintain_connections(&mut self) {
+        match self.peer_book.prune(super::peers::MAX_KNOWN_PEERS) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(forgotten = n, "peer book pruned to the most recently seen peers"),
+            Err(e) => tracing::warn!("cannot prune the peer book: {e}"),
+        }
         let connected = self.swarm.connected_peers().count();
         if connected >= self.config.target_peers {
             return;

@@ -11,6 +11,9 @@ use crate::store::{Column, Store, StoreError};
 /// Most addresses remembered per peer.
 const MAX_ADDRESSES_PER_PEER: usize = 8;
 
+/// Most peers remembered; the least recently seen are forgotten beyond this.
+pub const MAX_KNOWN_PEERS: usize = 2048;
+
 /// A remembered peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownPeer {
@@ -73,6 +76,20 @@ impl PeerBook {
     }
 }
 
+impl PeerBook {
+    /// Forgets all but the `keep` most recently seen peers, so that churn (or a flood of
+    /// identities) cannot grow the book without bound. Returns how many were forgotten.
+    pub fn prune(&self, keep: usize) -> Result<usize, StoreError> {
+        let peers = self.all()?;
+        let mut forgotten = 0;
+        for peer in peers.iter().skip(keep) {
+            self.store.delete_sync(Column::Peers, &peer.peer_id.to_bytes())?;
+            forgotten += 1;
+        }
+        Ok(forgotten)
+    }
+}
+
 fn corrupt(reason: String) -> StoreError {
     StoreError::Corrupt { column: Column::Peers.name(), reason }
 }
@@ -114,6 +131,25 @@ mod tests {
         let all = book.all()?;
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].addresses, vec![b, a]);
+        Ok(())
+    }
+
+    #[test]
+    fn pruning_keeps_the_most_recently_seen_peers() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let book = PeerBook::new(Store::open(dir.path())?);
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse()?;
+        let mut peers = Vec::new();
+        for i in 0..10u64 {
+            let peer = PeerId::random();
+            let record = KnownPeer { peer_id: peer, addresses: vec![addr.clone()], last_seen: 1000 + i };
+            book.store.put(Column::Peers, &peer.to_bytes(), &serde_json::to_vec(&record)?)?;
+            peers.push(peer);
+        }
+        assert_eq!(book.prune(4)?, 6);
+        let kept: Vec<PeerId> = book.all()?.into_iter().map(|p| p.peer_id).collect();
+        assert_eq!(kept, peers[6..].iter().rev().copied().collect::<Vec<_>>());
+        assert_eq!(book.prune(4)?, 0);
         Ok(())
     }
 }
