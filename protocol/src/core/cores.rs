@@ -141,6 +141,22 @@ impl Cores {
         }
     }
 
+    /// Answers a catch-up request whose envelopes a [`Verifier`] checked.
+    pub fn handle_verified_sync_request(&mut self, request: SyncRequest, batch: VerifiedBatch, peer: &PeerId) -> SyncResponse {
+        match self.replicas.get_mut(&batch.core) {
+            Some(replica) => replica.handle_checked_sync_request(request, batch.checked, peer),
+            None => SyncResponse { core: request.core, error: Rejected::UnknownCore(batch.core.to_lower_hex()).to_string(), ..Default::default() },
+        }
+    }
+
+    /// Takes a catch-up response whose envelopes a [`Verifier`] checked.
+    pub fn handle_verified_sync_response(&mut self, response: SyncResponse, batch: VerifiedBatch, peer: &PeerId) -> SyncStep {
+        match self.replicas.get_mut(&batch.core) {
+            Some(replica) => replica.handle_checked_sync_response(response, batch.checked, peer),
+            None => SyncStep { error: Some(Rejected::UnknownCore(batch.core.to_lower_hex()).to_string()), ..Default::default() },
+        }
+    }
+
     /// Forgets every session with `peer` (disconnected).
     pub fn end_sync(&mut self, peer: &PeerId) {
         for replica in self.replicas.values_mut() {
@@ -168,6 +184,13 @@ pub struct Verified {
     checked: Result<Checked, Rejected>,
 }
 
+/// The envelopes of a catch-up message after the history-free checks.
+#[derive(Debug)]
+pub struct VerifiedBatch {
+    core: Address,
+    checked: Vec<Result<Checked, Rejected>>,
+}
+
 impl Verified {
     /// The core the envelope is for.
     pub fn core(&self) -> Address {
@@ -176,6 +199,22 @@ impl Verified {
 }
 
 impl Verifier {
+    /// Checks the envelopes of a catch-up message for `core` (the wire form of its id), with
+    /// panics in dependencies caught. CPU-bound: call it from a blocking thread.
+    pub fn verify_sync_batch(&self, core: &str, envelopes: Vec<SignedChange>) -> Result<VerifiedBatch, Rejected> {
+        let address = Address::parse(core).map_err(|e| Rejected::MalformedEnvelope(format!("core {core:?}: {e}")))?;
+        if address.to_lower_hex() != core {
+            return Err(Rejected::MalformedEnvelope(format!("core {core:?} is not in lower-case wire form")));
+        }
+        let delegations = &self.delegations;
+        let config = &self.config;
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::replica::check_batch(&address, envelopes, delegations, config)
+        }))
+        .unwrap_or_else(|_| vec![Err(Rejected::MalformedChange("verification panicked".into()))]);
+        Ok(VerifiedBatch { core: address, checked })
+    }
+
     /// Checks one envelope received as `data` (a gossip message on `topic_core`'s topic):
     /// decodes the envelope, refuses one for another core than its topic's, then verifies the
     /// author's signature, the delegation and the change, with panics in dependencies caught.

@@ -96,7 +96,7 @@ mod attack_tests;
 
 pub use address::{dht_key, Address, AddressError};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
-pub use cores::{Cores, Verified, Verifier};
+pub use cores::{Cores, Verified, VerifiedBatch, Verifier};
 pub use delegation::{delegation_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Revocation};
 pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
 pub use sync::SyncStep;

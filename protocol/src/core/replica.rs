@@ -552,7 +552,7 @@ pub struct Replica {
     pub(super) statements: HashMap<[u8; 32], OwnerStatement>,
     /// Ids of the statements stored under `d/`.
     stored_statements: HashSet<[u8; 32]>,
-    delegations: Delegations,
+    pub(super) delegations: Delegations,
     /// Known revocations by statement id, and by revoked key.
     revocations: BTreeMap<[u8; 32], (Revocation, OwnerStatement)>,
     revoked_peers: HashMap<PeerId, Vec<[u8; 32]>>,

@@ -49,7 +49,7 @@ use prost::Message as _;
 use libp2p::identity::PeerId;
 
 use super::bounds::scan_sync_message;
-use super::change::deflate_batch;
+use super::change::{deflate_batch, Checked, Rejected};
 use super::replica::{BatchReport, Replica, Session};
 
 /// The outcome of one round of a session this replica drives.
@@ -62,6 +62,13 @@ pub struct SyncStep {
     pub next: Option<SyncRequest>,
     /// The peer's (or our) error, if the session ended on one.
     pub error: Option<String>,
+}
+
+impl SyncStep {
+    /// A step that ends the session on `error`.
+    pub fn failed(error: String) -> SyncStep {
+        SyncStep { error: Some(error), ..Default::default() }
+    }
 }
 
 fn generate(doc: &Automerge, state: &mut SyncState) -> Option<SyncMessage> {
@@ -170,13 +177,26 @@ impl Replica {
 
     /// Answers a peer's request: applies the envelopes it carries, then says what we have and
     /// what we need, with the envelopes the peer lacks.
-    pub fn handle_sync_request(&mut self, request: SyncRequest, peer: &PeerId) -> SyncResponse {
+    pub fn handle_sync_request(&mut self, mut request: SyncRequest, peer: &PeerId) -> SyncResponse {
+        let changes = std::mem::take(&mut request.changes);
+        let checked = super::replica::check_batch(&self.core, changes, &self.delegations, &self.config);
+        self.handle_checked_sync_request(request, checked, peer)
+    }
+
+    /// [`Replica::handle_sync_request`] for a request whose envelopes went through
+    /// [`super::replica::check_batch`] already (on another thread).
+    pub(crate) fn handle_checked_sync_request(
+        &mut self,
+        request: SyncRequest,
+        checked: Vec<Result<Checked, Rejected>>,
+        peer: &PeerId,
+    ) -> SyncResponse {
         let core = self.core.to_lower_hex();
         let error = |e: String| SyncResponse { core: core.clone(), sync_message: Default::default(), changes: Vec::new(), error: e };
         if request.core != core {
             return error(format!("this is core {core}, not {}", request.core));
         }
-        let report = match self.apply_batch(request.changes) {
+        let report = match self.apply_checked(checked) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(core = %self.core, %peer, error = %e, "core-sync: cannot store the peer's changes");
@@ -211,14 +231,27 @@ impl Replica {
 
     /// Takes a peer's response to our request: applies its envelopes and returns the next
     /// request of the session, if any.
-    pub fn handle_sync_response(&mut self, response: SyncResponse, peer: &PeerId) -> SyncStep {
+    pub fn handle_sync_response(&mut self, mut response: SyncResponse, peer: &PeerId) -> SyncStep {
+        let changes = std::mem::take(&mut response.changes);
+        let checked = super::replica::check_batch(&self.core, changes, &self.delegations, &self.config);
+        self.handle_checked_sync_response(response, checked, peer)
+    }
+
+    /// [`Replica::handle_sync_response`] for a response whose envelopes went through
+    /// [`super::replica::check_batch`] already (on another thread).
+    pub(crate) fn handle_checked_sync_response(
+        &mut self,
+        response: SyncResponse,
+        checked: Vec<Result<Checked, Rejected>>,
+        peer: &PeerId,
+    ) -> SyncStep {
         let core = self.core.to_lower_hex();
         if !response.error.is_empty() || response.core != core {
             self.sessions.remove(peer);
             let error = if response.error.is_empty() { format!("response for core {}", response.core) } else { response.error };
             return SyncStep { error: Some(error), ..Default::default() };
         }
-        let report = match self.apply_batch(response.changes) {
+        let report = match self.apply_checked(checked) {
             Ok(r) => r,
             Err(e) => {
                 self.sessions.remove(peer);

@@ -68,6 +68,8 @@ pub(crate) struct EventLoop {
     replica_queries: HashMap<kad::QueryId, crate::core::Address>,
     /// Gossip verification off this task: see `event_loop/cores.rs`.
     gossip: cores::GossipVerification,
+    /// Catch-up verification off this task.
+    sync_work: cores::SyncVerification,
     /// Core-sync requests and answers each peer may still have (see `cores::SyncBudget`).
     sync_budgets: HashMap<PeerId, cores::SyncBudget>,
     started: Instant,
@@ -88,6 +90,7 @@ impl EventLoop {
         shutdown: CancellationToken,
     ) -> Self {
         let gossip = cores::GossipVerification::new(cores.verifier());
+        let sync_work = cores::SyncVerification::new(cores.verifier());
         EventLoop {
             swarm,
             keypair,
@@ -108,6 +111,7 @@ impl EventLoop {
             core_sync_sessions: HashMap::new(),
             missing_deps_since: HashMap::new(),
             gossip,
+            sync_work,
             sync_budgets: HashMap::new(),
 
             started: Instant::now(),
@@ -163,6 +167,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(verdict) = self.gossip.next_verdict() => self.on_gossip_verified(verdict),
+                Some(work) = self.sync_work.next() => self.on_sync_verified(work),
                 _ = missing_deps_check.tick() => self.catch_up_missing_deps(),
                 _ = maintenance.tick() => {
                     self.maintain_connections();

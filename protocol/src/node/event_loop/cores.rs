@@ -16,7 +16,8 @@ use libp2p::{kad, request_response, PeerId};
 use tokio::sync::mpsc;
 
 use super::EventLoop;
-use crate::core::{Accepted, Address, ApplyError, Delegation, Rejected, Revocation, Verified, Verifier};
+use crate::core::{Accepted, Address, ApplyError, Delegation, Rejected, Revocation, Verified, VerifiedBatch, Verifier};
+use kubelt_proto::core::{SyncRequest, SyncResponse};
 use crate::core::ChangeHash;
 use crate::node::client::{CoreCommandError, CoreSummary, CoreUpdate, SubmitOutcome};
 use crate::sync;
@@ -84,6 +85,54 @@ impl GossipVerification {
                 self.in_flight.remove(source);
             }
         }
+    }
+}
+
+/// Catch-up messages being verified at once (inbound requests beyond this are answered "busy").
+const MAX_SYNC_VERIFYING: usize = 64;
+
+/// Catch-up messages are verified off the event loop like gossip: the envelopes they carry are
+/// decoded and checked on a blocking thread; the replica then runs only the history checks and
+/// Automerge's sync step on bounded, scanned input.
+pub(super) struct SyncVerification {
+    verifier: Verifier,
+    done_tx: mpsc::Sender<SyncWork>,
+    done: mpsc::Receiver<SyncWork>,
+    in_flight: usize,
+}
+
+/// A catch-up message back from verification.
+pub(super) enum SyncWork {
+    Request { peer: PeerId, channel: request_response::ResponseChannel<SyncResponse>, request: SyncRequest, batch: Result<VerifiedBatch, Rejected> },
+    Response { peer: PeerId, response: SyncResponse, batch: Result<VerifiedBatch, Rejected> },
+}
+
+impl SyncVerification {
+    pub(super) fn new(verifier: Verifier) -> Self {
+        let (done_tx, done) = mpsc::channel(MAX_SYNC_VERIFYING);
+        SyncVerification { verifier, done_tx, done, in_flight: 0 }
+    }
+
+    /// The next verified catch-up message.
+    pub(super) async fn next(&mut self) -> Option<SyncWork> {
+        self.done.recv().await
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight >= MAX_SYNC_VERIFYING
+    }
+
+    /// Verifies a message's envelopes on a blocking thread; `make` rebuilds the work item.
+    fn start(&mut self, core: String, envelopes: Vec<SignedChange>, make: impl FnOnce(Result<VerifiedBatch, Rejected>) -> SyncWork + Send + 'static) {
+        self.in_flight += 1;
+        let verifier = self.verifier.clone();
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let batch = verifier.verify_sync_batch(&core, envelopes);
+            // Inbound requests are refused beyond the channel's capacity; responses to our own
+            // requests are not, and wait here for room rather than be lost.
+            let _ = tx.blocking_send(make(batch));
+        });
     }
 }
 
@@ -442,46 +491,27 @@ impl EventLoop {
     pub(super) fn on_core_sync_event(&mut self, event: request_response::Event<kubelt_proto::core::SyncRequest, kubelt_proto::core::SyncResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request { mut request, channel, .. } => {
                     let now = Instant::now();
                     let budget = self.sync_budgets.entry(peer).or_insert_with(|| SyncBudget::new(now));
-                    let response = if budget.take_request(now) {
-                        let response = self.cores.handle_sync_request(request, &peer);
-                        if let Some(budget) = self.sync_budgets.get_mut(&peer) {
-                            budget.charge(response.encoded_len());
-                        }
-                        response
-                    } else {
-                        tracing::debug!(%peer, "core-sync request over the peer's budget");
-                        kubelt_proto::core::SyncResponse {
+                    if !budget.take_request(now) || self.sync_work.busy() {
+                        tracing::debug!(%peer, "core-sync request over the peer's budget or the node's");
+                        let busy = SyncResponse {
                             core: request.core,
-                            error: "busy: too many catch-up requests from this peer; retry later".into(),
+                            error: "busy: too many catch-up requests; retry later".into(),
                             ..Default::default()
-                        }
-                    };
-                    let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
+                        };
+                        let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, busy);
+                        return;
+                    }
+                    let envelopes = std::mem::take(&mut request.changes);
+                    let core = request.core.clone();
+                    self.sync_work.start(core, envelopes, move |batch| SyncWork::Request { peer, channel, request, batch });
                 }
-                request_response::Message::Response { response, .. } => {
-                    let core = Address::parse(&response.core).ok();
-                    let step = self.cores.handle_sync_response(response, &peer);
-                    if !step.report.applied.is_empty() {
-                        tracing::info!(%peer, applied = step.report.applied.len(), "caught up with a replica");
-                        if let Some(core) = core {
-                            self.announce_applied(core, &step.report.applied);
-                        }
-                    }
-                    for (_, reason) in &step.report.rejected {
-                        tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
-                    }
-                    if let Some(error) = step.error {
-                        tracing::debug!(%peer, "catch-up ended: {error}");
-                    }
-                    match step.next {
-                        Some(next) => {
-                            self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
-                        }
-                        None => self.sync_session_ended(&peer, core),
-                    }
+                request_response::Message::Response { mut response, .. } => {
+                    let envelopes = std::mem::take(&mut response.changes);
+                    let core = response.core.clone();
+                    self.sync_work.start(core, envelopes, move |batch| SyncWork::Response { peer, response, batch });
                 }
             },
             request_response::Event::OutboundFailure { peer, error, .. } => {
@@ -493,6 +523,52 @@ impl EventLoop {
                 tracing::debug!(%peer, "catch-up answer failed: {error}");
             }
             _ => {}
+        }
+    }
+
+    /// A catch-up message came back from verification: answer the request, or go on with
+    /// the session.
+    pub(super) fn on_sync_verified(&mut self, work: SyncWork) {
+        self.sync_work.in_flight = self.sync_work.in_flight.saturating_sub(1);
+        match work {
+            SyncWork::Request { peer, channel, request, batch } => {
+                let response = match batch {
+                    Ok(batch) => self.cores.handle_verified_sync_request(request, batch, &peer),
+                    Err(reason) => SyncResponse { core: request.core, error: reason.to_string(), ..Default::default() },
+                };
+                if let Some(budget) = self.sync_budgets.get_mut(&peer) {
+                    budget.charge(response.encoded_len());
+                }
+                let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
+            }
+            SyncWork::Response { peer, response, batch } => {
+                let core = Address::parse(&response.core).ok();
+                let step = match batch {
+                    Ok(batch) => self.cores.handle_verified_sync_response(response, batch, &peer),
+                    Err(reason) => {
+                        self.cores.end_sync(&peer);
+                        crate::core::SyncStep::failed(reason.to_string())
+                    }
+                };
+                if !step.report.applied.is_empty() {
+                    tracing::info!(%peer, applied = step.report.applied.len(), "caught up with a replica");
+                    if let Some(core) = core {
+                        self.announce_applied(core, &step.report.applied);
+                    }
+                }
+                for (_, reason) in &step.report.rejected {
+                    tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
+                }
+                if let Some(error) = &step.error {
+                    tracing::debug!(%peer, "catch-up ended: {error}");
+                }
+                match step.next {
+                    Some(next) => {
+                        self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
+                    }
+                    None => self.sync_session_ended(&peer, core),
+                }
+            }
         }
     }
 }
