@@ -51,17 +51,17 @@ fn content_moves_both_ways_between_nodes_and_through_the_gateway() -> anyhow::Re
 
     // The gateway needs no secret and sends length and type.
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
-    let response = agent.get(&format!("{}ipfs/{cid_tree}/a.txt", b.api_url())).call()?;
+    let response = agent.get(&format!("{}ipfs/{cid_tree}/a.txt", b.gateway_url())).call()?;
     assert_eq!(response.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(response.header("content-length"), Some("3"));
     assert_eq!(response.into_string()?, "ay\n");
-    let response = agent.get(&format!("{}ipfs/{cid_a}", b.api_url())).call()?;
+    let response = agent.get(&format!("{}ipfs/{cid_a}", b.gateway_url())).call()?;
     assert_eq!(response.header("content-length"), Some(bytes_a.len().to_string().as_str()));
-    match agent.get(&format!("{}ipfs/not-a-cid", b.api_url())).call() {
+    match agent.get(&format!("{}ipfs/not-a-cid", b.gateway_url())).call() {
         Err(ureq::Error::Status(400, r)) => assert!(r.into_string()?.contains("not-a-cid")),
         other => anyhow::bail!("expected 400 for an invalid CID, got {other:?}"),
     }
-    match agent.get(&format!("{}ipfs/{cid_tree}/nope.txt", b.api_url())).call() {
+    match agent.get(&format!("{}ipfs/{cid_tree}/nope.txt", b.gateway_url())).call() {
         Err(ureq::Error::Status(404, r)) => assert!(r.into_string()?.contains("nope.txt")),
         other => anyhow::bail!("expected 404 for a missing path, got {other:?}"),
     }

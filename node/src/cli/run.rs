@@ -8,7 +8,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 
 use crate::repo::Repo;
-use crate::rpc;
+use crate::{gateway, rpc};
 use kubelt_protocol::node::Node;
 
 #[derive(Debug, Args)]
@@ -20,9 +20,12 @@ pub struct RunArgs {
     /// added to the configured ones).
     #[arg(long = "peer", value_name = "MADDR")]
     pub peers: Vec<Multiaddr>,
-    /// HOST:PORT of the JSON-RPC API and gateway.
+    /// HOST:PORT of the JSON-RPC admin API and /metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<SocketAddr>,
+    /// HOST:PORT of the read-only gateway (GET /ipfs/...).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub gateway: Option<SocketAddr>,
     /// Bootstrap mode: DHT server, higher connection limits.
     #[arg(long)]
     pub bootstrap: bool,
@@ -48,6 +51,9 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     if let Some(api) = args.api {
         config.api.listen = api;
     }
+    if let Some(gateway) = args.gateway {
+        config.gateway.listen = gateway;
+    }
     if args.bootstrap {
         config.network.bootstrap = true;
     }
@@ -60,9 +66,13 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let api_listener = rpc::bind(config.api.listen).await?;
         let api_addr = api_listener.local_addr()?;
+        let gateway_listener = gateway::bind(config.gateway.listen).await?;
+        let gateway_url = format!("http://{}/", gateway_listener.local_addr()?);
         let node = Node::start(keypair, store.clone(), config.node_config()).await?;
         let secret: Arc<str> = repo.write_cookie()?.into();
         let api_url = format!("http://{api_addr}/");
+        // The gateway's address first: once `api` exists, the CLI takes the node as ready.
+        repo.write_gateway_url(&gateway_url)?;
         repo.write_api_url(&api_url)?;
 
         let info = node.client.info().await?;
@@ -72,20 +82,27 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
             println!("listening on {addr}");
         }
         println!("API: {api_url} (secret in {})", repo.cookie_path().display());
+        println!("gateway: {gateway_url}ipfs/<cid>");
         if config.network.bootstrap {
             println!("bootstrap mode: other nodes can join with --peer <one of the addresses above>");
         }
 
         let shutdown = node.shutdown_token();
-        let state = rpc::ApiState { client: node.client.clone(), store, secret, gc_lock: Default::default() };
+        let allowed_hosts = Arc::new(rpc::AllowedHosts::new(api_addr, &config.api.allowed_hosts));
+        let state = rpc::ApiState { client: node.client.clone(), store: store.clone(), secret, gc_lock: Default::default(), allowed_hosts };
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(rpc::serve(api_listener, state, async move { api_shutdown.cancelled().await }));
+        let gateway_state = gateway::GatewayState { client: node.client.clone(), store };
+        let gateway_shutdown = shutdown.clone();
+        let gateway = tokio::spawn(gateway::serve(gateway_listener, gateway_state, async move { gateway_shutdown.cancelled().await }));
 
         wait_for_signal().await?;
         tracing::info!("shutting down");
         node.stop().await;
         let _ = api.await;
+        let _ = gateway.await;
         repo.remove_api_url();
+        repo.remove_gateway_url();
         eprintln!("kubelt node stopped");
         Ok::<_, anyhow::Error>(())
     })?;
