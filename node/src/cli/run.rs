@@ -1,6 +1,6 @@
 //! `kubelt run`: start the node in the foreground.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -67,10 +67,10 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         let api_listener = rpc::bind(config.api.listen).await?;
         let api_addr = api_listener.local_addr()?;
         let gateway_listener = gateway::bind(config.gateway.listen).await?;
-        let gateway_url = format!("http://{}/", gateway_listener.local_addr()?);
+        let gateway_url = local_url(gateway_listener.local_addr()?);
         let node = Node::start(keypair, store.clone(), config.node_config()).await?;
         let secret: Arc<str> = repo.write_cookie()?.into();
-        let api_url = format!("http://{api_addr}/");
+        let api_url = local_url(api_addr);
         // The gateway's address first: once `api` exists, the CLI takes the node as ready.
         repo.write_gateway_url(&gateway_url)?;
         repo.write_api_url(&api_url)?;
@@ -109,6 +109,18 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The URL the CLI on this machine uses to reach a listener. A wildcard address (0.0.0.0, ::)
+/// becomes loopback: it is not an address to connect to, and the API answers only the node's
+/// own `Host` names, which a wildcard is not.
+fn local_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}/", SocketAddr::new(ip, addr.port()))
+}
+
 /// Waits for SIGINT or SIGTERM.
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -118,4 +130,18 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listen_address_is_reached_through_loopback() {
+        let url = |addr: &str| local_url(addr.parse().unwrap());
+        assert_eq!(url("0.0.0.0:5420"), "http://127.0.0.1:5420/");
+        assert_eq!(url("[::]:5420"), "http://[::1]:5420/");
+        assert_eq!(url("192.0.2.7:5422"), "http://192.0.2.7:5422/");
+        assert_eq!(url("127.0.0.1:5420"), "http://127.0.0.1:5420/");
+    }
 }
