@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a kubelt node on this machine: installs what is missing, builds in release mode, creates
 # the repo with defaults if there is none, and starts the node in the foreground. It prints its
-# peer id, its addresses and the API URL. Ctrl-C stops it cleanly.
+# peer id, its addresses, the API URL and the gateway URL. Ctrl-C stops it cleanly.
 #   scripts/run.sh [kubelt run flags...]     e.g. --peer /ip4/.../p2p/12D3Koo... or --bootstrap
 # The repo is ~/.kubelt, or $KUBELT_REPO.
 set -euo pipefail

@@ -1,5 +1,6 @@
 //! The CLI's side of the API: finds the running node through `<repo>/api` and
-//! `<repo>/api.cookie` and makes JSON-RPC calls.
+//! `<repo>/api.cookie` and makes JSON-RPC calls; streams content from the gateway whose URL
+//! the node wrote to `<repo>/gateway`.
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use crate::repo::Repo;
 /// A connection to the node running on a repo.
 pub struct ApiClient {
     url: String,
+    /// The gateway's base URL, if the node wrote one.
+    gateway_url: Option<String>,
     secret: String,
     agent: ureq::Agent,
     repo_display: String,
@@ -27,13 +30,17 @@ impl ApiClient {
             .timeout_connect(Duration::from_secs(5))
             .timeout(Duration::from_secs(3600))
             .build();
-        Ok(ApiClient { url, secret, agent, repo_display })
+        let gateway_url = repo.read_gateway_url();
+        Ok(ApiClient { url, gateway_url, secret, agent, repo_display })
     }
 
     /// Streams `GET /ipfs/<path>` from the node's gateway; an HTTP error becomes an error with
     /// the gateway's message.
     pub fn gateway_get(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send + Sync + 'static>> {
-        let url = format!("{}ipfs/{}", self.url, path.trim_start_matches("/ipfs/"));
+        let Some(gateway_url) = &self.gateway_url else {
+            bail!("the node running on repo {} did not write its gateway address to <repo>/gateway (restart it with this version of kubelt)", self.repo_display);
+        };
+        let url = format!("{gateway_url}ipfs/{}", path.trim_start_matches("/ipfs/"));
         match self.agent.get(&url).call() {
             Ok(response) => Ok(response.into_reader()),
             Err(ureq::Error::Status(_, response)) => bail!("{}", response.into_string().unwrap_or_default().trim()),

@@ -13,8 +13,12 @@ use kubelt_protocol::{node, swarm};
 
 /// Default TCP and UDP (QUIC) port of the swarm.
 pub const DEFAULT_SWARM_PORT: u16 = 4420;
-/// Default address of the JSON-RPC API and gateway.
+/// Default address of the JSON-RPC admin API and `/metrics`.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:5420";
+/// Default address of the gateway: its own port, so never the API's origin. Not Kubo's 8080,
+/// which a Kubo or a web server on the same machine would already hold; 5421 is kept for the
+/// app API (DESIGN.md).
+pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:5422";
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +26,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub content: ContentConfig,
     pub api: ApiConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,11 +77,26 @@ impl Default for NetworkConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// Host names, besides localhost, 127.0.0.1, [::1] and the listen address, that requests
+    /// to the API may carry in `Host` (e.g. the name of a reverse proxy in front of it).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: DEFAULT_API_ADDR.parse().expect("valid literal socket address") }
+        ApiConfig { listen: DEFAULT_API_ADDR.parse().expect("valid literal socket address"), allowed_hosts: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { listen: DEFAULT_GATEWAY_ADDR.parse().expect("valid literal socket address") }
     }
 }
 
@@ -91,6 +111,9 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         if config.network.bootstrap && config.network.dht_mode == swarm::DhtMode::Client {
             anyhow::bail!("network.bootstrap = true needs network.dht_mode = \"server\"");
+        }
+        if let Some(bad) = config.api.allowed_hosts.iter().find(|h| !is_host_name(h)) {
+            anyhow::bail!("api.allowed_hosts: {bad:?} is not a host name (write just the name, like \"kubelt.lan\", without scheme, port or path)");
         }
         Ok(config)
     }
@@ -150,9 +173,18 @@ bootstrap_interval_secs = {bootstrap_interval}
 fetch_timeout_secs = {fetch_timeout}
 
 [api]
-# HOST:PORT of the JSON-RPC API, the gateway (/ipfs/...) and /metrics. Keep it on loopback:
-# admin calls are guarded by the secret in <repo>/api.cookie, the gateway is open.
+# HOST:PORT of the JSON-RPC admin API and /metrics. Keep it on loopback: calls are guarded by
+# the secret in <repo>/api.cookie, /metrics is open.
 listen = "{api}"
+# The API answers only requests whose Host is localhost, 127.0.0.1, [::1] or the listen
+# address (with any port), so that no web page reaches it through DNS rebinding. Add the
+# names you reach it under otherwise, e.g. ["kubelt.lan"].
+allowed_hosts = []
+
+[gateway]
+# HOST:PORT of the read-only gateway (GET /ipfs/<cid>[/path]), open to anyone who can reach
+# it. Its own port: what it serves is anyone's HTML, which must never share the API's origin.
+listen = "{gateway}"
 "#,
             listen = list(&d.network.listen),
             bootstrap = d.network.bootstrap,
@@ -165,9 +197,17 @@ listen = "{api}"
             idle = d.network.idle_connection_timeout_secs,
             bootstrap_interval = d.network.bootstrap_interval_secs,
             api = d.api.listen,
+            gateway = d.gateway.listen,
             fetch_timeout = d.content.fetch_timeout_secs,
         )
     }
+}
+
+/// Whether `name` is a bare host name or IP address, as `Host` carries it (IPv6 in brackets).
+fn is_host_name(name: &str) -> bool {
+    let bracketed_v6 = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    let dns = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    bracketed_v6 || dns
 }
 
 #[cfg(test)]
@@ -183,6 +223,16 @@ mod tests {
     fn unknown_key_is_refused_with_its_name() {
         let err = Config::parse("[network]\nlisten_on = []\n").unwrap_err();
         assert!(format!("{err:#}").contains("listen_on"), "{err:#}");
+    }
+
+    #[test]
+    fn allowed_hosts_must_be_bare_names() {
+        let config = Config::parse("[api]\nallowed_hosts = [\"kubelt.lan\", \"[::2]\", \"10.0.0.1\"]\n").unwrap();
+        assert_eq!(config.api.allowed_hosts.len(), 3);
+        for bad in ["http://kubelt.lan", "kubelt.lan:5420", "", "a/b"] {
+            let err = Config::parse(&format!("[api]\nallowed_hosts = [{bad:?}]\n")).unwrap_err();
+            assert!(format!("{err:#}").contains("allowed_hosts"), "{err:#}");
+        }
     }
 
     #[test]

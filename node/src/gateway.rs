@@ -5,19 +5,73 @@
 //! `Accept: application/vnd.ipld.car`) returns the DAG as a CAR v1 stream and `?format=raw` the
 //! root block, as in the trustless gateway spec. No API secret is needed: the gateway only
 //! reads content addressed by hash. Missing blocks are fetched over bitswap.
+//!
+//! Anyone can publish what the gateway serves, HTML and scripts included, so it never shares
+//! an origin with anything that holds authority: it has its own listener (`[gateway] listen`,
+//! default 127.0.0.1:5422), apart from the admin API and `/metrics`, and every response carries
+//! `Content-Security-Policy: sandbox` (the page runs in an opaque origin, without scripts) and
+//! `X-Content-Type-Options: nosniff` (a browser never runs a file as a type it was not served
+//! as).
+
+use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Router;
 use futures::StreamExt;
 use serde::Deserialize;
 
 use kubelt_protocol::car;
-use kubelt_protocol::node::NetworkBlocks;
+use kubelt_protocol::node::{Client, NetworkBlocks};
+use kubelt_protocol::store::Store;
 use kubelt_protocol::unixfs::{self, BlockSource, EntryKind, UnixfsError};
 
-use crate::rpc::ApiState;
+/// What the gateway reads from: the store, and the node to fetch missing blocks. No secret.
+#[derive(Clone)]
+pub struct GatewayState {
+    pub client: Client,
+    pub store: Store,
+}
+
+/// The gateway's router: `/ipfs/*path`, with the isolation headers on every response (the
+/// fallback's 404 included).
+pub fn router(state: GatewayState) -> Router {
+    Router::new()
+        .route("/ipfs/{*path}", axum::routing::get(get_ipfs))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(isolate))
+        .with_state(state)
+}
+
+/// Binds the gateway address with a clear error when it is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen for the gateway on {addr}: {e} (is another node using it? pick another with --gateway HOST:PORT)")
+    })
+}
+
+/// Serves the gateway until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: GatewayState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Adds the headers that keep served content from acting in the gateway's origin.
+async fn isolate(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, "not found: the gateway serves GET /ipfs/<cid>[/path]\n")
+}
 
 #[derive(Debug, Deserialize)]
 pub struct GatewayQuery {
@@ -25,13 +79,13 @@ pub struct GatewayQuery {
 }
 
 /// `GET /ipfs/*path`.
-pub async fn get_ipfs(
-    State(state): State<ApiState>,
+async fn get_ipfs(
+    State(state): State<GatewayState>,
     Path(path): Path<String>,
     Query(query): Query<GatewayQuery>,
     headers: HeaderMap,
 ) -> Response {
-    match serve(state, &path, query, &headers).await {
+    match serve_path(state, &path, query, &headers).await {
         Ok(response) => response,
         Err((status, message)) => (status, format!("{message}\n")).into_response(),
     }
@@ -53,7 +107,7 @@ fn fail(error: UnixfsError) -> GatewayError {
     (status_of(&error), error.to_string())
 }
 
-async fn serve(state: ApiState, path: &str, query: GatewayQuery, headers: &HeaderMap) -> Result<Response, GatewayError> {
+async fn serve_path(state: GatewayState, path: &str, query: GatewayQuery, headers: &HeaderMap) -> Result<Response, GatewayError> {
     let source = NetworkBlocks::new(state.store.clone(), state.client.clone())
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -85,7 +139,8 @@ async fn serve(state: ApiState, path: &str, query: GatewayQuery, headers: &Heade
                 let index_stat = unixfs::stat(&source, index.cid).await.map_err(fail)?;
                 return Ok(file_response(source, index.cid, index_stat.size, "index.html").await);
             }
-            let base = format!("/ipfs/{}", path.trim_end_matches('/'));
+            // The path is the requester's and its segments are names anyone can publish.
+            let base = html_escape(&format!("/ipfs/{}", path.trim_end_matches('/')));
             let mut html = format!("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{base}</title></head><body><h1>{base}</h1><ul>\n");
             for entry in entries {
                 let name = html_escape(&entry.name);

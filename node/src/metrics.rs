@@ -1,5 +1,7 @@
 //! `GET /metrics`: the node's counters in the Prometheus text format (prometheus-client),
-//! read from the node at scrape time. No secret is needed: it tells counts, never content.
+//! read from the node at scrape time. No secret is needed, so that a scraper needs no setup,
+//! but the labels name every core (wallet address) the node holds: it is served on the admin
+//! API's listener, behind the same `Host` check, never on the gateway's.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};

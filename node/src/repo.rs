@@ -7,6 +7,7 @@
 //!   node.key      ed25519 node key, protobuf-encoded, mode 0600
 //!   datastore/    RocksDB: blocks, pins, cores, peers, meta
 //!   api           URL of the running node's API (removed on clean shutdown)
+//!   gateway       URL of the running node's gateway (removed on clean shutdown)
 //!   api.cookie    secret every admin API call must carry, mode 0600, new on every start
 //! ```
 
@@ -51,6 +52,9 @@ impl Repo {
     }
     pub fn api_file(&self) -> PathBuf {
         self.root.join("api")
+    }
+    pub fn gateway_file(&self) -> PathBuf {
+        self.root.join("gateway")
     }
     pub fn cookie_path(&self) -> PathBuf {
         self.root.join("api.cookie")
@@ -134,6 +138,18 @@ impl Repo {
 
     pub fn remove_api_url(&self) {
         let _ = fs::remove_file(self.api_file());
+    }
+
+    pub fn write_gateway_url(&self, url: &str) -> anyhow::Result<()> {
+        write_atomic(&self.gateway_file(), url.as_bytes())
+    }
+
+    pub fn read_gateway_url(&self) -> Option<String> {
+        fs::read_to_string(self.gateway_file()).ok().map(|s| s.trim().to_string())
+    }
+
+    pub fn remove_gateway_url(&self) {
+        let _ = fs::remove_file(self.gateway_file());
     }
 }
 

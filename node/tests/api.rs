@@ -1,8 +1,9 @@
-//! The JSON-RPC API of a running node: authentication and error codes.
+//! The JSON-RPC API of a running node: authentication, error codes, the `Host` check, and the
+//! gateway on its own origin.
 
 mod common;
 
-use common::TestNode;
+use common::{kubelt_ok, TestNode};
 use serde_json::Value;
 
 #[test]
@@ -46,5 +47,99 @@ fn api_refuses_calls_without_the_secret_and_reports_json_rpc_errors() -> anyhow:
     for expected in ["node_id", "swarm_peers", "swarm_connect", "node_status"] {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
+    Ok(())
+}
+
+/// A request's status, headers and body, whatever the status.
+fn send(request: ureq::Request, body: Option<&str>) -> anyhow::Result<(u16, ureq::Response)> {
+    let result = match body {
+        Some(body) => request.send_string(body),
+        None => request.call(),
+    };
+    match result {
+        Ok(response) => Ok((response.status(), response)),
+        Err(ureq::Error::Status(code, response)) => Ok((code, response)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// DNS rebinding: a page on `evil.example` that resolves to 127.0.0.1 must not read the API
+/// or /metrics (which names every core the node holds); the node's own names still work.
+#[test]
+fn the_api_and_metrics_refuse_a_host_that_is_not_the_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = TestNode::start(dir.path(), "api", &[])?;
+    let port = node.api_url().trim_end_matches('/').rsplit(':').next().unwrap_or_default().to_string();
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"node_id"}"#;
+    let bearer = format!("Bearer {}", node.secret());
+    let metrics_url = format!("{}metrics", node.api_url());
+
+    for host in ["evil.example", &format!("evil.example:{port}"), "localhost.evil.example", "127.0.0.1.evil.example"] {
+        let (status, response) = send(ureq::get(&metrics_url).set("Host", host), None)?;
+        let text = response.into_string()?;
+        assert_eq!(status, 403, "/metrics with Host {host}: {text}");
+        assert!(text.contains("allowed_hosts") && !text.contains("kubelt_"), "/metrics with Host {host}: {text}");
+
+        let (status, response) = send(ureq::post(node.api_url()).set("Host", host).set("Authorization", &bearer), Some(call))?;
+        let reply: Value = response.into_json()?;
+        assert_eq!(status, 403, "POST / with Host {host}: {reply}");
+        assert_eq!(reply["error"]["code"], -32002, "{reply}");
+        assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("not a name of this node"), "{reply}");
+        assert!(reply.get("result").is_none(), "{reply}");
+    }
+
+    for host in ["localhost".to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), "[::1]".to_string()] {
+        let (status, response) = send(ureq::get(&metrics_url).set("Host", &host), None)?;
+        assert_eq!(status, 200, "/metrics with Host {host}");
+        assert!(response.into_string()?.contains("kubelt_connected_peers"));
+        let (status, response) = send(ureq::post(node.api_url()).set("Host", &host).set("Authorization", &bearer), Some(call))?;
+        let reply: Value = response.into_json()?;
+        assert_eq!((status, &reply["result"]["peer_id"]), (200, &Value::String(node.peer_id.clone())), "POST / with Host {host}");
+    }
+    Ok(())
+}
+
+/// Content anyone can publish is served on the gateway's own port, sandboxed and never
+/// sniffed into another type; the admin port does not serve it at all.
+#[test]
+fn the_gateway_has_its_own_origin_and_sandboxes_everything_it_serves() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = TestNode::start(dir.path(), "gw", &[])?;
+    assert_ne!(node.gateway_url(), node.api_url());
+    let page = dir.path().join("page");
+    std::fs::write(&page, "<!DOCTYPE html><script>fetch('/metrics')</script>\n")?;
+    let cid = kubelt_ok(&node.repo, &["add", "-q", page.to_str().unwrap_or_default()])?;
+
+    let gateway = node.gateway_url();
+    for (path, expected_status) in [
+        (format!("ipfs/{cid}"), 200),
+        (format!("ipfs/{cid}?format=raw"), 200),
+        ("ipfs/not-a-cid".to_string(), 400),
+        (format!("ipfs/{cid}/nope"), 404),
+        ("metrics".to_string(), 404),
+        (String::new(), 404),
+    ] {
+        let (status, response) = send(ureq::get(&format!("{gateway}{path}")), None)?;
+        assert_eq!(status, expected_status, "GET /{path}");
+        assert_eq!(response.header("content-security-policy"), Some("sandbox"), "GET /{path}");
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "GET /{path}");
+    }
+    let (_, response) = send(ureq::get(&format!("{gateway}ipfs/{cid}")), None)?;
+    assert_eq!(response.header("content-type"), Some("text/html; charset=utf-8"));
+
+    // A directory listing escapes the requested path: its names are anyone's.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("<img src=x onerror=alert(1)>"))?;
+    std::fs::write(tree.join("<img src=x onerror=alert(1)>/file"), "x")?;
+    let tree_cid = kubelt_ok(&node.repo, &["add", "-r", "-q", tree.to_str().unwrap_or_default()])?;
+    let (status, response) = send(ureq::get(&format!("{gateway}ipfs/{tree_cid}/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")), None)?;
+    let listing = response.into_string()?;
+    assert_eq!(status, 200, "{listing}");
+    assert!(listing.contains("&lt;img src=x") && !listing.contains("<img"), "{listing}");
+
+    let (status, response) = send(ureq::get(&format!("{}ipfs/{cid}", node.api_url())), None)?;
+    let text = response.into_string()?;
+    assert_eq!(status, 404, "the admin port served content: {text}");
+    assert!(!text.contains("<script>"), "{text}");
     Ok(())
 }

@@ -3,9 +3,12 @@
 
 mod common;
 
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{bitswap_stat, describe, kubelt, kubelt_ok, pseudo_random, TestNode};
+use kubelt_protocol::testing::{car_of, symlink_and_directory_of_one_name};
 
 #[test]
 fn content_moves_both_ways_between_nodes_and_through_the_gateway() -> anyhow::Result<()> {
@@ -48,17 +51,17 @@ fn content_moves_both_ways_between_nodes_and_through_the_gateway() -> anyhow::Re
 
     // The gateway needs no secret and sends length and type.
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
-    let response = agent.get(&format!("{}ipfs/{cid_tree}/a.txt", b.api_url())).call()?;
+    let response = agent.get(&format!("{}ipfs/{cid_tree}/a.txt", b.gateway_url())).call()?;
     assert_eq!(response.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(response.header("content-length"), Some("3"));
     assert_eq!(response.into_string()?, "ay\n");
-    let response = agent.get(&format!("{}ipfs/{cid_a}", b.api_url())).call()?;
+    let response = agent.get(&format!("{}ipfs/{cid_a}", b.gateway_url())).call()?;
     assert_eq!(response.header("content-length"), Some(bytes_a.len().to_string().as_str()));
-    match agent.get(&format!("{}ipfs/not-a-cid", b.api_url())).call() {
+    match agent.get(&format!("{}ipfs/not-a-cid", b.gateway_url())).call() {
         Err(ureq::Error::Status(400, r)) => assert!(r.into_string()?.contains("not-a-cid")),
         other => anyhow::bail!("expected 400 for an invalid CID, got {other:?}"),
     }
-    match agent.get(&format!("{}ipfs/{cid_tree}/nope.txt", b.api_url())).call() {
+    match agent.get(&format!("{}ipfs/{cid_tree}/nope.txt", b.gateway_url())).call() {
         Err(ureq::Error::Status(404, r)) => assert!(r.into_string()?.contains("nope.txt")),
         other => anyhow::bail!("expected 404 for a missing path, got {other:?}"),
     }
@@ -144,5 +147,46 @@ fn pins_protect_content_from_gc_and_car_files_round_trip_offline() -> anyhow::Re
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("hash mismatch"), "{}", describe(&out));
     assert_eq!(kubelt_ok(&third, &["pin", "ls"])?, "");
+    Ok(())
+}
+
+/// A peer can serve a directory the importer never makes: an entry `evil` that is a symlink
+/// to any path, then a directory `evil` holding a file. `kubelt get` must refuse it with a
+/// clear error and write nothing through the symlink: offline, through the node's API, and
+/// with the blocks fetched over the network.
+#[test]
+fn get_of_a_symlink_and_a_directory_of_one_name_writes_nothing_outside_the_output() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside)?;
+    let (root, blocks) = symlink_and_directory_of_one_name(outside.as_os_str().as_bytes())?;
+    let car = dir.path().join("hostile.car");
+    std::fs::write(&car, car_of(root, &blocks)?)?;
+    let root = root.to_string();
+
+    let expect_refused = |repo: &Path, output: &str| -> anyhow::Result<()> {
+        let output = dir.path().join(output);
+        let out = kubelt(repo, &["get", &root, "-o", output.to_str().unwrap_or_default()])?;
+        assert!(!out.status.success(), "get of a hostile directory succeeded: {}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("more than one entry named \"evil\""), "{}", describe(&out));
+        let written: Vec<_> = std::fs::read_dir(&outside)?.flatten().map(|e| e.path()).collect();
+        assert!(written.is_empty(), "get wrote outside its output: {written:?}");
+        Ok(())
+    };
+
+    let repo = dir.path().join("server");
+    kubelt_ok(&repo, &["init"])?;
+    kubelt_ok(&repo, &["dag", "import", car.to_str().unwrap_or_default()])?;
+    expect_refused(&repo, "offline")?;
+
+    let server = TestNode::start_on(&repo, "server", &[])?;
+    expect_refused(&server.repo, "through-the-api")?;
+
+    let fetcher = TestNode::start(dir.path(), "fetcher", &["--peer", &server.tcp_addr()])?;
+    common::wait_until("the fetcher to connect", Duration::from_secs(10), || {
+        Ok(fetcher.connected_peers()?.contains(&server.peer_id))
+    })?;
+    expect_refused(&fetcher.repo, "over-the-network")?;
     Ok(())
 }

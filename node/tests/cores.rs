@@ -220,3 +220,22 @@ fn bad_core_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()>
     kubelt_ok(&a.repo, &["core", "set", &address, "app", "x", "1"])?;
     Ok(())
 }
+
+/// `--expires` comes from the user: a count of days that overflows a duration, or an expiry
+/// past the year 9999, is a clear error — the API call used to panic and drop the connection.
+#[test]
+fn core_delegate_with_an_absurd_expiry_fails_clearly_and_the_node_keeps_running() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_, address) = wallet(dir.path(), "owner")?;
+    let node = TestNode::start(dir.path(), "n", &[])?;
+    for (expires, expected) in [("106751991167301d", "year 9999"), ("4000000d", "year 9999"), ("99999999999999999999d", "invalid duration"), ("213503982334601w", "too long")] {
+        let out = kubelt(&node.repo, &["core", "delegate", &address, "--expires", expires])?;
+        assert!(!out.status.success(), "--expires {expires} succeeded: {}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "--expires {expires}: expected '{expected}' in: {}", describe(&out));
+        assert!(node.call("node_id", Value::Null).is_ok(), "the node stopped answering after --expires {expires}");
+    }
+    let message = kubelt_ok(&node.repo, &["core", "delegate", &address, "--expires", "3650d"])?;
+    assert!(message.contains("Expiration Time: 20"), "{message}");
+    Ok(())
+}

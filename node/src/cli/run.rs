@@ -1,6 +1,6 @@
 //! `kubelt run`: start the node in the foreground.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -8,7 +8,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 
 use crate::repo::Repo;
-use crate::rpc;
+use crate::{gateway, rpc};
 use kubelt_protocol::node::Node;
 
 #[derive(Debug, Args)]
@@ -20,9 +20,12 @@ pub struct RunArgs {
     /// added to the configured ones).
     #[arg(long = "peer", value_name = "MADDR")]
     pub peers: Vec<Multiaddr>,
-    /// HOST:PORT of the JSON-RPC API and gateway.
+    /// HOST:PORT of the JSON-RPC admin API and /metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<SocketAddr>,
+    /// HOST:PORT of the read-only gateway (GET /ipfs/...).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub gateway: Option<SocketAddr>,
     /// Bootstrap mode: DHT server, higher connection limits.
     #[arg(long)]
     pub bootstrap: bool,
@@ -48,6 +51,9 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     if let Some(api) = args.api {
         config.api.listen = api;
     }
+    if let Some(gateway) = args.gateway {
+        config.gateway.listen = gateway;
+    }
     if args.bootstrap {
         config.network.bootstrap = true;
     }
@@ -60,9 +66,13 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let api_listener = rpc::bind(config.api.listen).await?;
         let api_addr = api_listener.local_addr()?;
+        let gateway_listener = gateway::bind(config.gateway.listen).await?;
+        let gateway_url = local_url(gateway_listener.local_addr()?);
         let node = Node::start(keypair, store.clone(), config.node_config()).await?;
         let secret: Arc<str> = repo.write_cookie()?.into();
-        let api_url = format!("http://{api_addr}/");
+        let api_url = local_url(api_addr);
+        // The gateway's address first: once `api` exists, the CLI takes the node as ready.
+        repo.write_gateway_url(&gateway_url)?;
         repo.write_api_url(&api_url)?;
 
         let info = node.client.info().await?;
@@ -72,24 +82,43 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
             println!("listening on {addr}");
         }
         println!("API: {api_url} (secret in {})", repo.cookie_path().display());
+        println!("gateway: {gateway_url}ipfs/<cid>");
         if config.network.bootstrap {
             println!("bootstrap mode: other nodes can join with --peer <one of the addresses above>");
         }
 
         let shutdown = node.shutdown_token();
-        let state = rpc::ApiState { client: node.client.clone(), store, secret, gc_lock: Default::default() };
+        let allowed_hosts = Arc::new(rpc::AllowedHosts::new(api_addr, &config.api.allowed_hosts));
+        let state = rpc::ApiState { client: node.client.clone(), store: store.clone(), secret, gc_lock: Default::default(), allowed_hosts };
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(rpc::serve(api_listener, state, async move { api_shutdown.cancelled().await }));
+        let gateway_state = gateway::GatewayState { client: node.client.clone(), store };
+        let gateway_shutdown = shutdown.clone();
+        let gateway = tokio::spawn(gateway::serve(gateway_listener, gateway_state, async move { gateway_shutdown.cancelled().await }));
 
         wait_for_signal().await?;
         tracing::info!("shutting down");
         node.stop().await;
         let _ = api.await;
+        let _ = gateway.await;
         repo.remove_api_url();
+        repo.remove_gateway_url();
         eprintln!("kubelt node stopped");
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
+}
+
+/// The URL the CLI on this machine uses to reach a listener. A wildcard address (0.0.0.0, ::)
+/// becomes loopback: it is not an address to connect to, and the API answers only the node's
+/// own `Host` names, which a wildcard is not.
+fn local_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}/", SocketAddr::new(ip, addr.port()))
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -101,4 +130,18 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listen_address_is_reached_through_loopback() {
+        let url = |addr: &str| local_url(addr.parse().unwrap());
+        assert_eq!(url("0.0.0.0:5420"), "http://127.0.0.1:5420/");
+        assert_eq!(url("[::]:5420"), "http://[::1]:5420/");
+        assert_eq!(url("192.0.2.7:5422"), "http://192.0.2.7:5422/");
+        assert_eq!(url("127.0.0.1:5420"), "http://127.0.0.1:5420/");
+    }
 }

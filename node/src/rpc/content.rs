@@ -81,7 +81,7 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             let stat = unixfs::stat(&source, cid).await.map_err(RpcError::node)?;
             if stat.size > MAX_INLINE_CAT {
                 return Err(RpcError::node(format!(
-                    "{path} is {} bytes, more than content_cat returns inline ({MAX_INLINE_CAT}); stream it from GET /ipfs/{path}",
+                    "{path} is {} bytes, more than content_cat returns inline ({MAX_INLINE_CAT}); stream it from the gateway, GET /ipfs/{path} (its URL is in <repo>/gateway)",
                     stat.size
                 )));
             }

@@ -25,12 +25,13 @@ fn peer(params: &Map<String, Value>) -> Result<Option<libp2p::PeerId>, RpcError>
     }
 }
 
-/// Parses `30d`, `12h`, `15m`, `90s` (a bare number is seconds).
+/// Parses `30d`, `12h`, `15m`, `90s`, `2w` (a bare number is seconds). The number comes from
+/// the caller, so the arithmetic is checked: an absurd count is an error, never a panic.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: i64 = number.parse().map_err(|_| format!("invalid duration '{text}' (use e.g. 30d, 12h, 15m, 90s)"))?;
-    let seconds = match unit {
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration '{text}' (use e.g. 30d, 12h, 15m, 90s)"))?;
+    let seconds: u64 = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
@@ -38,10 +39,23 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "w" => 7 * 86_400,
         _ => return Err(format!("invalid duration unit in '{text}' (use s, m, h, d or w)")),
     };
-    if n <= 0 {
+    if n == 0 {
         return Err(format!("duration '{text}' must be positive"));
     }
-    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds) as u64))
+    let total = n.checked_mul(seconds).ok_or_else(|| format!("duration '{text}' is too long"))?;
+    Ok(std::time::Duration::from_secs(total))
+}
+
+/// When a delegation made `now` for `expires_in` would expire. A SIWE message carries RFC 3339
+/// times, whose years have four digits, so the expiry must fall before the year 10000; checked
+/// here because adding an unchecked duration to a date panics.
+pub fn delegation_expiry(now: time::OffsetDateTime, expires_in: std::time::Duration) -> Result<time::OffsetDateTime, String> {
+    let too_long = || format!("an expiry {}s from now is past the year 9999, the latest a SIWE message can name; give a shorter --expires", expires_in.as_secs());
+    let expires_in = time::Duration::try_from(expires_in).map_err(|_| too_long())?;
+    match now.checked_add(expires_in) {
+        Some(expiry) if expiry.year() <= 9999 => Ok(expiry),
+        _ => Err(too_long()),
+    }
 }
 
 pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> Result<Value, RpcError> {
@@ -87,7 +101,9 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             let namespaces_text = p.get("namespaces").and_then(Value::as_str).unwrap_or("*");
             let namespaces: Vec<&str> = namespaces_text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
             let expires = parse_duration(p.get("expires").and_then(Value::as_str).unwrap_or("30d")).map_err(RpcError::invalid_params)?;
-            let message = delegation_message(&core, &peer, &namespaces, expires, time::OffsetDateTime::now_utc())
+            let now = time::OffsetDateTime::now_utc();
+            delegation_expiry(now, expires).map_err(RpcError::invalid_params)?;
+            let message = delegation_message(&core, &peer, &namespaces, expires, now)
                 .map_err(|e| RpcError::invalid_params(e.to_string()))?;
             Ok(json!({ "message": message }))
         }
@@ -112,5 +128,19 @@ mod tests {
         assert!(parse_duration("3y").is_err());
         assert!(parse_duration("0h").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-5d").is_err());
+        let err = parse_duration("213503982334601w").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn an_expiry_past_the_year_9999_is_an_error_not_a_panic() {
+        let now = time::macros::datetime!(2025-01-01 00:00 UTC);
+        let thousand_years = std::time::Duration::from_secs(1000 * 366 * 86_400);
+        assert_eq!(delegation_expiry(now, thousand_years).map(|t| t.year()), Ok(3027));
+        for absurd in [std::time::Duration::from_secs(8000 * 366 * 86_400), std::time::Duration::from_secs(u64::MAX), std::time::Duration::MAX] {
+            let err = delegation_expiry(now, absurd).unwrap_err();
+            assert!(err.contains("year 9999"), "{err}");
+        }
     }
 }

@@ -71,7 +71,7 @@ pub const METHODS: &[MethodDoc] = &[
     },
     MethodDoc {
         name: "content_cat",
-        summary: "A file's bytes, base64-encoded (at most 16 MiB; stream bigger files from GET /ipfs/<cid>).",
+        summary: "A file's bytes, base64-encoded (at most 16 MiB; stream bigger files from the gateway, GET /ipfs/<cid>).",
         params: &[Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" }],
         result: r#"{"type":"object","properties":{"data_base64":{"type":"string"},"size":{"type":"integer"}}}"#,
     },
@@ -120,7 +120,7 @@ pub const METHODS: &[MethodDoc] = &[
     },
     MethodDoc {
         name: "dag_export",
-        summary: "Writes the DAG under a CID as a CAR v1 file on the node's file system (GET /ipfs/<cid>?format=car streams it).",
+        summary: "Writes the DAG under a CID as a CAR v1 file on the node's file system (the gateway streams it: GET /ipfs/<cid>?format=car).",
         params: &[
             Param { name: "cid", schema: STRING, required: true, summary: "the root" },
             Param { name: "output", schema: STRING, required: true, summary: "path of the CAR file" },

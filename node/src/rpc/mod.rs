@@ -1,15 +1,23 @@
-//! The local API: JSON-RPC 2.0 over HTTP (`POST /`) on 127.0.0.1, described by an OpenRPC
-//! document at `rpc.discover`.
+//! The local admin API: JSON-RPC 2.0 over HTTP (`POST /`) on 127.0.0.1, described by an
+//! OpenRPC document at `rpc.discover`, and Prometheus metrics at `GET /metrics`.
 //!
 //! Every JSON-RPC call must carry the secret the node wrote to `<repo>/api.cookie`, as
-//! `Authorization: Bearer <secret>`, so that other local users cannot drive the node. Errors
-//! follow JSON-RPC 2.0: -32700 parse error, -32600 invalid request, -32601 unknown method,
-//! -32602 invalid params, -32603 internal error; -32001 is a missing or wrong secret and
-//! -32000 an error of the node itself (its message says what went wrong).
+//! `Authorization: Bearer <secret>`, so that other local users cannot drive the node. Every
+//! request must name the node in its `Host` header ([`host`]), so that web pages cannot reach
+//! the API through DNS rebinding. The gateway is not here: it serves content anyone can
+//! publish, so it runs on its own listener, another origin (`crate::gateway`).
+//!
+//! Errors follow JSON-RPC 2.0: -32700 parse error, -32600 invalid request, -32601 unknown
+//! method, -32602 invalid params, -32603 internal error; -32001 is a missing or wrong secret,
+//! -32002 a `Host` that is not the node's (HTTP 403) and -32000 an error of the node itself
+//! (its message says what went wrong).
 
 mod content;
 mod core;
+mod host;
 mod methods;
+
+pub use host::AllowedHosts;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +43,7 @@ pub mod code {
     pub const INTERNAL_ERROR: i64 = -32603;
     pub const NODE_ERROR: i64 = -32000;
     pub const UNAUTHORIZED: i64 = -32001;
+    pub const FORBIDDEN_HOST: i64 = -32002;
 }
 
 /// A JSON-RPC error object.
@@ -68,16 +77,24 @@ pub struct ApiState {
     pub secret: Arc<str>,
     /// Keeps GC out while an add has not pinned its root yet.
     pub gc_lock: crate::content::GcLock,
+    /// The `Host` names the API answers to.
+    pub allowed_hosts: Arc<AllowedHosts>,
 }
 
-/// The router of the whole API server.
+/// The router of the admin API server. The `Host` check wraps every route and the fallback.
 pub fn router(state: ApiState) -> Router {
+    let allowed_hosts = state.allowed_hosts.clone();
     Router::new()
         .route("/", post(json_rpc))
         .route("/rpc", post(json_rpc))
-        .route("/ipfs/{*path}", axum::routing::get(crate::gateway::get_ipfs))
         .route("/metrics", axum::routing::get(crate::metrics::metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(allowed_hosts, host::check_host))
         .with_state(state)
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, "not found: the API serves POST / (JSON-RPC) and GET /metrics; content is on the gateway\n")
 }
 
 /// Serves the API until `shutdown` completes.

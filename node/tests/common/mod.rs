@@ -75,6 +75,7 @@ pub struct TestNode {
     pub peer_id: String,
     pub addresses: Vec<String>,
     api_url: String,
+    gateway_url: String,
     secret: String,
     agent: ureq::Agent,
 }
@@ -106,7 +107,7 @@ impl TestNode {
             .arg(repo)
             .arg("run")
             .args(listen)
-            .args(["--api", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -120,6 +121,7 @@ impl TestNode {
             peer_id: String::new(),
             addresses: vec![],
             api_url: String::new(),
+            gateway_url: String::new(),
             secret: String::new(),
             agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(),
         };
@@ -133,6 +135,7 @@ impl TestNode {
             Ok(api_file.exists())
         })?;
         node.api_url = std::fs::read_to_string(&api_file)?.trim().to_string();
+        node.gateway_url = std::fs::read_to_string(repo.join("gateway"))?.trim().to_string();
         node.secret = std::fs::read_to_string(repo.join("api.cookie"))?.trim().to_string();
         let info = node.call("node_id", Value::Null)?;
         node.peer_id = info["peer_id"].as_str().unwrap_or_default().to_string();
@@ -163,9 +166,14 @@ impl TestNode {
         }
     }
 
-    /// The API's base URL (for the gateway).
+    /// The admin API's base URL (JSON-RPC and /metrics).
     pub fn api_url(&self) -> &str {
         &self.api_url
+    }
+
+    /// The gateway's base URL (`<url>ipfs/<cid>`).
+    pub fn gateway_url(&self) -> &str {
+        &self.gateway_url
     }
 
     pub fn secret(&self) -> &str {

@@ -517,19 +517,63 @@ impl<S: BlockSource> Stream for FileStream<S> {
     }
 }
 
-/// Checks that a directory entry name is safe to create inside the output directory.
+/// Longest symlink target `get` writes: Linux's `PATH_MAX`. Longer targets cannot be created
+/// anyway, and the bound keeps the deferred symlinks of a hostile DAG small in memory.
+const MAX_SYMLINK_TARGET: usize = 4096;
+
+/// Checks that a directory entry name is one normal path component, safe to create inside
+/// the output directory: not empty, not `.` or `..`, no `/`, `\` or NUL.
 fn safe_name(dir: Cid, name: &str) -> Result<&str, UnixfsError> {
-    let bad = name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']);
-    if bad {
+    let bad_chars = name.contains(['/', '\\', '\0']);
+    let mut components = Path::new(name).components();
+    let one_normal = matches!((components.next(), components.next()), (Some(std::path::Component::Normal(_)), None));
+    if bad_chars || !one_normal || name == "." || name == ".." {
         return Err(UnixfsError::UnsafeName { name: name.to_string(), dir });
     }
     Ok(name)
 }
 
-/// Writes what `cid` names to `out`: a file, a symlink, or a directory tree (created, with
-/// everything below it). Entry names that could escape `out` (`..`, `/`) are refused.
+/// Refuses a directory with two entries of the same name. dag-pb does not forbid it, but a
+/// hostile DAG uses it to write through its own symlink: `evil` → `/somewhere`, then a
+/// directory `evil` holding a file.
+fn check_unique_names(dir: Cid, entries: &[LsEntry]) -> Result<(), UnixfsError> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    match entries.iter().find(|entry| !seen.insert(entry.name.as_str())) {
+        Some(duplicate) => Err(UnixfsError::DuplicateName { name: duplicate.name.clone(), dir }),
+        None => Ok(()),
+    }
+}
+
+/// The output path must be new: `get` creates everything it writes, so that nothing already
+/// there (a file it would overwrite, a symlink it would follow) is touched.
+async fn check_output_is_new(out: &Path) -> Result<(), UnixfsError> {
+    match tokio::fs::symlink_metadata(out).await {
+        Ok(_) => Err(UnixfsError::OutputExists(out.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(UnixfsError::io(out, e)),
+    }
+}
+
+/// Writes what `cid` names to `out`: a file, a symlink, or a directory tree.
+///
+/// The DAG may come from a hostile peer, so `get` never writes outside `out`:
+/// - `out` must not exist yet (its parent directories are created, as the caller asked);
+/// - entry names must be single normal path components, unique within their directory;
+/// - every directory is created with `mkdir` (never `create_dir_all`) and every file with
+///   `O_CREAT | O_EXCL | O_NOFOLLOW`, so an existing path — a symlink above all, or a name
+///   that a case-insensitive file system folds onto another entry — is an error, never
+///   followed or overwritten;
+/// - symlinks are written verbatim (like `ipfs get`, absolute and `..` targets included) but
+///   only after every file and directory, so nothing is ever written through one.
+///
+/// On an error, what was written so far stays inside `out`.
 pub async fn get<S: BlockSource + Clone>(source: &S, cid: Cid, out: &Path) -> Result<GetReport, UnixfsError> {
+    check_output_is_new(out).await?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(parent).await.map_err(|e| UnixfsError::io(parent, e))?;
+    }
     let mut report = GetReport::default();
+    let mut symlinks: Vec<(PathBuf, Bytes)> = Vec::new();
     let mut stack: Vec<(Cid, PathBuf)> = vec![(cid, out.to_path_buf())];
     while let Some((cid, path)) = stack.pop() {
         let block = fetch(source, cid).await?;
@@ -542,29 +586,53 @@ pub async fn get<S: BlockSource + Clone>(source: &S, cid: Cid, out: &Path) -> Re
                 report.files += 1;
             }
             EntryKind::Directory | EntryKind::HamtDirectory => {
-                tokio::fs::create_dir_all(&path).await.map_err(|e| UnixfsError::io(&path, e))?;
+                tokio::fs::create_dir(&path).await.map_err(|e| UnixfsError::io(&path, e))?;
                 report.directories += 1;
-                for entry in dir_entries(source, cid, node, kind).await?.into_iter().rev() {
+                let entries = dir_entries(source, cid, node, kind).await?;
+                check_unique_names(cid, &entries)?;
+                for entry in entries.into_iter().rev() {
                     let name = safe_name(cid, &entry.name)?;
                     stack.push((entry.cid, path.join(name)));
                 }
             }
-            EntryKind::Symlink => {
-                let target = match &node {
-                    Node::Unixfs { data, .. } => data.data.clone().unwrap_or_default(),
-                    Node::Raw(_) => Bytes::new(),
-                };
-                write_symlink(&target, &path).await?;
-                report.symlinks += 1;
-            }
+            EntryKind::Symlink => symlinks.push((path, symlink_target(cid, node)?)),
             EntryKind::Other => return Err(UnixfsError::NotAFile { cid, found: kind.name() }),
         }
+    }
+    // Last, once every file and directory is written: no later write can go through these.
+    for (path, target) in symlinks {
+        write_symlink(&target, &path).await?;
+        report.symlinks += 1;
     }
     Ok(report)
 }
 
+/// The target of a UnixFS symlink node, bounded by [`MAX_SYMLINK_TARGET`].
+fn symlink_target(cid: Cid, node: Node) -> Result<Bytes, UnixfsError> {
+    let target = match node {
+        Node::Unixfs { data, .. } => data.data.unwrap_or_default(),
+        Node::Raw(_) => Bytes::new(),
+    };
+    if target.len() > MAX_SYMLINK_TARGET {
+        return Err(UnixfsError::NotUnixfs {
+            cid,
+            reason: format!("symlink target of {} bytes (at most {MAX_SYMLINK_TARGET})", target.len()),
+        });
+    }
+    Ok(target)
+}
+
+/// Creates a new file at `path` (never an existing one, never through a symlink).
+async fn create_new_file(path: &Path) -> Result<tokio::fs::File, UnixfsError> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.custom_flags(libc::O_NOFOLLOW);
+    options.open(path).await.map_err(|e| UnixfsError::io(path, e))
+}
+
 async fn write_file<S: BlockSource>(mut stream: FileStream<S>, path: &Path) -> Result<u64, UnixfsError> {
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| UnixfsError::io(path, e))?;
+    let mut file = create_new_file(path).await?;
     let mut written = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
@@ -575,6 +643,7 @@ async fn write_file<S: BlockSource>(mut stream: FileStream<S>, path: &Path) -> R
     Ok(written)
 }
 
+/// `symlink(2)` never follows `path` and fails if it exists.
 #[cfg(unix)]
 async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
     use std::os::unix::ffi::OsStrExt;
@@ -585,7 +654,9 @@ async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
 #[cfg(not(unix))]
 async fn write_symlink(target: &[u8], path: &Path) -> Result<(), UnixfsError> {
     // No portable symlinks: write the target as the file's content.
-    tokio::fs::write(path, target).await.map_err(|e| UnixfsError::io(path, e))
+    let mut file = create_new_file(path).await?;
+    file.write_all(target).await.map_err(|e| UnixfsError::io(path, e))?;
+    file.flush().await.map_err(|e| UnixfsError::io(path, e))
 }
 
 #[cfg(test)]
@@ -783,6 +854,55 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         let err = get(&MemSource::new(&blocks), root, &tmp.path().join("out")).await.unwrap_err();
         assert!(matches!(err, UnixfsError::UnsafeName { .. }), "{err}");
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn get_refuses_a_symlink_and_a_directory_of_one_name_and_writes_nothing_outside() -> anyhow::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir()?;
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside)?;
+        let (root, blocks) = crate::testing::symlink_and_directory_of_one_name(outside.as_os_str().as_bytes())?;
+        let out = tmp.path().join("out");
+        let err = get(&MemSource::new(&blocks), root, &out).await.unwrap_err();
+        assert!(matches!(&err, UnixfsError::DuplicateName { name, .. } if name == "evil"), "{err}");
+        assert!(err.to_string().contains("more than one entry named \"evil\""), "{err}");
+        assert_eq!(std::fs::read_dir(&outside)?.count(), 0, "something was written outside the output");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn get_refuses_an_output_path_that_exists_even_as_a_symlink() -> anyhow::Result<()> {
+        let (file, blocks) = add_bytes(b"content\n", &ImportOptions::default())?;
+        let tmp = tempfile::tempdir()?;
+        let existing = tmp.path().join("existing.txt");
+        std::fs::write(&existing, b"keep me\n")?;
+        let err = get(&MemSource::new(&blocks), file.cid, &existing).await.unwrap_err();
+        assert!(matches!(err, UnixfsError::OutputExists(_)), "{err}");
+        assert_eq!(std::fs::read(&existing)?, b"keep me\n", "an existing file was overwritten");
+        #[cfg(unix)]
+        {
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(&existing, &link)?;
+            let err = get(&MemSource::new(&blocks), file.cid, &link).await.unwrap_err();
+            assert!(err.to_string().contains("already exists"), "{err}");
+            assert_eq!(std::fs::read(&existing)?, b"keep me\n", "get wrote through a symlink");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn entry_names_must_be_one_normal_component() -> anyhow::Result<()> {
+        // The empty directory.
+        let dir = Cid::try_from("QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn")?;
+        for bad in ["", ".", "..", "a/b", "/", "a\\b", "nul\0", "../x"] {
+            assert!(matches!(safe_name(dir, bad), Err(UnixfsError::UnsafeName { .. })), "{bad:?} was accepted");
+        }
+        for good in ["a", ".hidden", "...", "with space", "ü"] {
+            assert_eq!(safe_name(dir, good).ok(), Some(good));
+        }
         Ok(())
     }
 

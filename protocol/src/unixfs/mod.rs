@@ -87,8 +87,15 @@ pub enum UnixfsError {
     #[error("unsupported codec 0x{codec:x} for {cid}")]
     UnsupportedCodec { cid: Cid, codec: u64 },
     /// A directory entry's name would escape the output directory or is not valid.
-    #[error("unsafe entry name {name:?} in directory {dir}")]
+    #[error("unsafe entry name {name:?} in directory {dir}: a name must be one path component")]
     UnsafeName { name: String, dir: Cid },
+    /// A directory has two entries of the same name: `get` refuses it, because a hostile
+    /// DAG uses a symlink and a directory of one name to write outside the output.
+    #[error("directory {dir} has more than one entry named {name:?}; refusing to write it")]
+    DuplicateName { name: String, dir: Cid },
+    /// `get` writes only to a new path, so that it never follows or overwrites what is there.
+    #[error("{0} already exists; choose another output path or remove it first")]
+    OutputExists(PathBuf),
     /// A file system name is not UTF-8 (dag-pb link names are strings).
     #[error("file name {0:?} is not valid UTF-8")]
     NonUtf8Name(PathBuf),
