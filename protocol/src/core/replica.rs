@@ -1445,7 +1445,7 @@ impl Replica {
     /// Reads `namespace/path` (`""` for the whole namespace); `None` when nothing is there.
     pub fn get(&self, namespace: &str, path: &str) -> Result<Option<serde_json::Value>, PathError> {
         let segments = value::parse_path(path)?;
-        Ok(value::get_path(&self.doc, namespace, &segments))
+        value::get_path(&self.doc, namespace, &segments)
     }
 
     /// The namespaces present in the document.
