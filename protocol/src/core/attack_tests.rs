@@ -12,8 +12,8 @@ use libp2p::identity::Keypair;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::change;
 use super::tests::*;
+use super::{change, delegation};
 use super::*;
 
 fn uleb(out: &mut Vec<u8>, mut v: u64) {
@@ -248,7 +248,7 @@ fn a_revoked_key_cannot_fill_memory_with_held_back_changes() -> TestResult {
     let mut b = Writer::new(&owner, &["*"], YEAR);
     let x = d.write("profile", "name", json!("x"), T0 + 1);
     b.absorb(&[&x]);
-    let keep = BTreeMap::from([(d.actor_suffix(), 1u64)]);
+    let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
     let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 2))?);
     let r = b.revoke(&statement, T0 + 2);
     let mut node = Node::new();
@@ -303,7 +303,7 @@ fn equivocation_proofs_are_durable_and_a_late_replica_learns_every_fact() -> Tes
     let x = d.write("profile", "name", json!("x"), T0 + 1);
     b.absorb(&[&x]);
     let b1 = b.write("apps", "b", json!(1), T0 + 2);
-    let keep = BTreeMap::from([(d.actor_suffix(), 1u64)]);
+    let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
     let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 3))?);
     let r = b.revoke(&statement, T0 + 3);
     let mut old = Node::new();
@@ -331,5 +331,77 @@ fn equivocation_proofs_are_durable_and_a_late_replica_learns_every_fact() -> Tes
     let after = d.write("profile", "name", json!("mallory"), T0 + 5);
     let reason = rejected(late.replica(core).apply_remote(after));
     assert!(matches!(reason, Rejected::Revoked { .. }), "{reason}");
+    Ok(())
+}
+
+/// Every permutation of `items`.
+fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = Vec::new();
+    for i in 0..items.len() {
+        let mut rest = items.to_vec();
+        let first = rest.remove(i);
+        for mut p in permutations(&rest) {
+            p.insert(0, first.clone());
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_revoked_key_cannot_erase_what_its_revocation_kept_in_any_arrival_order() -> TestResult {
+    // D writes X; B builds on X; the owner revokes D keeping X. D (in hostile hands) then signs
+    // X': another change with X's actor and sequence number. It used to void D's actor from
+    // seq 1 and, with it, B's change and the revocation itself: every replica lost the core.
+    let owner = Wallet::new();
+    let core = owner.address;
+    let mut d = Writer::new(&owner, &["*"], YEAR);
+    let mut b = Writer::new(&owner, &["*"], YEAR);
+    let x = d.write("profile", "name", json!("x"), T0 + 1);
+    b.absorb(&[&x]);
+    let b1 = b.write("apps", "b", json!(1), T0 + 2);
+    let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
+    let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 3))?);
+    let r = b.revoke(&statement, T0 + 3);
+    let twin = {
+        let mut doc = Automerge::new().with_actor(d.doc.get_actor().clone());
+        let mut tx = doc.transaction();
+        super::value::set_path(&mut tx, "profile", &["name".into()], &json!("evil"))?;
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(T0 + 1));
+        let bytes = doc.get_change_by_hash(&hash.expect("hash")).expect("change").raw_bytes().to_vec();
+        seal_as(&d, bytes)
+    };
+    assert_ne!(hash_of(&twin), hash_of(&x));
+    // The reference: a replica that got everything in order holds X, B's change and the
+    // revocation, and keeps them when the twin arrives.
+    let mut reference = Node::new();
+    for e in [&x, &b1, &r] {
+        reference.replica(core).apply_remote(e.clone())?;
+    }
+    let reason = rejected(reference.replica(core).apply_remote(twin.clone()));
+    assert!(matches!(reason, Rejected::NotKept { seq: 1, .. }), "{reason}");
+    let expected = snapshot(reference.replica(core));
+    assert_eq!(reference.replica(core).len(), 3);
+    assert_eq!(reference.replica(core).get("profile", "name")?, Some(json!("x")));
+    // Any arrival order, by gossip one at a time, then a catch-up with the reference: the same
+    // three changes, the same heads; and the same in one batch.
+    let mut orders = 0;
+    for order in permutations(&[x.clone(), b1.clone(), r.clone(), twin.clone()]) {
+        let mut node = Node::new();
+        for e in &order {
+            let _ = node.replica(core).apply_remote(e.clone());
+        }
+        sync(&mut node, &mut reference, core);
+        assert_eq!(snapshot(node.replica(core)), expected, "gossip order {orders}");
+        let mut node = Node::new();
+        node.replica(core).apply_batch(order.clone())?;
+        sync(&mut node, &mut reference, core);
+        assert_eq!(snapshot(node.replica(core)), expected, "batch order {orders}");
+        orders += 1;
+    }
+    assert_eq!(orders, 24);
     Ok(())
 }

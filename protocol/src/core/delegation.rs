@@ -63,9 +63,11 @@
 //!
 //! Same shape with `URI: urn:kubelt:revoke:<peer id>`, no expiry, and, as resources, the point
 //! of the core's history up to which that key's changes stay valid:
-//! `urn:kubelt:keep:<actor suffix hex>:<seq>` for each Automerge actor the key wrote with (see
-//! [`super::change`]). Every change by that key beyond those points — and every change that
-//! depends on one — is invalid. The cut is part of the signed text, so a revocation means the
+//! `urn:kubelt:keep:<actor suffix hex>:<seq>:<change hash hex>` for each Automerge actor the key
+//! wrote with (see [`super::change`]): the last kept change of that actor, by sequence number
+//! *and* hash. Every change by that key beyond those points — and every change that depends on
+//! one — is invalid; so is any other change the key signed with a kept sequence number (a stolen
+//! key cannot swap a kept change for one of its own making). The cut is part of the signed text, so a revocation means the
 //! same thing on every replica whatever order changes arrive in, and replaying it is harmless.
 //! The statement line says how many changes stay ([`revocation_statement`]), so a revocation
 //! that keeps nothing reads "all of its changes are void".
@@ -83,6 +85,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use super::address::Address;
+use automerge::ChangeHash;
 
 /// The SIWE domain of the statements `kubelt core delegate`/`revoke` print, and the only one
 /// accepted so far (see [`Purpose`]). Not a web origin: a wallet that checks SIWE domains
@@ -103,7 +106,7 @@ pub const PEER_URN: &str = "urn:kubelt:peer:";
 pub const REVOKE_URN: &str = "urn:kubelt:revoke:";
 /// Resource prefix of a delegated namespace.
 pub const NAMESPACE_URN: &str = "urn:kubelt:ns:";
-/// Resource prefix of a revocation's cut: `urn:kubelt:keep:<actor suffix hex>:<seq>`.
+/// Resource prefix of a revocation's cut: `urn:kubelt:keep:<actor suffix hex>:<seq>:<hash>`.
 pub const KEEP_URN: &str = "urn:kubelt:keep:";
 /// The namespace wildcard: every namespace except the reserved one.
 pub const ALL_NAMESPACES: &str = "*";
@@ -550,8 +553,8 @@ pub fn delegation_statement(peer: &PeerId, namespaces: &Namespaces, expires_at: 
 
 /// The statement line of a revocation, derived from the revoked peer and the cut (how many of
 /// its changes stay). [`Revocation::verify`] refuses any other statement line.
-pub fn revocation_statement(peer: &PeerId, keep: &BTreeMap<[u8; 8], u64>) -> String {
-    let kept = keep.values().fold(0u64, |sum, seq| sum.saturating_add(*seq));
+pub fn revocation_statement(peer: &PeerId, keep: &BTreeMap<[u8; 8], Kept>) -> String {
+    let kept = keep.values().fold(0u64, |sum, k| sum.saturating_add(k.seq));
     if kept == 0 {
         format!("Revoke Kubelt node {peer} from this core: all of its changes are void.")
     } else {
@@ -661,9 +664,9 @@ pub struct Revocation {
     pub owner: Address,
     /// The revoked node key.
     pub peer: PeerId,
-    /// For each actor suffix the key wrote with, the last sequence number that stays valid.
-    /// Actors not listed keep nothing.
-    pub keep: BTreeMap<[u8; 8], u64>,
+    /// For each actor suffix the key wrote with, the last change that stays valid. Actors not
+    /// listed keep nothing.
+    pub keep: BTreeMap<[u8; 8], Kept>,
     /// [`statement_id`] of the signed statement.
     pub id: [u8; 32],
 }
@@ -688,8 +691,8 @@ impl Revocation {
             let Some(rest) = resource.strip_prefix(KEEP_URN) else {
                 return Err(unexpected_resource(resource, "revocation", KEEP_URN));
             };
-            let (actor, seq) = parse_keep(rest)?;
-            if keep.insert(actor, seq).is_some() {
+            let (actor, kept) = parse_keep(rest)?;
+            if keep.insert(actor, kept).is_some() {
                 return Err(DelegationError::Malformed(format!(
                     "actor {} is listed twice; a revocation keeps one point per actor",
                     hex::encode(actor)
@@ -700,25 +703,50 @@ impl Revocation {
         Ok(Revocation { owner, peer, keep, id: statement_id(statement) })
     }
 
-    /// The last valid sequence number of an actor suffix of the revoked key.
+    /// The last valid sequence number of an actor suffix of the revoked key (0: none).
     pub fn keep_for(&self, suffix: &[u8; 8]) -> u64 {
-        self.keep.get(suffix).copied().unwrap_or(0)
+        self.keep.get(suffix).map_or(0, |k| k.seq)
+    }
+
+    /// The hash of the last kept change of an actor suffix of the revoked key.
+    pub fn kept_hash(&self, suffix: &[u8; 8]) -> Option<ChangeHash> {
+        self.keep.get(suffix).map(|k| k.hash)
     }
 }
 
-/// Parses `<actor suffix hex>:<seq>` of a keep resource, spelled as [`revocation_message`]
-/// writes it (lower-case hex, decimal without sign or leading zeros), so that every kept point
-/// has one spelling.
-fn parse_keep(rest: &str) -> Result<([u8; 8], u64), DelegationError> {
-    let malformed = || DelegationError::Malformed(format!("{:?} is not {KEEP_URN}<actor>:<seq>", quote(&format!("{KEEP_URN}{rest}"))));
-    let (suffix, seq_text) = rest.split_once(':').ok_or_else(malformed)?;
+/// The last change of one actor that a revocation keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    /// Its sequence number in the actor.
+    pub seq: u64,
+    /// Its hash: the kept history of the actor is this change and its ancestors.
+    pub hash: ChangeHash,
+}
+
+/// Parses `<actor suffix hex>:<seq>:<hash hex>` of a keep resource, spelled as
+/// [`revocation_message`] writes it (lower-case hex, decimal without sign or leading zeros), so
+/// that every kept point has one spelling.
+fn parse_keep(rest: &str) -> Result<([u8; 8], Kept), DelegationError> {
+    let malformed =
+        || DelegationError::Malformed(format!("{:?} is not {KEEP_URN}<actor>:<seq>:<change hash>", quote(&format!("{KEEP_URN}{rest}"))));
+    let mut parts = rest.split(':');
+    let (Some(suffix), Some(seq_text), Some(hash_text), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(malformed());
+    };
     let mut actor = [0u8; 8];
     hex::decode_to_slice(suffix, &mut actor).map_err(|_| malformed())?;
     let seq: u64 = seq_text.parse().map_err(|_| malformed())?;
-    if hex::encode(actor) != suffix || seq.to_string() != seq_text {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hash_text, &mut hash).map_err(|_| malformed())?;
+    if hex::encode(actor) != suffix || seq.to_string() != seq_text || seq == 0 || hex::encode(hash) != hash_text {
         return Err(malformed());
     }
-    Ok((actor, seq))
+    Ok((actor, Kept { seq, hash: ChangeHash(hash) }))
+}
+
+/// The keep resource of one actor, as [`parse_keep`] reads it.
+fn keep_resource(actor: &[u8; 8], kept: &Kept) -> String {
+    format!("{KEEP_URN}{}:{}:{}", hex::encode(actor), kept.seq, hex::encode(kept.hash.0))
 }
 
 fn nonce() -> String {
@@ -801,12 +829,12 @@ pub fn delegation_message(
 }
 
 /// The text of a revocation for the owner to sign: revokes `peer`, keeping its changes up to
-/// `keep` (actor suffix → last kept sequence number; see [`super::Replica::revocation_message`],
-/// which fills it from the replica's history). The statement line is [`revocation_statement`].
+/// `keep` (actor suffix → last kept change; see [`super::Replica::revocation_message`], which
+/// fills it from the replica's history). The statement line is [`revocation_statement`].
 pub fn revocation_message(
     owner: &Address,
     peer: &PeerId,
-    keep: &BTreeMap<[u8; 8], u64>,
+    keep: &BTreeMap<[u8; 8], Kept>,
     now: OffsetDateTime,
 ) -> Result<String, DelegationError> {
     siwe_message(
@@ -815,7 +843,7 @@ pub fn revocation_message(
         format!("{REVOKE_URN}{peer}"),
         now,
         None,
-        keep.iter().map(|(actor, seq)| format!("{KEEP_URN}{}:{seq}", hex::encode(actor))).collect(),
+        keep.iter().map(|(actor, kept)| keep_resource(actor, kept)).collect(),
     )
 }
 
@@ -952,7 +980,7 @@ mod tests {
     fn a_phishing_page_cannot_obtain_a_revocation() -> TestResult {
         let owner = DevWallet::random();
         let victim = peer();
-        let keep: BTreeMap<[u8; 8], u64> = [([7u8; 8], 3)].into();
+        let keep: BTreeMap<[u8; 8], Kept> = [([7u8; 8], Kept { seq: 3, hash: ChangeHash([0xaa; 32]) })].into();
         let canonical = Siwe {
             domain: DOMAIN.into(),
             owner: owner.address(),
@@ -960,7 +988,7 @@ mod tests {
             uri: format!("{REVOKE_URN}{victim}"),
             chain: CHAIN_ID,
             expires_at: None,
-            resources: vec![format!("{KEEP_URN}0707070707070707:3")],
+            resources: vec![format!("{KEEP_URN}0707070707070707:3:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")],
         };
         let revocation = Revocation::verify(&signed(&owner, canonical.text())?)?;
         assert_eq!((revocation.peer, revocation.keep), (victim, keep));
@@ -982,9 +1010,9 @@ mod tests {
         let mut expiring = canonical.clone();
         expiring.expires_at = Some(T0 + YEAR);
         let mut twice = canonical.clone();
-        twice.resources.push(format!("{KEEP_URN}0707070707070707:9"));
+        twice.resources.push(format!("{KEEP_URN}0707070707070707:9:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
         let mut odd_spelling = canonical.clone();
-        odd_spelling.resources = vec![format!("{KEEP_URN}0707070707070707:03")];
+        odd_spelling.resources = vec![format!("{KEEP_URN}0707070707070707:03:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")];
         let cases: [(&str, Siwe, fn(&DelegationError) -> bool); 9] = [
             ("phishing", phishing, |e| matches!(e, DelegationError::WrongDomain { .. })),
             ("wrong domain", wrong_domain, |e| matches!(e, DelegationError::WrongDomain { .. })),
@@ -1051,7 +1079,8 @@ mod tests {
         // The dev wallet's own delegations pass.
         Delegation::verify(&owner.delegate(&node, &["apps"], Duration::from_secs(60), now)?)?;
 
-        let keep: BTreeMap<[u8; 8], u64> = [([1u8; 8], 3), ([2u8; 8], 2)].into();
+        let keep: BTreeMap<[u8; 8], Kept> =
+            [([1u8; 8], Kept { seq: 3, hash: ChangeHash([1; 32]) }), ([2u8; 8], Kept { seq: 2, hash: ChangeHash([2; 32]) })].into();
         let message = revocation_message(&owner.address(), &node, &keep, now)?;
         assert!(message.contains("its 5 change(s) up to now stay"), "{message}");
         assert_eq!(Revocation::verify(&signed(&owner, message)?)?.keep, keep);

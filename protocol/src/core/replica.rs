@@ -87,7 +87,7 @@ use super::change::{
     self, check_envelope, check_namespaces, inflate_batch, inspect, seal, Checked, Delegations, History, Rejected,
     RevocationRecord, Touched,
 };
-use super::delegation::{self, Delegation, DelegationError, Revocation, RESERVED_NAMESPACE};
+use super::delegation::{self, Delegation, DelegationError, Kept, Revocation, RESERVED_NAMESPACE};
 use super::value::{self, PathError};
 use crate::store::{Column, Store, StoreError};
 
@@ -865,6 +865,17 @@ impl Replica {
         self.equivocations.get(actor).map(|&keep| (keep, Cut::Equivocated))
     }
 
+    /// Whether `hash` (change `seq` of an actor of a revoked key) is another change than the
+    /// one a revocation kept at that sequence number.
+    fn replaces_kept(&self, peer: &PeerId, suffix: &[u8; 8], seq: u64, hash: &ChangeHash) -> bool {
+        self.revoked_peers.get(peer).is_some_and(|ids| {
+            ids.iter()
+                .filter_map(|id| self.revocations.get(id))
+                .filter_map(|(r, _)| r.keep.get(suffix))
+                .any(|kept| kept.seq == seq && kept.hash != *hash)
+        })
+    }
+
     /// The history-dependent checks of a change whose dependencies are all valid.
     fn plan(&self, item: &Checked) -> Result<Plan, Rejected> {
         let change = &item.change;
@@ -899,6 +910,9 @@ impl Replica {
             return Err(Rejected::BadStartOp { expected: max_op + 1, got: start_op });
         }
         let max_op = max_op.max((start_op + change.len() as u64).saturating_sub(1));
+        if self.replaces_kept(&item.author, &item.suffix, seq, &item.hash) {
+            return Err(Rejected::NotKept { author: item.author.to_string(), seq });
+        }
         if let Some((keep, cut)) = cut {
             if seq > keep {
                 return Err(match cut {
@@ -1272,7 +1286,14 @@ impl Replica {
             .actors
             .iter()
             .enumerate()
-            .filter_map(|(i, a)| self.keep_for(&a.id, &a.peer, &a.suffix).map(|(keep, _)| (i, keep)))
+            .filter_map(|(i, a)| {
+                let (keep, _) = self.keep_for(&a.id, &a.peer, &a.suffix)?;
+                // A change in the kept position that is not the kept change goes, with what
+                // follows it.
+                let at_keep = usize::try_from(keep).ok().and_then(|k| k.checked_sub(1)).and_then(|k| a.chain.get(k));
+                let replaced = at_keep.is_some_and(|h| self.replaces_kept(&a.peer, &a.suffix, keep, h));
+                Some((i, if replaced { keep - 1 } else { keep }))
+            })
             .collect();
         if cuts.is_empty() {
             return HashSet::new();
@@ -1531,12 +1552,12 @@ impl Replica {
 
     /// For each actor `peer` wrote with, the last change this replica holds: the cut a
     /// revocation signed now would keep.
-    pub fn revocation_keep(&self, peer: &PeerId) -> BTreeMap<[u8; 8], u64> {
+    pub fn revocation_keep(&self, peer: &PeerId) -> BTreeMap<[u8; 8], Kept> {
         self.dag
             .actors
             .iter()
             .filter(|a| a.peer == *peer)
-            .map(|a| (a.suffix, a.chain.len() as u64))
+            .filter_map(|a| a.chain.last().map(|hash| (a.suffix, Kept { seq: a.chain.len() as u64, hash: *hash })))
             .collect()
     }
 

@@ -463,7 +463,7 @@ fn revocation_scenario() -> anyhow::Result<RevocationScenario> {
     let a1 = a.write("profile", "name", json!("alice"), T0 + 1);
     b.absorb(&[&a1]);
     let b1 = b.write("apps", "b", json!(1), T0 + 2);
-    let keep = BTreeMap::from([(a.actor_suffix(), 1u64)]);
+    let keep = BTreeMap::from([(a.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&a1) })]);
     let statement = owner.statement(revocation_message(&owner.address, &a.peer, &keep, at(T0 + 3))?);
     let r = b.revoke(&statement, T0 + 3);
     let a2 = a.write("profile", "name", json!("mallory"), T0 + 4);
@@ -573,7 +573,7 @@ fn a_replica_holding_changes_a_revocation_voids_converges_with_one_that_never_ha
     a.replica(core).set_at("profile", "name", &json!("alice"), &ka, &da, T0 + 1)?;
     sync(&mut b, &mut a, core);
     // The owner revokes A from B's view of the core; meanwhile A keeps writing.
-    assert_eq!(b.replica(core).revocation_keep(&a.peer).values().copied().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(b.replica(core).revocation_keep(&a.peer).values().map(|k| k.seq).collect::<Vec<_>>(), vec![1]);
     let statement = owner.statement(b.replica(core).revocation_message(&a.peer, at(T0 + 2))?);
     b.replica(core).revoke_at(&statement, &kb, &db, T0 + 2)?;
     a.replica(core).set_at("profile", "name", &json!("mallory"), &ka, &da, T0 + 3)?;
