@@ -250,7 +250,10 @@ impl EventLoop {
 
     pub(super) fn core_submit(&mut self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
         let local = *self.swarm.local_peer_id();
-        if let Ok(delegation) = Delegation::verify(&statement) {
+        // The URI says what kind of statement it is; each kind reports its own refusal.
+        let is_revocation = statement.message.lines().any(|l| l.starts_with(&format!("URI: {}", crate::core::delegation::REVOKE_URN)));
+        if !is_revocation {
+            let delegation = Delegation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid delegation: {e}")))?;
             if delegation.peer != local {
                 return Err(CoreCommandError(format!(
                     "this delegation authorizes peer {}, not this node ({local}): submit it on that node",
@@ -263,7 +266,7 @@ impl EventLoop {
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: "delegation".into(), core: delegation.owner.to_checksum(), peer: local.to_base58() });
         }
-        let revocation = Revocation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid delegation or revocation: {e}")))?;
+        let revocation = Revocation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid revocation: {e}")))?;
         let core = revocation.owner;
         let replica = held(&mut self.cores, &core)?;
         let own = replica
