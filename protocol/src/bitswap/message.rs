@@ -6,6 +6,10 @@
 //! to. A block is therefore never "stored under a wrong CID" — a corrupted block simply has a
 //! CID that nobody wanted, and the behaviour treats it as bad. Decoding is zero-copy: block
 //! bytes are slices of the frame.
+//!
+//! Memory: an item (wantlist entry, block, presence) can take 2 bytes of a frame and ~200 once
+//! decoded, so a frame may carry at most [`MAX_ITEMS_PER_MESSAGE`] of them, counted before
+//! anything is decoded: a decoded frame then takes at most ~12 MiB beyond its own bytes.
 
 use bytes::{Bytes, BytesMut};
 use cid::Cid;
@@ -15,6 +19,7 @@ use prost::Message as _;
 
 use super::protocol::{put_length_prefix, FrameError, Version};
 use crate::store::Block;
+use crate::unixfs::dag_pb::{exact_cid, wire};
 
 /// dag-pb's multicodec, the only codec a CIDv0 can have.
 const DAG_PB: u64 = 0x70;
@@ -161,6 +166,12 @@ pub struct BadBlock {
     pub size: usize,
 }
 
+/// Most wantlist entries, blocks and presences, together, that a received message may carry.
+/// Far above what any sender packs into a frame (our answers stop at ~1 MiB, ≥ 32 bytes per
+/// item; our wantlists at 8192 entries; boxo's answers at 16 KiB), and low enough that a
+/// frame of empty items cannot make us allocate hundreds of MiB.
+pub const MAX_ITEMS_PER_MESSAGE: usize = 1 << 16;
+
 /// A message as received: wantlist entries with valid CIDs, blocks already hashed.
 #[derive(Debug, Clone, Default)]
 pub struct ReceivedMessage {
@@ -182,12 +193,16 @@ impl ReceivedMessage {
     /// negotiated version, as boxo does.
     pub fn decode(frame: Bytes) -> Result<ReceivedMessage, FrameError> {
         let size = frame.len();
+        let items = count_items(&frame);
+        if items > MAX_ITEMS_PER_MESSAGE {
+            return Err(FrameError::TooManyItems { max: MAX_ITEMS_PER_MESSAGE });
+        }
         let msg = pb::Message::decode(frame)?;
         let mut out = ReceivedMessage { size, ..Default::default() };
         if let Some(wl) = msg.wantlist {
             out.full = wl.full;
             for e in wl.entries {
-                let Ok(cid) = Cid::try_from(&e.block[..]) else {
+                let Ok(cid) = exact_cid(&e.block) else {
                     out.malformed_entries += 1;
                     continue;
                 };
@@ -221,7 +236,7 @@ impl ReceivedMessage {
             }
         }
         for p in msg.block_presences {
-            let Ok(cid) = Cid::try_from(&p.cid[..]) else {
+            let Ok(cid) = exact_cid(&p.cid) else {
                 out.malformed_entries += 1;
                 continue;
             };
@@ -237,6 +252,37 @@ impl ReceivedMessage {
         }
         Ok(out)
     }
+}
+
+/// Counts the wantlist entries, blocks and presences of an encoded message without decoding
+/// them, stopping past [`MAX_ITEMS_PER_MESSAGE`]. It reads as leniently as prost, so where it
+/// stops at malformed bytes prost fails too, having decoded no more items than were counted.
+fn count_items(mut frame: &[u8]) -> usize {
+    let mut items = 0;
+    while !frame.is_empty() && items <= MAX_ITEMS_PER_MESSAGE {
+        let Some((field, wire_type, rest)) = wire::read_key(frame) else { break };
+        let next = match (field, wire_type) {
+            // wantlist: count its entries (field 1); a repeated wantlist field merges.
+            (1, wire::LEN) => wire::read_len_delimited(rest).map(|(mut wantlist, rest)| {
+                while !wantlist.is_empty() {
+                    let Some((field, wire_type, r)) = wire::read_key(wantlist) else { break };
+                    items += usize::from((field, wire_type) == (1, wire::LEN));
+                    let Some(r) = wire::skip(r, field, wire_type) else { break };
+                    wantlist = r;
+                }
+                rest
+            }),
+            // blocks, payload, blockPresences
+            (2..=4, wire::LEN) => {
+                items += 1;
+                wire::skip(rest, field, wire_type)
+            }
+            _ => wire::skip(rest, field, wire_type),
+        };
+        let Some(next) = next else { break };
+        frame = next;
+    }
+    items
 }
 
 /// A CID without its digest, as carried by a 1.1+ block.
@@ -309,6 +355,7 @@ fn hash_block(prefix: &Prefix, data: Bytes) -> Result<Block, BadBlock> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unixfs::dag_pb::put_varint;
 
     fn v0_block(data: &'static [u8]) -> Block {
         let cid = Cid::new_v0(Code::Sha2_256.digest(data)).unwrap();
@@ -398,6 +445,41 @@ mod tests {
         assert!(got.bad_blocks[0].reason.contains("unsupported hash"), "{:?}", got.bad_blocks);
         assert_eq!(got.malformed_entries, 1);
         assert!(got.blocks.is_empty() && got.wantlist.is_empty());
+    }
+
+    #[test]
+    fn cids_with_trailing_bytes_are_malformed_entries() {
+        // `Cid::try_from` ignores what follows a CID; go-cid's `Cast` refuses it, and so do we.
+        let raw = Block::new_v1(0x55, Bytes::from_static(b"raw leaf"));
+        let mut junk = raw.cid.to_bytes();
+        junk.push(0x00);
+        let msg = pb::Message {
+            wantlist: Some(pb::message::Wantlist {
+                entries: vec![pb::message::wantlist::Entry { block: Bytes::from(junk.clone()), ..Default::default() }],
+                full: false,
+            }),
+            block_presences: vec![pb::message::BlockPresence { cid: Bytes::from(junk), r#type: 0 }],
+            ..Default::default()
+        };
+        let got = ReceivedMessage::decode(Bytes::from(msg.encode_to_vec())).unwrap();
+        assert_eq!(got.malformed_entries, 2);
+        assert!(got.wantlist.is_empty() && got.presences.is_empty());
+    }
+
+    #[test]
+    fn items_are_counted_across_repeated_wantlist_fields() {
+        // Protobuf merges a repeated `wantlist` field: its entries add up.
+        let entries = [0x0a, 0x00].repeat(MAX_ITEMS_PER_MESSAGE / 2 + 1);
+        let mut frame = Vec::new();
+        for _ in 0..2 {
+            frame.push(0x0a);
+            put_varint(&mut frame, entries.len() as u64);
+            frame.extend_from_slice(&entries);
+        }
+        assert!(matches!(ReceivedMessage::decode(Bytes::from(frame)), Err(FrameError::TooManyItems { .. })));
+        assert_eq!(count_items(&[0x12, 0x00].repeat(10)), 10);
+        // A block running past the end counts and stops the count: prost fails there too.
+        assert_eq!(count_items(&[0x12, 0x00, 0x12, 0x05, 0x00, 0x12, 0x00]), 2);
     }
 
     #[test]

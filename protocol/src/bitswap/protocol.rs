@@ -98,6 +98,9 @@ pub enum FrameError {
     /// The stream ended in the middle of a frame.
     #[error("stream closed in the middle of a frame")]
     Truncated,
+    /// The frame carries more wantlist entries, blocks and presences than we decode.
+    #[error("bitswap message carries more than {max} wantlist entries, blocks and presences")]
+    TooManyItems { max: usize },
     /// The frame is not a bitswap protobuf message.
     #[error("malformed bitswap message: {0}")]
     Decode(#[from] prost::DecodeError),
@@ -109,10 +112,14 @@ pub enum FrameError {
     Timeout(std::time::Duration),
 }
 
+/// First buffer for a frame body; it doubles as bytes arrive, up to the announced length.
+const FIRST_READ: usize = 64 << 10;
+
 /// Reads one frame's body. `Ok(None)` is a clean end of stream between frames.
 ///
-/// The length is checked against `max` before anything is allocated, so a peer cannot make us
-/// reserve more than `max` bytes per stream.
+/// The length is checked against `max` before anything is allocated, and the buffer grows
+/// only as the bytes arrive: a peer that announces `max` bytes and sends a few makes us
+/// allocate a few KiB, not `max`, per stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Result<Option<Bytes>, FrameError> {
     let mut len: u64 = 0;
     let mut byte = [0u8; 1];
@@ -136,15 +143,30 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Result<
             if len > max {
                 return Err(FrameError::TooLarge { len, max });
             }
-            let mut buf = BytesMut::zeroed(len);
-            io.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-                _ => FrameError::Io(e),
-            })?;
-            return Ok(Some(buf.freeze()));
+            return read_body(io, len).await.map(|body| Some(Bytes::from(body)));
         }
     }
     Err(FrameError::InvalidLength)
+}
+
+/// Reads exactly `len` bytes, growing the buffer (zeroed once, reserved exactly) as they come.
+async fn read_body<R: AsyncRead + Unpin>(io: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        if filled == buf.len() {
+            let grow = (len - filled).min(filled.max(FIRST_READ));
+            buf.reserve_exact(grow);
+            buf.resize(filled + grow, 0);
+        }
+        match io.read(&mut buf[filled..]).await {
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(buf)
 }
 
 /// Writes one already length-prefixed frame and flushes it.

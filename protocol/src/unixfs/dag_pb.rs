@@ -198,6 +198,12 @@ pub struct DecodedLink {
 
 impl DecodedNode {
     /// Decodes a dag-pb block (zero-copy for `Data`).
+    ///
+    /// As lenient as protobuf (either field order, unknown fields skipped; the spec asks
+    /// decoders to accept both orders) except for link hashes, which must be exactly one CID
+    /// (go-cid's `Cast`). Memory: decoding takes up to ~50 times the block's size (a link can
+    /// be 2 bytes on the wire and 72 decoded by prost, more once converted), so callers bound
+    /// the block size, as every block source does.
     pub fn decode(cid: &Cid, block: Bytes) -> Result<Self, UnixfsError> {
         let node = PbNode::decode(block).map_err(|e| UnixfsError::InvalidDagPb { cid: *cid, reason: e.to_string() })?;
         let links = node
@@ -217,77 +223,124 @@ impl DecodedNode {
 
 fn decode_link(parent: &Cid, link: PbLink) -> Result<DecodedLink, UnixfsError> {
     let hash = link.hash.ok_or_else(|| UnixfsError::InvalidDagPb { cid: *parent, reason: "link without Hash".into() })?;
-    let cid = Cid::try_from(&hash[..])
-        .map_err(|e| UnixfsError::InvalidDagPb { cid: *parent, reason: format!("bad link CID: {e}") })?;
+    let cid = exact_cid(&hash).map_err(|reason| UnixfsError::InvalidDagPb { cid: *parent, reason: format!("bad link CID: {reason}") })?;
     Ok(DecodedLink { cid, name: link.name.unwrap_or_default(), tsize: link.tsize })
 }
 
-/// The CIDs a dag-pb block links to, without decoding anything else (fast path for DAG walks).
+/// The CID encoded by exactly `bytes`. `Cid::try_from(&[u8])` ignores trailing bytes, so two
+/// different byte strings would name one CID; go-cid's `Cast` refuses them, and so do we.
+pub(crate) fn exact_cid(bytes: &[u8]) -> Result<Cid, String> {
+    let mut rest = bytes;
+    let cid = Cid::read_bytes(&mut rest).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} trailing bytes after the CID", rest.len()));
+    }
+    Ok(cid)
+}
+
+/// The CIDs a dag-pb block links to, without decoding anything else (fast path for DAG walks:
+/// GC marking, CAR export, fetching a DAG).
+///
+/// Whenever [`DecodedNode::decode`] accepts a block, this returns exactly its links' CIDs:
+/// GC keeps what the exporter will ask for. So it reads the protobuf as leniently as prost
+/// does (unknown fields of any wire type skipped, the last `Hash` of a link wins).
 pub fn link_cids(cid: &Cid, block: &[u8]) -> Result<Vec<Cid>, UnixfsError> {
     let bad = |reason: &str| UnixfsError::InvalidDagPb { cid: *cid, reason: reason.to_string() };
     let mut out = Vec::new();
     let mut rest = block;
     while !rest.is_empty() {
-        let (key, r) = read_varint(rest).ok_or_else(|| bad("truncated field key"))?;
-        rest = r;
-        match key {
-            // Links (2) and Data (1) are both length-delimited.
-            0x12 | 0x0a => {
-                let (len, r) = read_varint(rest).ok_or_else(|| bad("truncated length"))?;
-                let len = usize::try_from(len).map_err(|_| bad("field too long"))?;
-                if r.len() < len {
-                    return Err(bad("field past the end of the block"));
-                }
-                let (body, r) = r.split_at(len);
-                rest = r;
-                if key == 0x12 {
-                    out.push(link_hash(cid, body)?);
-                }
-            }
-            _ => return Err(bad("unexpected field in PbNode")),
-        }
+        let (field, wire_type, r) = wire::read_key(rest).ok_or_else(|| bad("invalid field key"))?;
+        rest = if (field, wire_type) == (2, wire::LEN) {
+            let (link, r) = wire::read_len_delimited(r).ok_or_else(|| bad("link past the end of the block"))?;
+            out.push(link_hash(cid, link)?);
+            r
+        } else {
+            wire::skip(r, field, wire_type).ok_or_else(|| bad("malformed field"))?
+        };
     }
     Ok(out)
 }
 
-/// The `Hash` of one encoded PbLink.
+/// The `Hash` of one encoded PbLink (the last one, as protobuf merges repeated scalars).
 fn link_hash(cid: &Cid, mut link: &[u8]) -> Result<Cid, UnixfsError> {
     let bad = |reason: String| UnixfsError::InvalidDagPb { cid: *cid, reason };
+    let mut hash = None;
     while !link.is_empty() {
-        let (key, r) = read_varint(link).ok_or_else(|| bad("truncated link".into()))?;
-        link = r;
-        match key & 7 {
-            0 => {
-                let (_, r) = read_varint(link).ok_or_else(|| bad("truncated link".into()))?;
-                link = r;
-            }
-            2 => {
-                let (len, r) = read_varint(link).ok_or_else(|| bad("truncated link".into()))?;
-                let len = usize::try_from(len).map_err(|_| bad("link field too long".into()))?;
-                if r.len() < len {
-                    return Err(bad("link field past the end".into()));
-                }
-                if key == 0x0a {
-                    return Cid::try_from(&r[..len]).map_err(|e| bad(format!("bad link CID: {e}")));
-                }
-                link = &r[len..];
-            }
-            _ => return Err(bad("unexpected wire type in PbLink".into())),
-        }
+        let (field, wire_type, r) = wire::read_key(link).ok_or_else(|| bad("invalid link field key".into()))?;
+        link = if (field, wire_type) == (1, wire::LEN) {
+            let (bytes, r) = wire::read_len_delimited(r).ok_or_else(|| bad("link field past the end".into()))?;
+            hash = Some(bytes);
+            r
+        } else {
+            wire::skip(r, field, wire_type).ok_or_else(|| bad("malformed link field".into()))?
+        };
     }
-    Err(bad("link without Hash".into()))
+    let hash = hash.ok_or_else(|| bad("link without Hash".into()))?;
+    exact_cid(hash).map_err(|reason| bad(format!("bad link CID: {reason}")))
 }
 
-/// Reads a varint (at most 10 bytes); returns it and the rest.
-pub(crate) fn read_varint(buf: &[u8]) -> Option<(u64, &[u8])> {
-    let mut value = 0u64;
-    for (i, &byte) in buf.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((value, &buf[i + 1..]));
+/// Protobuf wire reading for the scans that must never refuse what prost's full decode accepts
+/// ([`link_cids`], the bitswap item count): every rule here is prost's or more lenient.
+pub(crate) mod wire {
+    /// Wire type of length-delimited fields (bytes, strings, messages).
+    pub(crate) const LEN: u8 = 2;
+    /// Group nesting we follow; prost stops at 100, so we never refuse what it accepts.
+    const MAX_GROUP_DEPTH: usize = 128;
+
+    /// Reads a varint: at most 10 bytes, the tenth 0 or 1 (as prost: more would overflow u64).
+    pub(crate) fn read_varint(buf: &[u8]) -> Option<(u64, &[u8])> {
+        let mut value = 0u64;
+        for (i, &byte) in buf.iter().enumerate().take(10) {
+            if i == 9 && byte > 1 {
+                return None;
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Some((value, &buf[i + 1..]));
+            }
+        }
+        None
+    }
+
+    /// Reads a field key: field number, wire type, rest.
+    pub(crate) fn read_key(buf: &[u8]) -> Option<(u32, u8, &[u8])> {
+        let (key, rest) = read_varint(buf)?;
+        let key = u32::try_from(key).ok()?;
+        let (field, wire_type) = (key >> 3, (key & 7) as u8);
+        (field != 0 && wire_type <= 5).then_some((field, wire_type, rest))
+    }
+
+    /// Reads a length-delimited value: its bytes and the rest.
+    pub(crate) fn read_len_delimited(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (len, rest) = read_varint(buf)?;
+        let len = usize::try_from(len).ok().filter(|&len| len <= rest.len())?;
+        Some(rest.split_at(len))
+    }
+
+    /// Skips the value of a field whose key was just read; returns the rest.
+    pub(crate) fn skip(buf: &[u8], field: u32, wire_type: u8) -> Option<&[u8]> {
+        skip_nested(buf, field, wire_type, 0)
+    }
+
+    fn skip_nested(buf: &[u8], field: u32, wire_type: u8, depth: usize) -> Option<&[u8]> {
+        match wire_type {
+            0 => read_varint(buf).map(|(_, rest)| rest),
+            1 => buf.get(8..),
+            LEN => read_len_delimited(buf).map(|(_, rest)| rest),
+            3 if depth < MAX_GROUP_DEPTH => {
+                let mut rest = buf;
+                loop {
+                    let (inner, inner_type, r) = read_key(rest)?;
+                    if inner_type == 4 {
+                        return (inner == field).then_some(r);
+                    }
+                    rest = skip_nested(r, inner, inner_type, depth + 1)?;
+                }
+            }
+            5 => buf.get(4..),
+            _ => None,
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -302,7 +355,7 @@ mod tests {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "{v}");
-            assert_eq!(read_varint(&buf), Some((v, &[][..])));
+            assert_eq!(wire::read_varint(&buf), Some((v, &[][..])));
             let mut back = vec![0u8; 12];
             let start = put_varint_before(&mut back, 12, v);
             assert_eq!(&back[start..], &buf[..]);
@@ -322,6 +375,77 @@ mod tests {
         assert_eq!(node.links, vec![DecodedLink { cid: child, name: String::new(), tsize: Some(42) }]);
         assert_eq!(node.data.as_deref(), Some(&b"\x08\x02"[..]));
         assert_eq!(link_cids(&child, &bytes).unwrap(), vec![child]);
+    }
+
+    /// A PbNode of raw `links` (each an encoded PbLink) and no Data.
+    fn node_of(links: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for link in links {
+            out.push(0x12);
+            put_varint(&mut out, link.len() as u64);
+            out.extend_from_slice(link);
+        }
+        out
+    }
+
+    fn hash_field(cid: &Cid) -> Vec<u8> {
+        let mut out = vec![0x0a];
+        put_varint(&mut out, cid.encoded_len() as u64);
+        out.extend(cid.to_bytes());
+        out
+    }
+
+    /// The fast path and the decoder must name the same links.
+    fn both(block: &[u8]) -> (Result<Vec<Cid>, UnixfsError>, Result<Vec<Cid>, UnixfsError>) {
+        let parent = Cid::new_v0(Code::Sha2_256.digest(block)).unwrap();
+        let decoded = DecodedNode::decode(&parent, Bytes::copy_from_slice(block)).map(|n| n.links.into_iter().map(|l| l.cid).collect());
+        (link_cids(&parent, block), decoded)
+    }
+
+    #[test]
+    fn link_with_two_hashes_names_the_same_child_for_gc_and_the_exporter() {
+        // Protobuf keeps the last value of a repeated scalar field; the fast path used to take
+        // the first, so GC kept one child and the exporter read the other.
+        let first = Cid::new_v0(Code::Sha2_256.digest(b"first")).unwrap();
+        let last = Cid::new_v0(Code::Sha2_256.digest(b"last")).unwrap();
+        let block = node_of(&[[hash_field(&first), hash_field(&last)].concat()]);
+        let (fast, decoded) = both(&block);
+        assert_eq!(decoded.unwrap(), vec![last]);
+        assert_eq!(fast.unwrap(), vec![last]);
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_by_the_fast_path_as_by_the_decoder() {
+        let child = Cid::new_v0(Code::Sha2_256.digest(b"child")).unwrap();
+        // PbLink with a fixed64 field 7 and a group 9; PbNode with a varint field 5 and a
+        // fixed32 field 6. The decoder skips them; the fast path used to refuse the block.
+        let mut link = hash_field(&child);
+        link.extend([0x39, 1, 2, 3, 4, 5, 6, 7, 8, 0x4b, 0x08, 0x01, 0x4c]);
+        let mut block = node_of(&[link]);
+        block.extend([0x28, 0x96, 0x01, 0x35, 1, 2, 3, 4]);
+        let (fast, decoded) = both(&block);
+        assert_eq!(decoded.unwrap(), vec![child]);
+        assert_eq!(fast.unwrap(), vec![child]);
+    }
+
+    #[test]
+    fn link_hash_with_trailing_bytes_is_refused() {
+        // `Cid::try_from` stops after the CID: `<cid> 00` named the same child as `<cid>`.
+        let child = Cid::new_v0(Code::Sha2_256.digest(b"child")).unwrap();
+        let mut hash = child.to_bytes();
+        hash.push(0);
+        let mut link = vec![0x0a, hash.len() as u8];
+        link.extend(hash);
+        let (fast, decoded) = both(&node_of(&[link]));
+        assert!(matches!(decoded, Err(UnixfsError::InvalidDagPb { ref reason, .. }) if reason.contains("trailing")), "{decoded:?}");
+        assert!(fast.is_err());
+    }
+
+    #[test]
+    fn varint_overflowing_u64_is_refused_like_prost_does() {
+        assert_eq!(wire::read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]), Some((u64::MAX, &[][..])));
+        assert_eq!(wire::read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]), None);
+        assert_eq!(wire::read_varint(&[0x80; 10]), None);
     }
 
     #[test]
