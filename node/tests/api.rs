@@ -126,7 +126,9 @@ fn metrics_move_with_peers_transfers_and_core_writes() -> anyhow::Result<()> {
     assert_eq!(kubelt(&b.repo, &["cat", &cid])?.stdout.len(), 1024 * 1024);
     let text_a = metrics(&a)?;
     let text_b = metrics(&b)?;
-    assert_eq!(sample(&text_a, "kubelt_bitswap_blocks_sent_total"), Some(5.0), "{text_a}");
+    // At least the five blocks (a retried request may send one twice); received counts each
+    // verified block once.
+    assert!(sample(&text_a, "kubelt_bitswap_blocks_sent_total").is_some_and(|v| v >= 5.0), "{text_a}");
     assert!(sample(&text_a, "kubelt_bitswap_sent_bytes_total").is_some_and(|v| v >= 1024.0 * 1024.0), "{text_a}");
     assert_eq!(sample(&text_b, "kubelt_bitswap_blocks_received_total"), Some(5.0), "{text_b}");
     assert!(sample(&text_b, "kubelt_bitswap_received_bytes_total").is_some_and(|v| v >= 1024.0 * 1024.0), "{text_b}");
