@@ -111,3 +111,61 @@ fn swarm_connect_and_peers_from_the_cli() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1/tcp/1"), "{}", describe(&out));
     Ok(())
 }
+
+#[test]
+fn the_api_cookie_is_private_and_new_at_every_start() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let mut node = TestNode::start(dir.path(), "n", &[])?;
+    let cookie = node.repo.join("api.cookie");
+    let mode = |path: &std::path::Path| -> anyhow::Result<u32> { Ok(std::fs::metadata(path)?.permissions().mode() & 0o777) };
+    assert_eq!(mode(&cookie)?, 0o600);
+    let first = std::fs::read_to_string(&cookie)?.trim().to_string();
+    assert!(first.len() >= 32 && first.chars().all(|c| c.is_ascii_hexdigit()), "{first:?}");
+    assert_eq!(first, node.secret());
+    assert_eq!(node.stop()?, Some(0));
+
+    // A cookie left readable by others (a careless copy, a restore) is replaced, not reused.
+    std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o644))?;
+    let node = TestNode::start_on(&node.repo.clone(), "n-again", &[])?;
+    assert_eq!(mode(&cookie)?, 0o600);
+    let second = std::fs::read_to_string(&cookie)?.trim().to_string();
+    assert_ne!(second, first, "the secret is new at every start");
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"node_id"}"#;
+    let (status, reply) = node.post_raw(call, Some(&first))?;
+    assert_eq!((status, reply["error"]["code"].clone()), (401, Value::from(-32001)), "the old secret is refused: {reply}");
+    let (status, _) = node.post_raw(call, Some(&second))?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_stops_the_node_cleanly_and_a_restart_finds_its_data() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut node = TestNode::start(dir.path(), "n", &[])?;
+    let file = dir.path().join("file.bin");
+    let bytes = common::pseudo_random(700_000, 11);
+    std::fs::write(&file, &bytes)?;
+    let cid = common::kubelt_ok(&node.repo, &["add", "-q", file.to_str().unwrap_or_default()])?;
+    let key = dir.path().join("owner.key");
+    let address = common::kubelt_ok(dir.path(), &["core", "dev-wallet", "--create", key.to_str().unwrap_or_default()])?;
+    let message = common::kubelt_ok(&node.repo, &["core", "delegate", &address])?;
+    let message_file = dir.path().join("d.siwe");
+    std::fs::write(&message_file, message)?;
+    common::kubelt_ok(&node.repo, &["core", "submit", "--message-file", message_file.to_str().unwrap_or_default(), "--sign-with", key.to_str().unwrap_or_default()])?;
+    common::kubelt_ok(&node.repo, &["core", "set", &address, "app", "greeting", "\"hello\""])?;
+
+    // What Ctrl-C sends: SIGINT to the foreground process.
+    let (code, took) = node.stop_with(libc::SIGINT)?;
+    assert_eq!(code, Some(0), "exit status after SIGINT:\n{}", node.log());
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    assert!(node.log().contains("kubelt node stopped"), "{}", node.log());
+    assert!(!node.repo.join("api").exists(), "a clean stop removes the API address file");
+
+    let node = TestNode::start_on(&node.repo.clone(), "n-again", &[])?;
+    assert!(kubelt(&node.repo, &["cat", &cid])?.stdout == bytes, "the content is back after the restart");
+    assert!(common::kubelt_ok(&node.repo, &["pin", "ls"])?.contains(&cid));
+    assert_eq!(common::kubelt_ok(&node.repo, &["core", "get", &address, "app", "greeting"])?, "\"hello\"");
+    assert!(!node.log().contains("ERROR"), "{}", node.log());
+    Ok(())
+}

@@ -1,11 +1,16 @@
-//! A bootstrap node and five nodes as separate `kubelt` processes on 127.0.0.1.
+//! A bootstrap node and five nodes as separate `kubelt` processes on 127.0.0.1, and what
+//! bootstrap mode changes.
 
 mod common;
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{wait_until, TestNode};
+use common::{edit_config, kubelt_ok, wait_until, TestNode};
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use serde_json::Value;
 
 #[test]
 fn nodes_find_each_other_through_kademlia_and_survive_losing_the_bootstrap() -> anyhow::Result<()> {
@@ -57,5 +62,76 @@ fn nodes_find_each_other_through_kademlia_and_survive_losing_the_bootstrap() -> 
         Ok(nodes.iter().all(|n| connected.contains(&n.peer_id)))
     })
     .map_err(|e| anyhow::anyhow!("{e}\nlog:\n{}", restarted.log()))?;
+    Ok(())
+}
+
+/// Where one in-process peer's single connection to a node stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Link {
+    Dialing,
+    Up,
+    Refused,
+}
+
+/// Starts `count` in-process peers (TCP, noise, yamux, ping: just enough to hold a connection
+/// a node keeps) that each dial `addr` once; returns where each connection stands, live.
+fn dial_many(count: usize, addr: &str) -> anyhow::Result<Arc<Mutex<Vec<Link>>>> {
+    let links = Arc::new(Mutex::new(vec![Link::Dialing; count]));
+    for i in 0..count {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(libp2p::tcp::Config::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)?
+            .with_behaviour(|_| libp2p::ping::Behaviour::default())?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+        swarm.dial(addr.parse::<libp2p::Multiaddr>()?)?;
+        let links = links.clone();
+        tokio::spawn(async move {
+            loop {
+                let link = match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => Link::Up,
+                    SwarmEvent::ConnectionClosed { .. } | SwarmEvent::OutgoingConnectionError { .. } => Link::Refused,
+                    _ => continue,
+                };
+                links.lock().unwrap_or_else(|e| e.into_inner())[i] = link;
+            }
+        });
+    }
+    Ok(links)
+}
+
+fn count(links: &Mutex<Vec<Link>>, state: Link) -> usize {
+    links.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|l| **l == state).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_mode_serves_the_dht_and_lifts_the_connection_limit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The same settings for both: at most 4 connections, DHT client. `--bootstrap` overrides both.
+    for name in ["plain", "bootstrap"] {
+        let repo = dir.path().join(name);
+        kubelt_ok(&repo, &["init"])?;
+        edit_config(&repo, "max_connections = 256", "max_connections = 4")?;
+        edit_config(&repo, "dht_mode = \"server\"", "dht_mode = \"client\"")?;
+    }
+    let plain = TestNode::start_on(&dir.path().join("plain"), "plain", &[])?;
+    let bootstrap = TestNode::start_on(&dir.path().join("bootstrap"), "bootstrap", &["--bootstrap"])?;
+    assert_eq!(plain.call("node_status", Value::Null)?["dht_mode"], "client");
+    assert_eq!(bootstrap.call("node_status", Value::Null)?["dht_mode"], "server");
+
+    let to_plain = dial_many(10, &plain.tcp_addr())?;
+    let to_bootstrap = dial_many(10, &bootstrap.tcp_addr())?;
+    wait_until("the plain node to refuse all but 4", Duration::from_secs(20), || {
+        Ok(count(&to_plain, Link::Up) == 4 && count(&to_plain, Link::Refused) == 6 && plain.connected_peers()?.len() == 4)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", to_plain.lock().map(|l| l.clone())))?;
+    wait_until("the bootstrap node to take all 10", Duration::from_secs(20), || {
+        Ok(count(&to_bootstrap, Link::Up) == 10 && bootstrap.connected_peers()?.len() == 10)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", to_bootstrap.lock().map(|l| l.clone())))?;
+    // And they stay so.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!((count(&to_plain, Link::Up), plain.connected_peers()?.len()), (4, 4));
+    assert_eq!((count(&to_bootstrap, Link::Up), bootstrap.connected_peers()?.len()), (10, 10));
     Ok(())
 }

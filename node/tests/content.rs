@@ -1,5 +1,5 @@
 //! Content as a user moves it: `kubelt add/cat/get/pin/repo gc/dag` between real nodes, the
-//! gateway, and bad input.
+//! gateway, providers found through the DHT, and bad input.
 
 mod common;
 
@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{bitswap_stat, describe, kubelt, kubelt_ok, pseudo_random, TestNode};
+use common::{bitswap_stat, describe, edit_config, kubelt, kubelt_ok, pseudo_random, start_dht_client, TestNode};
 use kubelt_protocol::testing::{car_of, symlink_and_directory_of_one_name};
 
 #[test]
@@ -188,5 +188,62 @@ fn get_of_a_symlink_and_a_directory_of_one_name_writes_nothing_outside_the_outpu
         Ok(fetcher.connected_peers()?.contains(&server.peer_id))
     })?;
     expect_refused(&fetcher.repo, "over-the-network")?;
+    Ok(())
+}
+
+#[test]
+fn a_node_fetches_content_from_a_provider_it_finds_in_the_dht() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // holder - boot - fetcher in a line: holder and fetcher are DHT clients that keep one
+    // connection (to boot), so only holder's provider record in the DHT can bring them together.
+    let boot = TestNode::start(dir.path(), "boot", &["--bootstrap"])?;
+    let holder = start_dht_client(dir.path(), "holder", &boot)?;
+    let fetcher = start_dht_client(dir.path(), "fetcher", &boot)?;
+    let file = dir.path().join("file.bin");
+    let bytes = pseudo_random(1024 * 1024 + 5, 21);
+    std::fs::write(&file, &bytes)?;
+    let cid = kubelt_ok(&holder.repo, &["add", "-q", file.to_str().unwrap_or_default()])?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fetcher.connected_peers()?, vec![boot.peer_id.clone()], "before the fetch, fetcher knows only boot");
+    assert_eq!(holder.connected_peers()?, vec![boot.peer_id.clone()]);
+
+    let out = kubelt(&fetcher.repo, &["cat", &cid])?;
+    assert!(out.status.success(), "{}\nlog of fetcher:\n{}", describe(&out), fetcher.log());
+    assert!(out.stdout == bytes, "cat returned {} bytes, expected {}", out.stdout.len(), bytes.len());
+    assert!(fetcher.connected_peers()?.contains(&holder.peer_id), "fetcher dialed the provider");
+    // Every block came from holder; boot only pointed the way.
+    assert_eq!(bitswap_stat(&boot, "blocks_sent")?, 0);
+    assert_eq!(bitswap_stat(&boot, "blocks_received")?, 0);
+    assert!(bitswap_stat(&holder, "blocks_sent")? >= 5, "1 MiB is 4 leaves and a root");
+    Ok(())
+}
+
+#[test]
+fn pin_add_direct_keeps_one_block_and_pin_rm_releases_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("n");
+    kubelt_ok(&repo, &["init"])?;
+    edit_config(&repo, "fetch_timeout_secs = 60", "fetch_timeout_secs = 2")?;
+    let node = TestNode::start_on(&repo, "n", &[])?;
+    let file = dir.path().join("file.bin");
+    std::fs::write(&file, pseudo_random(600_000, 22))?;
+    // 600,000 bytes: three 256 KiB leaves under one root.
+    let cid = kubelt_ok(&repo, &["add", "-q", "--no-pin", file.to_str().unwrap_or_default()])?;
+
+    assert_eq!(kubelt_ok(&repo, &["pin", "add", "--direct", &cid])?, format!("pinned {cid} direct"));
+    assert_eq!(kubelt_ok(&repo, &["pin", "ls"])?, format!("{cid} direct"));
+    let gc = kubelt_ok(&repo, &["repo", "gc"])?;
+    assert!(gc.starts_with("removed 3 blocks, kept 1"), "a direct pin keeps the root only: {gc}");
+    // A recursive pin now needs the leaves, which are gone (nobody else has them).
+    let out = kubelt(&repo, &["pin", "add", &cid])?;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert_eq!(kubelt_ok(&repo, &["pin", "ls"])?, format!("{cid} direct"), "a failed pin changes nothing");
+
+    assert_eq!(kubelt_ok(&repo, &["pin", "rm", &cid])?, format!("unpinned {cid}"));
+    assert_eq!(kubelt_ok(&repo, &["pin", "ls"])?, "");
+    assert!(kubelt_ok(&repo, &["repo", "gc"])?.starts_with("removed 1 blocks, kept 0"));
+    let out = kubelt(&repo, &["pin", "rm", &cid])?;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not pinned"), "{}", describe(&out));
+    drop(node);
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! Cores between real nodes: delegated writers and followers converge, replicas are found
-//! through the DHT, partitions heal, acknowledged writes survive kill -9, bad input is refused.
+//! through the DHT, partitions heal, acknowledged writes survive kill -9, a revoked node's
+//! writes are refused, bad input is refused.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{describe, free_port, kubelt, kubelt_ok, wait_until, TestNode};
+use common::{describe, free_port, kubelt, kubelt_ok, start_dht_client, wait_until, TestNode};
 use serde_json::{json, Value};
 
 /// A test wallet: a fresh secp256k1 key file, and its address.
@@ -107,20 +108,6 @@ fn a_node_that_only_knows_the_address_finds_replicas_through_the_dht() -> anyhow
     assert_eq!(doc["item9"]["n"], 9);
     assert!(newcomer.log().contains("found replicas of the core in the DHT"), "{}", newcomer.log());
     Ok(())
-}
-
-/// A node in DHT client mode that keeps one connection (to `boot`): DHT servers never list it,
-/// so no other node learns about it, and it learns about no other node, except through
-/// provider records. The writer and the newcomer of the DHT test are such nodes, so only the
-/// core's provider record in the DHT can bring them together.
-fn start_dht_client(dir: &Path, name: &str, boot: &TestNode) -> anyhow::Result<TestNode> {
-    let repo = dir.join(name);
-    kubelt_ok(&repo, &["init"])?;
-    let config = std::fs::read_to_string(repo.join("config.toml"))?
-        .replace("target_peers = 16", "target_peers = 1")
-        .replace("dht_mode = \"server\"", "dht_mode = \"client\"");
-    std::fs::write(repo.join("config.toml"), config)?;
-    TestNode::start_on(&repo, name, &["--peer", &boot.tcp_addr()])
 }
 
 #[test]
@@ -237,5 +224,57 @@ fn core_delegate_with_an_absurd_expiry_fails_clearly_and_the_node_keeps_running(
     }
     let message = kubelt_ok(&node.repo, &["core", "delegate", &address, "--expires", "3650d"])?;
     assert!(message.contains("Expiration Time: 20"), "{message}");
+    Ok(())
+}
+
+#[test]
+fn core_revoke_from_the_cli_makes_the_others_refuse_the_revoked_node_s_later_writes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let start = |name: &str, port: u16, extra: &[&str]| -> anyhow::Result<TestNode> {
+        let repo = dir.path().join(name);
+        if !repo.exists() {
+            kubelt_ok(&repo, &["init"])?;
+        }
+        TestNode::start_with(&repo, name, &["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")], extra)
+    };
+    let mut a = start("a", ports[0], &[])?;
+    let mut b = start("b", ports[1], &["--peer", &a.tcp_addr()])?;
+    let mut c = start("c", ports[2], &["--peer", &a.tcp_addr()])?;
+    delegate(&a, &address, &key)?;
+    delegate(&b, &address, &key)?;
+    kubelt_ok(&c.repo, &["core", "follow", &address])?;
+    let get = |node: &TestNode, path: &str| kubelt_ok(&node.repo, &["core", "get", &address, "app", path]);
+    kubelt_ok(&b.repo, &["core", "set", &address, "app", "before", "\"kept\""])?;
+    converged(&[&a, &b, &c], &address, Duration::from_secs(20))?;
+
+    // The owner revokes b. The message keeps what a holds of b now; b writes once more before
+    // the revocation is submitted, and every replica accepts that write for the time being.
+    let revocation = kubelt_ok(&a.repo, &["core", "revoke", &address, "--peer", &b.peer_id])?;
+    let revocation_file = dir.path().join("revoke-b.txt");
+    std::fs::write(&revocation_file, &revocation)?;
+    kubelt_ok(&b.repo, &["core", "set", &address, "app", "late", "\"past the kept history\""])?;
+    wait_until("c to accept b's late write", Duration::from_secs(20), || Ok(get(&c, "late")? == "\"past the kept history\""))?;
+    b.stop()?;
+    let out = kubelt_ok(&a.repo, &["core", "submit", "--message-file", revocation_file.to_str().unwrap_or_default(), "--sign-with", key.to_str().unwrap_or_default()])?;
+    assert!(out.contains("revocation applied") && out.contains(&b.peer_id), "{out}");
+    wait_until("c to drop b's late write", Duration::from_secs(20), || Ok(get(&c, "late")? == "null"))
+        .map_err(|e| anyhow::anyhow!("{e}\nlog of c:\n{}", c.log()))?;
+    assert_eq!(get(&c, "before")?, "\"kept\"", "what the revocation keeps stays");
+
+    // b, alone and unaware of its revocation, writes again; when the others come back they
+    // refuse that write, and b, having learned the revocation from them, drops it too.
+    a.stop()?;
+    c.stop()?;
+    let b2 = start("b", ports[1], &[])?;
+    kubelt_ok(&b2.repo, &["core", "set", &address, "app", "after", "\"written after the revocation\""])?;
+    let a2 = start("a", ports[0], &[])?;
+    let c2 = start("c", ports[2], &[])?;
+    let doc = converged(&[&a2, &b2, &c2], &address, Duration::from_secs(40))?;
+    assert_eq!(doc, json!({ "before": "kept" }), "only what the revocation kept is left");
+    let out = kubelt(&b2.repo, &["core", "set", &address, "app", "again", "1"])?;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("revoked"), "{}", describe(&out));
+    drop((a, b, c));
     Ok(())
 }

@@ -67,6 +67,29 @@ pub fn bitswap_stat(node: &TestNode, field: &str) -> anyhow::Result<u64> {
     node.call("node_status", Value::Null)?["bitswap"][field].as_u64().context("no such bitswap counter")
 }
 
+/// Starts a node in DHT client mode that keeps one connection (to `boot`): DHT servers never
+/// list it, so no other node learns about it, and it learns about no other node, except through
+/// provider records. Two such nodes can only meet through what the DHT tells them.
+pub fn start_dht_client(dir: &Path, name: &str, boot: &TestNode) -> anyhow::Result<TestNode> {
+    let repo = dir.join(name);
+    kubelt_ok(&repo, &["init"])?;
+    edit_config(&repo, "target_peers = 16", "target_peers = 1")?;
+    edit_config(&repo, "dht_mode = \"server\"", "dht_mode = \"client\"")?;
+    TestNode::start_on(&repo, name, &["--peer", &boot.tcp_addr()])
+}
+
+/// Replaces `from` with `to` in a repo's `config.toml`, failing when `from` is not there (so a
+/// renamed key cannot silently leave the default in place).
+pub fn edit_config(repo: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+    let path = repo.join("config.toml");
+    let config = std::fs::read_to_string(&path)?;
+    if !config.contains(from) {
+        bail!("{} has no '{from}'", path.display());
+    }
+    std::fs::write(&path, config.replace(from, to))?;
+    Ok(())
+}
+
 /// A `kubelt run` process with its own repo, listening on loopback only.
 pub struct TestNode {
     pub name: String,
@@ -202,17 +225,23 @@ impl TestNode {
 
     /// Stops the node with SIGTERM and waits for it; returns its exit code.
     pub fn stop(&mut self) -> anyhow::Result<Option<i32>> {
-        let Some(mut child) = self.child.take() else { return Ok(None) };
+        Ok(self.stop_with(libc::SIGTERM)?.0)
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT as Ctrl-C does) and waits for the process to exit;
+    /// returns its exit code (`None` when a signal killed it) and how long it took.
+    pub fn stop_with(&mut self, signal: libc::c_int) -> anyhow::Result<(Option<i32>, Duration)> {
+        let Some(mut child) = self.child.take() else { return Ok((None, Duration::ZERO)) };
         // SAFETY: kill(2) with a pid we own; no memory is touched.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
+                return Ok((status.code(), start.elapsed()));
             }
             if start.elapsed() > Duration::from_secs(20) {
                 child.kill()?;
-                bail!("{} did not stop within 20 s after SIGTERM", self.name);
+                bail!("{} did not stop within 20 s after signal {signal}", self.name);
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -11,6 +11,7 @@ use automerge::Automerge;
 use kubelt_proto::core::{OwnerStatement, SignedChange};
 use kubelt_proto::Message as _;
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use serde_json::json;
 
 use super::bounds::{scan_change, scan_sync_message, MAX_OPS_PER_CHANGE};

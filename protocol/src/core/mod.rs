@@ -94,6 +94,9 @@ mod tests;
 #[cfg(test)]
 mod attack_tests;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use address::{dht_key, Address, AddressError};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
 pub use cores::{Cores, Verified, VerifiedBatch, Verifier};
