@@ -19,7 +19,7 @@ const SHA2_256: u64 = 0x12;
 
 /// The gateway's base URL, ending in `/`, as the node reports it.
 fn gateway(node: &TestNode) -> String {
-    node.api_url().to_string()
+    node.gateway_url().to_string()
 }
 
 /// `GET <gateway>ipfs/<path>`: the content type and the body.
