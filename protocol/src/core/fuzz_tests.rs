@@ -93,16 +93,7 @@ fn apply(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
             Mutation::BigVarint(i, v) => {
                 let at = i % bytes.len();
                 let mut varint = Vec::new();
-                let mut v = *v;
-                loop {
-                    let byte = (v & 0x7f) as u8;
-                    v >>= 7;
-                    if v == 0 {
-                        varint.push(byte);
-                        break;
-                    }
-                    varint.push(byte | 0x80);
-                }
+                crate::testing::write_uleb(&mut varint, *v);
                 let end = (at + varint.len()).min(bytes.len());
                 bytes.splice(at..end, varint);
             }
