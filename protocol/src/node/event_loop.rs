@@ -297,6 +297,15 @@ impl EventLoop {
                 let _ = reply.send(peers);
             }
             Command::Connect { addr, reply } => self.connect(addr, reply),
+            Command::Block { peer, blocked, reply } => {
+                let list = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    list.block_peer(peer);
+                } else {
+                    list.unblock_peer(peer);
+                }
+                let _ = reply.send(());
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
