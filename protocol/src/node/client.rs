@@ -98,6 +98,10 @@ pub struct PeerInfo {
     /// The peer's agent version, once identify has told it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// Wanted blocks this node received from the peer over bitswap since it connected (only
+    /// for connected peers): shows which peers served a fetch, Kubo's as well as ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks_received: Option<u64>,
 }
 
 /// Counters and sizes for `kubelt status`.
