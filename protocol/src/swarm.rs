@@ -15,7 +15,7 @@ use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, gossipsub, identify, noise, ping, request_response, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{allow_block_list, connection_limits, gossipsub, identify, noise, ping, request_response, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
 use crate::bitswap;
 use crate::store::Store;
@@ -88,6 +88,9 @@ impl Config {
 /// Every protocol a Kubelt node speaks.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Peers this node refuses: their connections are closed and new ones denied, in both
+    /// directions, until unblocked (see [`crate::node::Client::block_peer`]).
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// Caps connections so a flood of dials cannot exhaust the node.
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
@@ -175,6 +178,7 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
     }));
 
     Ok(Behaviour {
+        blocked: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         identify,
         // A ping every 10 s with a 10 s timeout: dead connections are noticed within ~20 s.

@@ -47,9 +47,9 @@ pub const METHODS: &[MethodDoc] = &[
     },
     MethodDoc {
         name: "swarm_peers",
-        summary: "Connected peers with the addresses of their connections.",
+        summary: "Connected peers with the addresses of their connections, their agent and the blocks received from each over bitswap.",
         params: &[],
-        result: r#"{"type":"array","items":{"type":"object","properties":{"peer_id":{"type":"string"},"addresses":{"type":"array"}}}}"#,
+        result: r#"{"type":"array","items":{"type":"object","properties":{"peer_id":{"type":"string"},"addresses":{"type":"array"},"agent_version":{"type":"string"},"blocks_received":{"type":"integer"}}}}"#,
     },
     MethodDoc {
         name: "swarm_connect",

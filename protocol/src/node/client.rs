@@ -17,6 +17,8 @@ pub(crate) enum Command {
     Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
     RoutingTable { reply: oneshot::Sender<Vec<PeerInfo>> },
     Connect { addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, ConnectError>> },
+    /// Close every connection with the peer and refuse new ones (`blocked: false` lifts it).
+    Block { peer: PeerId, blocked: bool, reply: oneshot::Sender<()> },
     Status { reply: oneshot::Sender<NodeStatus> },
     NewSession { reply: oneshot::Sender<SessionId> },
     CloseSession { session: SessionId },
@@ -96,6 +98,10 @@ pub struct PeerInfo {
     /// The peer's agent version, once identify has told it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// Wanted blocks this node received from the peer over bitswap since it connected (only
+    /// for connected peers): shows which peers served a fetch, Kubo's as well as ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks_received: Option<u64>,
 }
 
 /// Counters and sizes for `kubelt status`.
@@ -208,6 +214,21 @@ impl Client {
     /// Dials an address and waits until the connection is up.
     pub async fn connect(&self, addr: Multiaddr) -> Result<PeerId, NodeError> {
         Ok(self.ask(|reply| Command::Connect { addr, reply }).await??)
+    }
+
+    /// Closes every connection with `peer` and refuses new ones, dialed or incoming, until
+    /// [`unblock_peer`](Self::unblock_peer): how tests cut a network in two while every node
+    /// keeps running. Returns once new connections are refused; open ones close as the swarm
+    /// next runs.
+    pub async fn block_peer(&self, peer: PeerId) -> Result<(), NodeError> {
+        self.ask(|reply| Command::Block { peer, blocked: true, reply }).await
+    }
+
+    /// Lifts a [`block_peer`](Self::block_peer). Nothing is dialed here: the node reconnects
+    /// as it always does (the maintenance tick dials known peers, core lookups dial replicas),
+    /// and catch-up runs once the peer is back.
+    pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NodeError> {
+        self.ask(|reply| Command::Block { peer, blocked: false, reply }).await
     }
 
     /// Counters for `kubelt status`.

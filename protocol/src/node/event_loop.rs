@@ -52,6 +52,8 @@ pub(crate) struct EventLoop {
     connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
     /// Agent versions learned over identify.
     agents: HashMap<PeerId, String>,
+    /// Wanted blocks received over bitswap from each connected peer.
+    blocks_from: HashMap<PeerId, u64>,
     /// `fetch_block` calls waiting for their block.
     pending_fetches: HashMap<Cid, Vec<oneshot::Sender<Result<(), FetchError>>>>,
     /// Provider lookups in flight, by the CID they look for.
@@ -105,6 +107,7 @@ impl EventLoop {
             pending_connects: HashMap::new(),
             connections: HashMap::new(),
             agents: HashMap::new(),
+            blocks_from: HashMap::new(),
             pending_fetches: HashMap::new(),
             provider_queries: HashMap::new(),
             replica_queries: HashMap::new(),
@@ -278,6 +281,7 @@ impl EventLoop {
                         peer_id: peer.to_base58(),
                         addresses: conns.iter().map(|(_, a)| a.to_string()).collect(),
                         agent_version: self.agents.get(peer).cloned(),
+                        blocks_received: Some(self.blocks_from.get(peer).copied().unwrap_or(0)),
                     })
                     .collect();
                 let _ = reply.send(peers);
@@ -291,12 +295,22 @@ impl EventLoop {
                             peer_id: peer.to_base58(),
                             addresses: entry.node.value.iter().map(|a| a.to_string()).collect(),
                             agent_version: self.agents.get(&peer).cloned(),
+                            blocks_received: None,
                         });
                     }
                 }
                 let _ = reply.send(peers);
             }
             Command::Connect { addr, reply } => self.connect(addr, reply),
+            Command::Block { peer, blocked, reply } => {
+                let list = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    list.block_peer(peer);
+                } else {
+                    list.unblock_peer(peer);
+                }
+                let _ = reply.send(());
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -341,8 +355,14 @@ impl EventLoop {
 
     fn on_bitswap_event(&mut self, event: bitswap::Event) {
         match event {
-            bitswap::Event::BlockReceived { cid, .. } => {
-                for waiter in self.pending_fetches.remove(&cid).unwrap_or_default() {
+            bitswap::Event::BlockReceived { cid, from, .. } => {
+                // One event per session that wanted the block: count the block once, with its
+                // first event (the one that finds the waiters).
+                let Some(waiters) = self.pending_fetches.remove(&cid) else { return };
+                if let Some(peer) = from.filter(|p| self.connections.contains_key(p)) {
+                    *self.blocks_from.entry(peer).or_default() += 1;
+                }
+                for waiter in waiters {
                     let _ = waiter.send(Ok(()));
                 }
             }
@@ -483,6 +503,7 @@ impl EventLoop {
                     self.connections.remove(&peer_id);
                     // Per-peer state goes with the peer, so churn cannot grow it.
                     self.agents.remove(&peer_id);
+                    self.blocks_from.remove(&peer_id);
                     self.sync_budgets.remove(&peer_id);
                     let cause = cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into());
                     tracing::info!(%peer_id, %cause, "peer disconnected");
