@@ -63,6 +63,11 @@ fn change_declaring_millions_of_ops(actor: &[u8]) -> Vec<u8> {
     chunk
 }
 
+/// A V1 sync message with no heads, needs or filters (what a replica with nothing sends).
+fn empty_sync_message() -> Vec<u8> {
+    vec![0x42, 0, 0, 0, 0]
+}
+
 fn bloom_bomb(core: &Address) -> SyncRequest {
     let mut m = vec![0x42, 0, 0, 1, 0];
     let bloom = [1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff];
@@ -154,6 +159,39 @@ async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Resu
     })
     .await?;
     assert!(answer.error.contains("probes"), "the writer answers the bloom bomb with a clear error: {:?}", answer.error);
+    // 4. A flood of catch-up requests: answered within the peer's budget, then "busy".
+    let flood = 200;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..flood {
+        let request = SyncRequest { core: core.to_lower_hex(), sync_message: empty_sync_message().into(), changes: vec![] };
+        ids.insert(attacker.behaviour_mut().core_sync.send_request(&writer_peer, request));
+    }
+    let (mut answered, mut busy, mut dropped) = (0, 0, 0);
+    drive_until(&mut attacker, Duration::from_secs(60), |_, event| {
+        match event {
+            Some(SwarmEvent::Behaviour(BehaviourEvent::CoreSync(request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            }))) if ids.remove(&request_id) => {
+                if response.error.starts_with("busy") {
+                    busy += 1;
+                } else {
+                    answered += 1;
+                }
+            }
+            // Streams past the connection's limits are dropped by request-response itself.
+            Some(SwarmEvent::Behaviour(BehaviourEvent::CoreSync(request_response::Event::OutboundFailure { request_id, .. })))
+                if ids.remove(&request_id) =>
+            {
+                dropped += 1
+            }
+            _ => {}
+        }
+        ids.is_empty().then_some(())
+    })
+    .await?;
+    println!("catch-up flood: of {flood} requests, {answered} answered, {busy} refused as busy, {dropped} dropped");
+    assert!(busy > 0 && answered <= 70, "the flood was not limited: {answered} answered, {busy} busy, {dropped} dropped");
     // Let gossip deliver and the writer judge everything the attacker sent.
     let _ = drive_until(&mut attacker, Duration::from_secs(2), |_, _| None::<()>).await;
 
