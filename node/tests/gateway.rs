@@ -1,6 +1,7 @@
 //! The gateway's trustless formats: `?format=raw` is the one block the CID names and
 //! `?format=car` the DAG as a CAR v1 stream, both checked byte for byte with code that is not
 //! the node's (a CBOR reader here, `sha256sum` for the hashes).
+#![allow(clippy::type_complexity)]
 
 mod common;
 

@@ -16,6 +16,7 @@
 //! ```text
 //! PROPTEST_CASES=100000 cargo test --release --locked -p kubelt-protocol --test fuzz_decoders -- --nocapture
 //! ```
+#![allow(clippy::type_complexity, clippy::result_large_err)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -534,7 +535,7 @@ fn frame_of_empty_items_is_refused_before_decoding() {
     assert!(peak < 64 << 10, "refusing took {peak} bytes");
     // The same with wantlist entries and presences.
     for item in [&[0x22u8, 0x00][..], &[0x1a, 0x00]] {
-        let mut wantlist = vec![0x0a, 0x00].repeat(MAX_ITEMS_PER_MESSAGE + 1);
+        let mut wantlist = [0x0a, 0x00].repeat(MAX_ITEMS_PER_MESSAGE + 1);
         let mut frame = vec![0x0a];
         put_varint(&mut frame, wantlist.len() as u64);
         frame.append(&mut wantlist);

@@ -142,7 +142,7 @@ async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Resu
         delegation: Some(OwnerStatement { message: "not a delegation".into(), signature: vec![0u8; 65].into() }),
     };
     // 2. Signed by the attacker's key (not delegated): eight million operations in ~100 bytes.
-    let ops_bomb = change_declaring_millions_of_ops(&actor.to_bytes());
+    let ops_bomb = change_declaring_millions_of_ops(actor.to_bytes());
     let signed = kubelt_protocol::core::change::seal(&core, ops_bomb, &attacker_key, &delegation)?;
     for envelope in [unsigned, signed] {
         let data = envelope.encode_to_vec();

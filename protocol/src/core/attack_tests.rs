@@ -114,7 +114,7 @@ fn the_signature_is_checked_before_the_change_is_parsed() -> TestResult {
     assert_eq!(reason, Rejected::BadSignature);
     // No key, no delegation: a stranger's change is refused by its signature, whatever it holds.
     let stranger = Keypair::generate_ed25519();
-    let bytes = raw_change(&change::actor_id(&stranger.public().to_peer_id(), [1; 8]).to_bytes(), 1, 1, &[action_run(1 << 40)]);
+    let bytes = raw_change(change::actor_id(&stranger.public().to_peer_id(), [1; 8]).to_bytes(), 1, 1, &[action_run(1 << 40)]);
     let mut forged = change::seal(&owner.address, bytes, &stranger, &writer.delegation)?;
     forged.signature = vec![0u8; 64].into();
     assert_eq!(rejected(node.replica(owner.address).apply_remote(forged)), Rejected::BadSignature);
@@ -267,8 +267,7 @@ fn held_back_changes_are_bounded_per_author() -> TestResult {
     let mut honest = Writer::new(&owner, &["*"], YEAR);
     let dir = tempfile::tempdir()?;
     let store = crate::store::Store::open(dir.path().join("db"))?;
-    let mut config = Config::default();
-    config.max_pending_bytes_per_author = 64 << 10;
+    let config = Config { max_pending_bytes_per_author: 64 << 10, ..Config::default() };
     let mut cores = Cores::load(store, config)?;
     let replica = cores.follow(owner.address)?;
     // Each change of the flood misses its first ancestor, so all are held back.

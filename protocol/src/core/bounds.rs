@@ -174,7 +174,7 @@ fn rle_sum(column: &[u8], max: u64, what: &str) -> Result<u64, String> {
         let run = reader.sleb(what)?;
         if run > 0 {
             let value = reader.uleb(what)?;
-            add((run as u64).checked_mul(value).unwrap_or(u64::MAX), &mut total)?;
+            add((run as u64).saturating_mul(value), &mut total)?;
         } else if run < 0 {
             for _ in 0..run.unsigned_abs() {
                 let value = reader.uleb(what)?;

@@ -849,6 +849,9 @@ pub fn revocation_message(
 
 #[cfg(test)]
 mod tests {
+    /// A refusal case: its name, the message, and the error it must give.
+    type Case = (&'static str, Siwe, fn(&DelegationError) -> bool);
+
     use libp2p::identity::Keypair;
 
     use super::*;
@@ -953,7 +956,7 @@ mod tests {
         unknown_resource.resources.push("urn:kubelt:nft:claim".into());
         let mut foreign_resource = canonical.clone();
         foreign_resource.resources.insert(0, "https://evil.example/nft/claim".into());
-        let cases: [(&str, Siwe, fn(&DelegationError) -> bool); 5] = [
+        let cases: [Case; 5] = [
             ("wrong domain", wrong_domain, |e| matches!(e, DelegationError::WrongDomain { expected, found } if expected == "kubelt" && found == "evil.example")),
             ("wrong chain", wrong_chain, |e| matches!(e, DelegationError::WrongChain { expected: 1, found: 137 })),
             ("altered statement", altered_statement, |e| matches!(e, DelegationError::StatementMismatch { found, .. } if found == "claim your free NFT")),
@@ -1013,7 +1016,7 @@ mod tests {
         twice.resources.push(format!("{KEEP_URN}0707070707070707:9:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
         let mut odd_spelling = canonical.clone();
         odd_spelling.resources = vec![format!("{KEEP_URN}0707070707070707:03:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")];
-        let cases: [(&str, Siwe, fn(&DelegationError) -> bool); 9] = [
+        let cases: [Case; 9] = [
             ("phishing", phishing, |e| matches!(e, DelegationError::WrongDomain { .. })),
             ("wrong domain", wrong_domain, |e| matches!(e, DelegationError::WrongDomain { .. })),
             ("wrong chain", wrong_chain, |e| matches!(e, DelegationError::WrongChain { .. })),

@@ -81,6 +81,7 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
+    #[allow(clippy::too_many_arguments)] // one per piece of state the event loop owns
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
         keypair: libp2p::identity::Keypair,
@@ -563,10 +564,8 @@ impl EventLoop {
                     self.provider_queries.remove(&id);
                 }
             }
-            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, is_new_peer, .. }) => {
-                if is_new_peer {
-                    tracing::debug!(%peer, "added to the routing table");
-                }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, is_new_peer: true, .. }) => {
+                tracing::debug!(%peer, "added to the routing table");
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(result), step, .. }) => {
                 match result {

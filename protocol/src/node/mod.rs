@@ -70,12 +70,16 @@ pub enum StartError {
     Cores(#[from] crate::core::CoreError),
 }
 
-/// A started node: its client handle and the task that runs it.
+/// A started node: its client handle and the task that runs it. Dropping it stops the node
+/// (clients then get [`NodeError`](client::NodeError)s); [`Node::stop`] also waits for the
+/// task to finish saving its state.
 pub struct Node {
     pub client: Client,
     pub peer_id: PeerId,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
+    /// Cancels `shutdown` when the node is dropped, so no task outlives its node.
+    guard: tokio_util::sync::DropGuard,
 }
 
 impl Node {
@@ -100,7 +104,8 @@ impl Node {
         // Every line the node logs names it, so logs of many nodes in one process stay readable.
         let short_id = peer_id.to_base58().chars().rev().take(6).collect::<String>().chars().rev().collect::<String>();
         let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), tracing::info_span!("node", id = %short_id)));
-        Ok(Node { client: Client::new(command_tx, core_updates), peer_id, task, shutdown })
+        let guard = shutdown.clone().drop_guard();
+        Ok(Node { client: Client::new(command_tx, core_updates), peer_id, task, shutdown, guard })
     }
 
     /// A token that stops the node when cancelled.
@@ -110,16 +115,43 @@ impl Node {
 
     /// Stops the node and waits until its task has finished (peers saved, store flushed).
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        if let Err(e) = self.task.await {
+        let Node { task, shutdown, guard, .. } = self;
+        drop(guard);
+        shutdown.cancel();
+        if let Err(e) = task.await {
             tracing::error!("node task ended abnormally: {e}");
         }
     }
 
     /// Waits until the node stops (its shutdown token was cancelled elsewhere).
     pub async fn stopped(self) {
-        if let Err(e) = self.task.await {
+        let Node { task, guard, .. } = self;
+        // Waiting is not dropping: the node runs until its token is cancelled elsewhere.
+        let _token = guard.disarm();
+        if let Err(e) = task.await {
             tracing::error!("node task ended abnormally: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_dropped_without_stop_stops_its_task() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let port = rand::random::<u32>() as u64 * 1000 + 7;
+        let config = Config { listen: vec![format!("/memory/{port}").parse()?], ..Config::default() };
+        let node = Node::start(Keypair::generate_ed25519(), Store::open(dir.path().join("db"))?, config).await?;
+        let client = node.client.clone();
+        client.info().await?;
+        drop(node);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while client.info().await.is_ok() {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the dropped node still answers");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 }

@@ -71,7 +71,7 @@ impl PeerBook {
                 Err(e) => tracing::warn!("skipping unreadable peer record: {e}"),
             }
         }
-        peers.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        peers.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
         Ok(peers)
     }
 }

@@ -109,6 +109,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A key and its value, as iteration over a column yields them.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 impl Store {
     /// Opens (creating if needed) the database at `path` with every column family.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
@@ -210,7 +213,7 @@ impl Store {
     }
 
     /// Iterates over every key and value of a column, in key order.
-    pub fn iter(&self, column: Column) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
+    pub fn iter(&self, column: Column) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
         self.db
             .iterator_cf(self.cf(column), rocksdb::IteratorMode::Start)
             .map(|r| r.map_err(StoreError::from))
@@ -221,7 +224,7 @@ impl Store {
         &'a self,
         column: Column,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a {
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 'a {
         self.db
             .iterator_cf(self.cf(column), rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
             .map(|r| r.map_err(StoreError::from))
