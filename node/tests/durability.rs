@@ -58,7 +58,7 @@ fn a_core_write_is_fsynced_before_it_is_acknowledged() -> anyhow::Result<()> {
         .find(|c| c.is_write() && is_wal(&db, &c.target) && contains(&c.data, marker.as_bytes()))
         .context("no WAL write between the core_set request and its response carries the change")?;
     let wal_sync = synced_between(&calls, &wal_write.target, wal_write.end, response.start).with_context(|| {
-        format!("the WAL write of the change (line {}) was not fsynced before the response (line {})", wal_write.start, response.start)
+        format!("the WAL write of the change (line {}, {}) was not fsynced before the response (line {})", wal_write.start, wal_write.target, response.start)
     })?;
     assert!(response.time <= answered, "the response found in the trace ({}) is later than the CLI's answer ({answered})", response.time);
     eprintln!(
