@@ -123,9 +123,23 @@ impl TestNode {
 
     /// Starts a node on an existing repo with the given listen flags.
     pub fn start_with(repo: &Path, name: &str, listen: &[&str], extra: &[&str]) -> anyhow::Result<TestNode> {
+        Self::start_wrapped(repo, name, &[], listen, extra)
+    }
+
+    /// Starts a node on an existing repo as `WRAPPER... kubelt ...` (e.g. under `strace -o F`):
+    /// the node's process is then a child of `wrapper[0]`, see [`TestNode::wrapped_pid`].
+    pub fn start_wrapped(repo: &Path, name: &str, wrapper: &[&str], listen: &[&str], extra: &[&str]) -> anyhow::Result<TestNode> {
         let _ = std::fs::remove_file(repo.join("api"));
         let log = std::fs::File::create(repo.join("node.log"))?;
-        let child = Command::new(kubelt_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(kubelt_bin());
+                command
+            }
+            None => Command::new(kubelt_bin()),
+        };
+        let child = command
             .arg("--repo")
             .arg(repo)
             .arg("run")
@@ -256,6 +270,18 @@ impl TestNode {
         Ok(())
     }
 
+    /// The pid of the `kubelt` process a wrapper started (its only child), for signals that
+    /// must reach the node itself rather than the wrapper.
+    pub fn wrapped_pid(&self) -> anyhow::Result<i32> {
+        let wrapper = self.child.as_ref().context("the node is not running")?.id();
+        let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children"))?;
+        let mut pids = children.split_whitespace();
+        match (pids.next(), pids.next()) {
+            (Some(pid), None) => Ok(pid.parse()?),
+            _ => bail!("expected one child of the wrapper {wrapper}, found '{}'", children.trim()),
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
@@ -278,4 +304,24 @@ fn peer_ids(list: &Value) -> anyhow::Result<Vec<String>> {
         .iter()
         .filter_map(|p| p["peer_id"].as_str().map(String::from))
         .collect())
+}
+
+/// A test that cannot run here, opted out of on purpose with `variable=1`: the skip is shown
+/// past the harness's capture and logged to `$KUBELT_SKIP_LOG` for `scripts/test.sh`'s tally
+/// (as the Kubo tests do). Without the opt-out it is an error that says how to fix it.
+pub fn skip_or_fail(variable: &str, test: &str, reason: &str, fix: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    if std::env::var(variable).map_or(true, |v| v != "1") {
+        bail!("{test} cannot run: {reason}. {fix}, or set {variable}=1 to skip it on purpose");
+    }
+    let line = format!("SKIPPED {test}: {reason} ({variable}=1)");
+    // `io::stderr()` is not the `eprintln!` that the harness captures.
+    let _ = writeln!(std::io::stderr(), "\n*** {line} ***\n");
+    if let Some(log) = std::env::var_os("KUBELT_SKIP_LOG") {
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            // One write on an append-mode file: lines of parallel tests do not interleave.
+            let _ = file.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,405 @@
+//! Acknowledged writes are on disk before the acknowledgement: shown by the order of the node's
+//! own system calls, recorded with `strace`.
+//!
+//! A kill -9 keeps the page cache, so a node that forgot an fsync still finds its data after a
+//! restart; and a killed writer would recover its writes from peers anyway. So each test here
+//! runs the *only* holder of the data under `strace -f -yy -xx`, performs one write through the
+//! CLI, kills the node with SIGKILL and reads the trace: the bytes of the write must have reached
+//! a file that was fsynced before the HTTP response left for the client. `-yy` names the file or
+//! TCP connection behind each fd as it was at the moment of the call (so a reused fd number, or
+//! a call from another thread, is never confused with another file), `-xx` prints every byte in
+//! hex, so the data of each call can be searched exactly.
+//!
+//! What the design notes promise (docs/design-notes.md, "Storage"):
+//! - a core change is written with a synced batch before the write is acknowledged: the WAL
+//!   write that carries the change, then an fdatasync of that WAL, then the response;
+//! - blocks skip the WAL, and `Store::pin` flushes the blocks column before it writes the synced
+//!   pin: the blocks reach new SST/blob files, which are fsynced and recorded in a synced
+//!   MANIFEST before the pin's WAL write, whose own fdatasync precedes the response.
+//!
+//! Without strace (or where ptrace is not allowed) these tests fail, saying how to install it,
+//! unless `KUBELT_SKIP_STRACE=1` skips them on purpose (shown, and counted by scripts/test.sh).
+
+mod common;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use common::{kubelt_ok, skip_or_fail, TestNode};
+
+const SKIP_STRACE: &str = "KUBELT_SKIP_STRACE";
+
+#[test]
+fn a_core_write_is_fsynced_before_it_is_acknowledged() -> anyhow::Result<()> {
+    let test = "a_core_write_is_fsynced_before_it_is_acknowledged";
+    if !strace_usable(test)? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("owner.key");
+    let address = kubelt_ok(dir.path(), &["core", "dev-wallet", "--create", path_str(&key)?])?;
+    let traced = TracedNode::start(dir.path(), "n")?;
+    delegate(&traced.node, &address, &key)?;
+
+    // A value found nowhere else, to pick out the WAL write that carries this change.
+    let marker = format!("durable-{}", std::process::id());
+    kubelt_ok(&traced.node.repo, &["core", "set", &address, "app", "durable", &format!("\"{marker}\"")])?;
+    let answered = now();
+    let (repo, calls) = traced.kill9()?;
+
+    let db = db_dir(&repo)?;
+    let request = request(&calls, "core_set")?;
+    let response = response(&calls, request)?;
+    let wal_write = within(&calls, request.end, response.start)
+        .find(|c| c.is_write() && is_wal(&db, &c.target) && contains(&c.data, marker.as_bytes()))
+        .context("no WAL write between the core_set request and its response carries the change")?;
+    let wal_sync = synced_between(&calls, &wal_write.target, wal_write.end, response.start).with_context(|| {
+        format!("the WAL write of the change (line {}, {}) was not fsynced before the response (line {})", wal_write.start, wal_write.target, response.start)
+    })?;
+    assert!(response.time <= answered, "the response found in the trace ({}) is later than the CLI's answer ({answered})", response.time);
+    eprintln!(
+        "{}",
+        timeline(&[
+            ("core_set request read", request),
+            ("WAL write of the change", wal_write),
+            ("WAL fdatasync", wal_sync),
+            ("HTTP response written", response),
+        ], answered)
+    );
+
+    // The page cache kept everything, so this alone proves nothing; the order above is the proof.
+    let node = TestNode::start_on(&repo, "n-again", &[])?;
+    assert_eq!(kubelt_ok(&node.repo, &["core", "get", &address, "app", "durable"])?, format!("\"{marker}\""));
+    Ok(())
+}
+
+#[test]
+fn an_added_file_is_flushed_and_fsynced_before_its_pin_is_acknowledged() -> anyhow::Result<()> {
+    let test = "an_added_file_is_flushed_and_fsynced_before_its_pin_is_acknowledged";
+    if !strace_usable(test)? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // Text with a marker on every line, so that every block (and any prefix of a file write that
+    // strace shows) carries it; numbered lines, so that no two chunks are the same block.
+    let marker = format!("durable-block-{}", std::process::id());
+    let mut content = String::new();
+    for line in 0..20_000 {
+        writeln!(content, "{marker} {line:08}")?;
+    }
+    let file = dir.path().join("only-here.txt");
+    std::fs::write(&file, &content)?;
+    let traced = TracedNode::start(dir.path(), "n")?;
+
+    let cid = kubelt_ok(&traced.node.repo, &["add", "--quiet", path_str(&file)?])?;
+    let answered = now();
+    let (repo, calls) = traced.kill9()?;
+
+    let db = db_dir(&repo)?;
+    let root = cid::Cid::try_from(cid.as_str())?.to_bytes();
+    let request = request(&calls, "content_add")?;
+    let response = response(&calls, request)?;
+    let pin_write = within(&calls, request.end, response.start)
+        .find(|c| c.is_write() && is_wal(&db, &c.target) && contains(&c.data, &root))
+        .context("no WAL write between the content_add request and its response carries the pin of the root")?;
+    let before_pin: Vec<&Call> = within(&calls, request.end, pin_write.start).collect();
+    // Every SST and blob file written before the pin (the blocks column's flush) must be synced
+    // after its last write and before the pin: the root node lives in an SST, the leaves in blobs.
+    let mut data_files: Vec<&str> = before_pin.iter().filter(|c| c.is_write() && is_table(&db, &c.target)).map(|c| c.target.as_str()).collect();
+    data_files.sort_unstable();
+    data_files.dedup();
+    let mut steps = vec![("content_add request read", request)];
+    let mut blocks_reached_a_file = false;
+    let mut last_data_sync = request;
+    for data_file in &data_files {
+        let writes: Vec<&Call> = before_pin.iter().copied().filter(|c| c.is_write() && c.target == *data_file).collect();
+        blocks_reached_a_file |= writes.iter().any(|c| contains(&c.data, marker.as_bytes()));
+        let last_write = writes.last().context("a data file without writes")?;
+        let sync = synced_between(&calls, data_file, last_write.end, pin_write.start)
+            .with_context(|| format!("{data_file} was written (last at line {}) but not fsynced before the pin's WAL write (line {})", last_write.start, pin_write.start))?;
+        steps.push(("last write of a new table file", last_write));
+        steps.push(("its fdatasync", sync));
+        if sync.end > last_data_sync.end {
+            last_data_sync = sync;
+        }
+    }
+    assert!(blocks_reached_a_file, "no SST or blob file written before the pin holds the file's blocks (files written: {data_files:?})");
+    // The new files count only once the MANIFEST that lists them is synced, and their names once
+    // the directory is.
+    let manifest_write = within(&calls, last_data_sync.end, pin_write.start)
+        .find(|c| c.is_write() && is_in(&db, &c.target) && file_name(&c.target).starts_with("MANIFEST-"))
+        .context("no MANIFEST write records the flushed files before the pin")?;
+    let manifest_sync = synced_between(&calls, &manifest_write.target, manifest_write.end, pin_write.start)
+        .context("the MANIFEST that records the flushed files was not fsynced before the pin's WAL write")?;
+    let dir_sync = synced_between(&calls, &db.display().to_string(), last_data_sync.end, pin_write.start)
+        .context("the database directory (the new files' names) was not fsynced before the pin's WAL write")?;
+    let pin_sync = synced_between(&calls, &pin_write.target, pin_write.end, response.start)
+        .with_context(|| format!("the pin's WAL write (line {}) was not fsynced before the response (line {})", pin_write.start, response.start))?;
+    assert!(response.time <= answered, "the response found in the trace ({}) is later than the CLI's answer ({answered})", response.time);
+    steps.extend([
+        ("directory fsync", dir_sync),
+        ("MANIFEST write", manifest_write),
+        ("MANIFEST fdatasync", manifest_sync),
+        ("WAL write of the pin", pin_write),
+        ("WAL fdatasync", pin_sync),
+        ("HTTP response written", response),
+    ]);
+    eprintln!("{}", timeline(&steps, answered));
+
+    let node = TestNode::start_on(&repo, "n-again", &[])?;
+    let out = common::kubelt(&node.repo, &["cat", &cid])?;
+    assert!(out.stdout == content.as_bytes(), "the file is not back after the restart: {}", common::describe(&out));
+    let pins = kubelt_ok(&node.repo, &["pin", "ls"])?;
+    assert!(pins.contains(&cid), "the pin is not back after the restart: {pins}");
+    Ok(())
+}
+
+/// Whether strace can trace here; `false` when the test is skipped on purpose.
+fn strace_usable(test: &str) -> anyhow::Result<bool> {
+    let problem = match Command::new("strace").args(["-f", "-o", "/dev/null", "true"]).output() {
+        Ok(out) if out.status.success() => return Ok(true),
+        Ok(out) => format!("strace cannot trace here (is ptrace allowed?): {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => format!("strace is not installed ({e})"),
+    };
+    skip_or_fail(SKIP_STRACE, test, &problem, "Install it with `scripts/setup.sh --test` (apt package strace) and allow ptrace")?;
+    Ok(false)
+}
+
+/// A node running under strace, the only holder of its data.
+struct TracedNode {
+    node: TestNode,
+    trace: PathBuf,
+}
+
+impl TracedNode {
+    fn start(dir: &Path, name: &str) -> anyhow::Result<TracedNode> {
+        let repo = dir.join(name);
+        kubelt_ok(&repo, &["init"])?;
+        let trace = dir.join(format!("{name}.strace"));
+        let wrapper = [
+            "strace",
+            "-f",
+            "-yy",
+            "-xx",
+            "-s",
+            "4096",
+            "-ttt",
+            "-e",
+            "trace=openat,close,read,recvfrom,write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,sync_file_range,rename,sendto,sendmsg",
+            "-o",
+            path_str(&trace)?,
+        ];
+        // No peers: nothing can be recovered from another node.
+        let node = TestNode::start_wrapped(&repo, name, &wrapper, &["--listen", "/ip4/127.0.0.1/tcp/0"], &[])?;
+        Ok(TracedNode { node, trace })
+    }
+
+    /// Kills the node itself (not strace) with SIGKILL, waits for strace to write the whole
+    /// trace and exit, and returns the repo and the parsed calls.
+    fn kill9(mut self) -> anyhow::Result<(PathBuf, Vec<Call>)> {
+        let pid = self.node.wrapped_pid()?;
+        // SAFETY: kill(2) with the pid of the node this test started; no memory is touched.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        common::wait_until("strace to exit after the node was killed", Duration::from_secs(20), || Ok(!self.node.is_running()))?;
+        let text = std::fs::read_to_string(&self.trace).with_context(|| format!("no trace at {}", self.trace.display()))?;
+        let calls = parse_trace(&text);
+        if !calls.iter().any(|c| c.name == "fdatasync" || c.name == "fsync") {
+            bail!("the trace at {} has no fsync at all: was the node traced?", self.trace.display());
+        }
+        Ok((self.node.repo.clone(), calls))
+    }
+}
+
+/// Lets `node` write to the core of `address`, signed with the wallet key.
+fn delegate(node: &TestNode, address: &str, key: &Path) -> anyhow::Result<()> {
+    let message = kubelt_ok(&node.repo, &["core", "delegate", address, "--expires", "1d"])?;
+    let file = node.repo.join("delegation.siwe");
+    std::fs::write(&file, message)?;
+    kubelt_ok(&node.repo, &["core", "submit", "--message-file", path_str(&file)?, "--sign-with", path_str(key)?])?;
+    Ok(())
+}
+
+/// One system call of the trace.
+#[derive(Debug)]
+struct Call {
+    /// Lines of the trace where it entered and returned (the same line unless another thread's
+    /// call came in between): strace stops a thread at each, so the lines order causally.
+    start: usize,
+    end: usize,
+    /// When it entered, seconds since the epoch.
+    time: f64,
+    end_time: f64,
+    name: String,
+    /// What its first argument's fd was at the time: a path, or `TCP:[local->remote]`.
+    target: String,
+    /// Every string argument, decoded and concatenated (the first 4096 bytes of each).
+    data: Vec<u8>,
+    ok: bool,
+}
+
+impl Call {
+    fn is_write(&self) -> bool {
+        self.ok && matches!(self.name.as_str(), "write" | "pwrite64" | "writev" | "pwritev" | "pwritev2" | "sendto" | "sendmsg")
+    }
+
+    fn is_read(&self) -> bool {
+        self.ok && matches!(self.name.as_str(), "read" | "recvfrom")
+    }
+
+    fn is_sync(&self) -> bool {
+        self.ok && matches!(self.name.as_str(), "fsync" | "fdatasync")
+    }
+}
+
+/// Parses `strace -f -yy -xx -ttt` output: `PID TIME NAME(ARGS) = RET`, with calls that another
+/// thread interrupted split into `... <unfinished ...>` and `<... NAME resumed>...`.
+fn parse_trace(text: &str) -> Vec<Call> {
+    let mut unfinished: HashMap<&str, (usize, f64, String)> = HashMap::new();
+    let mut calls = vec![];
+    for (line, text) in text.lines().enumerate() {
+        let mut fields = text.splitn(3, ' ');
+        let (Some(pid), Some(time), Some(rest)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        let Ok(time) = time.parse::<f64>() else { continue };
+        if let Some(resumed) = rest.strip_prefix("<... ") {
+            let Some((start, start_time, head)) = unfinished.remove(pid) else { continue };
+            let tail = resumed.split_once(" resumed>").map_or("", |(_, tail)| tail);
+            calls.extend(finish(start, line, start_time, time, &format!("{head}{tail}")));
+        } else if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
+            unfinished.insert(pid, (line, time, head.to_string()));
+        } else {
+            calls.extend(finish(line, line, time, time, rest));
+        }
+    }
+    calls.sort_by_key(|c| c.start);
+    calls
+}
+
+/// `NAME(FD<target>, ARGS...) = RET` into a [`Call`].
+fn finish(start: usize, end: usize, time: f64, end_time: f64, text: &str) -> Option<Call> {
+    let (name, args) = text.split_once('(')?;
+    let (args, ret) = args.rsplit_once(") = ")?;
+    let ok = !ret.starts_with('-') && !ret.starts_with('?');
+    // The target ends at the first '>' that ends the argument (`TCP:[a->b]` has one inside).
+    let mut target = String::new();
+    if let Some(open) = args.find('<').filter(|open| args[..*open].bytes().all(|b| b.is_ascii_digit())) {
+        let bytes = args.as_bytes();
+        let close = (open + 1..bytes.len()).find(|&i| bytes[i] == b'>' && matches!(bytes.get(i + 1), None | Some(b',') | Some(b')')))?;
+        target = String::from_utf8_lossy(&unescape(&args[open + 1..close])).into_owned();
+    }
+    let mut data = vec![];
+    let mut quoted = args.split('"');
+    quoted.next();
+    while let (Some(string), _) = (quoted.next(), quoted.next()) {
+        data.extend(unescape(string));
+    }
+    Some(Call { start, end, time, end_time, name: name.to_string(), target, data, ok })
+}
+
+/// strace's escapes (`\xNN` with -xx, plus the C ones) back into bytes.
+fn unescape(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 1 < bytes.len() {
+            let (byte, used) = match bytes[i + 1] {
+                b'x' => (std::str::from_utf8(bytes.get(i + 2..i + 4).unwrap_or_default()).ok().and_then(|h| u8::from_str_radix(h, 16).ok()), 4),
+                b'n' => (Some(b'\n'), 2),
+                b'r' => (Some(b'\r'), 2),
+                b't' => (Some(b'\t'), 2),
+                other => (Some(other), 2),
+            };
+            if let Some(byte) = byte {
+                out.push(byte);
+                i += used;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The first read of a JSON-RPC request for `method` on an API connection.
+fn request<'a>(calls: &'a [Call], method: &str) -> anyhow::Result<&'a Call> {
+    let needle = format!("\"method\":\"{method}\"");
+    calls
+        .iter()
+        .find(|c| c.is_read() && c.target.starts_with("TCP:") && contains(&c.data, needle.as_bytes()))
+        .with_context(|| format!("no {method} request read from a TCP connection in the trace"))
+}
+
+/// The first JSON-RPC response written on the connection the request came in on, after it.
+fn response<'a>(calls: &'a [Call], request: &Call) -> anyhow::Result<&'a Call> {
+    calls
+        .iter()
+        .find(|c| c.start > request.end && c.is_write() && c.target == request.target && contains(&c.data, b"\"jsonrpc\""))
+        .with_context(|| format!("no JSON-RPC response on {} after the request (line {})", request.target, request.start))
+}
+
+/// The calls that entered after line `after` and before line `before`.
+fn within(calls: &[Call], after: usize, before: usize) -> impl Iterator<Item = &Call> {
+    calls.iter().filter(move |c| c.start > after && c.start < before)
+}
+
+/// A sync of `target` that entered after line `after` and returned before line `before`.
+fn synced_between<'a>(calls: &'a [Call], target: &str, after: usize, before: usize) -> Option<&'a Call> {
+    calls.iter().find(|c| c.is_sync() && c.target == target && c.start > after && c.end < before)
+}
+
+/// The repo's RocksDB directory, as strace names it (symlinks resolved).
+fn db_dir(repo: &Path) -> anyhow::Result<PathBuf> {
+    let db = repo.join("datastore");
+    db.canonicalize().with_context(|| format!("no database at {}", db.display()))
+}
+
+fn is_in(db: &Path, target: &str) -> bool {
+    Path::new(target).parent() == Some(db)
+}
+
+fn file_name(target: &str) -> &str {
+    target.rsplit('/').next().unwrap_or(target)
+}
+
+/// A RocksDB write-ahead log of the database.
+fn is_wal(db: &Path, target: &str) -> bool {
+    is_in(db, target) && target.ends_with(".log")
+}
+
+/// A RocksDB table or blob file of the database.
+fn is_table(db: &Path, target: &str) -> bool {
+    is_in(db, target) && (target.ends_with(".sst") || target.ends_with(".blob"))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// The steps in trace order, with their times, for the test's output.
+fn timeline(steps: &[(&str, &Call)], answered: f64) -> String {
+    let mut steps = steps.to_vec();
+    steps.sort_by_key(|(_, c)| c.start);
+    let mut out = String::from("order in the trace:\n");
+    for (what, call) in steps {
+        let _ = writeln!(
+            out,
+            "  line {:>6}  {:.6}..{:.6}  {what}: {}({})",
+            call.start, call.time, call.end_time, call.name, call.target
+        );
+    }
+    let _ = writeln!(out, "  CLI got its answer at {answered:.6}");
+    out
+}
