@@ -10,7 +10,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 if [ "${KUBELT_SKIP_KUBO:-}" = "1" ]; then
   log "KUBELT_SKIP_KUBO=1: the Kubo interop tests are skipped where Kubo is missing"
-  "$KUBELT_ROOT/scripts/setup.sh"
+  "$KUBELT_ROOT/scripts/setup.sh" --test-no-kubo
 else
   "$KUBELT_ROOT/scripts/setup.sh" --test
 fi

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{describe, free_port, kubelt, kubelt_ok, start_dht_client, wait_until, TestNode};
+use common::{delegate, describe, free_port, kubelt, kubelt_ok, start_dht_client, wait_until, TestNode};
 use serde_json::{json, Value};
 
 /// A test wallet: a fresh secp256k1 key file, and its address.
@@ -15,15 +15,6 @@ fn wallet(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, String)
     let key = dir.join(format!("{name}.key"));
     let address = kubelt_ok(dir, &["core", "dev-wallet", "--create", key.to_str().unwrap_or_default()])?;
     Ok((key, address))
-}
-
-/// Lets `node` write to the core of `address`, signed with the wallet key.
-fn delegate(node: &TestNode, address: &str, key: &Path) -> anyhow::Result<()> {
-    let message = kubelt_ok(&node.repo, &["core", "delegate", address, "--expires", "1d"])?;
-    let file = node.repo.join("delegation.siwe");
-    std::fs::write(&file, message)?;
-    kubelt_ok(&node.repo, &["core", "submit", "--message-file", file.to_str().unwrap_or_default(), "--sign-with", key.to_str().unwrap_or_default()])?;
-    Ok(())
 }
 
 fn heads(node: &TestNode, address: &str) -> anyhow::Result<Value> {

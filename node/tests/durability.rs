@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use common::{kubelt_ok, skip_or_fail, TestNode};
+use common::{delegate, kubelt_ok, skip_or_fail, TestNode};
 
 const SKIP_STRACE: &str = "KUBELT_SKIP_STRACE";
 
@@ -212,15 +212,6 @@ impl TracedNode {
         }
         Ok((self.node.repo.clone(), calls))
     }
-}
-
-/// Lets `node` write to the core of `address`, signed with the wallet key.
-fn delegate(node: &TestNode, address: &str, key: &Path) -> anyhow::Result<()> {
-    let message = kubelt_ok(&node.repo, &["core", "delegate", address, "--expires", "1d"])?;
-    let file = node.repo.join("delegation.siwe");
-    std::fs::write(&file, message)?;
-    kubelt_ok(&node.repo, &["core", "submit", "--message-file", path_str(&file)?, "--sign-with", path_str(key)?])?;
-    Ok(())
 }
 
 /// One system call of the trace.

@@ -325,3 +325,14 @@ pub fn skip_or_fail(variable: &str, test: &str, reason: &str, fix: &str) -> anyh
     }
     Ok(())
 }
+
+/// Makes `node` a writer of the core `address`: `core delegate` for one day, signed with the dev
+/// wallet at `key` and submitted.
+pub fn delegate(node: &TestNode, address: &str, key: &Path) -> anyhow::Result<()> {
+    let message = kubelt_ok(&node.repo, &["core", "delegate", address, "--expires", "1d"])?;
+    let file = node.repo.join("delegation.siwe");
+    std::fs::write(&file, message)?;
+    let path = |p: &Path| p.to_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", p.display()));
+    kubelt_ok(&node.repo, &["core", "submit", "--message-file", &path(&file)?, "--sign-with", &path(key)?])?;
+    Ok(())
+}
