@@ -318,6 +318,9 @@ pub fn openrpc_document() -> Value {
             "description": "Admin API of a kubelt node. Every call needs 'Authorization: Bearer <secret from <repo>/api.cookie>'.",
         },
         "methods": methods,
+        "components": {
+            "errors": super::code::ALL.iter().map(|(code, message)| (code.to_string(), json!({ "code": code, "message": message }))).collect::<serde_json::Map<String, Value>>(),
+        },
     })
 }
 

@@ -44,6 +44,36 @@ pub mod code {
     pub const NODE_ERROR: i64 = -32000;
     pub const UNAUTHORIZED: i64 = -32001;
     pub const FORBIDDEN_HOST: i64 = -32002;
+    /// This node does not hold the core.
+    pub const CORE_NOT_HELD: i64 = -32010;
+    /// This node has no delegation to write the core.
+    pub const CORE_NOT_WRITABLE: i64 = -32011;
+    /// This node's key was revoked by the core's owner.
+    pub const CORE_REVOKED: i64 = -32012;
+    /// Not a valid owner statement (delegation or revocation).
+    pub const INVALID_STATEMENT: i64 = -32013;
+    /// The delegation is for another node's key.
+    pub const OTHER_NODE: i64 = -32014;
+    /// The write breaks the core's rules (namespace not delegated, nothing to change, ...).
+    pub const CORE_REFUSED: i64 = -32015;
+
+    /// Every code with its meaning, for `rpc.discover`.
+    pub const ALL: &[(i64, &str)] = &[
+        (PARSE_ERROR, "the body is not JSON"),
+        (INVALID_REQUEST, "not a JSON-RPC 2.0 request"),
+        (METHOD_NOT_FOUND, "no such method"),
+        (INVALID_PARAMS, "missing or invalid params (including a bad namespace, path or value)"),
+        (INTERNAL_ERROR, "a bug in the node"),
+        (NODE_ERROR, "the node could not do it (storage, network, stopped)"),
+        (UNAUTHORIZED, "missing or wrong API secret"),
+        (FORBIDDEN_HOST, "the Host header is not one of the node's names"),
+        (CORE_NOT_HELD, "this node does not hold the core (follow it, or submit a delegation)"),
+        (CORE_NOT_WRITABLE, "this node has no delegation to write the core"),
+        (CORE_REVOKED, "this node's key was revoked by the core's owner"),
+        (INVALID_STATEMENT, "not a valid delegation or revocation (the message says why)"),
+        (OTHER_NODE, "the delegation authorizes another node's key"),
+        (CORE_REFUSED, "the write breaks the core's rules (the message says which)"),
+    ];
 }
 
 /// A JSON-RPC error object.
@@ -62,6 +92,21 @@ impl RpcError {
     }
     pub fn node(error: impl std::fmt::Display) -> Self {
         Self::new(code::NODE_ERROR, error.to_string())
+    }
+    /// A failed core command, with the code of its kind (see [`code`]).
+    pub fn core(error: kubelt_protocol::node::CoreCommandError) -> Self {
+        use kubelt_protocol::node::CoreCommandError as E;
+        let code = match &error {
+            E::NotHeld(_) => code::CORE_NOT_HELD,
+            E::NotWritable(_) => code::CORE_NOT_WRITABLE,
+            E::Revoked(_) => code::CORE_REVOKED,
+            E::InvalidStatement { .. } => code::INVALID_STATEMENT,
+            E::OtherNode { .. } => code::OTHER_NODE,
+            E::InvalidInput(_) => code::INVALID_PARAMS,
+            E::Refused(_) => code::CORE_REFUSED,
+            _ => code::NODE_ERROR,
+        };
+        Self::new(code, error.to_string())
     }
     fn to_json(&self) -> Value {
         json!({ "code": self.code, "message": self.message })

@@ -75,10 +75,49 @@ pub struct SubmitOutcome {
     pub peer: String,
 }
 
-/// Why a core command failed; the message says what to fix.
+/// Why a core command failed. Each case is its own variant, so that callers (the JSON-RPC API,
+/// apps) can tell "not held" from "revoked" from "bad input"; the message says what to fix.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct CoreCommandError(pub String);
+#[non_exhaustive]
+pub enum CoreCommandError {
+    /// This node does not hold the core.
+    #[error("this node does not hold core {0} (follow it, or submit a delegation)")]
+    NotHeld(String),
+    /// This node holds the core but has no delegation to write it.
+    #[error("this node has no delegation to write to core {0}")]
+    NotWritable(String),
+    /// The owner revoked this node's key: it may no longer write the core.
+    #[error("this node's key was revoked by the owner of core {0}")]
+    Revoked(String),
+    /// The owner statement is not a valid delegation or revocation.
+    #[error("not a valid {kind}: {reason}")]
+    InvalidStatement {
+        /// `delegation` or `revocation`.
+        kind: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The delegation authorizes another node's key.
+    #[error("this delegation authorizes peer {delegated}, not this node ({this}): submit it on that node")]
+    OtherNode {
+        /// The key the delegation names.
+        delegated: String,
+        /// This node's peer id.
+        this: String,
+    },
+    /// The namespace, path or value is not acceptable.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The write would break the core's rules (e.g. a namespace the delegation does not cover).
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+}
 
 /// Who this node is and where it listens.
 #[derive(Debug, Clone, Serialize)]
@@ -294,5 +333,5 @@ impl Client {
 }
 
 fn stopped(_: NodeError) -> CoreCommandError {
-    CoreCommandError("the node has stopped".into())
+    CoreCommandError::Stopped
 }

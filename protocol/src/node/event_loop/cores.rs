@@ -181,15 +181,27 @@ impl SyncBudget {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> CoreCommandError {
-    CoreCommandError(e.to_string())
+fn storage(e: impl std::fmt::Display) -> CoreCommandError {
+    CoreCommandError::Storage(e.to_string())
+}
+
+/// The command error of a failed local write.
+fn write_error(core: &Address, e: crate::core::WriteError) -> CoreCommandError {
+    use crate::core::WriteError as W;
+    match e {
+        W::Path(p) => CoreCommandError::InvalidInput(p.to_string()),
+        W::Namespace(_) => CoreCommandError::InvalidInput(e.to_string()),
+        W::Revoked(_) => CoreCommandError::Revoked(core.to_checksum()),
+        W::Delegation(_) | W::Rejected(_) | W::NoChange => CoreCommandError::Refused(e.to_string()),
+        other => CoreCommandError::Storage(other.to_string()),
+    }
 }
 
 /// The replica of a core this node holds, or an error that says so.
 fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut crate::core::Replica, CoreCommandError> {
     cores
         .get_mut(core)
-        .ok_or_else(|| CoreCommandError(format!("this node does not hold core {} (follow it, or submit a delegation)", core.to_checksum())))
+        .ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))
 }
 
 impl EventLoop {
@@ -242,7 +254,7 @@ impl EventLoop {
     }
 
     pub(super) fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
-        self.cores.follow(core).map_err(err)?;
+        self.cores.follow(core).map_err(storage)?;
         self.join_core(core);
         self.sync_core_with_everyone(core);
         self.core_summary(core)
@@ -253,27 +265,26 @@ impl EventLoop {
         // The URI says what kind of statement it is; each kind reports its own refusal.
         let is_revocation = statement.message.lines().any(|l| l.starts_with(&format!("URI: {}", crate::core::delegation::REVOKE_URN)));
         if !is_revocation {
-            let delegation = Delegation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid delegation: {e}")))?;
+            let delegation = Delegation::verify(&statement)
+                .map_err(|e| CoreCommandError::InvalidStatement { kind: "delegation", reason: e.to_string() })?;
             if delegation.peer != local {
-                return Err(CoreCommandError(format!(
-                    "this delegation authorizes peer {}, not this node ({local}): submit it on that node",
-                    delegation.peer
-                )));
+                return Err(CoreCommandError::OtherNode { delegated: delegation.peer.to_string(), this: local.to_string() });
             }
-            self.cores.own(statement).map_err(err)?;
+            self.cores.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
             self.sync_core_with_everyone(delegation.owner);
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: "delegation".into(), core: delegation.owner.to_checksum(), peer: local.to_base58() });
         }
-        let revocation = Revocation::verify(&statement).map_err(|e| CoreCommandError(format!("not a valid revocation: {e}")))?;
+        let revocation = Revocation::verify(&statement)
+            .map_err(|e| CoreCommandError::InvalidStatement { kind: "revocation", reason: e.to_string() })?;
         let core = revocation.owner;
         let replica = held(&mut self.cores, &core)?;
         let own = replica
             .own_delegation()
             .cloned()
-            .ok_or_else(|| CoreCommandError("a revocation is carried into the core by a node that may write to it; this one may not".into()))?;
-        let envelope = replica.revoke(&statement, &self.keypair, &own).map_err(err)?;
+            .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
+        let envelope = replica.revoke(&statement, &self.keypair, &own).map_err(|e| write_error(&core, e))?;
         self.publish(core, envelope);
         tracing::info!(%core, revoked = %revocation.peer, "revocation applied");
         Ok(SubmitOutcome { kind: "revocation".into(), core: core.to_checksum(), peer: revocation.peer.to_base58() })
@@ -284,7 +295,7 @@ impl EventLoop {
         let delegation = replica
             .own_delegation()
             .cloned()
-            .ok_or_else(|| CoreCommandError(format!("this node has no delegation to write to core {}", core.to_checksum())))?;
+            .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
         match replica.set(namespace, path, value, &self.keypair, &delegation) {
             Ok(envelope) => {
                 let heads = replica.heads();
@@ -293,19 +304,22 @@ impl EventLoop {
             }
             // Writing the value that is already there is done: nothing to store or send.
             Err(crate::core::WriteError::NoChange) => {}
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(write_error(&core, e)),
         }
         self.core_summary(core)
     }
 
     pub(super) fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
         let replica = held(&mut self.cores, &core)?;
-        Ok(replica.get(namespace, path).map_err(err)?.unwrap_or(serde_json::Value::Null))
+        let value = replica.get(namespace, path).map_err(|e| CoreCommandError::InvalidInput(e.to_string()))?;
+        Ok(value.unwrap_or(serde_json::Value::Null))
     }
 
     pub(super) fn core_revocation_message(&mut self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
         let replica = held(&mut self.cores, &core)?;
-        replica.revocation_message(&peer, time::OffsetDateTime::now_utc()).map_err(err)
+        replica
+            .revocation_message(&peer, time::OffsetDateTime::now_utc())
+            .map_err(|e| CoreCommandError::InvalidInput(e.to_string()))
     }
 
     pub(super) fn core_list(&mut self) -> Vec<CoreSummary> {
@@ -315,7 +329,7 @@ impl EventLoop {
     fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         let topic = sync::topic(&core).hash();
         let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
-        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError(format!("unknown core {core}")))?;
+        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
         let mut heads: Vec<String> = replica.heads().iter().map(|h| h.to_string()).collect();
         heads.sort();
         Ok(CoreSummary {
