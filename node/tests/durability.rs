@@ -205,10 +205,24 @@ impl TracedNode {
         // SAFETY: kill(2) with the pid of the node this test started; no memory is touched.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         common::wait_until("strace to exit after the node was killed", Duration::from_secs(20), || Ok(!self.node.is_running()))?;
-        let text = std::fs::read_to_string(&self.trace).with_context(|| format!("no trace at {}", self.trace.display()))?;
+        // strace ends the trace with the tracee's death; until that line is there, the trace
+        // may not be complete on disk yet.
+        let mut text = String::new();
+        common::wait_until("strace to finish writing the trace", Duration::from_secs(20), || {
+            text = std::fs::read_to_string(&self.trace).with_context(|| format!("no trace at {}", self.trace.display()))?;
+            let end = format!("{pid} ");
+            Ok(text.lines().any(|l| l.starts_with(&end) && l.ends_with("+++ killed by SIGKILL +++")))
+        })?;
         let calls = parse_trace(&text);
         if !calls.iter().any(|c| c.name == "fdatasync" || c.name == "fsync") {
-            bail!("the trace at {} has no fsync at all: was the node traced?", self.trace.display());
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            bail!(
+                "the trace at {} ({} bytes, {} calls) has no fsync at all: was the node traced? Its last lines:\n{}",
+                self.trace.display(),
+                text.len(),
+                calls.len(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         Ok((self.node.repo.clone(), calls))
     }
