@@ -266,8 +266,10 @@ fn parse_trace(text: &str) -> Vec<Call> {
     let mut unfinished: HashMap<&str, (usize, f64, String)> = HashMap::new();
     let mut calls = vec![];
     for (line, text) in text.lines().enumerate() {
-        let mut fields = text.splitn(3, ' ');
-        let (Some(pid), Some(time), Some(rest)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        // `PID TIME CALL...`: strace pads the pid column, so short pids are followed by more
+        // than one space.
+        let Some((pid, after_pid)) = text.split_once(' ') else { continue };
+        let Some((time, rest)) = after_pid.trim_start().split_once(' ') else { continue };
         let Ok(time) = time.parse::<f64>() else { continue };
         if let Some(resumed) = rest.strip_prefix("<... ") {
             let Some((start, start_time, head)) = unfinished.remove(pid) else { continue };
@@ -407,4 +409,15 @@ fn timeline(steps: &[(&str, &Call)], answered: f64) -> String {
     }
     let _ = writeln!(out, "  CLI got its answer at {answered:.6}");
     out
+}
+
+#[test]
+fn the_trace_parser_reads_padded_and_unpadded_pids() {
+    let text = "2937  1795934466.785062 fdatasync(12</repo/db/000012.log>) = 0\n\
+                123456 1795934466.785070 fsync(13</repo/db>) = 0\n";
+    let calls = parse_trace(text);
+    assert_eq!(calls.iter().map(|c| (c.name.as_str(), c.target.as_str())).collect::<Vec<_>>(), vec![
+        ("fdatasync", "/repo/db/000012.log"),
+        ("fsync", "/repo/db"),
+    ]);
 }
