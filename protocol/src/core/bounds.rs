@@ -134,57 +134,62 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Sums the run lengths of an unsigned-integer RLE column (what Automerge iterates), refusing
-/// more than `max` entries.
-fn rle_entries(column: &[u8], max: u64, what: &str) -> Result<u64, String> {
+/// One run of an unsigned-integer RLE column, as Automerge encodes them.
+#[derive(Clone, Copy)]
+enum Run {
+    /// `count` copies of `value`.
+    Repeat { count: u64, value: u64 },
+    /// One literal value.
+    Literal(u64),
+    /// `count` nulls.
+    Nulls(u64),
+}
+
+/// Walks an unsigned-integer RLE column and adds up `weigh` of each run, refusing a total over
+/// `max` as soon as it is reached: a few bytes that declare billions of entries cost no more
+/// than the bytes themselves.
+fn rle_total(column: &[u8], max: u64, what: &str, weigh: impl Fn(Run) -> u64) -> Result<u64, String> {
     let mut reader = Reader::new(column);
     let mut total: u64 = 0;
+    let mut add = |run: Run| -> Result<(), String> {
+        total = total.checked_add(weigh(run)).filter(|t| *t <= max).ok_or_else(|| format!("{what}: more than {max} entries"))?;
+        Ok(())
+    };
     while reader.remaining() > 0 {
         let run = reader.sleb(what)?;
-        let entries = if run > 0 {
-            reader.uleb(what)?;
-            run as u64
+        if run > 0 {
+            add(Run::Repeat { count: run as u64, value: reader.uleb(what)? })?;
         } else if run < 0 {
             let n = run.unsigned_abs();
             if n > reader.remaining() as u64 {
                 return Err(format!("{what}: literal run of {n} longer than the column"));
             }
             for _ in 0..n {
-                reader.uleb(what)?;
+                add(Run::Literal(reader.uleb(what)?))?;
             }
-            n
         } else {
-            reader.uleb(what)?
-        };
-        total = total.checked_add(entries).filter(|t| *t <= max).ok_or_else(|| format!("{what}: more than {max} entries"))?;
+            add(Run::Nulls(reader.uleb(what)?))?;
+        }
     }
     Ok(total)
 }
 
-/// Sums the values of an unsigned-integer RLE column (a group column: how many entries each
-/// operation has), refusing a total over `max`.
+/// How many entries an RLE column holds (what Automerge iterates), at most `max`.
+fn rle_entries(column: &[u8], max: u64, what: &str) -> Result<u64, String> {
+    rle_total(column, max, what, |run| match run {
+        Run::Repeat { count, .. } | Run::Nulls(count) => count,
+        Run::Literal(_) => 1,
+    })
+}
+
+/// The sum of the values of an RLE column (a group column: how many entries each operation
+/// has), at most `max`.
 fn rle_sum(column: &[u8], max: u64, what: &str) -> Result<u64, String> {
-    let mut reader = Reader::new(column);
-    let mut total: u64 = 0;
-    let add = |n: u64, total: &mut u64| -> Result<(), String> {
-        *total = total.checked_add(n).filter(|t| *t <= max).ok_or_else(|| format!("{what}: more than {max} entries"))?;
-        Ok(())
-    };
-    while reader.remaining() > 0 {
-        let run = reader.sleb(what)?;
-        if run > 0 {
-            let value = reader.uleb(what)?;
-            add((run as u64).saturating_mul(value), &mut total)?;
-        } else if run < 0 {
-            for _ in 0..run.unsigned_abs() {
-                let value = reader.uleb(what)?;
-                add(value, &mut total)?;
-            }
-        } else {
-            reader.uleb(what)?;
-        }
-    }
-    Ok(total)
+    rle_total(column, max, what, |run| match run {
+        Run::Repeat { count, value } => count.saturating_mul(value),
+        Run::Literal(value) => value,
+        Run::Nulls(_) => 0,
+    })
 }
 
 /// Scans one uncompressed change chunk: its framing, header fields, column layout, number of

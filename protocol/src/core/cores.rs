@@ -83,11 +83,7 @@ impl Cores {
     }
 
     fn route(&mut self, core: &str) -> Result<&mut Replica, Rejected> {
-        let address = Address::parse(core)
-            .map_err(|e| Rejected::MalformedEnvelope(format!("core {core:?}: {e}")))?;
-        if address.to_lower_hex() != core {
-            return Err(Rejected::MalformedEnvelope(format!("core {core:?} is not in lower-case wire form")));
-        }
+        let address = wire_core(core)?;
         self.replicas.get_mut(&address).ok_or_else(|| Rejected::UnknownCore(core.to_owned()))
     }
 
@@ -113,11 +109,6 @@ impl Cores {
         let checked = verified.checked.map_err(ApplyError::Rejected)?;
         let report = replica.apply_checked(vec![Ok(checked)])?;
         super::replica::outcome(report)
-    }
-
-    /// Whether this node holds `core`.
-    pub fn holds(&self, core: &Address) -> bool {
-        self.replicas.contains_key(core)
     }
 
     /// Starts or continues a catch-up session for `core` with `peer`.
@@ -170,6 +161,15 @@ impl Cores {
     }
 }
 
+/// A core id as the wire carries it: the lower-case `0x` address, in that one spelling.
+fn wire_core(core: &str) -> Result<Address, Rejected> {
+    let address = Address::parse(core).map_err(|e| Rejected::MalformedEnvelope(format!("core {core:?}: {e}")))?;
+    if address.to_lower_hex() != core {
+        return Err(Rejected::MalformedEnvelope(format!("core {core:?} is not in lower-case wire form")));
+    }
+    Ok(address)
+}
+
 /// Runs the history-free checks of remote envelopes off the thread that owns the replicas.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -202,10 +202,7 @@ impl Verifier {
     /// Checks the envelopes of a catch-up message for `core` (the wire form of its id), with
     /// panics in dependencies caught. CPU-bound: call it from a blocking thread.
     pub fn verify_sync_batch(&self, core: &str, envelopes: Vec<SignedChange>) -> Result<VerifiedBatch, Rejected> {
-        let address = Address::parse(core).map_err(|e| Rejected::MalformedEnvelope(format!("core {core:?}: {e}")))?;
-        if address.to_lower_hex() != core {
-            return Err(Rejected::MalformedEnvelope(format!("core {core:?} is not in lower-case wire form")));
-        }
+        let address = wire_core(core)?;
         let delegations = &self.delegations;
         let config = &self.config;
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

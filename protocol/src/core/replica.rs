@@ -980,6 +980,13 @@ impl Replica {
         self.invalid.get(hash).or_else(|| self.recent_invalid.get(hash))
     }
 
+    /// Derives every verdict anew from the stored changes and the known facts, after a new fact
+    /// changed what is valid: remembered rejections go too, as they may no longer hold.
+    fn rederive(&mut self) -> Result<(), CoreError> {
+        self.recent_invalid.clear();
+        self.rebuild_from_store()
+    }
+
     fn remember_rejection(&mut self, hash: ChangeHash, reason: &Rejected) {
         if self.recent_invalid.len() >= self.config.max_remembered_rejections {
             self.recent_invalid.clear();
@@ -1044,8 +1051,7 @@ impl Replica {
         }
         if learned.relaxed {
             // A cut was lifted: changes it voided are valid again.
-            self.recent_invalid.clear();
-            self.rebuild_from_store()?;
+            self.rederive()?;
         }
         for item in items {
             if item.change.timestamp() > horizon && !self.dag.metas.contains_key(&item.hash) {
@@ -1107,8 +1113,7 @@ impl Replica {
         let admitted_hashes: HashSet<ChangeHash> = admitted.iter().map(|a| a.hash).collect();
         let before: HashSet<ChangeHash> =
             self.dag.metas.keys().filter(|h| !admitted_hashes.contains(h)).copied().collect();
-        self.recent_invalid.clear();
-        self.rebuild_from_store()?;
+        self.rederive()?;
         for item in &admitted {
             if self.dag.metas.contains_key(&item.hash) {
                 report.applied.push(item.hash);
@@ -1544,8 +1549,7 @@ impl Replica {
             batch.commit(true).map_err(CoreError::from)?;
         }
         if learned.relaxed || (learned.any && !self.cut_violations().is_empty()) {
-            self.recent_invalid.clear();
-            self.rebuild_from_store()?;
+            self.rederive()?;
         }
         Ok(envelope)
     }

@@ -35,8 +35,9 @@ pub(super) struct GossipVerification {
     verifier: Verifier,
     verdicts_tx: mpsc::Sender<GossipVerdict>,
     verdicts: mpsc::Receiver<GossipVerdict>,
-    /// Messages in verification, per propagation source.
+    /// Messages in verification, per propagation source, and in all.
     in_flight: HashMap<PeerId, usize>,
+    in_flight_total: usize,
     /// Which core each subscribed topic is.
     topics: HashMap<TopicHash, Address>,
 }
@@ -52,7 +53,7 @@ pub(super) struct GossipVerdict {
 impl GossipVerification {
     pub(super) fn new(verifier: Verifier) -> Self {
         let (verdicts_tx, verdicts) = mpsc::channel(MAX_VERIFYING);
-        GossipVerification { verifier, verdicts_tx, verdicts, in_flight: HashMap::new(), topics: HashMap::new() }
+        GossipVerification { verifier, verdicts_tx, verdicts, in_flight: HashMap::new(), in_flight_total: 0, topics: HashMap::new() }
     }
 
     /// The next verified message.
@@ -62,12 +63,12 @@ impl GossipVerification {
 
     /// Starts verifying a message; `false` when over the limits (the caller ignores it).
     fn start(&mut self, id: MessageId, source: PeerId, core: Address, data: Vec<u8>) -> bool {
-        let total: usize = self.in_flight.values().sum();
         let mine = self.in_flight.get(&source).copied().unwrap_or(0);
-        if total >= MAX_VERIFYING || mine >= MAX_VERIFYING_PER_PEER {
+        if self.in_flight_total >= MAX_VERIFYING || mine >= MAX_VERIFYING_PER_PEER {
             return false;
         }
         *self.in_flight.entry(source).or_default() += 1;
+        self.in_flight_total += 1;
         let verifier = self.verifier.clone();
         let tx = self.verdicts_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -80,6 +81,7 @@ impl GossipVerification {
 
     fn finished(&mut self, source: &PeerId) {
         if let Some(n) = self.in_flight.get_mut(source) {
+            self.in_flight_total = self.in_flight_total.saturating_sub(1);
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.in_flight.remove(source);
