@@ -121,6 +121,11 @@ impl Replica {
                 }
             }
             let mut session = Session::default();
+            // Automerge's own `need` looks only at the document; the dependencies that
+            // held-back changes wait for are asked of every peer a session starts with (a
+            // Bloom-filter false positive, or gossip that delivered a change without its
+            // parents, would otherwise leave them unasked).
+            session.peer_missing.extend(self.missing_deps());
             if let Some(heads) = self.shared_heads.get(peer) {
                 if heads.iter().all(|h| self.dag.metas.contains_key(h)) {
                     session.state.shared_heads = heads.clone();
