@@ -102,7 +102,7 @@ pub use address::{dht_key, Address, AddressError};
 pub use catch_up::{Action as CatchUpAction, ScheduleConfig, Scheduler as CatchUpScheduler};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
 pub use cores::{Cores, Verified, VerifiedBatch, Verifier};
-pub use delegation::{delegation_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Revocation};
+pub use delegation::{delegation_message, login_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Login, LoginRequest, Purpose, Revocation};
 pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
 pub use sync::SyncStep;
 pub use value::PathError;
