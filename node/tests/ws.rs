@@ -444,3 +444,32 @@ fn a_client_that_sends_calls_without_reading_replies_is_dropped_and_memory_stays
     assert_eq!(node.call("node_id", Value::Null)?["peer_id"], node.peer_id.as_str());
     Ok(())
 }
+
+#[test]
+fn past_256_websockets_the_node_refuses_with_a_reason_until_one_closes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = TestNode::start(dir.path(), "many", &[])?;
+    let open = |node: &TestNode| handshake(node, TcpStream::connect(api_authority(node))?, Secret::Header(node.secret()), None);
+    let mut sockets = (0..256).map(|_| open(&node)).collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(sample(&node, "kubelt_api_websocket_connections")?, 256.0);
+    match open(&node) {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default())?;
+            assert_eq!(body["error"]["code"], -32005, "{body}");
+            assert!(body["error"]["message"].as_str().unwrap_or_default().contains("256"), "{body}");
+        }
+        other => bail!("a 257th WebSocket was not refused: {other:?}"),
+    }
+    // HTTP calls are not WebSocket connections: they go on.
+    assert_eq!(node.call("node_id", Value::Null)?["peer_id"], node.peer_id.as_str());
+    let mut first = sockets.remove(0);
+    first.close(None)?;
+    // Read until the node's answer to the close ends the connection.
+    while first.read().is_ok() {}
+    wait_until("the closed connection to be let go", Duration::from_secs(10), || Ok(sample(&node, "kubelt_api_websocket_connections")? == 255.0))?;
+    let mut again = open(&node)?;
+    again.send(Message::text(r#"{"jsonrpc":"2.0","id":1,"method":"node_id"}"#))?;
+    assert!(again.read()?.to_text()?.contains(&node.peer_id));
+    Ok(())
+}
