@@ -213,8 +213,8 @@ async fn add(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     let store = state.store.clone();
     let added = blocking(move || content::add(&store, &request, &mut |_| {})).await?;
     if let Ok(root) = content::parse_cid(&added.cid) {
-        let _ = state.client.blocks_added(vec![root]).await;
-        let _ = state.client.provide(root).await;
+        let _ = state.client.content().blocks_added(vec![root]).await;
+        let _ = state.client.content().provide(root).await;
     }
     to_json(added)
 }

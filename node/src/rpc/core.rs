@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use kubelt_protocol::core::{delegation_message, owner_statement, Address};
-use kubelt_protocol::node::CoreUpdate;
+use kubelt_protocol::node::NodeEvent;
 
 use super::registry::{string, to_value, Auth, Ctx, Kind, Method, Namespace, Param, Params};
 use super::{code, RpcError};
@@ -48,7 +48,7 @@ pub static NAMESPACE: Namespace = Namespace {
                 Box::pin(async move {
                     let core = address(&p)?;
                     let peer = peer(&p)?.ok_or_else(|| RpcError::invalid_params("missing param 'peer'"))?;
-                    let message = ctx.state.client.core_revocation_message(core, peer).await.map_err(RpcError::core)?;
+                    let message = ctx.state.client.cores().revocation_message(core, peer).await.map_err(RpcError::core)?;
                     Ok(json!({ "message": message }))
                 })
             },
@@ -67,7 +67,7 @@ pub static NAMESPACE: Namespace = Namespace {
                 Box::pin(async move {
                     let statement = owner_statement(string(&p, "message")?, string(&p, "signature")?)
                         .map_err(|e| RpcError::invalid_params(e.to_string()))?;
-                    to_value(ctx.state.client.core_submit(statement).await.map_err(RpcError::core)?)
+                    to_value(ctx.state.client.cores().submit(statement).await.map_err(RpcError::core)?)
                 })
             },
         },
@@ -78,7 +78,7 @@ pub static NAMESPACE: Namespace = Namespace {
             result: r#"{"type":"object"}"#,
             auth: Auth::Admin,
             kind: Kind::Call,
-            handler: |ctx, p| Box::pin(async move { to_value(ctx.state.client.core_follow(address(&p)?).await.map_err(RpcError::core)?) }),
+            handler: |ctx, p| Box::pin(async move { to_value(ctx.state.client.cores().follow(address(&p)?).await.map_err(RpcError::core)?) }),
         },
         Method {
             name: "core_set",
@@ -97,7 +97,7 @@ pub static NAMESPACE: Namespace = Namespace {
                     let core = address(&p)?;
                     let value = p.get("value").cloned().ok_or_else(|| RpcError::invalid_params("missing param 'value'"))?;
                     let (namespace, path) = (string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string());
-                    to_value(ctx.state.client.core_set(core, namespace, path, value).await.map_err(RpcError::core)?)
+                    to_value(ctx.state.client.cores().set(core, namespace, path, value).await.map_err(RpcError::core)?)
                 })
             },
         },
@@ -116,7 +116,7 @@ pub static NAMESPACE: Namespace = Namespace {
                 Box::pin(async move {
                     let core = address(&p)?;
                     let path = p.get("path").and_then(Value::as_str).unwrap_or("").to_string();
-                    ctx.state.client.core_get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::core)
+                    ctx.state.client.cores().get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::core)
                 })
             },
         },
@@ -127,7 +127,7 @@ pub static NAMESPACE: Namespace = Namespace {
             result: r#"{"type":"array"}"#,
             auth: Auth::Admin,
             kind: Kind::Call,
-            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.core_list().await.map_err(RpcError::node)?) }),
+            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.cores().list().await.map_err(RpcError::node)?) }),
         },
         Method {
             name: "core_heads",
@@ -139,7 +139,7 @@ pub static NAMESPACE: Namespace = Namespace {
             handler: |ctx, p| {
                 Box::pin(async move {
                     let core = address(&p)?;
-                    let cores = ctx.state.client.core_list().await.map_err(RpcError::node)?;
+                    let cores = ctx.state.client.cores().list().await.map_err(RpcError::node)?;
                     let summary = cores
                         .into_iter()
                         .find(|c| c.address == core.to_checksum())
@@ -162,7 +162,7 @@ pub static NAMESPACE: Namespace = Namespace {
                         None | Some(Value::Null) => None,
                         Some(_) => Some(address(&p)?),
                     };
-                    let stream = updates(ctx.state.client.core_updates(), core);
+                    let stream = updates(ctx.state.client.events(), core);
                     ctx.session()?.subscribe(NOTIFICATION, stream).map(Value::from)
                 })
             },
@@ -207,22 +207,23 @@ async fn delegation(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     Ok(json!({ "message": message }))
 }
 
-/// The notifications of a `core_subscribe`: every update of `core` (of every core when `None`)
-/// as `{core, applied}`. When the subscriber fell so far behind that the node's buffer
-/// overwrote updates it had not read, or the node stopped, the stream ends with an error that
-/// says so: a subscriber never believes it saw every change when it did not.
-fn updates(updates: broadcast::Receiver<CoreUpdate>, core: Option<Address>) -> BoxStream<'static, Result<Value, RpcError>> {
-    futures::stream::unfold(Some(updates), move |receiver| async move {
+/// The notifications of a `core_subscribe`: from the node's events, every update of `core`
+/// (of every core when `None`) as `{core, applied}`. When the subscriber fell so far behind
+/// that the node's buffer overwrote events it had not read, or the node stopped, the stream
+/// ends with an error that says so: a subscriber never believes it saw every change when it
+/// did not.
+fn updates(events: broadcast::Receiver<NodeEvent>, core: Option<Address>) -> BoxStream<'static, Result<Value, RpcError>> {
+    futures::stream::unfold(Some(events), move |receiver| async move {
         let mut receiver = receiver?;
         loop {
             let ended = match receiver.recv().await {
-                Ok(update) if core.is_none_or(|core| core == update.core) => {
+                Ok(NodeEvent::CoreUpdated(update)) if core.is_none_or(|core| core == update.core) => {
                     let item = json!({ "core": update.core.to_checksum(), "applied": update.applied });
                     return Some((Ok(item), Some(receiver)));
                 }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    format!("subscription ended: it fell {missed} updates behind the node; re-read the cores and subscribe again")
+                    format!("subscription ended: it fell {missed} events behind the node; re-read the cores and subscribe again")
                 }
                 Err(broadcast::error::RecvError::Closed) => "subscription ended: the node stopped".to_string(),
             };
@@ -269,8 +270,8 @@ pub fn delegation_expiry(now: time::OffsetDateTime, expires_in: std::time::Durat
 mod tests {
     use super::*;
 
-    fn update(core: Address, hash: &str) -> CoreUpdate {
-        CoreUpdate { core, applied: vec![hash.to_string()] }
+    fn update(core: Address, hash: &str) -> NodeEvent {
+        NodeEvent::CoreUpdated(kubelt_protocol::node::CoreUpdate { core, applied: vec![hash.to_string()] })
     }
 
     #[tokio::test]
@@ -294,6 +295,8 @@ mod tests {
 
         let (sender, receiver) = broadcast::channel(4);
         let mut every = updates(receiver, None);
+        // Other events of the node are not core changes.
+        sender.send(NodeEvent::PeerConnected { peer: libp2p::PeerId::random() }).unwrap();
         sender.send(update(other, "cc")).unwrap();
         assert_eq!(every.next().await.unwrap().unwrap()["core"], other.to_checksum());
         drop(sender);

@@ -46,7 +46,7 @@ pub static NAMESPACE: Namespace = Namespace {
             result: r#"{"type":"array","items":{"type":"object","properties":{"peer_id":{"type":"string"},"addresses":{"type":"array"},"agent_version":{"type":"string"},"blocks_received":{"type":"integer"}}}}"#,
             auth: Auth::Admin,
             kind: Kind::Call,
-            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.peers().await.map_err(RpcError::node)?) }),
+            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.net().peers().await.map_err(RpcError::node)?) }),
         },
         Method {
             name: "swarm_connect",
@@ -64,7 +64,7 @@ pub static NAMESPACE: Namespace = Namespace {
             result: r#"{"type":"array","items":{"type":"object"}}"#,
             auth: Auth::Admin,
             kind: Kind::Call,
-            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.routing_table().await.map_err(RpcError::node)?) }),
+            handler: |ctx, _| Box::pin(async move { to_value(ctx.state.client.net().routing_table().await.map_err(RpcError::node)?) }),
         },
     ],
 };
@@ -74,7 +74,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn swarm_connect(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     let addr: libp2p::Multiaddr = parse_param(&p, "addr")?;
-    let peer = tokio::time::timeout(CONNECT_TIMEOUT, ctx.state.client.connect(addr.clone()))
+    let peer = tokio::time::timeout(CONNECT_TIMEOUT, ctx.state.client.net().connect(addr.clone()))
         .await
         .map_err(|_| RpcError::node(format!("connecting to {addr} timed out after {CONNECT_TIMEOUT:?}")))?
         .map_err(RpcError::node)?;
