@@ -83,6 +83,7 @@ pub mod delegation;
 
 mod bounds;
 mod cores;
+mod devices;
 mod replica;
 mod sync;
 mod value;
