@@ -27,7 +27,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
 }
 
 pub async fn metrics(State(state): State<ApiState>) -> Response {
-    let (Ok(status), Ok(cores)) = (state.client.status().await, state.client.core_list().await) else {
+    let (Ok(status), Ok(cores)) = (state.client.status().await, state.client.cores().list().await) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the node has stopped\n").into_response();
     };
     let mut registry = Registry::with_prefix("kubelt");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kubelt_protocol::core::DevWallet;
-use kubelt_protocol::node::{Config, Node};
+use kubelt_protocol::node::{Config, Node, NodeEvent};
 use kubelt_protocol::store::Store;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
@@ -59,17 +59,18 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     }
     let writer = nodes[0].node.as_ref().context("writer")?.client.clone();
     let delegation = wallet.delegate(&nodes[0].keypair.public().to_peer_id(), &["*"], Duration::from_secs(86_400), time::OffsetDateTime::now_utc())?;
-    writer.core_submit(delegation).await?;
+    writer.cores().submit(delegation).await?;
     for n in &nodes[1..] {
-        n.node.as_ref().context("node")?.client.core_follow(core).await?;
+        n.node.as_ref().context("node")?.client.cores().follow(core).await?;
     }
     // Every follower reports the changes it applies.
     let (arrivals_tx, mut arrivals) = mpsc::channel::<(usize, String, Instant)>(1 << 16);
     for (i, n) in nodes.iter().enumerate().skip(1) {
-        let mut updates = n.node.as_ref().context("node")?.client.core_updates();
+        let mut updates = n.node.as_ref().context("node")?.client.events();
         let tx = arrivals_tx.clone();
         tokio::spawn(async move {
-            while let Ok(update) = updates.recv().await {
+            while let Ok(event) = updates.recv().await {
+                let NodeEvent::CoreUpdated(update) = event else { continue };
                 let now = Instant::now();
                 for hash in update.applied {
                     if tx.send((i, hash, now)).await.is_err() {
@@ -85,7 +86,7 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     let mut warm = 0;
     'warm: loop {
         anyhow::ensure!(Instant::now() < deadline, "the mesh did not form within 60 s");
-        let summary = writer.core_set(core, "bench".into(), "warm".into(), json!(warm)).await?;
+        let summary = writer.cores().set(core, "bench".into(), "warm".into(), json!(warm)).await?;
         warm += 1;
         let head = summary.heads[0].clone();
         let mut seen = HashSet::new();
@@ -103,7 +104,7 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     let mut latencies = Vec::with_capacity(changes * followers);
     for i in 0..changes {
         let t0 = Instant::now();
-        let summary = writer.core_set(core, "bench".into(), format!("k{}", i % 64), json!(i)).await?;
+        let summary = writer.cores().set(core, "bench".into(), format!("k{}", i % 64), json!(i)).await?;
         let head = summary.heads[0].clone();
         let mut seen = 0;
         while seen < followers {
@@ -129,15 +130,15 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     drop(arrivals);
     let start_writes = Instant::now();
     for i in 0..catch_up {
-        writer.core_set(core, "offline".into(), format!("k{}", i % 256), json!(i)).await?;
+        writer.cores().set(core, "offline".into(), format!("k{}", i % 256), json!(i)).await?;
     }
     let writes = start_writes.elapsed();
-    let target = writer.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+    let target = writer.cores().list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
     let t0 = Instant::now();
     tracing::info!("restarting the offline node for catch-up");
     let node = start(&last.keypair, &last.store_path, first_addr.clone()).await?;
     loop {
-        let heads = node.client.core_list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+        let heads = node.client.cores().list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
         if heads == target {
             break;
         }

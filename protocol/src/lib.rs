@@ -13,6 +13,7 @@
 //! - [`sync`]: cores on the network: gossipsub topics and `/kubelt/core-sync/1.0.0`.
 
 pub mod bitswap;
+pub mod codec;
 pub mod store;
 pub mod swarm;
 pub mod node;

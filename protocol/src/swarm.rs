@@ -26,6 +26,16 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0"
 /// Identify protocol id (the standard one, so Kubo peers can identify us).
 pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
+/// Every protocol a Kubelt node speaks, for `info()`: a protocol added to [`Behaviour`] is
+/// named here too.
+pub fn protocols() -> Vec<String> {
+    let mut all = vec![IDENTIFY_PROTOCOL.to_string(), "/ipfs/ping/1.0.0".to_string(), KAD_PROTOCOL.to_string()];
+    all.extend(bitswap::PROTOCOLS.iter().map(|p| p.to_string()));
+    all.push(sync::CORE_SYNC_PROTOCOL.to_string());
+    all.push("/meshsub/1.1.0".to_string());
+    all
+}
+
 /// The agent version announced over identify.
 pub fn agent_version() -> String {
     format!("kubelt/{}", env!("CARGO_PKG_VERSION"))

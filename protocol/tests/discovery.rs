@@ -34,7 +34,7 @@ async fn twenty_in_process_nodes_find_each_other_through_the_dht() -> anyhow::Re
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for (node, id) in nodes.iter().zip(&ids) {
         loop {
-            let table: HashSet<String> = node.client.routing_table().await?.into_iter().map(|p| p.peer_id).collect();
+            let table: HashSet<String> = node.client.net().routing_table().await?.into_iter().map(|p| p.peer_id).collect();
             let missing = ids.iter().filter(|other| *other != id && !table.contains(*other)).count();
             if missing == 0 {
                 break;

@@ -114,9 +114,9 @@ async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Resu
     let wallet = DevWallet::random();
     let core = wallet.address();
     let delegation = wallet.delegate(&writer.peer_id, &["*"], Duration::from_secs(3600), time::OffsetDateTime::now_utc())?;
-    writer.client.core_submit(delegation.clone()).await?;
-    follower.client.core_follow(core).await?;
-    follower.client.connect(writer_addr.clone()).await?;
+    writer.client.cores().submit(delegation.clone()).await?;
+    follower.client.cores().follow(core).await?;
+    follower.client.net().connect(writer_addr.clone()).await?;
 
     // The attacker: a kubelt swarm with a key of its own, subscribed to the core's topic.
     let attacker_key = Keypair::generate_ed25519();
@@ -198,20 +198,20 @@ async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Resu
     // The writer still serves, and a change written now still reaches the follower.
     let info = writer.client.info().await?;
     assert_eq!(info.peer_id, writer.peer_id.to_base58());
-    writer.client.core_set(core, "profile".into(), "name".into(), json!("alice")).await?;
+    writer.client.cores().set(core, "profile".into(), "name".into(), json!("alice")).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let value = follower.client.core_get(core, "profile".into(), "name".into()).await?;
+        let value = follower.client.cores().get(core, "profile".into(), "name".into()).await?;
         if value == json!("alice") {
             break;
         }
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the follower never got the change (it has {value})");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let writer_heads = writer.client.core_list().await?.remove(0).heads;
-    let follower_heads = follower.client.core_list().await?.remove(0).heads;
+    let writer_heads = writer.client.cores().list().await?.remove(0).heads;
+    let follower_heads = follower.client.cores().list().await?.remove(0).heads;
     assert_eq!(writer_heads, follower_heads);
-    assert_eq!(writer.client.core_list().await?[0].changes, 1, "nothing the attacker sent entered the core");
+    assert_eq!(writer.client.cores().list().await?[0].changes, 1, "nothing the attacker sent entered the core");
     writer.stop().await;
     follower.stop().await;
     Ok(())

@@ -42,11 +42,11 @@ async fn start_node(dir: &std::path::Path, index: usize, port: u64) -> anyhow::R
 }
 
 async fn summary(client: &Client) -> anyhow::Result<CoreSummary> {
-    client.core_list().await?.pop().ok_or_else(|| anyhow::anyhow!("the node holds no core"))
+    client.cores().list().await?.pop().ok_or_else(|| anyhow::anyhow!("the node holds no core"))
 }
 
 async fn connected(client: &Client) -> anyhow::Result<HashSet<PeerId>> {
-    client.peers().await?.into_iter().map(|p| Ok(p.peer_id.parse()?)).collect()
+    client.net().peers().await?.into_iter().map(|p| Ok(p.peer_id.parse()?)).collect()
 }
 
 /// The core summaries of `nodes` once they all hold `changes` changes with identical heads.
@@ -74,9 +74,9 @@ async fn set_cut(from: &[Node], to: &[Node], blocked: bool) -> anyhow::Result<()
         for b in to {
             for (node, peer) in [(a, b.peer_id), (b, a.peer_id)] {
                 if blocked {
-                    node.client.block_peer(peer).await?;
+                    node.client.net().block_peer(peer).await?;
                 } else {
-                    node.client.unblock_peer(peer).await?;
+                    node.client.net().unblock_peer(peer).await?;
                 }
             }
         }
@@ -85,7 +85,7 @@ async fn set_cut(from: &[Node], to: &[Node], blocked: bool) -> anyhow::Result<()
 }
 
 async fn app(node: &Node, core: Address) -> anyhow::Result<Value> {
-    Ok(node.client.core_get(core, "app".into(), String::new()).await?)
+    Ok(node.client.cores().get(core, "app".into(), String::new()).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,9 +102,9 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     for (i, node) in nodes.iter().enumerate() {
         if i % HALF == 0 {
             let delegation = wallet.delegate(&node.peer_id, &["*"], Duration::from_secs(3600), time::OffsetDateTime::now_utc())?;
-            node.client.core_submit(delegation).await?;
+            node.client.cores().submit(delegation).await?;
         } else {
-            node.client.core_follow(core).await?;
+            node.client.cores().follow(core).await?;
         }
     }
     // A full mesh, and every node knows every other one holds the core.
@@ -114,7 +114,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     }
     for (i, node) in nodes.iter().enumerate() {
         for addr in &addrs[..i] {
-            node.client.connect(addr.clone()).await?;
+            node.client.net().connect(addr.clone()).await?;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -124,7 +124,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    nodes[0].client.core_set(core, "app".into(), "before".into(), json!(true)).await?;
+    nodes[0].client.cores().set(core, "app".into(), "before".into(), json!(true)).await?;
     let all: Vec<&Node> = nodes.iter().collect();
     converged(&all, 1, Duration::from_secs(20), "before the cut").await?;
 
@@ -142,8 +142,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
         }
     }
     for i in 1..=WRITES_PER_SIDE {
-        left[0].client.core_set(core, "app".into(), format!("left{i}"), json!(i)).await?;
-        right[0].client.core_set(core, "app".into(), format!("right{i}"), json!(i)).await?;
+        left[0].client.cores().set(core, "app".into(), format!("left{i}"), json!(i)).await?;
+        right[0].client.cores().set(core, "app".into(), format!("right{i}"), json!(i)).await?;
     }
     let left_refs: Vec<&Node> = left.iter().collect();
     let right_refs: Vec<&Node> = right.iter().collect();
@@ -201,7 +201,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     }
 
     // And gossip flows across the old cut again: a write after the heal reaches everyone.
-    right[0].client.core_set(core, "app".into(), "after".into(), json!("healed")).await?;
+    right[0].client.cores().set(core, "app".into(), "after".into(), json!("healed")).await?;
     converged(&all, 2 + 2 * WRITES_PER_SIDE, Duration::from_secs(20), "a write after the heal").await?;
     for node in nodes {
         node.stop().await;

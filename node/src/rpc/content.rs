@@ -71,8 +71,8 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
             let store = state.store.clone();
             let added = blocking(move || content::add(&store, &request, &mut |_| {})).await?;
             if let Ok(root) = content::parse_cid(&added.cid) {
-                let _ = state.client.blocks_added(vec![root]).await;
-                let _ = state.client.provide(root).await;
+                let _ = state.client.content().blocks_added(vec![root]).await;
+                let _ = state.client.content().provide(root).await;
             }
             Ok(serde_json::to_value(added).unwrap_or(Value::Null))
         }

@@ -61,18 +61,18 @@ pub fn delegation_expiry(now: time::OffsetDateTime, expires_in: std::time::Durat
 pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> Result<Value, RpcError> {
     let client = &state.client;
     match method {
-        "core_follow" => to_value(client.core_follow(address(&p)?).await.map_err(RpcError::core)?),
+        "core_follow" => to_value(client.cores().follow(address(&p)?).await.map_err(RpcError::core)?),
         "core_submit" => {
             let message = string(&p, "message")?;
             let signature = string(&p, "signature")?;
             let statement = owner_statement(message, signature).map_err(|e| RpcError::invalid_params(e.to_string()))?;
-            to_value(client.core_submit(statement).await.map_err(RpcError::core)?)
+            to_value(client.cores().submit(statement).await.map_err(RpcError::core)?)
         }
         "core_set" => {
             let core = address(&p)?;
             let value = p.get("value").cloned().ok_or_else(|| RpcError::invalid_params("missing param 'value'"))?;
             let summary = client
-                .core_set(core, string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string(), value)
+                .cores().set(core, string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string(), value)
                 .await
                 .map_err(RpcError::core)?;
             to_value(summary)
@@ -80,12 +80,12 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
         "core_get" => {
             let core = address(&p)?;
             let path = p.get("path").and_then(Value::as_str).unwrap_or("").to_string();
-            client.core_get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::core)
+            client.cores().get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::core)
         }
-        "core_ls" => to_value(client.core_list().await.map_err(RpcError::node)?),
+        "core_ls" => to_value(client.cores().list().await.map_err(RpcError::node)?),
         "core_heads" => {
             let core = address(&p)?;
-            let cores = client.core_list().await.map_err(RpcError::node)?;
+            let cores = client.cores().list().await.map_err(RpcError::node)?;
             let summary = cores
                 .into_iter()
                 .find(|c| c.address == core.to_checksum())
@@ -110,7 +110,7 @@ pub async fn dispatch(state: &ApiState, method: &str, p: Map<String, Value>) -> 
         "core_revocationMessage" => {
             let core = address(&p)?;
             let peer = peer(&p)?.ok_or_else(|| RpcError::invalid_params("missing param 'peer'"))?;
-            let message = client.core_revocation_message(core, peer).await.map_err(RpcError::core)?;
+            let message = client.cores().revocation_message(core, peer).await.map_err(RpcError::core)?;
             Ok(json!({ "message": message }))
         }
         other => Err(RpcError::new(super::code::METHOD_NOT_FOUND, format!("method not found: {other}"))),

@@ -218,11 +218,11 @@ pub async fn dispatch(state: &ApiState, method: &str, params: Value) -> Result<V
         "rpc.discover" => Ok(openrpc_document()),
         "node_id" => to_value(client.info().await.map_err(RpcError::node)?),
         "node_status" => to_value(client.status().await.map_err(RpcError::node)?),
-        "swarm_peers" => to_value(client.peers().await.map_err(RpcError::node)?),
-        "dht_routingTable" => to_value(client.routing_table().await.map_err(RpcError::node)?),
+        "swarm_peers" => to_value(client.net().peers().await.map_err(RpcError::node)?),
+        "dht_routingTable" => to_value(client.net().routing_table().await.map_err(RpcError::node)?),
         "swarm_connect" => {
             let addr: libp2p::Multiaddr = parse_param(&params, "addr")?;
-            let peer = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(addr.clone()))
+            let peer = tokio::time::timeout(CONNECT_TIMEOUT, client.net().connect(addr.clone()))
                 .await
                 .map_err(|_| RpcError::node(format!("connecting to {addr} timed out after {CONNECT_TIMEOUT:?}")))?
                 .map_err(RpcError::node)?;

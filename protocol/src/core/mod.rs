@@ -82,8 +82,8 @@ pub mod change;
 pub mod delegation;
 
 mod bounds;
+mod catch_up;
 mod cores;
-mod devices;
 mod replica;
 mod sync;
 mod value;
@@ -99,6 +99,7 @@ mod attack_tests;
 mod fuzz_tests;
 
 pub use address::{dht_key, Address, AddressError};
+pub use catch_up::{Action as CatchUpAction, ScheduleConfig, Scheduler as CatchUpScheduler};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
 pub use cores::{Cores, Verified, VerifiedBatch, Verifier};
 pub use delegation::{delegation_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Revocation};

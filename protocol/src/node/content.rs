@@ -18,8 +18,9 @@ use crate::unixfs::{self, BlockSource, UnixfsError};
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
-    #[error("{0}")]
-    NotFound(String),
+    /// Bitswap gave the block up (no peer sent it in time, or it could not be stored).
+    #[error(transparent)]
+    Want(#[from] crate::bitswap::WantError),
     #[error("block {0} arrived but cannot be read back from the store")]
     Store(Cid),
     #[error("the node has stopped")]
@@ -41,14 +42,14 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.client.close_session(self.session);
+        self.client.content().close_session(self.session);
     }
 }
 
 impl NetworkBlocks {
     /// Opens a bitswap session for one operation (a `cat`, a `get`, a `pin add`).
     pub async fn new(store: Store, client: Client) -> Result<Self, FetchError> {
-        let session = client.new_session().await.map_err(|_| FetchError::Stopped)?;
+        let session = client.content().new_session().await.map_err(|_| FetchError::Stopped)?;
         Ok(NetworkBlocks { inner: Arc::new(Inner { store, client, session }) })
     }
 }
@@ -86,10 +87,7 @@ impl BlockSource for NetworkBlocks {
             if let Some(data) = inner.store.get_block(&cid)? {
                 return Ok(data);
             }
-            inner.client.fetch_block(cid, inner.session).await.map_err(|e| match e {
-                FetchError::NotFound(reason) => UnixfsError::Source(reason),
-                other => UnixfsError::Source(other.to_string()),
-            })?;
+            inner.client.content().fetch_block(cid, inner.session).await.map_err(|e| UnixfsError::Source(e.to_string()))?;
             inner.store.get_block(&cid)?.ok_or(UnixfsError::BlockNotFound(cid))
         })
     }

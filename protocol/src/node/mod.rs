@@ -1,8 +1,8 @@
 //! A running Kubelt node: the one task that owns the swarm, and the [`Client`] that the rest
 //! of the program (JSON-RPC API, CLI, tests) uses to talk to it.
 //!
-//! The shape follows rust-libp2p's `file-sharing` example: a cloneable [`Client`] sends
-//! [`Command`](client::Command)s, each carrying a `oneshot` for its reply, over a bounded
+//! The shape follows rust-libp2p's `file-sharing` example: a cloneable [`Client`] (with a
+//! sub-handle per domain: `net()`, `content()`, `cores()`) sends [`Command`](client::Command)s, each carrying a `oneshot` for its reply, over a bounded
 //! channel to the event loop, which `select!`s between swarm events, commands, periodic
 //! maintenance and the shutdown token.
 
@@ -11,7 +11,10 @@ mod content;
 mod event_loop;
 mod peers;
 
-pub use client::{Client, ConnectError, CoreCommandError, CoreSummary, CoreUpdate, NodeError, NodeInfo, NodeStatus, PeerInfo, SubmitOutcome};
+pub use client::{
+    BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, NetClient, NodeError, NodeEvent, NodeInfo,
+    NodeStatus, PeerInfo, StatementKind, SubmitOutcome,
+};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 
@@ -94,10 +97,10 @@ impl Node {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
         let (command_tx, command_rx) = mpsc::channel(256);
-        let (core_updates, _) = tokio::sync::broadcast::channel(4096);
+        let (events, _) = tokio::sync::broadcast::channel(4096);
         let shutdown = CancellationToken::new();
         let mut event_loop =
-            event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, core_updates.clone(), shutdown.clone());
+            event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, events.clone(), shutdown.clone());
         // Wait until every listener has reported its address (or failed), so that `info()`
         // right after start shows real ports.
         event_loop.await_listeners().await?;
@@ -105,7 +108,7 @@ impl Node {
         let short_id = peer_id.to_base58().chars().rev().take(6).collect::<String>().chars().rev().collect::<String>();
         let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), tracing::info_span!("node", id = %short_id)));
         let guard = shutdown.clone().drop_guard();
-        Ok(Node { client: Client::new(command_tx, core_updates), peer_id, task, shutdown, guard })
+        Ok(Node { client: Client::new(command_tx, events), peer_id, task, shutdown, guard })
     }
 
     /// A token that stops the node when cancelled.

@@ -97,7 +97,7 @@ pub fn topic_score_params() -> gossipsub::TopicScoreParams {
 /// The catch-up request-response behaviour.
 pub fn core_sync() -> request_response::Behaviour<CoreSyncCodec> {
     request_response::Behaviour::with_codec(
-        CoreSyncCodec,
+        codec::codec(),
         [(CORE_SYNC_PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(Duration::from_secs(60))

@@ -6,7 +6,7 @@
 //! verified before gossipsub may forward it (`Accept`), and anything invalid is `Reject`ed so
 //! it never travels further.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use kubelt_proto::core::{OwnerStatement, SignedChange};
@@ -15,12 +15,41 @@ use libp2p::gossipsub::{self, MessageAcceptance, MessageId, TopicHash};
 use libp2p::{kad, request_response, PeerId};
 use tokio::sync::mpsc;
 
-use super::EventLoop;
-use crate::core::{Accepted, Address, ApplyError, Delegation, Rejected, Revocation, Verified, VerifiedBatch, Verifier};
-use kubelt_proto::core::{SyncRequest, SyncResponse};
-use crate::core::ChangeHash;
-use crate::node::client::{CoreCommandError, CoreSummary, CoreUpdate, SubmitOutcome};
+use super::{EventLoop, QueryPurpose};
+use crate::core::{Accepted, Address, ApplyError, CatchUpAction, CatchUpScheduler, ChangeHash, Delegation, Rejected, Revocation, ScheduleConfig, Verified, VerifiedBatch, Verifier};
+use crate::node::client::{CoreCommand, CoreCommandError, CoreSummary, CoreUpdate, NodeEvent, StatementKind, SubmitOutcome};
 use crate::sync;
+use kubelt_proto::core::{SyncRequest, SyncResponse};
+
+/// What the event loop holds for cores.
+pub(super) struct CoreState {
+    /// The node key: signs core changes.
+    keypair: libp2p::identity::Keypair,
+    /// Every core replica this node holds.
+    replicas: crate::core::Cores,
+    /// Which catch-up sessions run, and when (I/O-free, see `core/catch_up.rs`).
+    schedule: CatchUpScheduler,
+    /// Gossip verification off the event loop.
+    pub(super) gossip: GossipVerification,
+    /// Catch-up verification off the event loop.
+    pub(super) sync_work: SyncVerification,
+    /// Core-sync requests and answers each peer may still have (see [`SyncBudget`]).
+    sync_budgets: HashMap<PeerId, SyncBudget>,
+}
+
+impl CoreState {
+    pub(super) fn new(keypair: libp2p::identity::Keypair, replicas: crate::core::Cores, config: &crate::node::Config, now: Instant) -> Self {
+        let schedule = ScheduleConfig { round_interval: config.core_sync_interval, ..ScheduleConfig::default() };
+        CoreState {
+            gossip: GossipVerification::new(replicas.verifier()),
+            sync_work: SyncVerification::new(replicas.verifier()),
+            schedule: CatchUpScheduler::new(schedule, now),
+            keypair,
+            replicas,
+            sync_budgets: HashMap::new(),
+        }
+    }
+}
 
 /// Gossip messages being verified at once, over all peers; more are ignored (not forwarded)
 /// until the backlog drains.
@@ -207,98 +236,146 @@ fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut
 }
 
 impl EventLoop {
+    pub(super) fn on_core_command(&mut self, command: CoreCommand) {
+        match command {
+            CoreCommand::Follow { core, reply } => {
+                let _ = reply.send(self.core_follow(core));
+            }
+            CoreCommand::Submit { statement, reply } => {
+                let _ = reply.send(self.core_submit(statement));
+            }
+            CoreCommand::Set { core, namespace, path, value, reply } => {
+                let _ = reply.send(self.core_set(core, &namespace, &path, &value));
+            }
+            CoreCommand::Get { core, namespace, path, reply } => {
+                let _ = reply.send(self.core_get(core, &namespace, &path));
+            }
+            CoreCommand::List { reply } => {
+                let _ = reply.send(self.core_list());
+            }
+            CoreCommand::RevocationMessage { core, peer, reply } => {
+                let _ = reply.send(self.core_revocation_message(core, peer));
+            }
+        }
+    }
+
     /// Subscribes to the topic of every core held and announces them in the DHT.
     pub(super) fn announce_cores(&mut self) {
-        for core in self.cores.list() {
+        for core in self.cores.replicas.list() {
             self.join_core(core);
         }
     }
 
-    /// Subscribes to a core's topic, provides its DHT key and looks for other replicas.
+    /// Subscribes to a core's topic, provides its DHT key, looks for other replicas and
+    /// catches up with the peers already connected.
     fn join_core(&mut self, core: Address) {
         let topic = sync::topic(&core);
-        self.gossip.topics.insert(topic.hash(), core);
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.set_topic_params(topic.clone(), sync::topic_score_params()) {
+        self.cores.gossip.topics.insert(topic.hash(), core);
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        if let Err(e) = gossipsub.set_topic_params(topic.clone(), sync::topic_score_params()) {
             tracing::warn!(%core, "cannot set the topic's peer-score parameters: {e}");
         }
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+        if let Err(e) = gossipsub.subscribe(&topic) {
             tracing::warn!(%core, "cannot subscribe to the core's topic: {e}");
         }
-        let key = kad::RecordKey::new(&core.dht_key());
-        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&core.dht_key())) {
             tracing::debug!(%core, "cannot provide the core yet: {e}");
         }
-        self.find_replicas(core);
+        let actions = self.cores.schedule.core_added(core);
+        self.catch_up(actions);
     }
 
-    /// Looks up the core's replicas in the DHT; they are dialed when found.
-    fn find_replicas(&mut self, core: Address) {
-        let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
-        self.replica_queries.insert(query, core);
+    /// Carries out what the catch-up scheduler decided.
+    fn catch_up(&mut self, actions: Vec<CatchUpAction>) {
+        let mut actions = VecDeque::from(actions);
+        while let Some(action) = actions.pop_front() {
+            match action {
+                CatchUpAction::Sync { core, peer } => match self.cores.replicas.sync_request(&core, &peer) {
+                    Some(request) => {
+                        self.swarm.behaviour_mut().core_sync.send_request(&peer, request);
+                    }
+                    // Nothing to ask (or a request to this peer is already out): next in line.
+                    None => actions.extend(self.cores.schedule.session_ended(Some(core), &peer)),
+                },
+                CatchUpAction::FindReplicas(core) => {
+                    let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
+                    self.queries.insert(query, QueryPurpose::CoreReplicas(core));
+                }
+            }
+        }
+    }
+
+    /// Time-driven catch-up: held-back changes past their grace period, the periodic round.
+    pub(super) fn tick_cores(&mut self, now: Instant) {
+        let held = self.cores.replicas.list();
+        let replicas = &self.cores.replicas;
+        let actions = self.cores.schedule.tick(now, &held, |core| replicas.get(core).is_some_and(|r| !r.missing_deps().is_empty()));
+        self.catch_up(actions);
+    }
+
+    pub(super) fn core_peer_connected(&mut self, peer: PeerId) {
+        self.cores.schedule.peer_connected(peer);
+    }
+
+    pub(super) fn core_peer_gone(&mut self, peer: PeerId) {
+        self.cores.replicas.end_sync(&peer);
+        self.cores.sync_budgets.remove(&peer);
+        let actions = self.cores.schedule.peer_disconnected(&peer);
+        self.catch_up(actions);
     }
 
     /// Dials the replicas of a core that a DHT lookup found; catch-up starts once connected.
-    pub(super) fn on_replicas_found(&mut self, query: kad::QueryId, result: Result<kad::GetProvidersOk, kad::GetProvidersError>, last: bool) {
-        let Some(core) = (if last { self.replica_queries.remove(&query) } else { self.replica_queries.get(&query).copied() }) else {
-            return;
-        };
-        let local = *self.swarm.local_peer_id();
+    pub(super) fn on_replicas_found(&mut self, core: Address, result: kad::GetProvidersResult) {
         if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
-            let new: Vec<PeerId> = providers.into_iter().filter(|p| *p != local && !self.swarm.is_connected(p)).collect();
-            if !new.is_empty() {
-                tracing::info!(%core, replicas = new.len(), "found replicas of the core in the DHT; connecting");
-            }
-            for peer in new {
-                let addresses = self.peer_book.get(&peer).ok().flatten().map(|p| p.addresses).unwrap_or_default();
-                self.dial_known(peer, addresses);
+            let dialed = self.dial_found(providers);
+            if dialed > 0 {
+                tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
             }
         }
     }
 
-    pub(super) fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
-        self.cores.follow(core).map_err(storage)?;
+    fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        self.cores.replicas.follow(core).map_err(storage)?;
         self.join_core(core);
-        self.sync_core_with_everyone(core);
         self.core_summary(core)
     }
 
-    pub(super) fn core_submit(&mut self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
+    fn core_submit(&mut self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
         let local = *self.swarm.local_peer_id();
         // The URI says what kind of statement it is; each kind reports its own refusal.
         let is_revocation = statement.message.lines().any(|l| l.starts_with(&format!("URI: {}", crate::core::delegation::REVOKE_URN)));
         if !is_revocation {
             let delegation = Delegation::verify(&statement)
-                .map_err(|e| CoreCommandError::InvalidStatement { kind: "delegation", reason: e.to_string() })?;
+                .map_err(|e| CoreCommandError::InvalidStatement { kind: StatementKind::Delegation, reason: e.to_string() })?;
             if delegation.peer != local {
                 return Err(CoreCommandError::OtherNode { delegated: delegation.peer.to_string(), this: local.to_string() });
             }
-            self.cores.own(statement).map_err(storage)?;
+            self.cores.replicas.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
-            self.sync_core_with_everyone(delegation.owner);
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
-            return Ok(SubmitOutcome { kind: "delegation".into(), core: delegation.owner.to_checksum(), peer: local.to_base58() });
+            return Ok(SubmitOutcome { kind: StatementKind::Delegation, core: delegation.owner.to_checksum(), peer: local.to_base58() });
         }
         let revocation = Revocation::verify(&statement)
-            .map_err(|e| CoreCommandError::InvalidStatement { kind: "revocation", reason: e.to_string() })?;
+            .map_err(|e| CoreCommandError::InvalidStatement { kind: StatementKind::Revocation, reason: e.to_string() })?;
         let core = revocation.owner;
-        let replica = held(&mut self.cores, &core)?;
+        let replica = held(&mut self.cores.replicas, &core)?;
         let own = replica
             .own_delegation()
             .cloned()
             .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
-        let envelope = replica.revoke(&statement, &self.keypair, &own).map_err(|e| write_error(&core, e))?;
+        let envelope = replica.revoke(&statement, &self.cores.keypair, &own).map_err(|e| write_error(&core, e))?;
         self.publish(core, envelope);
         tracing::info!(%core, revoked = %revocation.peer, "revocation applied");
-        Ok(SubmitOutcome { kind: "revocation".into(), core: core.to_checksum(), peer: revocation.peer.to_base58() })
+        Ok(SubmitOutcome { kind: StatementKind::Revocation, core: core.to_checksum(), peer: revocation.peer.to_base58() })
     }
 
-    pub(super) fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
-        let replica = held(&mut self.cores, &core)?;
+    fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
+        let replica = held(&mut self.cores.replicas, &core)?;
         let delegation = replica
             .own_delegation()
             .cloned()
             .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
-        match replica.set(namespace, path, value, &self.keypair, &delegation) {
+        match replica.set(namespace, path, value, &self.cores.keypair, &delegation) {
             Ok(envelope) => {
                 let heads = replica.heads();
                 self.announce_applied(core, &heads);
@@ -311,27 +388,27 @@ impl EventLoop {
         self.core_summary(core)
     }
 
-    pub(super) fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
-        let replica = held(&mut self.cores, &core)?;
+    fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
+        let replica = held(&mut self.cores.replicas, &core)?;
         let value = replica.get(namespace, path).map_err(|e| CoreCommandError::InvalidInput(e.to_string()))?;
         Ok(value.unwrap_or(serde_json::Value::Null))
     }
 
-    pub(super) fn core_revocation_message(&mut self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
-        let replica = held(&mut self.cores, &core)?;
+    fn core_revocation_message(&mut self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
+        let replica = held(&mut self.cores.replicas, &core)?;
         replica
             .revocation_message(&peer, time::OffsetDateTime::now_utc())
             .map_err(|e| CoreCommandError::InvalidInput(e.to_string()))
     }
 
-    pub(super) fn core_list(&mut self) -> Vec<CoreSummary> {
-        self.cores.list().into_iter().filter_map(|core| self.core_summary(core).ok()).collect()
+    fn core_list(&mut self) -> Vec<CoreSummary> {
+        self.cores.replicas.list().into_iter().filter_map(|core| self.core_summary(core).ok()).collect()
     }
 
     fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         let topic = sync::topic(&core).hash();
         let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
-        let replica = self.cores.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
+        let replica = self.cores.replicas.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
         let mut heads: Vec<String> = replica.heads().iter().map(|h| h.to_string()).collect();
         heads.sort();
         Ok(CoreSummary {
@@ -345,10 +422,10 @@ impl EventLoop {
         })
     }
 
-    /// Announces changes that entered a core's document (nobody listening is fine).
+    /// Announces changes that entered a core's document.
     fn announce_applied(&self, core: Address, applied: &[ChangeHash]) {
-        if !applied.is_empty() && self.core_updates.receiver_count() > 0 {
-            let _ = self.core_updates.send(CoreUpdate { core, applied: applied.iter().map(|h| h.to_string()).collect() });
+        if !applied.is_empty() {
+            self.announce(NodeEvent::CoreUpdated(CoreUpdate { core, applied: applied.iter().map(|h| h.to_string()).collect() }));
         }
     }
 
@@ -369,19 +446,25 @@ impl EventLoop {
             gossipsub::Event::Message { propagation_source, message_id, message } => {
                 // The topic names the core; a message for a core we do not hold is not ours to
                 // judge, and the envelope must be for the topic's core (checked off the loop).
-                let Some(core) = self.gossip.topics.get(&message.topic).copied() else {
+                let Some(core) = self.cores.gossip.topics.get(&message.topic).copied() else {
                     self.report_gossip(&message_id, &propagation_source, MessageAcceptance::Ignore);
                     return;
                 };
-                if !self.gossip.start(message_id.clone(), propagation_source, core, message.data) {
+                if !self.cores.gossip.start(message_id.clone(), propagation_source, core, message.data) {
                     tracing::debug!(peer = %propagation_source, %core, "too many gossip messages in verification; ignoring one");
                     self.report_gossip(&message_id, &propagation_source, MessageAcceptance::Ignore);
                 }
             }
             gossipsub::Event::Subscribed { peer_id, topic } => {
-                if let Some(core) = self.gossip.topics.get(&topic).copied() {
+                if let Some(core) = self.cores.gossip.topics.get(&topic).copied() {
                     tracing::debug!(%peer_id, %core, "peer holds the same core: catching up");
-                    self.start_sync(core, peer_id);
+                    let actions = self.cores.schedule.replica_joined(core, peer_id);
+                    self.catch_up(actions);
+                }
+            }
+            gossipsub::Event::Unsubscribed { peer_id, topic } => {
+                if let Some(core) = self.cores.gossip.topics.get(&topic).copied() {
+                    self.cores.schedule.replica_left(core, &peer_id);
                 }
             }
             _ => {}
@@ -396,9 +479,9 @@ impl EventLoop {
     /// that tells gossipsub whether to forward it.
     pub(super) fn on_gossip_verified(&mut self, verdict: GossipVerdict) {
         let GossipVerdict { id, source, core, result } = verdict;
-        self.gossip.finished(&source);
+        self.cores.gossip.finished(&source);
         let outcome = match result {
-            Ok(verified) => self.cores.apply_verified(verified),
+            Ok(verified) => self.cores.replicas.apply_verified(verified),
             Err(reason) => Err(ApplyError::Rejected(reason)),
         };
         let acceptance = match outcome {
@@ -409,7 +492,7 @@ impl EventLoop {
             Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
             Ok(Accepted::MissingDeps { missing }) => {
                 tracing::debug!(%core, missing = missing.len(), "change waits for its dependencies");
-                self.missing_deps_since.entry(core).or_insert((source, Instant::now()));
+                self.cores.schedule.held_back(core, source, Instant::now());
                 MessageAcceptance::Ignore
             }
             Err(ApplyError::Rejected(reason)) => {
@@ -424,96 +507,13 @@ impl EventLoop {
         self.report_gossip(&id, &source, acceptance);
     }
 
-    /// Catches up the cores whose held-back changes still miss dependencies after the grace
-    /// period (from the peer that sent one of them, which has its dependencies).
-    pub(super) fn catch_up_missing_deps(&mut self) {
-        let due: Vec<(Address, PeerId)> = self
-            .missing_deps_since
-            .iter()
-            .filter(|(_, (_, since))| since.elapsed() >= super::MISSING_DEPS_GRACE)
-            .map(|(core, (peer, _))| (*core, *peer))
-            .collect();
-        for (core, peer) in due {
-            self.missing_deps_since.remove(&core);
-            if self.cores.get(&core).is_some_and(|r| !r.missing_deps().is_empty()) {
-                tracing::debug!(%core, %peer, "dependencies still missing: catching up");
-                self.start_sync(core, peer);
-            }
-        }
-    }
-
-    /// Starts a catch-up session for `core` with `peer`, or queues it behind the session that
-    /// is running for that core.
-    pub(super) fn start_sync(&mut self, core: Address, peer: PeerId) {
-        if let Some((running, queued)) = self.core_sync_sessions.get_mut(&core) {
-            if *running != peer && !queued.contains(&peer) {
-                queued.push_back(peer);
-            }
-            return;
-        }
-        if let Some(request) = self.cores.sync_request(&core, &peer) {
-            self.core_sync_sessions.insert(core, (peer, Default::default()));
-            self.swarm.behaviour_mut().core_sync.send_request(&peer, request);
-        }
-    }
-
-    /// A session with `peer` ended (done, failed or disconnected): start the next one queued
-    /// for the same core.
-    pub(super) fn sync_session_ended(&mut self, peer: &PeerId, core: Option<Address>) {
-        let ended: Vec<Address> = self
-            .core_sync_sessions
-            .iter()
-            .filter(|(c, (running, _))| running == peer && core.is_none_or(|core| core == **c))
-            .map(|(c, _)| *c)
-            .collect();
-        for core in ended {
-            let Some((_, mut queued)) = self.core_sync_sessions.remove(&core) else { continue };
-            while let Some(next) = queued.pop_front() {
-                if self.swarm.is_connected(&next) {
-                    if let Some(request) = self.cores.sync_request(&core, &next) {
-                        self.core_sync_sessions.insert(core, (next, queued));
-                        self.swarm.behaviour_mut().core_sync.send_request(&next, request);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    fn sync_core_with_everyone(&mut self, core: Address) {
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        for peer in peers {
-            self.start_sync(core, peer);
-        }
-    }
-
-    /// The periodic catch-up: every core with every connected peer that holds it.
-    pub(super) fn sync_all_cores(&mut self) {
-        for core in self.cores.list() {
-            let topic = sync::topic(&core).hash();
-            let peers: Vec<PeerId> = self
-                .swarm
-                .behaviour()
-                .gossipsub
-                .all_peers()
-                .filter(|(_, topics)| topics.contains(&&topic))
-                .map(|(peer, _)| *peer)
-                .collect();
-            for peer in peers {
-                self.start_sync(core, peer);
-            }
-            // Replicas we are not connected to yet are found through the DHT.
-            self.find_replicas(core);
-        }
-    }
-
-    pub(super) fn on_core_sync_event(&mut self, event: request_response::Event<kubelt_proto::core::SyncRequest, kubelt_proto::core::SyncResponse>) {
+    pub(super) fn on_core_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { mut request, channel, .. } => {
                     let now = Instant::now();
-                    let budget = self.sync_budgets.entry(peer).or_insert_with(|| SyncBudget::new(now));
-                    if !budget.take_request(now) || self.sync_work.busy() {
+                    let budget = self.cores.sync_budgets.entry(peer).or_insert_with(|| SyncBudget::new(now));
+                    if !budget.take_request(now) || self.cores.sync_work.busy() {
                         tracing::debug!(%peer, "core-sync request over the peer's budget or the node's");
                         let busy = SyncResponse {
                             core: request.core,
@@ -525,18 +525,19 @@ impl EventLoop {
                     }
                     let envelopes = std::mem::take(&mut request.changes);
                     let core = request.core.clone();
-                    self.sync_work.start(core, envelopes, move |batch| SyncWork::Request { peer, channel, request, batch });
+                    self.cores.sync_work.start(core, envelopes, move |batch| SyncWork::Request { peer, channel, request, batch });
                 }
                 request_response::Message::Response { mut response, .. } => {
                     let envelopes = std::mem::take(&mut response.changes);
                     let core = response.core.clone();
-                    self.sync_work.start(core, envelopes, move |batch| SyncWork::Response { peer, response, batch });
+                    self.cores.sync_work.start(core, envelopes, move |batch| SyncWork::Response { peer, response, batch });
                 }
             },
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "catch-up request failed: {error}");
-                self.cores.end_sync(&peer);
-                self.sync_session_ended(&peer, None);
+                self.cores.replicas.end_sync(&peer);
+                let actions = self.cores.schedule.session_ended(None, &peer);
+                self.catch_up(actions);
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "catch-up answer failed: {error}");
@@ -548,14 +549,14 @@ impl EventLoop {
     /// A catch-up message came back from verification: answer the request, or go on with
     /// the session.
     pub(super) fn on_sync_verified(&mut self, work: SyncWork) {
-        self.sync_work.in_flight = self.sync_work.in_flight.saturating_sub(1);
+        self.cores.sync_work.in_flight = self.cores.sync_work.in_flight.saturating_sub(1);
         match work {
             SyncWork::Request { peer, channel, request, batch } => {
                 let response = match batch {
-                    Ok(batch) => self.cores.handle_verified_sync_request(request, batch, &peer),
+                    Ok(batch) => self.cores.replicas.handle_verified_sync_request(request, batch, &peer),
                     Err(reason) => SyncResponse { core: request.core, error: reason.to_string(), ..Default::default() },
                 };
-                if let Some(budget) = self.sync_budgets.get_mut(&peer) {
+                if let Some(budget) = self.cores.sync_budgets.get_mut(&peer) {
                     budget.charge(response.encoded_len());
                 }
                 let _ = self.swarm.behaviour_mut().core_sync.send_response(channel, response);
@@ -563,9 +564,9 @@ impl EventLoop {
             SyncWork::Response { peer, response, batch } => {
                 let core = Address::parse(&response.core).ok();
                 let step = match batch {
-                    Ok(batch) => self.cores.handle_verified_sync_response(response, batch, &peer),
+                    Ok(batch) => self.cores.replicas.handle_verified_sync_response(response, batch, &peer),
                     Err(reason) => {
-                        self.cores.end_sync(&peer);
+                        self.cores.replicas.end_sync(&peer);
                         crate::core::SyncStep::failed(reason.to_string())
                     }
                 };
@@ -585,7 +586,10 @@ impl EventLoop {
                     Some(next) => {
                         self.swarm.behaviour_mut().core_sync.send_request(&peer, next);
                     }
-                    None => self.sync_session_ended(&peer, core),
+                    None => {
+                        let actions = self.cores.schedule.session_ended(core, &peer);
+                        self.catch_up(actions);
+                    }
                 }
             }
         }

@@ -1,0 +1,172 @@
+//! The core replicas a node holds: [`CoresClient`], the `cores` sub-handle of the [`Client`].
+
+use kubelt_proto::core::OwnerStatement;
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::{Client, Command, NodeError};
+use crate::core::Address;
+
+/// A request to the event loop's cores part.
+#[derive(Debug)]
+pub(crate) enum CoreCommand {
+    Follow { core: Address, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
+    Submit { statement: OwnerStatement, reply: oneshot::Sender<Result<SubmitOutcome, CoreCommandError>> },
+    Set {
+        core: Address,
+        namespace: String,
+        path: String,
+        value: serde_json::Value,
+        reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>>,
+    },
+    Get {
+        core: Address,
+        namespace: String,
+        path: String,
+        reply: oneshot::Sender<Result<serde_json::Value, CoreCommandError>>,
+    },
+    List { reply: oneshot::Sender<Vec<CoreSummary>> },
+    RevocationMessage { core: Address, peer: PeerId, reply: oneshot::Sender<Result<String, CoreCommandError>> },
+}
+
+/// A core held by this node, as `kubelt core ls` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct CoreSummary {
+    /// The owner's address, EIP-55 checksummed.
+    pub address: String,
+    /// Current heads (hex change hashes), sorted.
+    pub heads: Vec<String>,
+    /// Changes in the document.
+    pub changes: usize,
+    /// Changes held back for missing dependencies.
+    pub pending: usize,
+    /// Other peers known to hold this core (subscribed to its topic).
+    pub replicas: usize,
+    /// Whether this node holds a delegation to write.
+    pub writable: bool,
+    /// Top-level namespaces of the document.
+    pub namespaces: Vec<String>,
+}
+
+/// Which kind of owner statement was submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum StatementKind {
+    /// The owner lets a node's key write the core.
+    Delegation,
+    /// The owner takes a node's key's right back.
+    Revocation,
+}
+
+impl std::fmt::Display for StatementKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StatementKind::Delegation => "delegation",
+            StatementKind::Revocation => "revocation",
+        })
+    }
+}
+
+/// What a submitted owner statement did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitOutcome {
+    pub kind: StatementKind,
+    /// The core, EIP-55 checksummed.
+    pub core: String,
+    /// The node key the statement names.
+    pub peer: String,
+}
+
+/// Changes that entered a core's document on this node (local writes, gossip, catch-up).
+#[derive(Debug, Clone)]
+pub struct CoreUpdate {
+    pub core: Address,
+    /// Hex hashes of the changes applied, in order.
+    pub applied: Vec<String>,
+}
+
+/// Why a core command failed. Each case is its own variant, so that callers (the JSON-RPC API,
+/// apps) can tell "not held" from "revoked" from "bad input"; the message says what to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreCommandError {
+    /// This node does not hold the core.
+    #[error("this node does not hold core {0} (follow it, or submit a delegation)")]
+    NotHeld(String),
+    /// This node holds the core but has no delegation to write it.
+    #[error("this node has no delegation to write to core {0}")]
+    NotWritable(String),
+    /// The owner revoked this node's key: it may no longer write the core.
+    #[error("this node's key was revoked by the owner of core {0}")]
+    Revoked(String),
+    /// The owner statement is not a valid delegation or revocation.
+    #[error("not a valid {kind}: {reason}")]
+    InvalidStatement {
+        /// What the statement claimed to be.
+        kind: StatementKind,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The delegation authorizes another node's key.
+    #[error("this delegation authorizes peer {delegated}, not this node ({this}): submit it on that node")]
+    OtherNode {
+        /// The key the delegation names.
+        delegated: String,
+        /// This node's peer id.
+        this: String,
+    },
+    /// The namespace, path or value is not acceptable.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The write would break the core's rules (e.g. a namespace the delegation does not cover).
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// The core replicas of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct CoresClient<'a>(pub(super) &'a Client);
+
+impl CoresClient<'_> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, CoreCommandError>>) -> CoreCommand) -> Result<T, CoreCommandError> {
+        self.0.ask(|reply| Command::Cores(make(reply))).await.map_err(|_| CoreCommandError::Stopped)?
+    }
+
+    /// Holds a replica of a core without write rights.
+    pub async fn follow(&self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Follow { core, reply }).await
+    }
+
+    /// Verifies and applies an owner-signed delegation (for this node) or revocation.
+    pub async fn submit(&self, statement: OwnerStatement) -> Result<SubmitOutcome, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Submit { statement, reply }).await
+    }
+
+    /// Writes a JSON value at `namespace/path`; returns once the change is on disk.
+    pub async fn set(&self, core: Address, namespace: String, path: String, value: serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Set { core, namespace, path, value, reply }).await
+    }
+
+    /// Reads the JSON value at `namespace/path` (`path` empty: the whole namespace).
+    pub async fn get(&self, core: Address, namespace: String, path: String) -> Result<serde_json::Value, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Get { core, namespace, path, reply }).await
+    }
+
+    /// The revocation text for the owner to sign: it keeps the changes `peer` made so far.
+    pub async fn revocation_message(&self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
+        self.ask(|reply| CoreCommand::RevocationMessage { core, peer, reply }).await
+    }
+
+    /// The cores held.
+    pub async fn list(&self) -> Result<Vec<CoreSummary>, NodeError> {
+        self.0.ask(|reply| Command::Cores(CoreCommand::List { reply })).await
+    }
+}

@@ -1,0 +1,175 @@
+//! The handle through which everything outside the event loop talks to the swarm.
+//!
+//! One [`Client`] per node, cheap to clone. Node-wide questions (`info`, `status`) are asked on
+//! it directly; each domain has its own sub-handle with its own commands and errors, in the
+//! shape of iroh-blobs' `store.blobs()`/`store.tags()`:
+//! [`net()`](Client::net) (peers and connections), [`content()`](Client::content) (bitswap
+//! and provider records) and [`cores()`](Client::cores) (replicas of cores). What happens in
+//! the node without being asked (peers coming and going, core changes arriving) is on the
+//! [`events()`](Client::events) stream.
+//!
+//! Adding a domain (messaging, apps) means a file here with its command enum and handle, one
+//! variant in [`Command`] and one accessor on [`Client`].
+
+mod content;
+mod cores;
+mod net;
+
+pub use content::ContentClient;
+pub(crate) use content::ContentCommand;
+pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, StatementKind, SubmitOutcome};
+pub(crate) use cores::CoreCommand;
+pub use net::{ConnectError, NetClient, PeerInfo};
+pub(crate) use net::NetCommand;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::bitswap::Stats as BitswapStats;
+
+/// A request to the event loop, by domain; each carries the channel its answer goes back on.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Who this node is and where it listens.
+    Info { reply: oneshot::Sender<NodeInfo> },
+    /// Counters for `kubelt status`.
+    Status { reply: oneshot::Sender<NodeStatus> },
+    Net(NetCommand),
+    Content(ContentCommand),
+    Cores(CoreCommand),
+}
+
+/// What happened in the node without anyone asking: for API subscriptions, tests and
+/// benchmarks. A subscriber that falls more than a few thousand events behind gets `Lagged`
+/// and should re-read what it follows.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// Changes entered a core's document on this node (local writes, gossip, catch-up).
+    CoreUpdated(CoreUpdate),
+    /// The first connection with a peer opened.
+    PeerConnected { peer: libp2p::PeerId },
+    /// The last connection with a peer closed.
+    PeerDisconnected { peer: libp2p::PeerId },
+}
+
+/// Who this node is and where it listens.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInfo {
+    pub peer_id: String,
+    /// Listen addresses, each ending in `/p2p/<peer id>` so they can be given to `--peer`.
+    pub addresses: Vec<String>,
+    pub agent_version: String,
+    /// Every protocol the node speaks, as announced over identify.
+    pub protocols: Vec<String>,
+}
+
+/// Counters and sizes for `kubelt status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub peer_id: String,
+    pub agent_version: String,
+    pub uptime_secs: u64,
+    pub connected_peers: usize,
+    pub routing_table_peers: usize,
+    pub known_peers: usize,
+    pub dht_mode: String,
+    pub bootstraps_completed: u64,
+    pub connections_established: u64,
+    pub connections_closed: u64,
+    pub bitswap: BitswapStatus,
+}
+
+/// Bitswap counters for `kubelt status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitswapStatus {
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    pub blocks_received: u64,
+    pub bytes_received: u64,
+    pub duplicate_blocks: u64,
+    pub wantlist_size: usize,
+}
+
+impl BitswapStatus {
+    pub(crate) fn new(stats: BitswapStats, wantlist_size: usize) -> Self {
+        BitswapStatus {
+            blocks_sent: stats.blocks_sent,
+            bytes_sent: stats.block_bytes_sent,
+            blocks_received: stats.blocks_received,
+            bytes_received: stats.block_bytes_received,
+            duplicate_blocks: stats.dup_blocks,
+            wantlist_size,
+        }
+    }
+}
+
+/// Errors of the client itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("the node has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+/// A cheap, cloneable handle to a running node.
+#[derive(Debug, Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl Client {
+    pub(crate) fn new(commands: mpsc::Sender<Command>, events: broadcast::Sender<NodeEvent>) -> Self {
+        Client { commands, events }
+    }
+
+    /// Peers and connections.
+    pub fn net(&self) -> NetClient<'_> {
+        NetClient(self)
+    }
+
+    /// Blocks over bitswap and provider records.
+    pub fn content(&self) -> ContentClient<'_> {
+        ContentClient(self)
+    }
+
+    /// The core replicas this node holds.
+    pub fn cores(&self) -> CoresClient<'_> {
+        CoresClient(self)
+    }
+
+    /// Everything that happens in the node from now on (see [`NodeEvent`]).
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// This node's peer id, addresses and protocols.
+    pub async fn info(&self) -> Result<NodeInfo, NodeError> {
+        self.ask(|reply| Command::Info { reply }).await
+    }
+
+    /// Counters for `kubelt status`.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Sends a command and waits for its answer.
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Sends a command that has no answer.
+    pub(crate) async fn tell(&self, command: Command) -> Result<(), NodeError> {
+        self.commands.send(command).await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Sends a command without waiting, dropping it if the queue is full (best effort).
+    pub(crate) fn try_tell(&self, command: Command) {
+        let _ = self.commands.try_send(command);
+    }
+}

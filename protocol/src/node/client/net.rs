@@ -1,0 +1,81 @@
+//! Peers and connections: [`NetClient`], the `net` sub-handle of the [`Client`].
+
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::{Client, Command, NodeError};
+
+/// A request to the event loop's network part.
+#[derive(Debug)]
+pub(crate) enum NetCommand {
+    Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
+    RoutingTable { reply: oneshot::Sender<Vec<PeerInfo>> },
+    Connect { addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, ConnectError>> },
+    /// Close every connection with the peer and refuse new ones (`blocked: false` lifts it).
+    Block { peer: PeerId, blocked: bool, reply: oneshot::Sender<()> },
+}
+
+/// A peer as seen by this node.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    /// The peer's agent version, once identify has told it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Wanted blocks this node received from the peer over bitswap since it connected (only
+    /// for connected peers): shows which peers served a fetch, Kubo's as well as ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks_received: Option<u64>,
+}
+
+/// Why a `connect` failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("dial of {addr} failed: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    #[error("connecting to {0} timed out")]
+    Timeout(Multiaddr),
+}
+
+/// Peers and connections of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct NetClient<'a>(pub(super) &'a Client);
+
+impl NetClient<'_> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> NetCommand) -> Result<T, NodeError> {
+        self.0.ask(|reply| Command::Net(make(reply))).await
+    }
+
+    /// Peers with an open connection.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.ask(|reply| NetCommand::Peers { reply }).await
+    }
+
+    /// Peers in the Kademlia routing table.
+    pub async fn routing_table(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.ask(|reply| NetCommand::RoutingTable { reply }).await
+    }
+
+    /// Dials an address and waits until the connection is up.
+    pub async fn connect(&self, addr: Multiaddr) -> Result<PeerId, NodeError> {
+        Ok(self.ask(|reply| NetCommand::Connect { addr, reply }).await??)
+    }
+
+    /// Closes every connection with `peer` and refuses new ones, dialed or incoming, until
+    /// [`unblock_peer`](Self::unblock_peer): how tests cut a network in two while every node
+    /// keeps running. Returns once new connections are refused; open ones close as the swarm
+    /// next runs.
+    pub async fn block_peer(&self, peer: PeerId) -> Result<(), NodeError> {
+        self.ask(|reply| NetCommand::Block { peer, blocked: true, reply }).await
+    }
+
+    /// Lifts a [`block_peer`](Self::block_peer). Nothing is dialed here: the node reconnects
+    /// as it always does (the maintenance tick dials known peers, core lookups dial replicas),
+    /// and catch-up runs once the peer is back.
+    pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NodeError> {
+        self.ask(|reply| NetCommand::Block { peer, blocked: false, reply }).await
+    }
+}

@@ -1,0 +1,426 @@
+//! The event loop's network part: connections, the peer book, identify, ping and Kademlia
+//! upkeep, and the node-wide `info`/`status` answers.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{identify, kad, ping, Multiaddr, PeerId};
+use tokio::sync::oneshot;
+
+use super::EventLoop;
+use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo};
+use crate::node::peers::{PeerBook, MAX_KNOWN_PEERS};
+use crate::store::Store;
+use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
+
+/// Most dials the maintenance tick starts at once.
+const MAX_DIALS_PER_TICK: usize = 8;
+
+/// What the event loop knows about peers and connections.
+pub(super) struct Net {
+    peer_book: PeerBook,
+    /// `connect` calls waiting for their dial to finish.
+    pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
+    /// Open connections per peer, with the remote address of each.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
+    /// Agent versions learned over identify (connected peers only).
+    agents: HashMap<PeerId, String>,
+    started: Instant,
+    bootstraps_completed: u64,
+    connections_established: u64,
+    connections_closed: u64,
+}
+
+impl Net {
+    pub(super) fn new(store: Store) -> Self {
+        Net {
+            peer_book: PeerBook::new(store),
+            pending_connects: HashMap::new(),
+            connections: HashMap::new(),
+            agents: HashMap::new(),
+            started: Instant::now(),
+            bootstraps_completed: 0,
+            connections_established: 0,
+            connections_closed: 0,
+        }
+    }
+
+    /// Whether `peer` has an open connection.
+    pub(super) fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connections.contains_key(peer)
+    }
+
+    /// The addresses remembered for `peer`.
+    pub(super) fn known_addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peer_book.get(peer).ok().flatten().map(|p| p.addresses).unwrap_or_default()
+    }
+}
+
+impl EventLoop {
+    pub(super) fn on_net_command(&mut self, command: NetCommand) {
+        match command {
+            NetCommand::Peers { reply } => {
+                let peers = self
+                    .net
+                    .connections
+                    .iter()
+                    .map(|(peer, conns)| PeerInfo {
+                        peer_id: peer.to_base58(),
+                        addresses: conns.iter().map(|(_, a)| a.to_string()).collect(),
+                        agent_version: self.net.agents.get(peer).cloned(),
+                        blocks_received: Some(self.content.blocks_from(peer)),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            NetCommand::RoutingTable { reply } => {
+                let mut peers = Vec::new();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    for entry in bucket.iter() {
+                        let peer = *entry.node.key.preimage();
+                        peers.push(PeerInfo {
+                            peer_id: peer.to_base58(),
+                            addresses: entry.node.value.iter().map(|a| a.to_string()).collect(),
+                            agent_version: self.net.agents.get(&peer).cloned(),
+                            blocks_received: None,
+                        });
+                    }
+                }
+                let _ = reply.send(peers);
+            }
+            NetCommand::Connect { addr, reply } => self.connect(addr, reply),
+            NetCommand::Block { peer, blocked, reply } => {
+                let list = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    list.block_peer(peer);
+                } else {
+                    list.unblock_peer(peer);
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Dials the bootstrap peers and the peers remembered from earlier runs.
+    pub(super) fn join_network(&mut self) {
+        for addr in self.config.bootstrap_peers.clone() {
+            if let Some(peer_id) = peer_id_of(&addr) {
+                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
+            }
+        }
+        match self.net.peer_book.all() {
+            Ok(known) => {
+                tracing::info!("{} peers remembered from earlier runs", known.len());
+                for peer in &known {
+                    for addr in &peer.addresses {
+                        self.swarm.behaviour_mut().kad.add_address(&peer.peer_id, addr.clone());
+                    }
+                }
+                for peer in known.into_iter().take(self.config.target_peers) {
+                    self.dial_known(peer.peer_id, peer.addresses);
+                }
+            }
+            Err(e) => tracing::warn!("cannot read remembered peers: {e}"),
+        }
+        if let Ok(query) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!(?query, "kademlia bootstrap started");
+        }
+    }
+
+    /// Dials `peer` unless connected or being dialed, at `addresses` and whatever the
+    /// behaviours know (Kademlia's routing table, providers of a lookup still running).
+    pub(super) fn dial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
+        let opts = DialOpts::peer_id(peer_id)
+            .addresses(addresses)
+            .extend_addresses_through_behaviour()
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer_id, "not dialing: {e}");
+        }
+    }
+
+    /// Dials peers found by a lookup (providers of a block, replicas of a core) that are not
+    /// connected yet.
+    pub(super) fn dial_found(&mut self, found: impl IntoIterator<Item = PeerId>) -> usize {
+        let local = *self.swarm.local_peer_id();
+        let mut dialed = 0;
+        for peer in found {
+            if peer == local || self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let addresses = self.net.known_addresses(&peer);
+            self.dial_known(peer, addresses);
+            dialed += 1;
+        }
+        dialed
+    }
+
+    /// Keeps the node connected: dials routing-table and remembered peers while below the
+    /// target, and goes back to the bootstrap peers when it has lost everyone.
+    pub(super) fn maintain_connections(&mut self) {
+        match self.net.peer_book.prune(MAX_KNOWN_PEERS) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(forgotten = n, "peer book pruned to the most recently seen peers"),
+            Err(e) => tracing::warn!("cannot prune the peer book: {e}"),
+        }
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.config.target_peers {
+            return;
+        }
+        if connected == 0 && !self.config.bootstrap_peers.is_empty() {
+            for addr in self.config.bootstrap_peers.clone() {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+        let local = *self.swarm.local_peer_id();
+        let mut candidates: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                candidates.push((*entry.node.key.preimage(), entry.node.value.iter().cloned().collect()));
+            }
+        }
+        let wanted = (self.config.target_peers - connected).min(MAX_DIALS_PER_TICK);
+        let to_dial: Vec<_> = candidates
+            .into_iter()
+            .filter(|(peer, _)| *peer != local && !self.swarm.is_connected(peer))
+            .take(wanted)
+            .collect();
+        for (peer, addresses) in to_dial {
+            self.dial_known(peer, addresses);
+        }
+    }
+
+    fn connect(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, ConnectError>>) {
+        let opts = match peer_id_of(&addr) {
+            Some(peer) if self.swarm.is_connected(&peer) => {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+            Some(peer) => DialOpts::peer_id(peer).addresses(vec![addr.clone()]).condition(PeerCondition::Always).build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        let connection_id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.net.pending_connects.insert(connection_id, (addr, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ConnectError::Dial { addr, reason: e.to_string() }));
+            }
+        }
+    }
+
+    pub(super) fn info(&self) -> NodeInfo {
+        let local = *self.swarm.local_peer_id();
+        NodeInfo {
+            peer_id: local.to_base58(),
+            addresses: self.swarm.listeners().map(|a| with_peer_id(a.clone(), local).to_string()).collect(),
+            agent_version: swarm::agent_version(),
+            protocols: swarm::protocols(),
+        }
+    }
+
+    pub(super) fn status(&mut self) -> NodeStatus {
+        let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+        let dht_mode = self.swarm.behaviour_mut().kad.mode().to_string();
+        let bitswap = &self.swarm.behaviour().bitswap;
+        NodeStatus {
+            peer_id: self.swarm.local_peer_id().to_base58(),
+            agent_version: swarm::agent_version(),
+            uptime_secs: self.net.started.elapsed().as_secs(),
+            connected_peers: self.net.connections.len(),
+            routing_table_peers,
+            known_peers: self.net.peer_book.all().map(|p| p.len()).unwrap_or(0),
+            dht_mode,
+            bootstraps_completed: self.net.bootstraps_completed,
+            connections_established: self.net.connections_established,
+            connections_closed: self.net.connections_closed,
+            bitswap: BitswapStatus::new(bitswap.stats(), bitswap.wantlist().len()),
+        }
+    }
+
+    /// A concrete listen address is also an address others can use: it goes into identify and
+    /// into our provider records (no AutoNAT here to confirm addresses from outside).
+    pub(super) fn on_new_listen_addr(&mut self, address: Multiaddr) {
+        tracing::info!("listening on {}", with_peer_id(address.clone(), *self.swarm.local_peer_id()));
+        if !is_unspecified(&address) && !matches!(address.iter().next(), Some(Protocol::Memory(_))) {
+            self.swarm.add_external_address(address);
+        }
+    }
+
+    /// Swarm events that are not a behaviour's: listeners and connections.
+    pub(super) fn on_connection_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                self.net.connections_established += 1;
+                let remote = endpoint.get_remote_address().clone();
+                self.net.connections.entry(peer_id).or_default().push((connection_id, remote.clone()));
+                if endpoint.is_dialer() {
+                    if let Err(e) = self.net.peer_book.remember(peer_id, [strip_peer_id(remote.clone())]) {
+                        tracing::warn!("cannot remember peer {peer_id}: {e}");
+                    }
+                }
+                if let Some((_, reply)) = self.net.pending_connects.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(%peer_id, %remote, "peer connected");
+                    self.core_peer_connected(peer_id);
+                    self.announce(NodeEvent::PeerConnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                self.net.connections_closed += 1;
+                if let Some(conns) = self.net.connections.get_mut(&peer_id) {
+                    conns.retain(|(id, _)| *id != connection_id);
+                }
+                if num_established == 0 {
+                    self.net.connections.remove(&peer_id);
+                    self.net.agents.remove(&peer_id);
+                    let cause = cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into());
+                    tracing::info!(%peer_id, %cause, "peer disconnected");
+                    self.on_peer_gone(peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+                tracing::debug!(?peer_id, "dial failed: {error}");
+                if let Some((addr, reply)) = self.net.pending_connects.remove(&connection_id) {
+                    let _ = reply.send(Err(ConnectError::Dial { addr, reason: error.to_string() }));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_identify_event(&mut self, event: identify::Event) {
+        let identify::Event::Received { peer_id, info, connection_id } = event else { return };
+        self.net.agents.insert(peer_id, info.agent_version.clone());
+        let remote = self
+            .net
+            .connections
+            .get(&peer_id)
+            .and_then(|c| c.iter().find(|(id, _)| *id == connection_id))
+            .map(|(_, a)| a.clone());
+        let addrs = dialable_addresses(remote.as_ref(), info.listen_addrs);
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            for addr in &addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+            }
+        }
+        if info.agent_version.starts_with("kubelt/") && !addrs.is_empty() {
+            if let Err(e) = self.net.peer_book.remember(peer_id, addrs) {
+                tracing::warn!("cannot remember peer {peer_id}: {e}");
+            }
+        }
+    }
+
+    pub(super) fn on_ping_event(&mut self, event: ping::Event) {
+        if let ping::Event { peer, connection, result: Err(error) } = event {
+            // A connection that no longer answers pings is dead (the peer vanished, or a
+            // partition): close it, so the peer counts are true and reconnecting, which
+            // triggers catch-up, can happen.
+            tracing::info!(%peer, "closing a connection that stopped answering pings: {error}");
+            self.swarm.close_connection(connection);
+        }
+    }
+
+    pub(super) fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => self.on_query_progressed(id, result, step.last),
+            kad::Event::RoutingUpdated { peer, is_new_peer: true, .. } => {
+                tracing::debug!(%peer, "added to the routing table");
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_bootstrap_progressed(&mut self, result: kad::BootstrapResult, last: bool) {
+        match result {
+            Ok(ok) if last || ok.num_remaining == 0 => {
+                self.net.bootstraps_completed += 1;
+                let size: usize = self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+                tracing::info!(routing_table = size, "bootstrap done");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("bootstrap failed: {e}"),
+        }
+    }
+}
+
+/// The `/p2p/<id>` at the end of an address, if any.
+pub(super) fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    if peer_id_of(&addr).is_some() {
+        addr
+    } else {
+        addr.with(Protocol::P2p(peer))
+    }
+}
+
+fn strip_peer_id(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// The listen addresses a peer announced that are worth dialing from here: a peer we reach
+/// over a real network gains nothing from its loopback addresses.
+fn dialable_addresses(remote: Option<&Multiaddr>, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
+    let remote_is_loopback = remote.map(is_loopback).unwrap_or(true);
+    announced
+        .into_iter()
+        .filter(|a| !is_unspecified(a))
+        .filter(|a| remote_is_loopback || !is_loopback(a))
+        .map(strip_peer_id)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_addresses_of_remote_peers_are_not_dialed() {
+        let remote: Multiaddr = "/ip4/10.0.0.2/tcp/4001".parse().unwrap();
+        let announced = vec![
+            "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
+            "/ip4/10.0.0.2/tcp/4001".parse().unwrap(),
+            "/ip4/0.0.0.0/tcp/4001".parse().unwrap(),
+        ];
+        let kept = dialable_addresses(Some(&remote), announced.clone());
+        assert_eq!(kept, vec![announced[1].clone()]);
+        let local: Multiaddr = "/ip4/127.0.0.1/tcp/5".parse().unwrap();
+        assert_eq!(dialable_addresses(Some(&local), announced).len(), 2);
+    }
+}
