@@ -109,6 +109,8 @@ pub struct Behaviour {
     pub bitswap: bitswap::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
+    /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
+    pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
 }
 
 /// Errors building the swarm.
@@ -197,5 +199,6 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
         gossipsub: sync::gossipsub(key)?,
         core_sync: sync::core_sync(),
+        msg: crate::msg::behaviour(),
     })
 }

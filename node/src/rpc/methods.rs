@@ -209,7 +209,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs one method.
 pub async fn dispatch(state: &ApiState, method: &str, params: Value) -> Result<Value, RpcError> {
-    let Some(doc) = METHODS.iter().find(|m| m.name == method) else {
+    let Some(doc) = all_methods().find(|m| m.name == method) else {
         return Err(RpcError::new(code::METHOD_NOT_FOUND, format!("method not found: {method}")));
     };
     let params = named_params(doc, params)?;
@@ -232,8 +232,14 @@ pub async fn dispatch(state: &ApiState, method: &str, params: Value) -> Result<V
         | "pin_ls" | "repo_gc" | "dag_export" | "dag_import" => super::content::dispatch(state, method, params).await,
         "core_follow" | "core_submit" | "core_set" | "core_get" | "core_ls" | "core_heads" | "core_delegationMessage"
         | "core_revocationMessage" => super::core::dispatch(state, method, params).await,
+        m if m.starts_with("msg_") => super::msg::dispatch(state, method, params).await,
         _ => Err(RpcError::new(code::INTERNAL_ERROR, format!("method {method} is described but not implemented"))),
     }
+}
+
+/// Every method: the table above and each domain's own.
+pub fn all_methods() -> impl Iterator<Item = &'static MethodDoc> {
+    METHODS.iter().chain(super::msg::METHODS)
 }
 
 pub(super) fn to_value(value: impl serde::Serialize) -> Result<Value, RpcError> {
@@ -286,8 +292,7 @@ where
 
 /// The OpenRPC 1.2 document of this API.
 pub fn openrpc_document() -> Value {
-    let methods: Vec<Value> = METHODS
-        .iter()
+    let methods: Vec<Value> = all_methods()
         .map(|m| {
             let params: Vec<Value> = m
                 .params
@@ -330,7 +335,7 @@ mod tests {
 
     #[test]
     fn every_schema_in_the_table_is_valid_json() {
-        for m in METHODS {
+        for m in all_methods() {
             assert!(serde_json::from_str::<Value>(m.result).is_ok(), "{}", m.name);
             for p in m.params {
                 assert!(serde_json::from_str::<Value>(p.schema).is_ok(), "{}.{}", m.name, p.name);

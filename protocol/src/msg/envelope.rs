@@ -222,7 +222,7 @@ pub fn recipient_hint(envelope: &Envelope) -> Result<Address, Refused> {
 
 /// Checks a received envelope (see the module doc for the order). `max_age_ms` bounds how old
 /// a message may be. CPU-bound (signature, ECDSA recovery): call it off the event loop.
-pub fn verify(envelope: Envelope, delegations: &Delegations, now_ms: i64, max_age_ms: i64) -> Result<Verified, Refused> {
+pub(crate) fn verify(envelope: Envelope, delegations: &Delegations, now_ms: i64, max_age_ms: i64) -> Result<Verified, Refused> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify_inner(envelope, delegations, now_ms, max_age_ms)))
         .unwrap_or_else(|_| Err(Refused::Malformed("verification panicked".into())))
 }

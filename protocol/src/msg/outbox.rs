@@ -74,6 +74,11 @@ impl Outbox {
         self.waiting.is_empty()
     }
 
+    /// The recipients of the waiting messages.
+    pub fn recipients(&self) -> HashSet<Address> {
+        self.waiting.values().map(|w| w.to).collect()
+    }
+
     /// The recipient of a waiting message.
     pub fn recipient(&self, id: &MessageId) -> Option<Address> {
         self.waiting.get(id).map(|w| w.to)

@@ -667,11 +667,9 @@ impl EventLoop {
         if self.msg.outbox.is_empty() {
             return;
         }
-        let hosts: HashMap<Address, Vec<PeerId>> = HashMap::new();
-        let hosts = std::cell::RefCell::new(hosts);
-        let plan = self.msg.outbox.plan(now, now_ms(), self.msg.config.outbox_expiry, |core| {
-            hosts.borrow_mut().entry(*core).or_insert_with(|| self.msg_hosts_online(core)).clone()
-        });
+        let hosts: HashMap<Address, Vec<PeerId>> = self.msg.outbox.recipients().into_iter().map(|core| (core, self.msg_hosts_online(&core))).collect();
+        let expiry = self.msg.config.outbox_expiry;
+        let plan = self.msg.outbox.plan(now, now_ms(), expiry, |core| hosts.get(core).cloned().unwrap_or_default());
         for (peer, batch) in plan.sends {
             let (ids, envelopes): (Vec<MessageId>, Vec<Envelope>) = batch.into_iter().unzip();
             self.msg_send_request(peer, envelopes, Outbound::Outbox(ids));
