@@ -82,11 +82,16 @@ impl fmt::Debug for MessageId {
     }
 }
 
+/// A string that is not a message id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a message id is 32 hex digits: {0}")]
+pub struct BadMessageId(String);
+
 impl FromStr for MessageId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bytes = hex::decode(s.trim()).map_err(|e| format!("a message id is 32 hex digits: {e}"))?;
-        MessageId::from_slice(&bytes).ok_or_else(|| format!("a message id is 32 hex digits, not {}", s.trim().len()))
+    type Err = BadMessageId;
+    fn from_str(s: &str) -> Result<Self, BadMessageId> {
+        let bytes = hex::decode(s.trim()).map_err(|e| BadMessageId(e.to_string()))?;
+        MessageId::from_slice(&bytes).ok_or_else(|| BadMessageId(format!("got {} digits", s.trim().len())))
     }
 }
 

@@ -329,12 +329,13 @@ impl EventLoop {
     }
 
     fn msg_read(&mut self, id: MessageId) -> Result<RawMessages, MsgError> {
-        let (core, entry) = self.msg.inboxes.entry(&id).ok_or_else(|| MsgError::NotFound(id.to_string()))?;
+        let (core, mut entry) = self.msg.inboxes.entry(&id).ok_or_else(|| MsgError::NotFound(id.to_string()))?;
         let stored = self.msg.inboxes.stored(&self.store, &id).map_err(storage)?.ok_or_else(|| MsgError::NotFound(id.to_string()))?;
         let envelope = Envelope::decode(stored.envelope.as_slice()).map_err(storage)?;
         if let Some(write) = self.msg.inboxes.mark_read(&id, &stored) {
             self.msg.write(vec![write], Waiter::Nothing);
         }
+        entry.read = true;
         Ok(RawMessages { device: self.msg.device.clone(), messages: vec![(id, core, entry, envelope)] })
     }
 
