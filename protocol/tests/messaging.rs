@@ -27,11 +27,13 @@ struct TestNode {
     path: PathBuf,
     port: u64,
     node: Option<Node>,
+    /// Messaging limits, when not the defaults.
+    msg_config: Option<kubelt_protocol::msg::Config>,
 }
 
 impl TestNode {
     async fn start(dir: &Path, name: &str, port: u64) -> anyhow::Result<TestNode> {
-        let mut n = TestNode { keypair: Keypair::generate_ed25519(), path: dir.join(name), port: port - 100, node: None };
+        let mut n = TestNode { keypair: Keypair::generate_ed25519(), path: dir.join(name), port: port - 100, node: None, msg_config: None };
         n.restart().await?;
         Ok(n)
     }
@@ -42,6 +44,7 @@ impl TestNode {
         let config = Config {
             listen: vec![format!("/memory/{}", self.port).parse()?],
             maintenance_interval: Duration::from_millis(200),
+            msg: self.msg_config.clone().unwrap_or_default(),
             ..Config::default()
         };
         self.node = Some(Node::start(self.keypair.clone(), Store::open(&self.path)?, config).await?);
@@ -255,4 +258,130 @@ fn grep_dir(dir: &Path, needle: &[u8]) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(found)
+}
+
+/// Sends one delivery request from the attacker's swarm and waits for the answer.
+async fn deliver(attacker: &mut Swarm<Behaviour>, to: PeerId, envelopes: Vec<Envelope>) -> anyhow::Result<MsgResponse> {
+    let request = MsgRequest { kind: Some(msg_request::Kind::Deliver(Deliver { envelopes })) };
+    let id = attacker.behaviour_mut().msg.send_request(&to, request);
+    let deadline = tokio::time::sleep(WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => anyhow::bail!("no answer to the delivery request"),
+            event = attacker.select_next_some() => match event {
+                SwarmEvent::Behaviour(BehaviourEvent::Msg(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response }, ..
+                })) if request_id == id => return Ok(response),
+                SwarmEvent::Behaviour(BehaviourEvent::Msg(request_response::Event::OutboundFailure { request_id, error, .. })) if request_id == id => {
+                    anyhow::bail!("the delivery request failed: {error}")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn statuses(response: &MsgResponse) -> Vec<(outcome::Status, String)> {
+    response.outcomes.iter().map(|o| (o.status(), o.reason.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_revoked_misaddressed_malformed_oversized_and_flooding_messages_are_refused_and_the_node_goes_on() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let port = base_port();
+    let (alice, bob) = (DevWallet::random(), DevWallet::random());
+    let sender = TestNode::start(dir.path(), "sender", port).await?;
+    let mut device = TestNode { keypair: Keypair::generate_ed25519(), path: dir.path().join("device"), port: port + 1 - 100, node: None, msg_config: None };
+    device.msg_config = Some(kubelt_protocol::msg::Config::default().with_rate_per_sender(1.0, 20.0));
+    device.restart().await?;
+    sender.delegate(&alice).await?;
+    device.delegate(&bob).await?;
+    // The device also holds the sender's core: it learns revocations of alice's keys.
+    device.node().client.cores().follow(alice.address()).await?;
+    sender.connect(&device).await?;
+    let before = sender.node().client.msg().send(alice.address(), bob.address(), b"before the attack".to_vec(), Duration::from_secs(10)).await?;
+    assert!(before.delivered);
+
+    // The attacker holds a real delegation of alice's core for its own key.
+    let attacker_key = Keypair::generate_ed25519();
+    let attacker_peer = attacker_key.public().to_peer_id();
+    let attacker_delegation = alice.delegate(&attacker_peer, &["*"], Duration::from_secs(3600), time::OffsetDateTime::now_utc())?;
+    let sender_delegation = alice.delegate(&sender.peer_id(), &["*"], Duration::from_secs(3600), time::OffsetDateTime::now_utc())?;
+    let bob_device = kubelt_protocol::msg::DeviceKey::from_keypair(&device.keypair)?.public();
+    let now = || i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let seal = |delegation: &kubelt_proto::core::OwnerStatement, to: Address, text: &[u8]| {
+        envelope::seal(&attacker_key, delegation, &alice.address(), &to, text, &[bob_device], now()).map(|(_, e)| e)
+    };
+    let mut attacker = swarm::build(attacker_key.clone(), &swarm::Config::default(), Store::open(dir.path().join("attacker"))?)?;
+    attacker.dial(device.addr().await?)?;
+
+    let good = seal(&attacker_delegation, bob.address(), b"from a delegated key")?;
+    let forged = seal(&sender_delegation, bob.address(), b"claims to be the sender node")?;
+    let mut tampered = good.clone();
+    let mut body = tampered.body.to_vec();
+    let last = body.len() - 1;
+    body[last] ^= 1;
+    tampered.body = body.into();
+    let not_held = seal(&attacker_delegation, DevWallet::random().address(), b"for a core nobody here holds")?;
+    let garbage = vec![0xff; 100];
+    let malformed = Envelope {
+        signature: attacker_key.sign(&envelope::signing_bytes(&garbage))?.into(),
+        body: garbage.into(),
+        ..good.clone()
+    };
+    let oversized = Envelope { body: vec![0; envelope::MAX_BODY + 1].into(), ..good.clone() };
+    let answer = deliver(&mut attacker, device.peer_id(), vec![good, forged, tampered, not_held, malformed, oversized]).await?;
+    let got = statuses(&answer);
+    println!("{got:?}");
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[0].0, outcome::Status::Accepted, "a message under a valid delegation is taken: {got:?}");
+    for (i, what, needle) in [(1, "forged", "delegation"), (2, "tampered", "signature"), (3, "not held", "does not hold"), (4, "malformed", "malformed"), (5, "oversized", "too large")] {
+        assert_eq!(got[i].0, outcome::Status::Refused, "{what}: {got:?}");
+        assert!(got[i].1.contains(needle), "{what}: {:?}", got[i].1);
+    }
+
+    // A flood from one sender core: the device takes its burst, then asks it to retry later.
+    let mut flood = Vec::new();
+    for i in 0..100 {
+        flood.push(seal(&attacker_delegation, bob.address(), format!("flood {i}").as_bytes())?);
+    }
+    let mut accepted = 0;
+    let mut retry = 0;
+    for chunk in flood.chunks(50) {
+        for (status, _) in statuses(&deliver(&mut attacker, device.peer_id(), chunk.to_vec()).await?) {
+            match status {
+                outcome::Status::Accepted => accepted += 1,
+                outcome::Status::Retry => retry += 1,
+                outcome::Status::Refused => anyhow::bail!("a valid flood message was refused for good"),
+            }
+        }
+    }
+    println!("flood of 100: {accepted} accepted, {retry} to retry later");
+    assert!(accepted <= 22 && retry >= 78, "the flood was not limited: {accepted} accepted");
+
+    // The owner revokes the attacker's key; once the device knows, its messages are refused.
+    let revocation = sender.node().client.cores().revocation_message(alice.address(), attacker_peer).await?;
+    sender.node().client.cores().submit(alice.statement(revocation)?).await?;
+    let deadline = Instant::now() + WAIT;
+    while device.node().client.cores().get(alice.address(), "_kubelt".into(), String::new()).await? == serde_json::Value::Null {
+        anyhow::ensure!(Instant::now() < deadline, "the device never learned the revocation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // a token for the sender core again
+    let after_revocation = seal(&attacker_delegation, bob.address(), b"after my key was revoked")?;
+    let got = statuses(&deliver(&mut attacker, device.peer_id(), vec![after_revocation]).await?);
+    assert_eq!(got[0].0, outcome::Status::Refused, "{got:?}");
+    assert!(got[0].1.contains("revoked"), "{got:?}");
+
+    // The device still serves: nothing it held is lost, and a legitimate message gets through.
+    let inbox = device.inbox(bob.address()).await?;
+    assert!(inbox.iter().any(|m| m.id == before.id && m.text.as_deref() == Some("before the attack")));
+    assert_eq!(inbox.len(), 2 + accepted, "the first message, the delegated one and the accepted part of the flood");
+    assert!(inbox.iter().all(|m| m.text.as_deref() != Some("after my key was revoked")));
+    let after = sender.node().client.msg().send(alice.address(), bob.address(), b"after the attack".to_vec(), Duration::from_secs(10)).await?;
+    assert!(after.delivered);
+    device.inbox_of(bob.address(), 3 + accepted, "the device after the attack").await?;
+    Ok(())
 }
