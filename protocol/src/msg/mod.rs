@@ -132,6 +132,12 @@ impl Config {
         self
     }
 
+    /// The same limits with another bound on messages in one inbox.
+    pub fn with_max_messages(mut self, max: usize) -> Self {
+        self.max_messages = max;
+        self
+    }
+
     /// The same limits with another bound on messages of one sender in one inbox.
     pub fn with_max_per_sender(mut self, max: usize) -> Self {
         self.max_per_sender = max;

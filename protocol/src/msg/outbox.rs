@@ -20,6 +20,8 @@ use crate::core::Address;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How soon a message goes again to a replica that answered "busy".
+const BUSY_RETRY: Duration = Duration::from_millis(50);
 /// Most envelopes in one delivery request.
 pub const MAX_BATCH: usize = 64;
 
@@ -140,6 +142,15 @@ impl Outbox {
             w.in_flight = false;
             w.attempts += 1;
             w.next_try = now + backoff(w.attempts);
+        }
+    }
+
+    /// The replica was busy: try again shortly, with no backoff (it is alive and answering).
+    pub fn busy(&mut self, id: &MessageId, now: Instant) {
+        if let Some(w) = self.waiting.get_mut(id) {
+            w.in_flight = false;
+            w.tried.clear();
+            w.next_try = now + BUSY_RETRY;
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::store::Store;
 /// Delivery requests being verified at once, over all peers.
 const MAX_VERIFYING: usize = 64;
 /// Delivery requests of one peer being verified at once.
-const MAX_VERIFYING_PER_PEER: usize = 8;
+const MAX_VERIFYING_PER_PEER: usize = 32;
 /// Envelopes in one delivery request (more are refused as malformed).
 const MAX_ENVELOPES_PER_REQUEST: usize = 256;
 /// Ids in one inventory.
@@ -488,6 +488,7 @@ impl EventLoop {
                                 }
                             }
                         }
+                        Some(outcome::Status::Retry) if response.outcomes[i].reason == Refused::Busy.to_string() => self.msg.outbox.busy(&id, now),
                         _ => self.msg.outbox.failed(&id, now),
                     }
                 }
