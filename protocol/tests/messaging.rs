@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kubelt_proto::msg::{msg_request, outcome, Deliver, Envelope, MsgRequest, MsgResponse};
-use kubelt_proto::Message;
 use kubelt_protocol::core::{Address, DevWallet};
 use kubelt_protocol::msg::envelope;
 use kubelt_protocol::node::{Config, InboxMessage, Node, NodeEvent};

@@ -36,7 +36,7 @@ impl Replica {
             .filter(|peer| !revoked.contains(peer) && self.delegated_at(peer, now))
             .filter_map(|peer| Some((peer, self.published_device_key(&peer)?)))
             .collect();
-        out.sort_by(|a, b| a.0.to_bytes().cmp(&b.0.to_bytes()));
+        out.sort_by_key(|(peer, _)| peer.to_bytes());
         out
     }
 

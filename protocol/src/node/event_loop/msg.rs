@@ -94,12 +94,22 @@ pub(super) enum Waiter {
     Answer { peer: PeerId, channel: request_response::ResponseChannel<MsgResponse>, outcomes: Vec<Outcome>, new: Vec<NewMessage> },
     /// Announce and forward messages learned from another host.
     Learned { peer: PeerId, new: Vec<NewMessage> },
-    /// A message this node sends: into the outbox (or, hosted here, it is delivered).
-    Queued { id: MessageId, to: Address, envelope: Envelope, created_at: i64, local: Option<NewMessage>, reply: oneshot::Sender<Result<bool, MsgError>> },
+    /// A message this node sends (boxed: the largest waiter by far).
+    Queued(Box<Queued>),
     /// A command that only needed the write.
     Done(oneshot::Sender<Result<(), MsgError>>),
     /// Nobody waits (outbox clean-up, read marks).
     Nothing,
+}
+
+/// A message this node sends: into the outbox (or, hosted here, it is delivered).
+pub(super) struct Queued {
+    id: MessageId,
+    to: Address,
+    envelope: Envelope,
+    created_at: i64,
+    local: Option<NewMessage>,
+    reply: oneshot::Sender<Result<bool, MsgError>>,
 }
 
 /// A message that entered an inbox.
@@ -174,11 +184,11 @@ impl MsgState {
 
     /// Starts verifying envelopes on a blocking thread; gives `origin` back when over the
     /// limits (the caller answers "busy").
-    fn verify(&mut self, origin: Origin, envelopes: Vec<Envelope>) -> Result<(), Origin> {
+    fn verify(&mut self, origin: Origin, envelopes: Vec<Envelope>) -> Result<(), Box<Origin>> {
         let peer = origin.peer();
         let mine = self.verifying.get(&peer).copied().unwrap_or(0);
         if self.verifying_total >= MAX_VERIFYING || mine >= MAX_VERIFYING_PER_PEER {
-            return Err(origin);
+            return Err(Box::new(origin));
         }
         *self.verifying.entry(peer).or_default() += 1;
         self.verifying_total += 1;
@@ -307,7 +317,7 @@ impl EventLoop {
             let record = OutboxRecord { envelope: envelope.encode_to_vec(), created_at };
             writes.push(Write::Put(inbox::outbox_key(&id), record.encode_to_vec()));
         }
-        self.msg.write(writes, Waiter::Queued { id, to, envelope, created_at, local, reply });
+        self.msg.write(writes, Waiter::Queued(Box::new(Queued { id, to, envelope, created_at, local, reply })));
     }
 
     fn msg_inbox(&mut self, core: Address, since: Option<i64>) -> Result<RawMessages, MsgError> {
@@ -418,7 +428,7 @@ impl EventLoop {
                     return self.msg_answer(channel, MsgResponse { outcomes, ..Default::default() });
                 }
                 let total = refused.len() + to_verify.len();
-                if let Err(Origin::Delivery { channel, .. }) = self.msg.verify(Origin::Delivery { peer, channel, refused, total }, to_verify) {
+                if let Err(Origin::Delivery { channel, .. }) = self.msg.verify(Origin::Delivery { peer, channel, refused, total }, to_verify).map_err(|o| *o) {
                     tracing::debug!(%peer, "messaging: too many deliveries in verification; answering busy");
                     let outcomes = (0..total).map(|_| outcome(Err(&Refused::Busy))).collect();
                     self.msg_answer(channel, MsgResponse { outcomes, ..Default::default() });
@@ -621,7 +631,8 @@ impl EventLoop {
                     self.msg.inboxes.forget(&m.to, &m.id);
                 }
             }
-            (Waiter::Queued { id, to, envelope, created_at, local, reply }, Ok(())) => {
+            (Waiter::Queued(queued), Ok(())) => {
+                let Queued { id, to, envelope, created_at, local, reply } = *queued;
                 let delivered = local.is_some();
                 if let Some(message) = local {
                     self.announce(NodeEvent::MessageDelivered { id, to });
@@ -632,7 +643,8 @@ impl EventLoop {
                 }
                 let _ = reply.send(Ok(delivered));
             }
-            (Waiter::Queued { id, to, local, reply, .. }, Err(e)) => {
+            (Waiter::Queued(queued), Err(e)) => {
+                let Queued { id, to, local, reply, .. } = *queued;
                 if local.is_some() {
                     self.msg.inboxes.forget(&to, &id);
                 }
