@@ -353,6 +353,7 @@ impl EventLoop {
             }
             self.cores.replicas.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
+            self.msg_publish_device_key();
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: StatementKind::Delegation, core: delegation.owner.to_checksum(), peer: local.to_base58() });
         }

@@ -751,7 +751,7 @@ impl EventLoop {
     }
 
     /// Publishes this node's device key in every core it writes where it is missing.
-    fn msg_publish_device_key(&mut self) {
+    pub(super) fn msg_publish_device_key(&mut self) {
         let Some(device) = self.msg.device.clone() else { return };
         for core in self.cores.replicas.list() {
             let Some(replica) = self.cores.replicas.get_mut(&core) else { continue };
