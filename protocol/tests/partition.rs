@@ -184,14 +184,14 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
             "never".to_string()
         })
     };
-    let heads = converged(&all, 1 + 2 * WRITES_PER_SIDE, HEAL_BOUND, "after the heal").await?;
+    let heads = converged(&all, 1 + DEVICE_KEYS + 2 * WRITES_PER_SIDE, HEAL_BOUND, "after the heal").await?;
     let took = healed_at.elapsed();
     let reconnected = reconnect_watch.await?;
     println!(
         "partition healed: {} nodes hold all {} changes with identical heads {took:?} after the blocks were lifted \
          (node 0 reconnected across the cut after {reconnected})",
         nodes.len(),
-        1 + 2 * WRITES_PER_SIDE
+        1 + DEVICE_KEYS + 2 * WRITES_PER_SIDE
     );
     assert_eq!(heads.len(), 2, "the two halves' histories merge into two concurrent heads");
     for node in &nodes {
@@ -205,7 +205,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
 
     // And gossip flows across the old cut again: a write after the heal reaches everyone.
     right[0].client.cores().set(core, "app".into(), "after".into(), json!("healed")).await?;
-    converged(&all, 2 + 2 * WRITES_PER_SIDE, Duration::from_secs(20), "a write after the heal").await?;
+    converged(&all, 2 + DEVICE_KEYS + 2 * WRITES_PER_SIDE, Duration::from_secs(20), "a write after the heal").await?;
     for node in nodes {
         node.stop().await;
     }
