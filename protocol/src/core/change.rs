@@ -277,7 +277,7 @@ pub(crate) struct Delegations(Arc<Mutex<HashMap<[u8; 32], Arc<Delegation>>>>);
 
 impl Delegations {
     /// Most cached delegations.
-    pub const CAP: usize = 8192;
+    pub(crate) const CAP: usize = 8192;
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Delegation>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts).
@@ -285,7 +285,7 @@ impl Delegations {
     }
 
     /// Verifies `statement` as a delegation of `core`, from the cache when possible.
-    pub fn verify(&self, core: &Address, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
+    pub(crate) fn verify(&self, core: &Address, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
         let id = super::delegation::statement_id(statement);
         if let Some(hit) = self.lock().get(&id) {
             return Ok(hit.clone());

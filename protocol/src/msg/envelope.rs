@@ -157,8 +157,11 @@ impl Refused {
 /// A message whose signature, bounds, time and delegation were checked.
 #[derive(Debug, Clone)]
 pub struct Verified {
+    /// The message id.
     pub id: MessageId,
+    /// The sender core.
     pub from: Address,
+    /// The recipient core.
     pub to: Address,
     /// Unix milliseconds, the author's clock.
     pub sent_at: i64,
@@ -173,12 +176,16 @@ pub struct Verified {
 #[non_exhaustive]
 pub enum SealError {
     #[error("the text is {0} bytes; a message holds at most {MAX_TEXT}")]
+    /// The text is over [`MAX_TEXT`].
     TooLarge(usize),
     #[error("the recipient has {0} device keys; a message is sealed to at most {MAX_DEVICES}")]
+    /// The recipient has more than [`MAX_DEVICES`] device keys.
     TooManyDevices(usize),
     #[error(transparent)]
+    /// Encryption failed.
     Crypto(#[from] CryptoError),
     #[error("signing failed: {0}")]
+    /// The node key could not sign.
     Signing(String),
 }
 

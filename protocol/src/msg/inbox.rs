@@ -50,17 +50,24 @@ pub struct OutboxRecord {
 /// A write the index asks for.
 #[derive(Debug, Clone)]
 pub enum Write {
+    /// Put a key and value.
     Put(Vec<u8>, Vec<u8>),
+    /// Delete a key.
     Delete(Vec<u8>),
 }
 
 /// What the index keeps of one message.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The sender core.
     pub from: Address,
+    /// When the sender sealed it (unix ms).
     pub sent_at: i64,
+    /// When this node took it (unix ms).
     pub received_at: i64,
+    /// Bytes of the stored envelope.
     pub size: usize,
+    /// Whether it was read on this node.
     pub read: bool,
 }
 

@@ -69,13 +69,22 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// The swarm could not be built.
     #[error(transparent)]
     Build(#[from] swarm::BuildError),
+    /// A listen address is refused (in use, malformed, not ours).
     #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: Multiaddr, reason: String },
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What the transport said.
+        reason: String,
+    },
+    /// The cores in the store could not be loaded.
     #[error("cannot load the cores: {0}")]
     Cores(#[from] crate::core::CoreError),
     #[error("cannot load the messages: {0}")]
+    /// The messages column could not be read.
     Messages(crate::store::StoreError),
 }
 
@@ -83,7 +92,9 @@ pub enum StartError {
 /// (clients then get [`NodeError`](client::NodeError)s); [`Node::stop`] also waits for the
 /// task to finish saving its state.
 pub struct Node {
+    /// The handle to talk to the node (cheap to clone).
     pub client: Client,
+    /// The node's peer id.
     pub peer_id: PeerId,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,

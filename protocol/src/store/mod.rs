@@ -86,10 +86,18 @@ pub enum StoreError {
     Locked(PathBuf),
     /// A stored record could not be decoded.
     #[error("corrupt record in column {column}: {reason}")]
-    Corrupt { column: &'static str, reason: String },
+    Corrupt {
+        /// The column family.
+        column: &'static str,
+        /// What failed to decode.
+        reason: String,
+    },
     /// A block's bytes do not hash to its CID.
     #[error("block {cid} does not match its hash")]
-    HashMismatch { cid: cid::Cid },
+    HashMismatch {
+        /// The block.
+        cid: cid::Cid,
+    },
     /// The CID uses a hash function the node does not support.
     #[error("unsupported multihash code 0x{0:x}")]
     UnsupportedHash(u64),

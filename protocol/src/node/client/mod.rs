@@ -52,21 +52,41 @@ pub enum NodeEvent {
     /// Changes entered a core's document on this node (local writes, gossip, catch-up).
     CoreUpdated(CoreUpdate),
     /// The first connection with a peer opened.
-    PeerConnected { peer: libp2p::PeerId },
+    PeerConnected {
+        /// The peer.
+        peer: libp2p::PeerId,
+    },
     /// The last connection with a peer closed.
-    PeerDisconnected { peer: libp2p::PeerId },
+    PeerDisconnected {
+        /// The peer.
+        peer: libp2p::PeerId,
+    },
     /// A message entered an inbox this node hosts (from its sender, or from another host).
-    MessageReceived { core: crate::core::Address, id: crate::msg::MessageId, from: crate::core::Address },
+    MessageReceived {
+        /// The recipient core.
+        core: crate::core::Address,
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The sender core.
+        from: crate::core::Address,
+    },
     /// A replica of its recipient took a message this node sent.
-    MessageDelivered { id: crate::msg::MessageId, to: crate::core::Address },
+    MessageDelivered {
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The recipient core.
+        to: crate::core::Address,
+    },
 }
 
 /// Who this node is and where it listens.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeInfo {
+    /// This node's peer id (base58).
     pub peer_id: String,
     /// Listen addresses, each ending in `/p2p/<peer id>` so they can be given to `--peer`.
     pub addresses: Vec<String>,
+    /// `kubelt/<version>`, as announced over identify.
     pub agent_version: String,
     /// Every protocol the node speaks, as announced over identify.
     pub protocols: Vec<String>,
@@ -75,27 +95,44 @@ pub struct NodeInfo {
 /// Counters and sizes for `kubelt status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
+    /// This node's peer id (base58).
     pub peer_id: String,
+    /// `kubelt/<version>`.
     pub agent_version: String,
+    /// Seconds since the node started.
     pub uptime_secs: u64,
+    /// Peers with an open connection.
     pub connected_peers: usize,
+    /// Peers in the Kademlia routing table.
     pub routing_table_peers: usize,
+    /// Peers remembered in the peer book (dialed again after a restart).
     pub known_peers: usize,
+    /// `server` or `client`.
     pub dht_mode: String,
+    /// Kademlia bootstraps (random walks) completed.
     pub bootstraps_completed: u64,
+    /// Connections opened since start.
     pub connections_established: u64,
+    /// Connections closed since start.
     pub connections_closed: u64,
+    /// Bitswap counters.
     pub bitswap: BitswapStatus,
 }
 
 /// Bitswap counters for `kubelt status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BitswapStatus {
+    /// Blocks sent to peers.
     pub blocks_sent: u64,
+    /// Bytes of the blocks sent.
     pub bytes_sent: u64,
+    /// Wanted blocks received, verified and stored.
     pub blocks_received: u64,
+    /// Bytes of the blocks received.
     pub bytes_received: u64,
+    /// Blocks received that were already here.
     pub duplicate_blocks: u64,
+    /// Blocks this node wants now.
     pub wantlist_size: usize,
 }
 
@@ -116,8 +153,10 @@ impl BitswapStatus {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
+    /// The node's task has ended.
     #[error("the node has stopped")]
     Stopped,
+    /// A `connect` failed.
     #[error(transparent)]
     Connect(#[from] ConnectError),
 }

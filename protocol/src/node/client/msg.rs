@@ -78,6 +78,7 @@ pub struct InboxMessage {
 /// A message waiting in the outbox.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct OutboxEntry {
+    /// 32 hex digits.
     pub id: String,
     /// The recipient core, EIP-55.
     pub to: String,
@@ -86,6 +87,7 @@ pub struct OutboxEntry {
 /// What `send` did.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Sent {
+    /// 32 hex digits.
     pub id: String,
     /// The recipient core, EIP-55.
     pub to: String,
