@@ -123,6 +123,8 @@ mod behaviour {
         pub gossipsub: gossipsub::Behaviour,
         /// `/kubelt/core-sync/1.0.0`: catch-up.
         pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
+        /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
+        pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
     }
 }
 
@@ -215,5 +217,6 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
         gossipsub: sync::gossipsub(key)?,
         core_sync: sync::core_sync(),
+        msg: crate::msg::behaviour(),
     })
 }

@@ -25,6 +25,8 @@ use tokio::time::Instant;
 const HALF: usize = 3;
 /// Writes each half makes during the cut.
 const WRITES_PER_SIDE: usize = 3;
+/// Changes that publish the two writers' messaging device keys.
+const DEVICE_KEYS: usize = 2;
 /// How often each node dials the known peers it is not connected to.
 const MAINTENANCE: Duration = Duration::from_millis(200);
 /// A generous bound on heal-to-convergence: this is a liveness check, not a benchmark.
@@ -126,7 +128,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     }
     nodes[0].client.cores().set(core, "app".into(), "before".into(), json!(true)).await?;
     let all: Vec<&Node> = nodes.iter().collect();
-    converged(&all, 1, Duration::from_secs(20), "before the cut").await?;
+    // One write and the two writers' device keys (published with their delegations).
+    converged(&all, 1 + DEVICE_KEYS, Duration::from_secs(20), "before the cut").await?;
 
     // The cut: every node keeps running; no connection crosses from now on.
     let (left, right) = nodes.split_at(HALF);
@@ -147,8 +150,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     }
     let left_refs: Vec<&Node> = left.iter().collect();
     let right_refs: Vec<&Node> = right.iter().collect();
-    let left_heads = converged(&left_refs, 1 + WRITES_PER_SIDE, Duration::from_secs(20), "the left half alone").await?;
-    let right_heads = converged(&right_refs, 1 + WRITES_PER_SIDE, Duration::from_secs(20), "the right half alone").await?;
+    let left_heads = converged(&left_refs, 1 + DEVICE_KEYS + WRITES_PER_SIDE, Duration::from_secs(20), "the left half alone").await?;
+    let right_heads = converged(&right_refs, 1 + DEVICE_KEYS + WRITES_PER_SIDE, Duration::from_secs(20), "the right half alone").await?;
     assert_ne!(left_heads, right_heads);
     // Hold the cut through many maintenance ticks (each redials the peers it lost), then check
     // that nothing crossed: no connection, no change.
@@ -157,7 +160,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
         let other_ids: HashSet<PeerId> = other.iter().map(|n| n.peer_id).collect();
         for node in half {
             assert!(connected(&node.client).await?.is_disjoint(&other_ids), "a connection crossed the cut");
-            assert_eq!(summary(&node.client).await?.changes, 1 + WRITES_PER_SIDE, "a change crossed the cut");
+            assert_eq!(summary(&node.client).await?.changes, 1 + DEVICE_KEYS + WRITES_PER_SIDE, "a change crossed the cut");
             let doc = app(node, core).await?;
             assert_eq!(doc[format!("{mine}1")], json!(1));
             assert_eq!(doc[format!("{theirs}1")], Value::Null, "the {theirs} half's write reached the {mine} half during the cut");
@@ -181,14 +184,14 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
             "never".to_string()
         })
     };
-    let heads = converged(&all, 1 + 2 * WRITES_PER_SIDE, HEAL_BOUND, "after the heal").await?;
+    let heads = converged(&all, 1 + DEVICE_KEYS + 2 * WRITES_PER_SIDE, HEAL_BOUND, "after the heal").await?;
     let took = healed_at.elapsed();
     let reconnected = reconnect_watch.await?;
     println!(
         "partition healed: {} nodes hold all {} changes with identical heads {took:?} after the blocks were lifted \
          (node 0 reconnected across the cut after {reconnected})",
         nodes.len(),
-        1 + 2 * WRITES_PER_SIDE
+        1 + DEVICE_KEYS + 2 * WRITES_PER_SIDE
     );
     assert_eq!(heads.len(), 2, "the two halves' histories merge into two concurrent heads");
     for node in &nodes {
@@ -202,7 +205,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
 
     // And gossip flows across the old cut again: a write after the heal reaches everyone.
     right[0].client.cores().set(core, "app".into(), "after".into(), json!("healed")).await?;
-    converged(&all, 2 + 2 * WRITES_PER_SIDE, Duration::from_secs(20), "a write after the heal").await?;
+    converged(&all, 2 + DEVICE_KEYS + 2 * WRITES_PER_SIDE, Duration::from_secs(20), "a write after the heal").await?;
     for node in nodes {
         node.stop().await;
     }

@@ -51,6 +51,7 @@ pub mod jsonrpc;
 mod node;
 pub mod registry;
 pub mod ws;
+mod msg;
 
 pub use host::AllowedHosts;
 
@@ -101,6 +102,10 @@ pub mod code {
     pub const OTHER_NODE: i64 = -32014;
     /// The write breaks the core's rules (namespace not delegated, nothing to change, ...).
     pub const CORE_REFUSED: i64 = -32015;
+    /// No device key of the recipient core is known (yet).
+    pub const MSG_NO_DEVICE_KEYS: i64 = -32020;
+    /// No such message on this node.
+    pub const MSG_NOT_FOUND: i64 = -32021;
 
     /// Every code with its meaning, for `rpc.discover`.
     pub const ALL: &[(i64, &str)] = &[
@@ -122,6 +127,8 @@ pub mod code {
         (INVALID_STATEMENT, "not a valid delegation or revocation (the message says why)"),
         (OTHER_NODE, "the delegation authorizes another node's key"),
         (CORE_REFUSED, "the write breaks the core's rules (the message says which)"),
+        (MSG_NO_DEVICE_KEYS, "no device key of the recipient core is known yet (the node follows the core to learn them; retry)"),
+        (MSG_NOT_FOUND, "no message with this id on this node"),
     ];
 }
 

@@ -122,7 +122,7 @@ pub static ADMIN: Registry = Registry {
     description: "Admin API of a kubelt node: JSON-RPC 2.0 over HTTP (POST /) and WebSocket (GET /). \
                   Every call needs 'Authorization: Bearer <secret from <repo>/api.cookie>' \
                   (on WebSocket also accepted as the access_token query parameter).",
-    namespaces: &[&super::node::NAMESPACE, &super::content::NAMESPACE, &super::core::NAMESPACE],
+    namespaces: &[&super::node::NAMESPACE, &super::content::NAMESPACE, &super::core::NAMESPACE, &super::msg::NAMESPACE],
 };
 
 /// What a handler can reach during one call.

@@ -519,8 +519,9 @@ pub(crate) fn inspect(expanded: &ExpandedChange, history: &impl History) -> Resu
     Ok(touched)
 }
 
-/// Checks the namespaces a change writes against its delegation: delegated namespaces only,
-/// and the reserved one only (and exclusively) when the change carries a revocation.
+/// Checks the namespaces a change writes against its delegation: delegated namespaces and the
+/// author's own device namespace only, and the reserved one only (and exclusively) when the
+/// change carries a revocation.
 pub(crate) fn check_namespaces(
     touched: &Touched,
     delegation: &Delegation,
@@ -540,11 +541,13 @@ pub(crate) fn check_namespaces(
                 namespace: ns.to_owned(),
                 reason: "reserved for owner-signed records (revocations)".into(),
             });
-        } else if !delegation.namespaces.allows(ns) {
-            return Err(Rejected::Namespace {
-                namespace: ns.to_owned(),
-                reason: format!("the delegation covers only {}", delegation.namespaces),
-            });
+        } else if !super::delegation::may_write(delegation, ns) {
+            let reason = if ns.starts_with(super::delegation::DEVICE_NAMESPACE_PREFIX) {
+                "a node key publishes only its own device key".to_owned()
+            } else {
+                format!("the delegation covers only {}", delegation.namespaces)
+            };
+            return Err(Rejected::Namespace { namespace: ns.to_owned(), reason });
         }
     }
     Ok(())

@@ -140,6 +140,24 @@ pub const ALL_NAMESPACES: &str = "*";
 /// The namespace where the core records its own bookkeeping (revocations). No delegation
 /// grants it; only a change carrying an owner-signed revocation may write it.
 pub const RESERVED_NAMESPACE: &str = "_kubelt";
+/// The prefix of device namespaces: `_device:<peer id>` holds the messaging key of that node
+/// (see [`crate::msg`]). Every delegated key may write its own, and only its own, whatever
+/// namespaces its delegation lists.
+pub const DEVICE_NAMESPACE_PREFIX: &str = "_device:";
+
+/// The device namespace of a node key.
+pub fn device_namespace(peer: &PeerId) -> String {
+    format!("{DEVICE_NAMESPACE_PREFIX}{peer}")
+}
+
+/// Whether the delegation lets its key write `namespace`: the namespaces it lists, and its own
+/// device namespace; never the reserved namespace nor another key's device namespace.
+pub fn may_write(delegation: &Delegation, namespace: &str) -> bool {
+    match namespace.strip_prefix(DEVICE_NAMESPACE_PREFIX) {
+        Some(peer) => peer == delegation.peer.to_base58(),
+        None => delegation.namespaces.allows(namespace),
+    }
+}
 
 /// What a delegation was signed for. It fixes the SIWE domain the message must carry, which
 /// [`Delegation::verify_for`] checks and records in [`Delegation::domain`].

@@ -84,6 +84,7 @@ pub mod delegation;
 mod bounds;
 mod catch_up;
 mod cores;
+mod devices;
 mod replica;
 mod sync;
 mod value;

@@ -35,11 +35,13 @@ pub enum Column {
     Peers,
     /// Small node-wide records (schema version, counters).
     Meta,
+    /// Messages between cores: inboxes, deletions, the outbox (see [`crate::msg`]).
+    Messages,
 }
 
 impl Column {
     /// Every column, in a stable order.
-    pub const ALL: [Column; 5] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta];
+    pub const ALL: [Column; 6] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta, Column::Messages];
 
     /// The column family's name in RocksDB.
     pub fn name(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Column {
             Column::Cores => "cores",
             Column::Peers => "peers",
             Column::Meta => "meta",
+            Column::Messages => "messages",
         }
     }
 

@@ -13,6 +13,7 @@
 
 mod content;
 mod cores;
+mod msg;
 mod net;
 
 pub use content::ContentClient;
@@ -20,6 +21,8 @@ pub(crate) use content::ContentCommand;
 pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, StatementKind, SubmitOutcome};
 pub(crate) use cores::CoreCommand;
 pub use net::{ConnectError, NetClient, PeerInfo};
+pub use msg::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
+pub(crate) use msg::{now_ms, MsgCommand, RawMessages, Sealer};
 pub(crate) use net::NetCommand;
 
 use serde::Serialize;
@@ -37,6 +40,7 @@ pub(crate) enum Command {
     Net(NetCommand),
     Content(ContentCommand),
     Cores(CoreCommand),
+    Msg(MsgCommand),
 }
 
 /// What happened in the node without anyone asking: for API subscriptions, tests and
@@ -56,6 +60,22 @@ pub enum NodeEvent {
     PeerDisconnected {
         /// The peer.
         peer: libp2p::PeerId,
+    },
+    /// A message entered an inbox this node hosts (from its sender, or from another host).
+    MessageReceived {
+        /// The recipient core.
+        core: crate::core::Address,
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The sender core.
+        from: crate::core::Address,
+    },
+    /// A replica of its recipient took a message this node sent.
+    MessageDelivered {
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The recipient core.
+        to: crate::core::Address,
     },
 }
 
@@ -166,6 +186,11 @@ impl Client {
     /// The core replicas this node holds.
     pub fn cores(&self) -> CoresClient<'_> {
         CoresClient(self)
+    }
+
+    /// Messages between cores.
+    pub fn msg(&self) -> MsgClient<'_> {
+        MsgClient(self)
     }
 
     /// Everything that happens in the node from now on (see [`NodeEvent`]).
