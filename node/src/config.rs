@@ -19,6 +19,8 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:5420";
 /// which a Kubo or a web server on the same machine would already hold; 5421 is kept for the
 /// app API (DESIGN.md).
 pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:5422";
+/// Default address of the app API (`kb_*`, issue 12).
+pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:5421";
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +29,44 @@ pub struct Config {
     pub content: ContentConfig,
     pub api: ApiConfig,
     pub gateway: GatewayConfig,
+    pub app: AppConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    pub listen: SocketAddr,
+    /// Origins CORS answers (`https://notes.example`); empty: any origin.
+    pub cors_origins: Vec<String>,
+    /// Wallets (0x addresses) that may sign in on a personal node.
+    pub owners: Vec<String>,
+    /// Any wallet may sign in and have its core here, under the quotas.
+    pub hosted: bool,
+    pub quotas: crate::rpc::app::Quotas,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            listen: DEFAULT_APP_ADDR.parse().expect("valid literal socket address"),
+            cors_origins: vec![],
+            owners: vec![],
+            hosted: false,
+            quotas: Default::default(),
+        }
+    }
+}
+
+impl AppConfig {
+    /// The app API's settings; fails on an owner that is not an address.
+    pub fn settings(&self) -> anyhow::Result<crate::rpc::app::AppSettings> {
+        let owners = self
+            .owners
+            .iter()
+            .map(|o| kubelt_protocol::core::Address::parse(o).map_err(|e| anyhow::anyhow!("app.owners: {o:?} is not an address: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(crate::rpc::app::AppSettings { owners, hosted: self.hosted, cors_origins: self.cors_origins.clone(), quotas: self.quotas.clone() })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -115,6 +155,7 @@ impl Config {
         if let Some(bad) = config.api.allowed_hosts.iter().find(|h| !is_host_name(h)) {
             anyhow::bail!("api.allowed_hosts: {bad:?} is not a host name (write just the name, like \"kubelt.lan\", without scheme, port or path)");
         }
+        config.app.settings()?;
         Ok(config)
     }
 
@@ -185,6 +226,28 @@ allowed_hosts = []
 # HOST:PORT of the read-only gateway (GET /ipfs/<cid>[/path]), open to anyone who can reach
 # it. Its own port: what it serves is anyone's HTML, which must never share the API's origin.
 listen = "{gateway}"
+
+[app]
+# HOST:PORT of the app API: web apps sign in with a wallet (kb_getNonce/kb_verifyNonce) and use
+# the person's core (kb_getData, kb_setData, kb_subscribe). The admin cookie does not work here.
+listen = "{app}"
+# Origins answered by CORS, e.g. ["https://notes.example"]; empty: any origin (tokens are
+# bearer tokens, not cookies).
+cors_origins = []
+# Wallets that may sign in on this personal node, e.g. ["0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"].
+owners = []
+# true: any wallet may sign in and have its core on this node, under the quotas below.
+hosted = false
+
+[app.quotas]
+# Cores a hosted node holds for wallets that sign in.
+cores = {q_cores}
+# Calls per minute per core.
+requests_per_minute = {q_rpm}
+# Open WebSocket connections per token.
+websockets_per_token = {q_ws}
+# Logins (kb_getNonce) per minute per client IP address.
+logins_per_minute_per_ip = {q_logins}
 "#,
             listen = list(&d.network.listen),
             bootstrap = d.network.bootstrap,
@@ -198,6 +261,11 @@ listen = "{gateway}"
             bootstrap_interval = d.network.bootstrap_interval_secs,
             api = d.api.listen,
             gateway = d.gateway.listen,
+            app = d.app.listen,
+            q_cores = d.app.quotas.cores,
+            q_rpm = d.app.quotas.requests_per_minute,
+            q_ws = d.app.quotas.websockets_per_token,
+            q_logins = d.app.quotas.logins_per_minute_per_ip,
             fetch_timeout = d.content.fetch_timeout_secs,
         )
     }

@@ -8,6 +8,8 @@
 //!   datastore/    RocksDB: blocks, pins, cores, peers, meta
 //!   api           URL of the running node's API (removed on clean shutdown)
 //!   gateway       URL of the running node's gateway (removed on clean shutdown)
+//!   app           URL of the running node's app API (removed on clean shutdown)
+//!   app-revoked.json  app tokens revoked with kb_logout (kept until they would expire)
 //!   api.cookie    secret every admin API call must carry, mode 0600, new on every start
 //! ```
 
@@ -55,6 +57,14 @@ impl Repo {
     }
     pub fn gateway_file(&self) -> PathBuf {
         self.root.join("gateway")
+    }
+    /// URL of the running node's app API (removed on clean shutdown).
+    pub fn app_file(&self) -> PathBuf {
+        self.root.join("app")
+    }
+    /// Tokens of the app API revoked with `kb_logout`.
+    pub fn app_revoked_path(&self) -> PathBuf {
+        self.root.join("app-revoked.json")
     }
     pub fn cookie_path(&self) -> PathBuf {
         self.root.join("api.cookie")
@@ -150,6 +160,14 @@ impl Repo {
 
     pub fn remove_gateway_url(&self) {
         let _ = fs::remove_file(self.gateway_file());
+    }
+
+    pub fn write_app_url(&self, url: &str) -> anyhow::Result<()> {
+        write_atomic(&self.app_file(), url.as_bytes())
+    }
+
+    pub fn remove_app_url(&self) {
+        let _ = fs::remove_file(self.app_file());
     }
 }
 

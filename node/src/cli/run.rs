@@ -26,6 +26,15 @@ pub struct RunArgs {
     /// HOST:PORT of the read-only gateway (GET /ipfs/...).
     #[arg(long, value_name = "HOST:PORT")]
     pub gateway: Option<SocketAddr>,
+    /// HOST:PORT of the app API (kb_*: wallet sign-in for web apps).
+    #[arg(long = "app-api", value_name = "HOST:PORT")]
+    pub app_api: Option<SocketAddr>,
+    /// A wallet that may sign in to the app API (repeatable; added to [app] owners).
+    #[arg(long = "owner", value_name = "0xADDRESS")]
+    pub owners: Vec<String>,
+    /// Let any wallet sign in to the app API and have its core here, under the quotas.
+    #[arg(long)]
+    pub hosted: bool,
     /// Bootstrap mode: DHT server, higher connection limits.
     #[arg(long)]
     pub bootstrap: bool,
@@ -57,6 +66,12 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
     if args.bootstrap {
         config.network.bootstrap = true;
     }
+    if let Some(app) = args.app_api {
+        config.app.listen = app;
+    }
+    config.app.owners.extend(args.owners);
+    config.app.hosted |= args.hosted;
+    let app_settings = config.app.settings()?;
     let keypair = repo.load_key()?;
     // The database lock is what makes a second `run` on the same repo fail, before anything in
     // the repo is touched.
@@ -68,11 +83,15 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         let api_addr = api_listener.local_addr()?;
         let gateway_listener = gateway::bind(config.gateway.listen).await?;
         let gateway_url = local_url(gateway_listener.local_addr()?);
+        let app_listener = rpc::app::bind(config.app.listen).await?;
+        let app_addr = app_listener.local_addr()?;
+        let app = Arc::new(rpc::app::App::new(&keypair, app_settings, repo.app_revoked_path())?);
         let node = Node::start(keypair, store.clone(), config.node_config()).await?;
         let secret: Arc<str> = repo.write_cookie()?.into();
         let api_url = local_url(api_addr);
         // The gateway's address first: once `api` exists, the CLI takes the node as ready.
         repo.write_gateway_url(&gateway_url)?;
+        repo.write_app_url(&local_url(app_addr))?;
         repo.write_api_url(&api_url)?;
 
         let info = node.client.info().await?;
@@ -83,6 +102,7 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         }
         println!("API: {api_url} (secret in {})", repo.cookie_path().display());
         println!("gateway: {gateway_url}ipfs/<cid>");
+        println!("app API: {}", local_url(app_addr));
         if config.network.bootstrap {
             println!("bootstrap mode: other nodes can join with --peer <one of the addresses above>");
         }
@@ -92,6 +112,9 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         let state = rpc::ApiState::new(node.client.clone(), store.clone(), secret, allowed_hosts, shutdown.clone());
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(rpc::serve(api_listener, state, async move { api_shutdown.cancelled().await }));
+        let app_state = rpc::app::state(node.client.clone(), store.clone(), app, app_addr, shutdown.clone());
+        let app_shutdown = shutdown.clone();
+        let app_api = tokio::spawn(rpc::app::serve(app_listener, app_state, async move { app_shutdown.cancelled().await }));
         let gateway_state = gateway::GatewayState { client: node.client.clone(), store };
         let gateway_shutdown = shutdown.clone();
         let gateway = tokio::spawn(gateway::serve(gateway_listener, gateway_state, async move { gateway_shutdown.cancelled().await }));
@@ -101,6 +124,8 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         node.stop().await;
         let _ = api.await;
         let _ = gateway.await;
+        let _ = app_api.await;
+        repo.remove_app_url();
         repo.remove_api_url();
         repo.remove_gateway_url();
         eprintln!("kubelt node stopped");

@@ -1,20 +1,63 @@
-//! JSON-RPC over HTTP: `POST /` with one call or a batch in the body.
+//! JSON-RPC over HTTP: `POST /` with one call or a batch in the body. The same handler serves
+//! every endpoint: the state's [`super::Gate`] says who calls, its registry what may be called.
+
+use std::net::SocketAddr;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
 use super::registry::Ctx;
-use super::{authorized, code, jsonrpc, unauthorized, ApiState, RpcError, MAX_REQUEST_BYTES};
+use super::{code, jsonrpc, ApiState, RequestInfo, RpcError, MAX_REQUEST_BYTES};
 
-pub(super) async fn post(State(state): State<ApiState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    if !authorized(&headers, None, &state.secret) {
-        return unauthorized();
+/// The client's address, when the server was started with connect info (both endpoints are).
+pub(super) struct PeerAddr(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(PeerAddr(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
     }
+}
+
+pub(super) async fn post(
+    State(state): State<ApiState>,
+    peer: PeerAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(state, peer, headers, None, body).await
+}
+
+/// `POST /@<core>`: the same, for clients that name the core in the path (as the original
+/// Kubelt API did); a token of another core is refused.
+pub(super) async fn post_core(
+    State(state): State<ApiState>,
+    Path(core): Path<String>,
+    peer: PeerAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(state, peer, headers, Some(core), body).await
+}
+
+async fn serve(
+    state: ApiState,
+    peer: PeerAddr,
+    headers: HeaderMap,
+    core: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request = RequestInfo { headers: &headers, query_token: None, core: core.as_deref(), peer: peer.0 };
+    let caller = match state.gate.caller(&request) {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal,
+    };
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -29,7 +72,7 @@ pub(super) async fn post(State(state): State<ApiState>, headers: HeaderMap, body
             return (StatusCode::BAD_REQUEST, Json(jsonrpc::error_response(Value::Null, error))).into_response();
         }
     };
-    match jsonrpc::run_body(&Ctx::admin(state, None), &body).await {
+    match jsonrpc::run_body(&Ctx::new(state, caller, None), &body).await {
         Some(reply) => Json(reply).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }

@@ -43,11 +43,13 @@
 //! [`jsonrpc`] (already written and property-tested) plus [`ws`], under 400 lines with every
 //! buffer bounded and a close reason for every way a connection is dropped.
 
+pub mod app;
 mod content;
 mod core;
 mod host;
 mod http;
 pub mod jsonrpc;
+mod kb;
 mod node;
 pub mod registry;
 pub mod ws;
@@ -174,8 +176,10 @@ impl RpcError {
 pub struct ApiState {
     pub client: Client,
     pub store: Store,
-    /// The secret from `api.cookie`.
-    pub secret: Arc<str>,
+    /// The methods this endpoint serves.
+    pub registry: &'static registry::Registry,
+    /// How this endpoint tells who calls: the admin cookie, or app tokens.
+    pub gate: Gate,
     /// Keeps GC out while an add has not pinned its root yet.
     pub gc_lock: crate::content::GcLock,
     /// The `Host` names the API answers to.
@@ -191,11 +195,50 @@ impl ApiState {
         ApiState {
             client,
             store,
-            secret,
+            registry: &registry::ADMIN,
+            gate: Gate::Admin { secret },
             gc_lock: Default::default(),
             allowed_hosts: Arc::new(allowed_hosts),
             shutdown,
             websockets: Default::default(),
+        }
+    }
+}
+
+/// How an endpoint establishes who calls, from a request's credentials. Each endpoint has
+/// one, so the admin cookie is never looked at on the app port and app tokens never on the
+/// admin port.
+#[derive(Clone)]
+pub enum Gate {
+    /// The admin API: every request must carry the secret from `api.cookie`.
+    Admin { secret: Arc<str> },
+    /// The app API: anyone may call the public methods; app methods check the bearer token
+    /// on every call ([`app::App::authorize`]).
+    App(Arc<app::App>),
+}
+
+/// What a request says about itself that the gate reads.
+pub struct RequestInfo<'a> {
+    pub headers: &'a HeaderMap,
+    /// `access_token` of a WebSocket upgrade.
+    pub query_token: Option<&'a str>,
+    /// The core named in the path (`/@0x…`), if any.
+    pub core: Option<&'a str>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Gate {
+    /// The caller of a request, or the refusal to send back before anything runs.
+    pub fn caller(&self, request: &RequestInfo<'_>) -> Result<registry::Caller, axum::response::Response> {
+        match self {
+            Gate::Admin { secret } => {
+                if authorized(request.headers, request.query_token, secret) {
+                    Ok(registry::Caller::Admin)
+                } else {
+                    Err(unauthorized())
+                }
+            }
+            Gate::App(app) => app.caller(request),
         }
     }
 }
@@ -226,7 +269,7 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await
 }
 
 /// Binds the API address with a clear error when it is taken.
@@ -248,6 +291,17 @@ fn authorized(headers: &HeaderMap, query_token: Option<&str>, secret: &str) -> b
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer token of a request: `Authorization: Bearer <token>`, else (a WebSocket upgrade)
+/// the `access_token` query parameter.
+pub fn bearer<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .or(query_token)
+        .map(str::trim)
 }
 
 /// The refusal of a call without the right secret (HTTP 401).

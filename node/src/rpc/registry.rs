@@ -28,16 +28,17 @@ pub type Handler = fn(Ctx, Params) -> Reply;
 /// Who may call a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
+    /// Anyone who reaches the endpoint (the app API's login, ping and `rpc.discover`).
+    Public,
     /// The node's operator: the secret from `<repo>/api.cookie`.
     Admin,
-    /// An app signed in with a wallet, with a token that grants this capability.
-    #[allow(dead_code, reason = "the app API's kb_* table (issue 12) is the first to use it")]
+    /// An app signed in with a wallet, with a token that grants this capability (on the
+    /// `namespace` param when the method has one).
     App(Capability),
 }
 
 /// What an app token allows on a namespace of a core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code, reason = "the app API's kb_* table (issue 12) is the first to use it")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Capability {
     Read,
     Write,
@@ -47,14 +48,19 @@ impl Auth {
     /// Whether `caller` may call a method with this requirement.
     fn permits(self, caller: &Caller) -> bool {
         match (self, caller) {
+            (Auth::Public, _) => true,
             (Auth::Admin, Caller::Admin) => true,
+            (Auth::Admin, Caller::App(_)) => false,
             (Auth::App(_), Caller::Admin) => false,
+            // The token itself is checked on every call by the app gate (dispatch).
+            (Auth::App(_), Caller::App(_)) => true,
         }
     }
 
     /// How `rpc.discover` names it.
     fn describe(self) -> &'static str {
         match self {
+            Auth::Public => "public",
             Auth::Admin => "admin",
             Auth::App(Capability::Read) => "app:read",
             Auth::App(Capability::Write) => "app:write",
@@ -67,6 +73,8 @@ impl Auth {
 pub enum Caller {
     /// Presented the admin secret.
     Admin,
+    /// A request to the app API: what it presented, checked call by call.
+    App(super::app::AppCaller),
 }
 
 /// Whether a method answers once or opens a stream of notifications.
@@ -114,6 +122,8 @@ pub struct Registry {
     pub title: &'static str,
     pub description: &'static str,
     pub namespaces: &'static [&'static Namespace],
+    /// The error codes its methods answer, for `rpc.discover`.
+    pub errors: &'static [&'static [(i64, &'static str)]],
 }
 
 /// The admin API: the node's operator, with the cookie.
@@ -123,6 +133,17 @@ pub static ADMIN: Registry = Registry {
                   Every call needs 'Authorization: Bearer <secret from <repo>/api.cookie>' \
                   (on WebSocket also accepted as the access_token query parameter).",
     namespaces: &[&super::node::NAMESPACE, &super::content::NAMESPACE, &super::core::NAMESPACE, &super::msg::NAMESPACE],
+    errors: &[code::ALL],
+};
+
+/// The app API: web apps signed in with the person's wallet (`kb_*`, issue 12).
+pub static APP: Registry = Registry {
+    title: "Kubelt app API",
+    description: "App API of a kubelt node: JSON-RPC 2.0 over HTTP (POST /) and WebSocket (GET /). \
+                  Sign in with kb_getNonce and kb_verifyNonce (SIWE, EIP-4361); then send the token as \
+                  'Authorization: Bearer <token>' (on WebSocket also as the access_token query parameter).",
+    namespaces: &[&super::kb::NAMESPACE],
+    errors: &[code::ALL, super::app::code::ALL],
 };
 
 /// What a handler can reach during one call.
@@ -133,12 +154,25 @@ pub struct Ctx {
     pub caller: Caller,
     /// The WebSocket connection the call came on; `None` over HTTP.
     pub session: Option<ws::CallScope>,
+    /// What the app's token grants, once checked (methods with [`Auth::App`]).
+    pub grant: Option<std::sync::Arc<super::app::Grant>>,
 }
 
 impl Ctx {
+    /// The context of a call to the endpoint of `state`, by `caller`.
+    pub fn new(state: ApiState, caller: Caller, session: Option<ws::CallScope>) -> Ctx {
+        Ctx { registry: state.registry, state, caller, session, grant: None }
+    }
+
     /// The context of a call made with the admin secret.
+    #[cfg(test)]
     pub fn admin(state: ApiState, session: Option<ws::CallScope>) -> Ctx {
-        Ctx { state, registry: &ADMIN, caller: Caller::Admin, session }
+        Ctx { state, registry: &ADMIN, caller: Caller::Admin, session, grant: None }
+    }
+
+    /// What the checked token grants; only methods with [`Auth::App`] have it.
+    pub fn grant(&self) -> Result<&super::app::Grant, RpcError> {
+        self.grant.as_deref().ok_or_else(|| RpcError::new(code::INTERNAL_ERROR, "an app method ran without a checked token"))
     }
 
     /// The WebSocket connection of this call; subscription methods only run over one.
@@ -166,7 +200,7 @@ impl Registry {
 
     /// Runs one call: finds the method, checks that the caller may call it over this
     /// transport, names its params and runs its handler.
-    pub async fn dispatch(&'static self, ctx: Ctx, name: &str, params: Value) -> Result<Value, RpcError> {
+    pub async fn dispatch(&'static self, mut ctx: Ctx, name: &str, params: Value) -> Result<Value, RpcError> {
         let Some(method) = self.find(name) else {
             return Err(RpcError::new(code::METHOD_NOT_FOUND, format!("method not found: {name}")));
         };
@@ -180,6 +214,10 @@ impl Registry {
             return Err(needs_websocket());
         }
         let params = named_params(method, params)?;
+        if let (Auth::App(capability), Caller::App(caller), super::Gate::App(app)) = (method.auth, &ctx.caller, &ctx.state.gate) {
+            let namespace = params.get("namespace").and_then(Value::as_str);
+            ctx.grant = Some(std::sync::Arc::new(app.authorize(caller, capability, namespace)?));
+        }
         (method.handler)(ctx, params).await
     }
 
@@ -195,8 +233,10 @@ impl Registry {
             "info": { "title": self.title, "version": env!("CARGO_PKG_VERSION"), "description": self.description },
             "methods": methods,
             "components": {
-                "errors": code::ALL
+                "errors": self
+                    .errors
                     .iter()
+                    .flat_map(|codes| codes.iter())
                     .map(|(code, message)| (code.to_string(), json!({ "code": code, "message": message })))
                     .collect::<Map<String, Value>>(),
             },

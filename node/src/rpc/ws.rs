@@ -1,8 +1,9 @@
 //! JSON-RPC over WebSocket: the same calls as over HTTP, plus subscriptions.
 //!
-//! The upgrade is `GET /` on the API's port, behind the same `Host` check; the admin secret
-//! comes as `Authorization: Bearer` or, for browsers, which cannot set headers on a
-//! WebSocket, as the `access_token` query parameter. Each text (or binary) message is one call
+//! The upgrade is `GET /` on the API's port, behind the same checks as HTTP calls (the
+//! endpoint's [`super::Gate`]); the credentials (admin secret or app token) come as
+//! `Authorization: Bearer` or, for browsers, which cannot set headers on a WebSocket, as the
+//! `access_token` query parameter. Each text (or binary) message is one call
 //! or a batch, answered by one message; a subscription then sends its notifications on the
 //! same connection, as `eth_subscribe` does:
 //! `{"jsonrpc":"2.0","method":"core_subscription","params":{"subscription":"0x…","result":…}}`.
@@ -29,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -40,8 +41,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::registry::Ctx;
-use super::{authorized, code, jsonrpc, unauthorized, ApiState, RpcError, MAX_REQUEST_BYTES};
+use super::registry::{Caller, Ctx};
+use super::{code, jsonrpc, ApiState, RequestInfo, RpcError, MAX_REQUEST_BYTES};
 
 /// Calls of one connection that run at once.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -85,10 +86,34 @@ pub(super) struct UpgradeQuery {
     access_token: Option<String>,
 }
 
-/// `GET /`: checks the secret and upgrades to a WebSocket.
+/// `GET /`: checks the caller's credentials (the endpoint's gate) and upgrades to a WebSocket.
 pub(super) async fn upgrade(
     State(state): State<ApiState>,
+    peer: super::http::PeerAddr,
     headers: HeaderMap,
+    query: Result<Query<UpgradeQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    open(state, peer, headers, None, query, upgrade)
+}
+
+/// `GET /@<core>`: the same, naming the core in the path.
+pub(super) async fn upgrade_core(
+    State(state): State<ApiState>,
+    Path(core): Path<String>,
+    peer: super::http::PeerAddr,
+    headers: HeaderMap,
+    query: Result<Query<UpgradeQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    open(state, peer, headers, Some(core), query, upgrade)
+}
+
+fn open(
+    state: ApiState,
+    peer: super::http::PeerAddr,
+    headers: HeaderMap,
+    core: Option<String>,
     query: Result<Query<UpgradeQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -97,17 +122,27 @@ pub(super) async fn upgrade(
         return (StatusCode::BAD_REQUEST, text).into_response();
     };
     let query_token = query.as_ref().ok().and_then(|q| q.access_token.as_deref());
-    if !authorized(&headers, query_token, &state.secret) {
-        return unauthorized();
-    }
+    let request = RequestInfo { headers: &headers, query_token, core: core.as_deref(), peer: peer.0 };
+    let caller = match state.gate.caller(&request) {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal,
+    };
     let Ok(permit) = state.websockets.permits.clone().try_acquire_owned() else {
         let error = RpcError::new(code::LIMIT_REACHED, format!("the node serves at most {MAX_CONNECTIONS} WebSocket connections; try again later"));
         return (StatusCode::SERVICE_UNAVAILABLE, Json(jsonrpc::error_response(Value::Null, error))).into_response();
     };
+    // An endpoint may hold more per connection (the app API counts connections per token).
+    let guard = match &state.gate {
+        super::Gate::App(app) => match app.open_connection(&caller) {
+            Ok(guard) => guard,
+            Err(error) => return (StatusCode::TOO_MANY_REQUESTS, Json(jsonrpc::error_response(Value::Null, error))).into_response(),
+        },
+        super::Gate::Admin { .. } => None,
+    };
     upgrade
         .max_message_size(MAX_REQUEST_BYTES)
         .max_frame_size(MAX_REQUEST_BYTES)
-        .on_upgrade(move |socket| connection(socket, state, permit))
+        .on_upgrade(move |socket| connection(socket, state, caller, (permit, guard)))
 }
 
 /// Why a connection closes: the close frame's code and reason.
@@ -279,15 +314,15 @@ async fn forward(
 }
 
 /// Serves one connection until the client leaves, it is closed for a reason, or the node stops.
-async fn connection(socket: WebSocket, state: ApiState, _permit: OwnedSemaphorePermit) {
+async fn connection(socket: WebSocket, state: ApiState, caller: Caller, _held: (OwnedSemaphorePermit, Option<super::app::ConnectionGuard>)) {
     let (sink, stream) = socket.split();
     let (session, queue) = Session::new(state.websockets.clone());
     let shared = session.shared.clone();
-    tokio::join!(read(stream, state, session), write(sink, queue, shared));
+    tokio::join!(read(stream, state, caller, session), write(sink, queue, shared));
 }
 
 /// Reads calls, runs up to [`MAX_IN_FLIGHT`] at once, queues their replies.
-async fn read(mut stream: futures::stream::SplitStream<WebSocket>, state: ApiState, session: Arc<Session>) {
+async fn read(mut stream: futures::stream::SplitStream<WebSocket>, state: ApiState, caller: Caller, session: Arc<Session>) {
     let shared = session.shared.clone();
     let mut in_flight = FuturesUnordered::new();
     loop {
@@ -324,7 +359,7 @@ async fn read(mut stream: futures::stream::SplitStream<WebSocket>, state: ApiSta
                     }
                 };
                 let scope = CallScope::new(session.clone());
-                let ctx = Ctx::admin(state.clone(), Some(scope.clone()));
+                let ctx = Ctx::new(state.clone(), caller.clone(), Some(scope.clone()));
                 in_flight.push(async move { (jsonrpc::run_body(&ctx, &body).await, scope) });
             }
         }

@@ -99,6 +99,7 @@ pub struct TestNode {
     pub addresses: Vec<String>,
     api_url: String,
     gateway_url: String,
+    app_url: String,
     secret: String,
     agent: ureq::Agent,
 }
@@ -144,7 +145,7 @@ impl TestNode {
             .arg(repo)
             .arg("run")
             .args(listen)
-            .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0", "--app-api", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -159,6 +160,7 @@ impl TestNode {
             addresses: vec![],
             api_url: String::new(),
             gateway_url: String::new(),
+            app_url: String::new(),
             secret: String::new(),
             agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(),
         };
@@ -174,6 +176,7 @@ impl TestNode {
         node.api_url = std::fs::read_to_string(&api_file)?.trim().to_string();
         node.gateway_url = std::fs::read_to_string(repo.join("gateway"))?.trim().to_string();
         node.secret = std::fs::read_to_string(repo.join("api.cookie"))?.trim().to_string();
+        node.app_url = std::fs::read_to_string(repo.join("app"))?.trim().to_string();
         let info = node.call("node_id", Value::Null)?;
         node.peer_id = info["peer_id"].as_str().unwrap_or_default().to_string();
         node.addresses = info["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
@@ -211,6 +214,11 @@ impl TestNode {
     /// The gateway's base URL (`<url>ipfs/<cid>`).
     pub fn gateway_url(&self) -> &str {
         &self.gateway_url
+    }
+
+    /// The app API's base URL (`kb_*`).
+    pub fn app_url(&self) -> &str {
+        &self.app_url
     }
 
     pub fn secret(&self) -> &str {
