@@ -1,0 +1,277 @@
+//! The app API (issue 12) as an app sees it, against `kubelt run` processes: a wallet signs in
+//! with a real secp256k1 key held by the test (the node never sees it), reads and writes its
+//! core, and every refusal comes with its own code. Run inside a private network namespace
+//! (scripts/test.sh does).
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use common::{wait_until, TestNode};
+use kubelt_protocol::core::DevWallet;
+use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::Message;
+
+const ORIGIN: &str = "https://notes.example";
+
+/// The codes of the app API (rpc/app/mod.rs), as a client reads them in the README.
+const WRONG_SIGNER: i64 = -32030;
+const NONCE_UNKNOWN: i64 = -32031;
+const NONCE_USED: i64 = -32033;
+const TOKEN_MISSING: i64 = -32034;
+const TOKEN_REVOKED: i64 = -32036;
+const TOKEN_INVALID: i64 = -32037;
+const TOKEN_WRONG_CORE: i64 = -32039;
+const CAPABILITY_MISSING: i64 = -32040;
+const OWNER_NOT_ALLOWED: i64 = -32042;
+
+/// Posts a raw body to the app API of `node` (at `path`), with a token and an `Origin`.
+fn post_raw(node: &TestNode, path: &str, token: Option<&str>, body: &str) -> anyhow::Result<(u16, Value)> {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let mut request = agent.post(&format!("{}{path}", node.app_url())).set("Content-Type", "application/json").set("Origin", ORIGIN);
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    match request.send_string(body) {
+        Ok(r) => Ok((r.status(), r.into_json()?)),
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sends a 3 MiB body (over the 2 MiB limit) and reads the answer.
+fn oversized(node: &TestNode) -> anyhow::Result<(u16, Value)> {
+    use std::io::{Read, Write};
+    let authority = node.app_url().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut stream = TcpStream::connect(&authority)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "POST / HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", 3 << 20)?;
+    // The server may answer before it read the whole body: send it from another thread.
+    let mut writer = stream.try_clone()?;
+    std::thread::spawn(move || writer.write_all(&vec![b' '; 3 << 20]));
+    let mut answer = String::new();
+    let mut buffer = [0u8; 4096];
+    while !answer.split("\r\n\r\n").nth(1).is_some_and(|body| serde_json::from_str::<Value>(body).is_ok()) {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        answer.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+/// Calls a method; returns the whole reply.
+fn call(node: &TestNode, token: Option<&str>, method: &str, params: Value) -> anyhow::Result<Value> {
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string();
+    Ok(post_raw(node, "", token, &body)?.1)
+}
+
+/// Calls a method that must succeed; returns its result.
+fn ok(node: &TestNode, token: Option<&str>, method: &str, params: Value) -> anyhow::Result<Value> {
+    let reply = call(node, token, method, params)?;
+    match reply.get("error") {
+        Some(error) => bail!("{method} failed: {error}"),
+        None => Ok(reply["result"].clone()),
+    }
+}
+
+/// The error code of a reply that must be an error.
+fn code_of(reply: &Value) -> i64 {
+    reply["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {reply}"))
+}
+
+fn hex_sig(wallet: &DevWallet, message: &str) -> anyhow::Result<String> {
+    Ok(format!("0x{}", hex::encode(wallet.sign(message)?)))
+}
+
+/// Signs in `wallet` on `node` for `capabilities`; returns the verify reply.
+fn login(node: &TestNode, wallet: &DevWallet, capabilities: Value) -> anyhow::Result<Value> {
+    let address = wallet.address().to_checksum();
+    let started = ok(node, None, "kb_getNonce", json!([address, capabilities]))?;
+    let message = started["message"].as_str().context("no message")?;
+    ok(node, None, "kb_verifyNonce", json!({"nonce": started["nonce"], "signature": hex_sig(wallet, message)?}))
+}
+
+fn token_of(reply: &Value) -> anyhow::Result<String> {
+    reply["token"].as_str().map(String::from).context("no token")
+}
+
+#[test]
+fn a_wallet_signs_in_uses_its_core_and_every_refusal_has_its_code() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let stranger = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let mut node = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+
+    // Discovery and ping need nothing; admin methods do not exist here.
+    let doc = ok(&node, None, "rpc.discover", Value::Null)?;
+    let names: Vec<&str> = doc["methods"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+    for name in ["kb_getNonce", "kb_verifyNonce", "kb_getData", "kb_setData", "kb_subscribe", "kb_logout", "kb_getCoreAddresses", "kb_ping"] {
+        assert!(names.contains(&name), "{name} not in rpc.discover: {names:?}");
+    }
+    for code in [WRONG_SIGNER, NONCE_USED, TOKEN_REVOKED, CAPABILITY_MISSING, OWNER_NOT_ALLOWED] {
+        assert!(doc["components"]["errors"].get(code.to_string()).is_some(), "{code} not documented");
+    }
+    assert_eq!(ok(&node, None, "kb_ping", Value::Null)?, "pong");
+    assert_eq!(code_of(&call(&node, None, "node_id", Value::Null)?), -32601);
+    // The admin cookie is not a token here.
+    assert_eq!(code_of(&call(&node, Some(node.secret()), "kb_getCoreAddresses", Value::Null)?), TOKEN_INVALID);
+
+    // A personal node: only its owners sign in.
+    let refused = call(&node, None, "kb_getNonce", json!([stranger.address().to_checksum(), {"notes": ["read"]}]))?;
+    assert_eq!(code_of(&refused), OWNER_NOT_ALLOWED, "{refused}");
+
+    // The message is a SIWE sign-in for the app's origin, with the nonce it was issued with.
+    let caps = json!({"notes": ["read", "write"], "profile": ["read"]});
+    let started = ok(&node, None, "kb_getNonce", json!({"address": address, "capabilities": caps}))?;
+    let (nonce, message) = (started["nonce"].as_str().context("nonce")?, started["message"].as_str().context("message")?);
+    assert!(message.starts_with("notes.example wants you to sign in with your Ethereum account:\n"), "{message}");
+    assert!(message.contains(&address) && message.contains(&format!("Nonce: {nonce}")) && message.contains(&node.peer_id), "{message}");
+    // Signed by another key: refused, and the nonce is spent.
+    let wrong = call(&node, None, "kb_verifyNonce", json!([nonce, hex_sig(&stranger, message)?]))?;
+    assert_eq!(code_of(&wrong), WRONG_SIGNER, "{wrong}");
+    assert_eq!(code_of(&call(&node, None, "kb_verifyNonce", json!([nonce, hex_sig(&owner, message)?]))?), NONCE_USED);
+    assert_eq!(code_of(&call(&node, None, "kb_verifyNonce", json!(["abcdefgh12345678", hex_sig(&owner, message)?]))?), NONCE_UNKNOWN);
+
+    let session = login(&node, &owner, caps.clone())?;
+    assert_eq!(session["address"], address);
+    assert_eq!(session["capabilities"], json!({"notes": ["read", "write"], "profile": ["read"]}));
+    let token = token_of(&session)?;
+    let t = Some(token.as_str());
+
+    assert_eq!(ok(&node, t, "kb_getCoreAddresses", Value::Null)?, json!({"eth": [address]}));
+    let written = ok(&node, t, "kb_setData", json!(["notes", "first", {"text": "hello"}]))?;
+    assert_eq!(written, json!({"namespace": "notes", "path": "first", "value": {"text": "hello"}}));
+    let read = ok(&node, t, "kb_getData", json!({"namespace": "notes", "path": "first"}))?;
+    assert_eq!(read["value"], json!({"text": "hello"}));
+    // The write is a change of the core, as the operator sees it too.
+    assert_eq!(node.call("core_get", json!([address, "notes", "first"]))?, json!({"text": "hello"}));
+
+    // Refusals, each with its code.
+    assert_eq!(code_of(&call(&node, t, "kb_setData", json!(["profile", "name", "x"]))?), CAPABILITY_MISSING);
+    assert_eq!(code_of(&call(&node, t, "kb_getData", json!(["secrets", "x"]))?), CAPABILITY_MISSING);
+    assert_eq!(code_of(&call(&node, None, "kb_getData", json!(["notes"]))?), TOKEN_MISSING);
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 3;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered)?;
+    assert_eq!(code_of(&call(&node, Some(&tampered), "kb_getData", json!(["notes"]))?), TOKEN_INVALID);
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "kb_getData", "params": ["notes"]}).to_string();
+    let (_, other_core) = post_raw(&node, &format!("@{}", stranger.address().to_checksum()), t, &body)?;
+    assert_eq!(code_of(&other_core), TOKEN_WRONG_CORE, "{other_core}");
+    let (_, same_core) = post_raw(&node, &format!("@{address}"), t, &body)?;
+    assert_eq!(same_core["result"]["value"]["first"]["text"], "hello", "{same_core}");
+    // The app token is not an admin secret.
+    let (status, _) = node.post_raw(&json!({"jsonrpc": "2.0", "id": 1, "method": "node_id"}).to_string(), Some(&token))?;
+    assert_eq!(status, 401);
+
+    // Malformed requests.
+    assert_eq!(code_of(&post_raw(&node, "", t, "{\"jsonrpc\":")?.1), -32700);
+    assert_eq!(code_of(&call(&node, t, "kb_nope", Value::Null)?), -32601);
+    assert_eq!(code_of(&call(&node, t, "kb_setData", json!(["notes"]))?), -32602);
+    assert_eq!(code_of(&call(&node, t, "kb_getNonce", json!({"address": "0x12", "capabilities": {}}))?), -32602);
+    let (status, reply) = oversized(&node)?;
+    assert_eq!((status, code_of(&reply)), (413, -32003), "{reply}");
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    assert_eq!(code_of(&post_raw(&node, "", t, &deep)?.1), -32700, "deep nesting is a parse error, not a crash");
+    assert_eq!(ok(&node, t, "kb_ping", Value::Null)?, "pong", "the node still serves after the bad requests");
+
+    // Logout revokes the token, also after a restart; a new login works.
+    assert_eq!(ok(&node, t, "kb_logout", Value::Null)?, true);
+    assert_eq!(code_of(&call(&node, t, "kb_getData", json!(["notes"]))?), TOKEN_REVOKED);
+    node.stop()?;
+    let node = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    assert_eq!(code_of(&call(&node, t, "kb_getData", json!(["notes"]))?), TOKEN_REVOKED, "a logout must survive a restart");
+    let again = token_of(&login(&node, &owner, json!({"notes": ["read"]}))?)?;
+    assert_eq!(ok(&node, Some(&again), "kb_getData", json!(["notes", "first"]))?["value"]["text"], "hello");
+    assert_eq!(code_of(&call(&node, Some(&again), "kb_setData", json!(["notes", "x", 1]))?), CAPABILITY_MISSING, "a read-only login cannot write");
+    Ok(())
+}
+
+/// A JSON-RPC client over a WebSocket to the app API.
+struct Socket {
+    socket: tungstenite::WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+impl Socket {
+    fn open(node: &TestNode, token: &str) -> anyhow::Result<Socket> {
+        let authority = node.app_url().trim_start_matches("http://").trim_end_matches('/').to_string();
+        let stream = TcpStream::connect(&authority)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let request = format!("ws://{authority}/?access_token={token}").into_client_request()?;
+        let (socket, _) = tungstenite::client(request, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        Ok(Socket { socket, next_id: 1 })
+    }
+
+    /// Calls a method; returns its reply (skipping notifications).
+    fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.socket.send(Message::text(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()))?;
+        loop {
+            let message: Value = serde_json::from_str(self.socket.read()?.to_text()?)?;
+            if message["id"] == id {
+                return Ok(message);
+            }
+        }
+    }
+
+    /// The next notification, within `timeout`.
+    fn notification(&mut self, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let message: Value = serde_json::from_str(self.socket.read()?.to_text()?)?;
+            if message.get("method").is_some() {
+                return Ok(message);
+            }
+        }
+        bail!("no notification within {timeout:?}")
+    }
+}
+
+#[test]
+fn a_change_written_on_another_replica_reaches_a_subscriber_and_tokens_stay_with_their_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let a = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    let b = TestNode::start(dir.path(), "b", &["--owner", &address, "--peer", &a.tcp_addr()])?;
+    let caps = json!({"notes": ["read", "write"]});
+    let token_a = token_of(&login(&a, &owner, caps.clone())?)?;
+    let token_b = token_of(&login(&b, &owner, caps)?)?;
+    // A token of node B is not one of node A's.
+    assert_eq!(code_of(&call(&a, Some(&token_b), "kb_getData", json!(["notes"]))?), TOKEN_INVALID);
+
+    let mut socket = Socket::open(&a, &token_a)?;
+    let subscribed = socket.call("kb_subscribe", json!(["notes"]))?;
+    let id = subscribed["result"].as_str().with_context(|| format!("no subscription id: {subscribed}"))?.to_string();
+    // Both replicas must see each other on the core's topic before B's write can reach A.
+    wait_until("the two replicas to meet", Duration::from_secs(60), || {
+        let cores = a.call("core_ls", Value::Null)?;
+        Ok(cores.as_array().into_iter().flatten().any(|c| c["address"] == address && c["replicas"].as_u64().unwrap_or(0) >= 1))
+    })?;
+    ok(&b, Some(&token_b), "kb_setData", json!(["notes", "from-b", "written on b"]))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let note = socket.notification(Duration::from_secs(30))?;
+        assert_eq!(note["method"], "kb_subscription");
+        assert_eq!(note["params"]["subscription"], id);
+        if note["params"]["result"]["value"]["from-b"] == "written on b" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("B's write never reached A's subscriber; last: {note}");
+        }
+    }
+    let unsubscribed = socket.call("kb_unsubscribe", json!([id]))?;
+    assert_eq!(unsubscribed["result"], true);
+    Ok(())
+}
