@@ -54,7 +54,7 @@ fn oversized(node: &TestNode) -> anyhow::Result<(u16, Value)> {
     std::thread::spawn(move || writer.write_all(&vec![b' '; 3 << 20]));
     let mut answer = String::new();
     let mut buffer = [0u8; 4096];
-    while !answer.split("\r\n\r\n").nth(1).is_some_and(|body| serde_json::from_str::<Value>(body).is_ok()) {
+    while answer.split("\r\n\r\n").nth(1).is_none_or(|body| serde_json::from_str::<Value>(body).is_err()) {
         let n = stream.read(&mut buffer)?;
         if n == 0 {
             break;

@@ -54,9 +54,8 @@ async fn serve(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let request = RequestInfo { headers: &headers, query_token: None, core: core.as_deref(), peer: peer.0 };
-    let caller = match state.gate.caller(&request) {
-        Ok(caller) => caller,
-        Err(refusal) => return refusal,
+    let Some(caller) = state.gate.caller(&request) else {
+        return super::unauthorized();
     };
     let body = match body {
         Ok(body) => body,

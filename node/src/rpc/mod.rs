@@ -228,17 +228,12 @@ pub struct RequestInfo<'a> {
 }
 
 impl Gate {
-    /// The caller of a request, or the refusal to send back before anything runs.
-    pub fn caller(&self, request: &RequestInfo<'_>) -> Result<registry::Caller, axum::response::Response> {
+    /// The caller of a request; `None` when it must be refused (HTTP 401, [`unauthorized`])
+    /// before anything runs.
+    pub fn caller(&self, request: &RequestInfo<'_>) -> Option<registry::Caller> {
         match self {
-            Gate::Admin { secret } => {
-                if authorized(request.headers, request.query_token, secret) {
-                    Ok(registry::Caller::Admin)
-                } else {
-                    Err(unauthorized())
-                }
-            }
-            Gate::App(app) => app.caller(request),
+            Gate::Admin { secret } => authorized(request.headers, request.query_token, secret).then_some(registry::Caller::Admin),
+            Gate::App(app) => Some(app.caller(request)),
         }
     }
 }
@@ -305,7 +300,7 @@ pub fn bearer<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Optio
 }
 
 /// The refusal of a call without the right secret (HTTP 401).
-fn unauthorized() -> axum::response::Response {
+pub(crate) fn unauthorized() -> axum::response::Response {
     use axum::response::IntoResponse;
     let error = RpcError::new(
         code::UNAUTHORIZED,

@@ -123,9 +123,8 @@ fn open(
     };
     let query_token = query.as_ref().ok().and_then(|q| q.access_token.as_deref());
     let request = RequestInfo { headers: &headers, query_token, core: core.as_deref(), peer: peer.0 };
-    let caller = match state.gate.caller(&request) {
-        Ok(caller) => caller,
-        Err(refusal) => return refusal,
+    let Some(caller) = state.gate.caller(&request) else {
+        return super::unauthorized();
     };
     let Ok(permit) = state.websockets.permits.clone().try_acquire_owned() else {
         let error = RpcError::new(code::LIMIT_REACHED, format!("the node serves at most {MAX_CONNECTIONS} WebSocket connections; try again later"));

@@ -97,13 +97,13 @@ impl App {
 
     /// Who calls: never refused here, since the public methods need nothing; the token (if
     /// any) is checked by [`App::authorize`] on every call that needs one.
-    pub fn caller(&self, request: &RequestInfo<'_>) -> Result<Caller, axum::response::Response> {
-        Ok(Caller::App(AppCaller {
+    pub fn caller(&self, request: &RequestInfo<'_>) -> Caller {
+        Caller::App(AppCaller {
             token: super::bearer(request.headers, request.query_token).filter(|t| !t.is_empty()).map(Arc::from),
             domain: origin_domain(request.headers),
             core: request.core.map(Arc::from),
             ip: request.peer.map(|p| p.ip()),
-        }))
+        })
     }
 
     /// Checks the caller's token for a method that needs `capability` (on `namespace`, when
