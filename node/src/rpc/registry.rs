@@ -347,6 +347,7 @@ mod tests {
                 "node" => &["rpc.", "node_", "swarm_", "dht_"],
                 "content" => &["content_", "pin_", "repo_", "dag_"],
                 "core" => &["core_"],
+                "msg" => &["msg_"],
                 other => panic!("a namespace this test does not know: {other}"),
             }
         };
