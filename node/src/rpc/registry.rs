@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn every_schema_in_the_tables_is_valid_json() {
-        for m in ADMIN.methods() {
+        for m in ADMIN.methods().chain(APP.methods()) {
             assert!(serde_json::from_str::<Value>(m.result).is_ok(), "{}", m.name);
             for p in m.params {
                 assert!(serde_json::from_str::<Value>(p.schema).is_ok(), "{}.{}", m.name, p.name);
@@ -348,27 +348,43 @@ mod tests {
                 "content" => &["content_", "pin_", "repo_", "dag_"],
                 "core" => &["core_"],
                 "msg" => &["msg_"],
+                "kb" => &["rpc.", "kb_"],
                 other => panic!("a namespace this test does not know: {other}"),
             }
         };
-        let mut seen = std::collections::HashSet::new();
-        for ns in ADMIN.namespaces {
-            for m in ns.methods {
-                assert!(seen.insert(m.name), "{} is in the tables twice", m.name);
-                assert!(prefixes(ns.name).iter().any(|p| m.name.starts_with(p)), "{} is in the {} table", m.name, ns.name);
+        for registry in [&ADMIN, &APP] {
+            let mut seen = std::collections::HashSet::new();
+            for ns in registry.namespaces {
+                for m in ns.methods {
+                    assert!(seen.insert(m.name), "{} is in the tables twice", m.name);
+                    assert!(prefixes(ns.name).iter().any(|p| m.name.starts_with(p)), "{} is in the {} table", m.name, ns.name);
+                }
             }
+        }
+        // The endpoints share no method but rpc.discover: an admin method is never an app one.
+        for m in APP.methods().filter(|m| m.name != "rpc.discover") {
+            assert!(ADMIN.find(m.name).is_none(), "{} is on both endpoints", m.name);
+            assert_ne!(m.auth, Auth::Admin, "{} needs the admin secret on the app endpoint", m.name);
         }
     }
 
     #[test]
     fn rpc_discover_lists_exactly_the_rows_of_the_tables() {
-        let doc = ADMIN.openrpc();
+        for registry in [&ADMIN, &APP] {
+            check_discover(registry);
+        }
+        let codes = APP.openrpc()["components"]["errors"].as_object().map(|e| e.len()).unwrap_or(0);
+        assert_eq!(codes, code::ALL.len() + super::super::app::code::ALL.len(), "the app endpoint documents its own codes too");
+    }
+
+    fn check_discover(registry: &'static Registry) {
+        let doc = registry.openrpc();
         let listed: Vec<&str> = doc["methods"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
-        let rows: Vec<&str> = ADMIN.methods().map(|m| m.name).collect();
+        let rows: Vec<&str> = registry.methods().map(|m| m.name).collect();
         assert_eq!(listed, rows);
         for m in doc["methods"].as_array().into_iter().flatten() {
             let name = m["name"].as_str().unwrap_or_default();
-            let row = ADMIN.find(name).unwrap_or_else(|| panic!("{name} is listed but not found"));
+            let row = registry.find(name).unwrap_or_else(|| panic!("{name} is listed but not found"));
             assert_eq!(m["x-auth"], row.auth.describe());
             assert_eq!(m["params"].as_array().map(Vec::len), Some(row.params.len()), "{name}");
             if let Kind::Subscribe { notification } = row.kind {
