@@ -27,6 +27,7 @@ const TOKEN_INVALID: i64 = -32037;
 const TOKEN_WRONG_CORE: i64 = -32039;
 const CAPABILITY_MISSING: i64 = -32040;
 const OWNER_NOT_ALLOWED: i64 = -32042;
+const QUOTA_EXCEEDED: i64 = -32041;
 
 /// Posts a raw body to the app API of `node` (at `path`), with a token and an `Origin`.
 fn post_raw(node: &TestNode, path: &str, token: Option<&str>, body: &str) -> anyhow::Result<(u16, Value)> {
@@ -273,5 +274,60 @@ fn a_change_written_on_another_replica_reaches_a_subscriber_and_tokens_stay_with
     }
     let unsubscribed = socket.call("kb_unsubscribe", json!([id]))?;
     assert_eq!(unsubscribed["result"], true);
+    Ok(())
+}
+
+#[test]
+fn a_hosted_node_keeps_wallets_apart_and_a_quota_refuses_one_without_touching_others() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("host");
+    common::kubelt_ok(&repo, &["init"])?;
+    for (from, to) in [
+        ("cores = 1000", "cores = 2"),
+        ("requests_per_minute = 6000", "requests_per_minute = 5"),
+        ("websockets_per_token = 8", "websockets_per_token = 1"),
+        ("logins_per_minute_per_ip = 20", "logins_per_minute_per_ip = 4"),
+    ] {
+        common::edit_config(&repo, from, to)?;
+    }
+    let node = TestNode::start_on(&repo, "host", &["--hosted"])?;
+    let (one, two, three) = (DevWallet::random(), DevWallet::random(), DevWallet::random());
+    let caps = json!({"notes": ["read", "write"]});
+    // Any wallet signs in on a hosted node, each into its own core.
+    let t1 = token_of(&login(&node, &one, caps.clone())?)?;
+    let t2 = token_of(&login(&node, &two, caps.clone())?)?;
+    ok(&node, Some(&t1), "kb_setData", json!(["notes", "mine", "one's"]))?;
+    assert_eq!(ok(&node, Some(&t2), "kb_getData", json!(["notes", "mine"]))?["value"], Value::Null, "two reads its own core");
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "kb_getData", "params": ["notes"]}).to_string();
+    let (_, across) = post_raw(&node, &format!("@{}", one.address().to_checksum()), Some(&t2), &body)?;
+    assert_eq!(code_of(&across), TOKEN_WRONG_CORE, "{across}");
+
+    // Cores per node: a third wallet is refused, and holds nothing here.
+    let started = ok(&node, None, "kb_getNonce", json!([three.address().to_checksum(), caps]))?;
+    let signature = hex_sig(&three, started["message"].as_str().context("message")?)?;
+    let full = call(&node, None, "kb_verifyNonce", json!([started["nonce"], signature]))?;
+    assert_eq!(code_of(&full), QUOTA_EXCEEDED, "{full}");
+    assert!(full["error"]["message"].as_str().unwrap_or("").contains("cores"), "{full}");
+    // Logins per minute from one address: the fourth is the last.
+    ok(&node, None, "kb_getNonce", json!([one.address().to_checksum(), {"notes": ["read"]}]))?;
+    let flood = call(&node, None, "kb_getNonce", json!([one.address().to_checksum(), {"notes": ["read"]}]))?;
+    assert_eq!(code_of(&flood), QUOTA_EXCEEDED, "{flood}");
+    assert!(flood["error"]["message"].as_str().unwrap_or("").contains("logins"), "{flood}");
+
+    // Calls per minute per core: one's fifth call (a write and four reads) is its last; two is
+    // not affected.
+    for _ in 0..4 {
+        ok(&node, Some(&t1), "kb_getData", json!(["notes"]))?;
+    }
+    let over = call(&node, Some(&t1), "kb_getData", json!(["notes"]))?;
+    assert_eq!(code_of(&over), QUOTA_EXCEEDED, "{over}");
+    ok(&node, Some(&t2), "kb_getData", json!(["notes"]))?;
+
+    // WebSocket connections per token: a second is refused until the first closes.
+    let first = Socket::open(&node, &t2)?;
+    let second = Socket::open(&node, &t2).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(second.contains("429"), "a second connection of the token was not refused: {second}");
+    drop(first);
+    wait_until("the closed connection to be released", Duration::from_secs(10), || Ok(Socket::open(&node, &t2).is_ok()))?;
     Ok(())
 }
