@@ -331,3 +331,34 @@ fn a_hosted_node_keeps_wallets_apart_and_a_quota_refuses_one_without_touching_ot
     wait_until("the closed connection to be released", Duration::from_secs(10), || Ok(Socket::open(&node, &t2).is_ok()))?;
     Ok(())
 }
+
+#[test]
+fn objects_are_pinned_content_recorded_in_the_core_with_every_version_readable() -> anyhow::Result<()> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let node = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    let token = token_of(&login(&node, &owner, json!({"files": ["read", "write"]}))?)?;
+    let t = Some(token.as_str());
+    let first = ok(&node, t, "kb_putObject", json!(["files", "doc", b64.encode("version one"), {"contentType": "text/plain"}]))?;
+    let second = ok(&node, t, "kb_putObject", json!({"namespace": "files", "path": "doc", "data": b64.encode("version two!"), "options": {"visibility": "private"}}))?;
+    assert_eq!((first["version"].as_u64(), first["size"].as_u64()), (Some(1), Some(11)));
+    assert_eq!((second["version"].as_u64(), second["size"].as_u64()), (Some(2), Some(12)));
+    let latest = ok(&node, t, "kb_getObject", json!(["files", "doc"]))?;
+    assert_eq!(b64.decode(latest["data"].as_str().context("data")?)?, b"version two!");
+    assert_eq!(latest["cid"], second["cid"]);
+    let old = ok(&node, t, "kb_getObject", json!(["files", "doc", {"version": 1}]))?;
+    assert_eq!(b64.decode(old["data"].as_str().context("data")?)?, b"version one");
+    assert_eq!(old["contentType"], "text/plain");
+    // The bytes are content of this node, pinned, under the CID the core records.
+    let cid = first["cid"].as_str().context("cid")?;
+    let cat = node.call("content_cat", json!([cid]))?;
+    assert_eq!(b64.decode(cat["data_base64"].as_str().context("cat")?)?, b"version one");
+    let pins = node.call("pin_ls", Value::Null)?.to_string();
+    assert!(pins.contains(cid) && pins.contains(second["cid"].as_str().unwrap_or("?")), "{pins}");
+    let record = node.call("core_get", json!([address, "files", "doc"]))?;
+    assert_eq!(record["versions"].as_array().map(Vec::len), Some(2), "{record}");
+    Ok(())
+}

@@ -51,12 +51,12 @@ async fn resolved(state: &ApiState, params: &Params) -> Result<(String, NetworkB
     Ok((path, source, cid))
 }
 
-async fn network(state: &ApiState) -> Result<NetworkBlocks, RpcError> {
+pub(super) async fn network(state: &ApiState) -> Result<NetworkBlocks, RpcError> {
     NetworkBlocks::new(state.store.clone(), state.client.clone()).await.map_err(RpcError::node)
 }
 
 /// Runs a blocking store operation off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, RpcError> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, RpcError> {
     tokio::task::spawn_blocking(f).await.map_err(RpcError::node)?.map_err(|e| RpcError::node(format!("{e:#}")))
 }
 

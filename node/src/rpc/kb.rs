@@ -136,6 +136,39 @@ pub static NAMESPACE: Namespace = Namespace {
             },
         },
         Method {
+            name: "kb_putObject",
+            summary: "Stores bytes as IPFS content (pinned) and records CID, version, size and type at namespace/path; \
+                      earlier versions stay readable.",
+            params: &[
+                Param { name: "namespace", schema: STRING, required: true, summary: "a namespace the token may write" },
+                Param { name: "path", schema: STRING, required: true, summary: "a/b/c inside the namespace" },
+                Param { name: "data", schema: STRING, required: true, summary: "the bytes, base64" },
+                Param {
+                    name: "options",
+                    schema: r#"{"type":"object","properties":{"visibility":{"enum":["public","private"]},"contentType":{"type":"string"}}}"#,
+                    required: false,
+                    summary: "visibility (private: not announced in the DHT; not encrypted) and contentType",
+                },
+            ],
+            result: r#"{"type":"object","properties":{"version":{"type":"integer"},"size":{"type":"integer"},"cid":{"type":"string"}}}"#,
+            auth: Auth::App(Capability::Write),
+            kind: Kind::Call,
+            handler: |ctx, p| Box::pin(super::objects::put(ctx, p)),
+        },
+        Method {
+            name: "kb_getObject",
+            summary: "Reads an object stored with kb_putObject: the latest version, or options.version.",
+            params: &[
+                Param { name: "namespace", schema: STRING, required: true, summary: "a namespace the token may read" },
+                Param { name: "path", schema: STRING, required: true, summary: "a/b/c inside the namespace" },
+                Param { name: "options", schema: r#"{"type":"object","properties":{"version":{"type":"integer"}}}"#, required: false, summary: "version (default: the latest)" },
+            ],
+            result: r#"{"type":"object","properties":{"data":{"type":"string"},"version":{"type":"integer"},"cid":{"type":"string"},"contentType":{"type":"string"}}}"#,
+            auth: Auth::App(Capability::Read),
+            kind: Kind::Call,
+            handler: |ctx, p| Box::pin(super::objects::get(ctx, p)),
+        },
+        Method {
             name: "kb_subscribe",
             summary: "Notifies every change to a namespace of the core from now on (this app, another app, another \
                       replica): {namespace, value, applied}, the namespace's value after the change.",

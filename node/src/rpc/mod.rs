@@ -51,6 +51,7 @@ mod http;
 pub mod jsonrpc;
 mod kb;
 mod node;
+mod objects;
 pub mod registry;
 pub mod ws;
 mod msg;
