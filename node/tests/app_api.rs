@@ -362,3 +362,63 @@ fn objects_are_pinned_content_recorded_in_the_core_with_every_version_readable()
     assert_eq!(record["versions"].as_array().map(Vec::len), Some(2), "{record}");
     Ok(())
 }
+
+/// The app API benchmark (`scripts/bench.sh app`; ignored in the test run): `kb_setData` and
+/// then `kb_getData` from 16 concurrent clients (keep-alive HTTP, one thread each) on loopback
+/// for `KUBELT_BENCH_SECS` seconds each (default 10); prints requests/s, p50 and p99.
+#[test]
+#[ignore = "a benchmark: scripts/bench.sh app"]
+fn bench_app_api_16_clients() -> anyhow::Result<()> {
+    const CLIENTS: usize = 16;
+    let seconds: u64 = std::env::var("KUBELT_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let repo = dir.path().join("bench");
+    common::kubelt_ok(&repo, &["init"])?;
+    // The per-core call quota would otherwise be what is measured.
+    common::edit_config(&repo, "requests_per_minute = 6000", "requests_per_minute = 100000000")?;
+    let node = TestNode::start_on(&repo, "bench", &["--owner", &address])?;
+    let token = token_of(&login(&node, &owner, json!({"bench": ["read", "write"]}))?)?;
+    let url = node.app_url().to_string();
+    for (method, write) in [("kb_setData", true), ("kb_getData", false)] {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                let (url, token) = (url.clone(), token.clone());
+                std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+                    let mut latencies = Vec::new();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let params = if write { json!(["bench", format!("c{client}/k{}", n % 64), n]) } else { json!(["bench", format!("c{client}/k{}", n % 64)]) };
+                        let body = json!({"jsonrpc": "2.0", "id": n, "method": method, "params": params}).to_string();
+                        let started = Instant::now();
+                        let reply: Value = agent.post(&url).set("Authorization", &format!("Bearer {token}")).send_string(&body)?.into_json()?;
+                        latencies.push(started.elapsed());
+                        if reply.get("error").is_some() {
+                            bail!("{method} failed: {reply}");
+                        }
+                        n += 1;
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for worker in workers {
+            all.extend(worker.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
+        }
+        all.sort();
+        let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        println!(
+            "app API {method}: {} clients, {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms ({} requests)",
+            CLIENTS,
+            all.len() as f64 / seconds as f64,
+            at(0.50).as_secs_f64() * 1e3,
+            at(0.99).as_secs_f64() * 1e3,
+            all.len()
+        );
+    }
+    Ok(())
+}
