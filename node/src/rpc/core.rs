@@ -212,7 +212,7 @@ async fn delegation(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
 /// that the node's buffer overwrote events it had not read, or the node stopped, the stream
 /// ends with an error that says so: a subscriber never believes it saw every change when it
 /// did not.
-fn updates(events: broadcast::Receiver<NodeEvent>, core: Option<Address>) -> BoxStream<'static, Result<Value, RpcError>> {
+pub(super) fn updates(events: broadcast::Receiver<NodeEvent>, core: Option<Address>) -> BoxStream<'static, Result<Value, RpcError>> {
     futures::stream::unfold(Some(events), move |receiver| async move {
         let mut receiver = receiver?;
         loop {

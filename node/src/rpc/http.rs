@@ -25,25 +25,16 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
     }
 }
 
+/// `POST /`, and on the app endpoint also `POST /@<core>` for clients that name the core in
+/// the path (as the original Kubelt API did): a token of another core is then refused.
 pub(super) async fn post(
     State(state): State<ApiState>,
+    core: Option<Path<String>>,
     peer: PeerAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(state, peer, headers, None, body).await
-}
-
-/// `POST /@<core>`: the same, for clients that name the core in the path (as the original
-/// Kubelt API did); a token of another core is refused.
-pub(super) async fn post_core(
-    State(state): State<ApiState>,
-    Path(core): Path<String>,
-    peer: PeerAddr,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    serve(state, peer, headers, Some(core), body).await
+    serve(state, peer, headers, core.map(|Path(core)| core), body).await
 }
 
 async fn serve(

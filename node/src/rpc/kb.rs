@@ -4,10 +4,9 @@
 
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
 use kubelt_protocol::core::{delegation, login_message, owner_statement, Address, DelegationError, Login, LoginRequest};
-use kubelt_protocol::node::{Client, NodeEvent};
+use kubelt_protocol::node::Client;
 
 use super::app::{self, code as app_code, App, AppCaller};
 use super::registry::{string, Auth, Capability, Caller, Ctx, Kind, Method, Namespace, Param, Params};
@@ -23,15 +22,7 @@ pub static NAMESPACE: Namespace = Namespace {
     name: "kb",
     summary: "Apps: sign in with a wallet, then read, write and watch the signed-in core.",
     methods: &[
-        Method {
-            name: "rpc.discover",
-            summary: "This API's OpenRPC document.",
-            params: &[],
-            result: r#"{"type":"object"}"#,
-            auth: Auth::Public,
-            kind: Kind::Call,
-            handler: |ctx, _| Box::pin(async move { Ok(ctx.registry.openrpc()) }),
-        },
+        super::registry::DISCOVER,
         Method {
             name: "kb_ping",
             summary: "Answers \"pong\": the node is up.",
@@ -307,34 +298,18 @@ async fn verify_nonce(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     Ok(json!({ "token": token, "expires": claims.exp, "address": checksum, "capabilities": app::capabilities_json(&reads, &writes) }))
 }
 
-/// The notifications of a `kb_subscribe`: after every update of `core`, the namespace's value,
-/// re-read. Ends with an error when the subscriber fell behind the node's events, or the node
-/// stopped (as `core_subscribe` does).
+/// The notifications of a `kb_subscribe`: after every update of `core` (the stream of
+/// `core_subscribe`, which ends with an error when the subscriber fell behind or the node
+/// stopped), the namespace's value, re-read.
 fn changes(client: Client, core: Address, namespace: String) -> BoxStream<'static, Result<Value, RpcError>> {
-    let events = client.events();
-    futures::stream::unfold(Some((events, client)), move |state| {
-        let namespace = namespace.clone();
-        async move {
-            let (mut receiver, client) = state?;
-            loop {
-                let ended = match receiver.recv().await {
-                    Ok(NodeEvent::CoreUpdated(update)) if update.core == core => {
-                        let item = match client.cores().get(core, namespace.clone(), String::new()).await {
-                            Ok(value) => Ok(json!({ "namespace": namespace, "value": value, "applied": update.applied })),
-                            Err(e) => Err(RpcError::core(e)),
-                        };
-                        let last = item.is_err();
-                        return Some((item, (!last).then_some((receiver, client))));
-                    }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        format!("subscription ended: it fell {missed} events behind the node; re-read and subscribe again")
-                    }
-                    Err(broadcast::error::RecvError::Closed) => "subscription ended: the node stopped".to_string(),
-                };
-                return Some((Err(RpcError::new(code::SUBSCRIPTION_ENDED, ended)), None));
+    super::core::updates(client.events(), Some(core))
+        .then(move |update| {
+            let (client, namespace) = (client.clone(), namespace.clone());
+            async move {
+                let applied = update?["applied"].take();
+                let value = client.cores().get(core, namespace.clone(), String::new()).await.map_err(RpcError::core)?;
+                Ok(json!({ "namespace": namespace, "value": value, "applied": applied }))
             }
-        }
-    })
-    .boxed()
+        })
+        .boxed()
 }

@@ -12,15 +12,7 @@ pub static NAMESPACE: Namespace = Namespace {
     name: "node",
     summary: "The node itself: identity, status, peers, DHT; and this document.",
     methods: &[
-        Method {
-            name: "rpc.discover",
-            summary: "This API's OpenRPC document.",
-            params: &[],
-            result: r#"{"type":"object"}"#,
-            auth: Auth::Admin,
-            kind: Kind::Call,
-            handler: |ctx, _| Box::pin(async move { Ok(ctx.registry.openrpc()) }),
-        },
+        super::registry::DISCOVER,
         Method {
             name: "node_id",
             summary: "The node's peer id, listen addresses (with /p2p/ suffix), agent version and protocols.",

@@ -146,6 +146,17 @@ pub static APP: Registry = Registry {
     errors: &[code::ALL, super::app::code::ALL],
 };
 
+/// `rpc.discover`: every endpoint's first row, describing that endpoint's own registry.
+pub const DISCOVER: Method = Method {
+    name: "rpc.discover",
+    summary: "This API's OpenRPC document.",
+    params: &[],
+    result: r#"{"type":"object"}"#,
+    auth: Auth::Public,
+    kind: Kind::Call,
+    handler: |ctx, _| Box::pin(async move { Ok(ctx.registry.openrpc()) }),
+};
+
 /// What a handler can reach during one call.
 #[derive(Clone)]
 pub struct Ctx {

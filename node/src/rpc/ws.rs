@@ -86,27 +86,17 @@ pub(super) struct UpgradeQuery {
     access_token: Option<String>,
 }
 
-/// `GET /`: checks the caller's credentials (the endpoint's gate) and upgrades to a WebSocket.
+/// `GET /` (and `GET /@<core>` on the app endpoint): checks the caller's credentials (the
+/// endpoint's gate) and upgrades to a WebSocket.
 pub(super) async fn upgrade(
     State(state): State<ApiState>,
+    core: Option<Path<String>>,
     peer: super::http::PeerAddr,
     headers: HeaderMap,
     query: Result<Query<UpgradeQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    open(state, peer, headers, None, query, upgrade)
-}
-
-/// `GET /@<core>`: the same, naming the core in the path.
-pub(super) async fn upgrade_core(
-    State(state): State<ApiState>,
-    Path(core): Path<String>,
-    peer: super::http::PeerAddr,
-    headers: HeaderMap,
-    query: Result<Query<UpgradeQuery>, axum::extract::rejection::QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    open(state, peer, headers, Some(core), query, upgrade)
+    open(state, peer, headers, core.map(|Path(core)| core), query, upgrade)
 }
 
 fn open(

@@ -191,7 +191,7 @@ pub fn router(state: ApiState) -> Router {
     };
     Router::new()
         .route("/", post(http::post).get(ws::upgrade))
-        .route("/@{core}", post(http::post_core).get(ws::upgrade_core))
+        .route("/@{core}", post(http::post).get(ws::upgrade))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(cors)
