@@ -274,6 +274,15 @@ fn a_change_written_on_another_replica_reaches_a_subscriber_and_tokens_stay_with
     }
     let unsubscribed = socket.call("kb_unsubscribe", json!([id]))?;
     assert_eq!(unsubscribed["result"], true);
+
+    // A subscription lives no longer than its token: after kb_logout, the next change ends it.
+    let again = socket.call("kb_subscribe", json!(["notes"]))?;
+    let id = again["result"].as_str().with_context(|| format!("no subscription id: {again}"))?.to_string();
+    assert_eq!(socket.call("kb_logout", Value::Null)?["result"], true);
+    ok(&b, Some(&token_b), "kb_setData", json!(["notes", "after-logout", 1]))?;
+    let last = socket.notification(Duration::from_secs(60))?;
+    assert_eq!((&last["params"]["subscription"], &last["params"]["error"]["code"]), (&json!(id), &json!(TOKEN_REVOKED)), "{last}");
+    assert_eq!(code_of(&socket.call("kb_getData", json!(["notes"]))?), TOKEN_REVOKED, "calls on the socket check the token too");
     Ok(())
 }
 

@@ -170,7 +170,10 @@ pub static NAMESPACE: Namespace = Namespace {
             handler: |ctx, p| {
                 Box::pin(async move {
                     let namespace = string(&p, "namespace")?.to_string();
-                    let stream = changes(ctx.state.client.clone(), ctx.grant()?.core, namespace);
+                    let grant = ctx.grant()?;
+                    let stream = changes(ctx.state.client.clone(), grant.core, namespace);
+                    let Gate::App(app) = &ctx.state.gate else { return Err(RpcError::new(code::INTERNAL_ERROR, "kb_subscribe off the app endpoint")) };
+                    let stream = while_token_valid(stream, app.clone(), grant.claims.clone());
                     ctx.session()?.subscribe(NOTIFICATION, stream).map(Value::from)
                 })
             },
@@ -296,6 +299,26 @@ async fn verify_nonce(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     };
     let token = app.tokens.issue(&claims)?;
     Ok(json!({ "token": token, "expires": claims.exp, "address": checksum, "capabilities": app::capabilities_json(&reads, &writes) }))
+}
+
+/// A subscription lives no longer than its token: it ends with -32035 when the token expires,
+/// and with -32036 at the first change after the token was revoked (`kb_logout`).
+fn while_token_valid(
+    stream: BoxStream<'static, Result<Value, RpcError>>,
+    app: std::sync::Arc<App>,
+    claims: app::token::Claims,
+) -> BoxStream<'static, Result<Value, RpcError>> {
+    let left = claims.exp.saturating_sub(time::OffsetDateTime::now_utc().unix_timestamp()).max(0);
+    let expiry = futures::stream::once(tokio::time::sleep(std::time::Duration::from_secs(left as u64)))
+        .map(|()| Err(RpcError::new(app_code::TOKEN_EXPIRED, "subscription ended: the token expired; sign in again")));
+    let checked = stream.map(move |item| {
+        if app.tokens.is_revoked(&claims.jti) {
+            Err(RpcError::new(app_code::TOKEN_REVOKED, "subscription ended: the token was revoked (kb_logout)"))
+        } else {
+            item
+        }
+    });
+    futures::stream::select(checked, expiry).boxed()
 }
 
 /// The notifications of a `kb_subscribe`: after every update of `core` (the stream of

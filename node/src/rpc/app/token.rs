@@ -113,10 +113,15 @@ impl Tokens {
                 _ => RpcError::new(code::TOKEN_INVALID, format!("not a token of this node: {e}")),
             })?
             .claims;
-        if self.revoked.lock().map(|r| r.contains_key(&claims.jti)).unwrap_or(true) {
+        if self.is_revoked(&claims.jti) {
             return Err(RpcError::new(code::TOKEN_REVOKED, "the token was revoked (kb_logout): sign in again"));
         }
         Ok(claims)
+    }
+
+    /// Whether the token with this id was revoked.
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked.lock().map(|r| r.contains_key(jti)).unwrap_or(true)
     }
 
     /// Revokes a token for good (persisted before this returns).
