@@ -4,6 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
+    // kubelt.core.v1 on its own first: the pass below names it an extern path, and prost
+    // generates no code for an extern package, so without this pass a fresh build has no
+    // kubelt.core.v1.rs (an old one left in OUT_DIR hid that).
+    prost_build::Config::new().bytes(["."]).compile_fds(protox::compile(["proto/core.proto"], ["proto"])?)?;
     let descriptors = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
