@@ -47,6 +47,9 @@ pub(crate) enum Command {
 pub enum NodeEvent {
     /// Changes entered a core's document on this node (local writes, gossip, catch-up).
     CoreUpdated(CoreUpdate),
+    /// A change that `from` sent (by gossip or catch-up) failed verification: it was dropped,
+    /// and gossipsub does not forward it.
+    ChangeRejected { core: crate::core::Address, from: libp2p::PeerId, reason: crate::core::Rejected },
     /// The first connection with a peer opened.
     PeerConnected { peer: libp2p::PeerId },
     /// The last connection with a peer closed.
