@@ -16,13 +16,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_and_a_follower_converge_to_identical_heads() -> anyhow::Result<()> {
     common::init_tracing();
-    let cluster = Cluster::start(3).await?;
+    let cluster = common::two_writers_and_a_follower().await?;
     let (a, b, c) = (0, 1, 2);
-    cluster.connect(b, a).await?;
-    cluster.connect(c, a).await?;
-    cluster.delegate(a).await?;
-    cluster.delegate(b).await?;
-    cluster.follow(c).await?;
 
     // Concurrent writes to the same namespace, including the same key.
     let writes = |node: usize, name: &'static str| {

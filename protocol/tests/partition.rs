@@ -126,13 +126,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_heals_with_no_manual_step() -> anyhow::Result<()> {
     common::init_tracing();
-    let mut cluster = Cluster::start(3).await?;
+    let mut cluster = common::two_writers_and_a_follower().await?;
     let (a, b, c) = (0, 1, 2);
-    cluster.connect(b, a).await?;
-    cluster.connect(c, a).await?;
-    cluster.delegate(a).await?;
-    cluster.delegate(b).await?;
-    cluster.follow(c).await?;
     cluster.set(a, "before", json!(true)).await?;
     cluster.converged(&[a, b, c], QUICK).await?;
 

@@ -18,3 +18,14 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Three nodes of one core: 0 and 1 delegated writers, 2 a follower, 1 and 2 connected to 0.
+pub async fn two_writers_and_a_follower() -> anyhow::Result<kubelt_protocol::testing::Cluster> {
+    let cluster = kubelt_protocol::testing::Cluster::start(3).await?;
+    cluster.connect(1, 0).await?;
+    cluster.connect(2, 0).await?;
+    cluster.delegate(0).await?;
+    cluster.delegate(1).await?;
+    cluster.follow(2).await?;
+    Ok(cluster)
+}
