@@ -173,8 +173,8 @@ bootstrap_interval_secs = {bootstrap_interval}
 fetch_timeout_secs = {fetch_timeout}
 
 [api]
-# HOST:PORT of the JSON-RPC admin API and /metrics. Keep it on loopback: calls are guarded by
-# the secret in <repo>/api.cookie, /metrics is open.
+# HOST:PORT of the JSON-RPC admin API (HTTP POST / and WebSocket GET /) and /metrics. Keep it
+# on loopback: calls are guarded by the secret in <repo>/api.cookie, /metrics is open.
 listen = "{api}"
 # The API answers only requests whose Host is localhost, 127.0.0.1, [::1] or the listen
 # address (with any port), so that no web page reaches it through DNS rebinding. Add the

@@ -12,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::rpc::ApiState;
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
@@ -53,6 +55,10 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
         changes.get_or_create(&labels).set(core.changes as i64);
         replicas.get_or_create(&labels).set(core.replicas as i64);
     }
+    let websockets = &state.websockets;
+    gauge(&mut registry, "api_websocket_connections", "WebSocket connections to the API open now", websockets.open() as u64);
+    gauge(&mut registry, "api_websocket_subscriptions", "Subscriptions held by WebSocket connections", websockets.subscriptions.load(Relaxed) as u64);
+    counter(&mut registry, "api_websocket_closed_too_slow", "WebSocket connections closed because the client did not read", websockets.closed_too_slow.load(Relaxed));
     registry.register("core_changes", "Changes in a core's document", changes);
     registry.register("core_replicas_online", "Peers online that hold the core", replicas);
     let mut text = String::new();

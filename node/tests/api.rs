@@ -245,7 +245,8 @@ fn metrics_move_with_peers_transfers_and_core_writes() -> anyhow::Result<()> {
     let replicas = format!("kubelt_core_replicas_online{{core=\"{address}\"}}");
     for node in [&a, &b] {
         wait_for_sample(node, "kubelt_cores_held", |v| v == 1.0)?;
-        wait_for_sample(node, &changes, |v| v == 3.0)?;
+        // The three writes, and a's device key (a writer publishes its messaging key).
+        wait_for_sample(node, &changes, |v| v == 4.0)?;
         wait_for_sample(node, &replicas, |v| v == 1.0)?;
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! - [`dag_pb`]: dag-pb `PBNode`/`PBLink`, for decoding only (encode by hand, see DESIGN.md).
 //! - [`unixfs`]: the UnixFS `Data` message.
 //! - [`core`]: signed core changes and the core-sync request/response.
+//! - [`msg`]: messages between cores and `/kubelt/msg/1.0.0`.
 
 /// Bitswap message (`bitswap.message.pb`).
 pub mod bitswap {
@@ -23,6 +24,11 @@ pub mod unixfs {
 /// Kubelt core messages (`kubelt.core.v1`).
 pub mod core {
     include!(concat!(env!("OUT_DIR"), "/kubelt.core.v1.rs"));
+}
+
+/// Kubelt messages between cores (`kubelt.msg.v1`).
+pub mod msg {
+    include!(concat!(env!("OUT_DIR"), "/kubelt.msg.v1.rs"));
 }
 
 pub use prost::Message;

@@ -52,13 +52,23 @@ pub enum CarError {
     UnsupportedVersion(u64),
     /// A section could not be parsed.
     #[error("invalid CAR section at byte {offset}: {reason}")]
-    InvalidSection { offset: u64, reason: String },
+    InvalidSection {
+        /// Where the section starts in the CAR.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A block's bytes do not hash to its CID.
     #[error("hash mismatch for {0}: the CAR block's bytes do not hash to its CID")]
     HashMismatch(Cid),
     /// A block uses a hash function the node cannot check.
     #[error("cannot verify {cid}: {reason}")]
-    Unverifiable { cid: Cid, reason: String },
+    Unverifiable {
+        /// The block.
+        cid: Cid,
+        /// Why its hash cannot be checked.
+        reason: String,
+    },
     /// Exporting needed a block that could not be read or walked.
     #[error(transparent)]
     Dag(Box<UnixfsError>),

@@ -21,5 +21,6 @@ pub mod unixfs;
 pub mod car;
 pub mod core;
 pub mod sync;
+pub mod msg;
 #[doc(hidden)]
 pub mod testing;

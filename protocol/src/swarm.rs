@@ -95,30 +95,50 @@ impl Config {
     }
 }
 
-/// Every protocol a Kubelt node speaks.
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    /// Peers this node refuses: their connections are closed and new ones denied, in both
-    /// directions, until unblocked (see [`crate::node::Client::block_peer`]).
-    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    /// Caps connections so a flood of dials cannot exhaust the node.
-    pub limits: connection_limits::Behaviour,
-    pub identify: identify::Behaviour,
-    pub ping: ping::Behaviour,
-    pub kad: kad::Behaviour<MemoryStore>,
-    pub bitswap: bitswap::Behaviour,
-    pub gossipsub: gossipsub::Behaviour,
-    pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
+pub use behaviour::{Behaviour, BehaviourEvent};
+
+/// The composed behaviour, in its own module because the derive generates `BehaviourEvent`
+/// (one variant per field, each the field's own event type) without doc comments.
+mod behaviour {
+    #![allow(missing_docs)]
+    use super::*;
+
+    /// Every protocol a Kubelt node speaks.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        /// Peers this node refuses: their connections are closed and new ones denied, in both
+        /// directions, until unblocked (see [`crate::node::Client::block_peer`]).
+        pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+        /// Caps connections so a flood of dials cannot exhaust the node.
+        pub limits: connection_limits::Behaviour,
+        /// `/ipfs/id/1.0.0`: agent versions, listen addresses, protocols.
+        pub identify: identify::Behaviour,
+        /// `/ipfs/ping/1.0.0`: dead connections are closed.
+        pub ping: ping::Behaviour,
+        /// `/kubelt/kad/1.0.0`: peer routing, content and core providers.
+        pub kad: kad::Behaviour<MemoryStore>,
+        /// `/ipfs/bitswap/1.2.0` (and older): blocks, with Kubo.
+        pub bitswap: bitswap::Behaviour,
+        /// Gossipsub v1.1: core changes on `kubelt/core/<address>`.
+        pub gossipsub: gossipsub::Behaviour,
+        /// `/kubelt/core-sync/1.0.0`: catch-up.
+        pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
+        /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
+        pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
+    }
 }
 
 /// Errors building the swarm.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
+    /// Noise could not be set up with the node key.
     #[error("noise setup failed: {0}")]
     Noise(#[from] noise::Error),
+    /// A transport or behaviour could not be built.
     #[error("building the behaviour failed: {0}")]
     Behaviour(String),
+    /// Gossipsub or core-sync could not be set up.
     #[error(transparent)]
     Sync(#[from] sync::SyncSetupError),
 }
@@ -197,5 +217,6 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
         gossipsub: sync::gossipsub(key)?,
         core_sync: sync::core_sync(),
+        msg: crate::msg::behaviour(),
     })
 }

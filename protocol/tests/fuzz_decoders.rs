@@ -37,8 +37,7 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 
 use kubelt_proto::bitswap as pb;
 use kubelt_proto::unixfs::data::DataType;
-use kubelt_protocol::bitswap::message::{cid_prefix, Prefix, MAX_ITEMS_PER_MESSAGE};
-use kubelt_protocol::bitswap::protocol::read_frame;
+use kubelt_protocol::bitswap::{cid_prefix, read_frame, Prefix, MAX_ITEMS_PER_MESSAGE};
 use kubelt_protocol::bitswap::{FrameError, Message, Presence, ReceivedMessage, Version, WantType, WantlistEntry};
 use kubelt_protocol::car::{self, CarError, CarReader};
 use kubelt_protocol::store::{Block, BlockStore, Store, StoreError};

@@ -29,6 +29,8 @@ use tokio::time::Instant;
 const HALF: usize = 3;
 /// Writes each half makes during the cut.
 const WRITES_PER_SIDE: usize = 3;
+/// Changes that publish the two writers' messaging device keys (one each, with its delegation).
+const DEVICE_KEYS: usize = 2;
 /// A generous bound on heal-to-convergence: this is a liveness check, not a benchmark.
 const HEAL_BOUND: Duration = Duration::from_secs(30);
 /// A bound for what takes milliseconds when it works.
@@ -50,7 +52,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     cluster.connect_all().await?;
     cluster.replicas(&all, 2 * HALF - 1, QUICK).await?;
     cluster.set(0, "before", json!(true)).await?;
-    assert_eq!(cluster.converged(&all, QUICK).await?.changes, 1);
+    assert_eq!(cluster.converged(&all, QUICK).await?.changes, 1 + DEVICE_KEYS);
 
     // The cut: every node keeps running; no connection crosses from now on.
     let (left, right) = all.split_at(HALF);
@@ -61,7 +63,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     }
     let left_alone = cluster.converged(left, QUICK).await?;
     let right_alone = cluster.converged(right, QUICK).await?;
-    assert_eq!((left_alone.changes, right_alone.changes), (1 + WRITES_PER_SIDE, 1 + WRITES_PER_SIDE));
+    let alone = 1 + DEVICE_KEYS + WRITES_PER_SIDE;
+    assert_eq!((left_alone.changes, right_alone.changes), (alone, alone));
     assert_ne!(left_alone.heads, right_alone.heads);
     // Hold the cut through many maintenance ticks (each redials the peers it lost), then check
     // that nothing crossed: no connection, no change.
@@ -70,7 +73,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
         let other_ids: HashSet<PeerId> = other.iter().map(|&n| cluster.peer_id(n)).collect();
         for &node in half {
             assert!(cluster.connected(node).await?.is_disjoint(&other_ids), "a connection crossed the cut");
-            assert_eq!(cluster.summary(node).await?.changes, 1 + WRITES_PER_SIDE, "a change crossed the cut");
+            assert_eq!(cluster.summary(node).await?.changes, alone, "a change crossed the cut");
             let doc = cluster.get(node, "").await?;
             assert_eq!(doc[format!("{mine}1")], json!(1));
             assert_eq!(doc[format!("{theirs}1")], Value::Null, "the {theirs} half's write reached the {mine} half during the cut");
@@ -99,7 +102,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     let healed = cluster.converged(&all, HEAL_BOUND).await?;
     let took = healed_at.elapsed();
     let reconnected = reconnect_watch.await?;
-    assert_eq!(healed.changes, 1 + 2 * WRITES_PER_SIDE);
+    assert_eq!(healed.changes, 1 + DEVICE_KEYS + 2 * WRITES_PER_SIDE);
     println!(
         "partition healed: {} nodes hold all {} changes with identical heads {took:?} after the blocks were lifted \
          (node 0 reconnected across the cut after {reconnected})",
@@ -118,7 +121,7 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
 
     // And gossip flows across the old cut again: a write after the heal reaches everyone.
     cluster.set(right[0], "after", json!("healed")).await?;
-    assert_eq!(cluster.converged(&all, QUICK).await?.changes, 2 + 2 * WRITES_PER_SIDE);
+    assert_eq!(cluster.converged(&all, QUICK).await?.changes, 2 + DEVICE_KEYS + 2 * WRITES_PER_SIDE);
     cluster.shutdown().await;
     Ok(())
 }
@@ -140,13 +143,13 @@ async fn a_partition_heals_with_no_manual_step() -> anyhow::Result<()> {
     cluster.restart(b).await?;
     cluster.set(b, "side2", json!("written by b while alone")).await?;
     assert_eq!(cluster.get(b, "side1").await?, Value::Null);
-    assert_eq!(cluster.summary(b).await?.changes, 2);
+    assert_eq!(cluster.summary(b).await?.changes, 2 + DEVICE_KEYS);
 
     // Everyone back: they find each other from their stored peers and catch up.
     cluster.restart(a).await?;
     cluster.restart(c).await?;
     let healed = cluster.converged(&[a, b, c], Duration::from_secs(40)).await?;
-    assert_eq!(healed.changes, 3);
+    assert_eq!(healed.changes, 3 + DEVICE_KEYS);
     for node in [a, b, c] {
         let doc = cluster.get(node, "").await?;
         assert_eq!(doc["side1"], "written by a while b was away", "node {node}: {doc}");

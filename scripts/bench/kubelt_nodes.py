@@ -1,7 +1,19 @@
 """Start and drive local `kubelt` processes for the benchmarks (loopback only)."""
-import json, os, signal, subprocess, tempfile, time, urllib.request
+import json, os, signal, subprocess, time, urllib.request
 
 BIN = os.environ.get("KUBELT_BIN", "/var/tmp/kubelt-target/release/kubelt")
+
+
+def rpc_body(method, params=None):
+    """A JSON-RPC 2.0 request for the node's admin API (also used by scripts/testnet/)."""
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+
+def rpc_result(method, reply):
+    """The result of a decoded JSON-RPC reply; an error reply raises, naming the method."""
+    if "error" in reply:
+        raise RuntimeError(f"{method}: {reply['error']}")
+    return reply["result"]
 
 
 class Node:
@@ -37,13 +49,9 @@ class Node:
         return next(a for a in self.addresses if "/quic-v1" in a)
 
     def call(self, method, params=None, timeout=600):
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
-        req = urllib.request.Request(self.url, body, {"Authorization": f"Bearer {self.secret}",
-                                                      "Content-Type": "application/json"})
-        reply = json.load(urllib.request.urlopen(req, timeout=timeout))
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply["result"]
+        req = urllib.request.Request(self.url, rpc_body(method, params).encode(),
+                                     {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"})
+        return rpc_result(method, json.load(urllib.request.urlopen(req, timeout=timeout)))
 
     def rss_kb(self):
         for line in open(f"/proc/{self.proc.pid}/status"):

@@ -3,6 +3,7 @@
 mod content;
 mod core;
 mod init;
+mod msg;
 mod query;
 mod run;
 
@@ -84,6 +85,11 @@ pub enum Command {
         #[command(subcommand)]
         command: core::CoreCommand,
     },
+    /// Encrypted messages between cores.
+    Msg {
+        #[command(subcommand)]
+        command: msg::MsgCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,5 +137,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Repo { command: RepoCommand::Gc } => content::gc(&repo),
         Command::Dag { command } => content::dag(&repo, command),
         Command::Core { command } => core::core(&repo, command),
+        Command::Msg { command } => msg::msg(&repo, command),
     }
 }

@@ -88,8 +88,8 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         }
 
         let shutdown = node.shutdown_token();
-        let allowed_hosts = Arc::new(rpc::AllowedHosts::new(api_addr, &config.api.allowed_hosts));
-        let state = rpc::ApiState { client: node.client.clone(), store: store.clone(), secret, gc_lock: Default::default(), allowed_hosts };
+        let allowed_hosts = rpc::AllowedHosts::new(api_addr, &config.api.allowed_hosts);
+        let state = rpc::ApiState::new(node.client.clone(), store.clone(), secret, allowed_hosts, shutdown.clone());
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(rpc::serve(api_listener, state, async move { api_shutdown.cancelled().await }));
         let gateway_state = gateway::GatewayState { client: node.client.clone(), store };

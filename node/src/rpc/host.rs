@@ -22,7 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
-use super::{code, error_response, RpcError};
+use super::jsonrpc::error_response;
+use super::{code, RpcError};
 
 /// The names the API answers to, lower-case, IPv6 addresses in brackets.
 #[derive(Debug, Clone)]

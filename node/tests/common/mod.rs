@@ -282,6 +282,11 @@ impl TestNode {
         }
     }
 
+    /// The process id of the running node (of its wrapper, for [`TestNode::start_wrapped`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)

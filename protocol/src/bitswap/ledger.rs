@@ -45,7 +45,7 @@ struct PeerLedger {
 
 /// What one built message carries, for the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Built {
+pub(crate) struct Built {
     pub blocks: usize,
     pub block_bytes: usize,
     pub haves: usize,
@@ -54,7 +54,7 @@ pub struct Built {
 
 /// Every connected peer's wantlist and pending answers.
 #[derive(Debug)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     peers: HashMap<PeerId, PeerLedger>,
     /// Which peers want a multihash, to answer them when the block arrives later.
     wanted_by: HashMap<Mh, HashSet<PeerId>>,
@@ -63,13 +63,13 @@ pub struct Ledger {
 
 impl Ledger {
     /// A ledger that keeps at most `max_entries_per_peer` wants per peer (extra ones are ignored).
-    pub fn new(max_entries_per_peer: usize) -> Self {
+    pub(crate) fn new(max_entries_per_peer: usize) -> Self {
         Ledger { peers: HashMap::new(), wanted_by: HashMap::new(), max_entries_per_peer }
     }
 
     /// Applies a received wantlist. Returns how many entries were dropped because the peer's
     /// wantlist is full.
-    pub fn receive_wantlist(&mut self, peer: PeerId, full: bool, entries: &[WantlistEntry]) -> usize {
+    pub(crate) fn receive_wantlist(&mut self, peer: PeerId, full: bool, entries: &[WantlistEntry]) -> usize {
         let ledger = self.peers.entry(peer).or_default();
         if full {
             let keep: HashSet<Mh> = entries.iter().filter(|e| !e.cancel).map(|e| *e.cid.hash()).collect();
@@ -122,7 +122,7 @@ impl Ledger {
     }
 
     /// We got new blocks: queue an answer for every peer that wants them. Returns those peers.
-    pub fn blocks_added<'a>(&mut self, cids: impl IntoIterator<Item = &'a Cid>) -> Vec<PeerId> {
+    pub(crate) fn blocks_added<'a>(&mut self, cids: impl IntoIterator<Item = &'a Cid>) -> Vec<PeerId> {
         let mut woken = Vec::new();
         for cid in cids {
             let mh = cid.hash();
@@ -144,12 +144,12 @@ impl Ledger {
     }
 
     /// Whether an answer may be pending for `peer`.
-    pub fn has_work(&self, peer: &PeerId) -> bool {
+    pub(crate) fn has_work(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|l| l.stash.is_some() || !l.queue.is_empty())
     }
 
     /// Forgets a disconnected peer (it sends its whole wantlist again when it reconnects).
-    pub fn remove_peer(&mut self, peer: &PeerId) {
+    pub(crate) fn remove_peer(&mut self, peer: &PeerId) {
         if let Some(ledger) = self.peers.remove(peer) {
             for mh in ledger.wants.keys() {
                 unindex(&mut self.wanted_by, mh, peer);
@@ -158,20 +158,15 @@ impl Ledger {
     }
 
     /// The CIDs `peer` currently wants from us.
-    pub fn wantlist(&self, peer: &PeerId) -> Vec<(Cid, WantType)> {
+    pub(crate) fn wantlist(&self, peer: &PeerId) -> Vec<(Cid, WantType)> {
         self.peers.get(peer).map(|l| l.wants.values().map(|e| (e.cid, e.want_type)).collect()).unwrap_or_default()
-    }
-
-    /// Number of peers with a non-empty wantlist.
-    pub fn peers_with_wants(&self) -> usize {
-        self.peers.values().filter(|l| !l.wants.is_empty()).count()
     }
 
     /// Builds the next answer for `peer`: blocks, HAVEs and DONT_HAVEs in want order until the
     /// message reaches `target` bytes, never beyond `max` (a block that would cross `max` waits
     /// for the next message). Blocks larger than `max` can never be sent and are answered like
     /// missing ones. Store errors are logged and treated as a missing block.
-    pub fn next_message(&mut self, peer: &PeerId, store: &dyn BlockStore, target: usize, max: usize) -> Option<(Message, Built)> {
+    pub(crate) fn next_message(&mut self, peer: &PeerId, store: &dyn BlockStore, target: usize, max: usize) -> Option<(Message, Built)> {
         let ledger = self.peers.get_mut(peer)?;
         let mut msg = Message::default();
         let mut built = Built::default();

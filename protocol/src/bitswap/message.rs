@@ -38,11 +38,13 @@ pub enum WantType {
 /// One line of a wantlist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantlistEntry {
+    /// The block wanted (or cancelled).
     pub cid: Cid,
     /// Higher is served first (Kubo's engine orders its tasks by it).
     pub priority: i32,
     /// Removes `cid` from the receiver's view of our wantlist.
     pub cancel: bool,
+    /// Whether the block itself or only a HAVE is asked for.
     pub want_type: WantType,
     /// Ask for an explicit DONT_HAVE when the receiver lacks the block (1.2.0).
     pub send_dont_have: bool,
@@ -63,7 +65,9 @@ impl WantlistEntry {
 /// A block presence (1.2.0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Presence {
+    /// The sender has the block.
     Have,
+    /// The sender does not have the block.
     DontHave,
 }
 
@@ -72,8 +76,11 @@ pub enum Presence {
 pub struct Message {
     /// The wantlist replaces the previous one instead of amending it.
     pub full: bool,
+    /// Wants and cancels.
     pub wantlist: Vec<WantlistEntry>,
+    /// Blocks for the receiver's wants.
     pub blocks: Vec<Block>,
+    /// HAVE / DONT_HAVE answers to the receiver's wants.
     pub presences: Vec<(Cid, Presence)>,
 }
 
@@ -175,10 +182,13 @@ pub const MAX_ITEMS_PER_MESSAGE: usize = 1 << 16;
 /// A message as received: wantlist entries with valid CIDs, blocks already hashed.
 #[derive(Debug, Clone, Default)]
 pub struct ReceivedMessage {
+    /// The wantlist replaces the sender's previous one.
     pub full: bool,
+    /// The sender's wants and cancels.
     pub wantlist: Vec<WantlistEntry>,
     /// Blocks with the CID their bytes hash to.
     pub blocks: Vec<Block>,
+    /// HAVE / DONT_HAVE answers to our wants.
     pub presences: Vec<(Cid, Presence)>,
     /// Blocks whose prefix was invalid or named a hash function we do not support.
     pub bad_blocks: Vec<BadBlock>,
@@ -288,9 +298,13 @@ fn count_items(mut frame: &[u8]) -> usize {
 /// A CID without its digest, as carried by a 1.1+ block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefix {
+    /// CID version (0 or 1).
     pub version: u64,
+    /// Multicodec of the content (dag-pb, raw...).
     pub codec: u64,
+    /// Multihash function code.
     pub mh_code: u64,
+    /// Digest length in bytes.
     pub mh_len: usize,
 }
 

@@ -52,12 +52,12 @@
 //! - Peers speaking 1.0.0/1.1.0 are asked with want-block only (they ignore want-have and
 //!   never send DONT_HAVE, so only timeouts move such a want on).
 
-pub mod behaviour;
-pub mod handler;
-pub mod ledger;
-pub mod message;
-pub mod protocol;
-pub mod session;
+mod behaviour;
+mod handler;
+mod ledger;
+mod message;
+mod protocol;
+mod session;
 
 use std::fmt;
 use std::time::Duration;
@@ -66,8 +66,8 @@ use cid::Cid;
 use libp2p::PeerId;
 
 pub use behaviour::Behaviour;
-pub use message::{Message, Presence, ReceivedMessage, WantType, WantlistEntry};
-pub use protocol::{FrameError, Version, PROTOCOLS, PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0, PROTOCOL_LEGACY};
+pub use message::{cid_prefix, Message, Prefix, Presence, ReceivedMessage, WantType, WantlistEntry, MAX_ITEMS_PER_MESSAGE};
+pub use protocol::{read_frame, FrameError, Version, PROTOCOLS, PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0, PROTOCOL_LEGACY};
 
 /// Identifies a group of wants fetched together (a file, a DAG): blocks of a session are first
 /// asked from the peers that already sent blocks of it.
@@ -86,10 +86,24 @@ impl fmt::Display for SessionId {
 pub enum WantError {
     /// No peer sent the block in time.
     #[error("block {cid} not found within {after:?} (asked {peers_asked} peers, {dont_have} answered DONT_HAVE)")]
-    TimedOut { cid: Cid, after: Duration, peers_asked: usize, dont_have: usize },
+    TimedOut {
+        /// The block wanted.
+        cid: Cid,
+        /// How long it was wanted.
+        after: Duration,
+        /// Peers asked for it.
+        peers_asked: usize,
+        /// Peers that answered they do not have it.
+        dont_have: usize,
+    },
     /// The block arrived and was verified, but could not be written.
     #[error("block {cid} arrived but could not be stored: {reason}")]
-    Store { cid: Cid, reason: String },
+    Store {
+        /// The block received.
+        cid: Cid,
+        /// What the store said.
+        reason: String,
+    },
 }
 
 /// What bitswap reports to the node's event loop.
@@ -98,16 +112,42 @@ pub enum WantError {
 pub enum Event {
     /// A wanted block is in the store (verified). `from` is `None` when it was already there
     /// or was added locally while wanted.
-    BlockReceived { session: SessionId, cid: Cid, from: Option<PeerId>, size: usize },
+    BlockReceived {
+        /// The session that wanted it.
+        session: SessionId,
+        /// The block.
+        cid: Cid,
+        /// The peer that sent it, if it came from the network.
+        from: Option<PeerId>,
+        /// Its size in bytes.
+        size: usize,
+    },
     /// No connected peer has `cid`: look up its providers (Kademlia) and dial them; connected
     /// peers get the session's wants automatically. Repeated at most every
     /// [`Config::provider_search_interval`] per session while the want is pending.
-    FindProviders { session: SessionId, cid: Cid },
+    FindProviders {
+        /// The session that wants it.
+        session: SessionId,
+        /// The block to find providers of.
+        cid: Cid,
+    },
     /// The want for `cid` was given up.
-    NotFound { session: SessionId, cid: Cid, error: WantError },
+    NotFound {
+        /// The session that wanted it.
+        session: SessionId,
+        /// The block given up.
+        cid: Cid,
+        /// Why it was given up.
+        error: WantError,
+    },
     /// `peer` sent blocks that failed verification and is no longer asked for anything; the
     /// node may disconnect it.
-    PeerMisbehaved { peer: PeerId, reason: String },
+    PeerMisbehaved {
+        /// The peer.
+        peer: PeerId,
+        /// What it sent.
+        reason: String,
+    },
 }
 
 /// Tuning. The defaults favour throughput on good links; every limit is also a memory bound.
@@ -211,12 +251,15 @@ impl Config {
 pub struct Stats {
     /// Blocks we sent, and their bytes.
     pub blocks_sent: u64,
+    /// Bytes of the blocks we sent.
     pub block_bytes_sent: u64,
     /// Wanted blocks we received, verified and stored, and their bytes.
     pub blocks_received: u64,
+    /// Bytes of the wanted blocks we received.
     pub block_bytes_received: u64,
     /// Blocks received that we already had (or had just stopped wanting).
     pub dup_blocks: u64,
+    /// Bytes of the duplicate blocks.
     pub dup_bytes: u64,
     /// Blocks that failed verification (bytes matching no CID we asked the sender for, bad
     /// prefix, unsupported hash). Never stored.
@@ -225,11 +268,13 @@ pub struct Stats {
     pub unwanted_blocks: u64,
     /// HAVE / DONT_HAVE we sent.
     pub haves_sent: u64,
+    /// DONT_HAVE we sent.
     pub dont_haves_sent: u64,
     /// Wantlist entries (wants and cancels) we sent.
     pub want_entries_sent: u64,
     /// Frames sent and received.
     pub messages_sent: u64,
+    /// Frames received.
     pub messages_received: u64,
     /// Frames we could not decode or that were too large (the stream is dropped).
     pub malformed_messages: u64,
@@ -237,8 +282,10 @@ pub struct Stats {
     pub send_failures: u64,
     /// Peers banned for bad blocks.
     pub peers_banned: u64,
-    /// Gauges: our active wants, our want-blocks in flight, connected peers.
+    /// Gauge: our active wants.
     pub active_wants: u64,
+    /// Gauge: our want-blocks in flight.
     pub in_flight: u64,
+    /// Gauge: connected peers that speak bitswap.
     pub peers: u64,
 }

@@ -91,7 +91,12 @@ impl OutboundUpgrade<Stream> for BitswapProtocol {
 pub enum FrameError {
     /// The peer announced a frame larger than we accept (Kubo's own limit is 4 MiB).
     #[error("bitswap frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// Our limit.
+        max: usize,
+    },
     /// The length prefix is not a valid unsigned varint (too long).
     #[error("invalid varint length prefix")]
     InvalidLength,
@@ -100,7 +105,10 @@ pub enum FrameError {
     Truncated,
     /// The frame carries more wantlist entries, blocks and presences than we decode.
     #[error("bitswap message carries more than {max} wantlist entries, blocks and presences")]
-    TooManyItems { max: usize },
+    TooManyItems {
+        /// Our limit.
+        max: usize,
+    },
     /// The frame is not a bitswap protobuf message.
     #[error("malformed bitswap message: {0}")]
     Decode(#[from] prost::DecodeError),
@@ -170,7 +178,7 @@ async fn read_body<R: AsyncRead + Unpin>(io: &mut R, len: usize) -> Result<Vec<u
 }
 
 /// Writes one already length-prefixed frame and flushes it.
-pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> Result<(), FrameError> {
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> Result<(), FrameError> {
     io.write_all(frame).await?;
     io.flush().await?;
     Ok(())

@@ -50,7 +50,7 @@ const SCAN_LIMIT: usize = 256;
 
 /// The knobs of the requesting side (copied from [`super::Config`]).
 #[derive(Debug, Clone)]
-pub struct SessionConfig {
+pub(crate) struct SessionConfig {
     pub max_in_flight_per_peer: usize,
     pub max_in_flight_total: usize,
     pub request_timeout: Duration,
@@ -108,7 +108,7 @@ struct Session {
 
 /// What the state machine asks the behaviour to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEvent {
+pub(crate) enum SessionEvent {
     /// Nobody connected has `cid`: look up providers and dial them.
     FindProviders { session: SessionId, cid: Cid },
     /// The want for `cid` was given up.
@@ -117,7 +117,7 @@ pub enum SessionEvent {
 
 /// Whether a received block was wanted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlockOutcome {
+pub(crate) enum BlockOutcome {
     /// Store it and tell these sessions, each with the CID it asked for.
     Wanted(Vec<(SessionId, Cid)>),
     /// Nobody wants it (any more).
@@ -132,7 +132,7 @@ pub enum BlockOutcome {
 
 /// All of our wants, sessions and per-peer load.
 #[derive(Debug)]
-pub struct WantManager {
+pub(crate) struct WantManager {
     cfg: SessionConfig,
     wants: HashMap<Mh, Want>,
     ready: VecDeque<Mh>,
@@ -151,7 +151,7 @@ pub struct WantManager {
 }
 
 impl WantManager {
-    pub fn new(cfg: SessionConfig) -> Self {
+    pub(crate) fn new(cfg: SessionConfig) -> Self {
         WantManager {
             cfg,
             wants: HashMap::new(),
@@ -172,20 +172,15 @@ impl WantManager {
     }
 
     /// Opens a session.
-    pub fn new_session(&mut self) -> SessionId {
+    pub(crate) fn new_session(&mut self) -> SessionId {
         let id = SessionId(self.next_session);
         self.next_session += 1;
         self.sessions.insert(id, Session::default());
         id
     }
 
-    /// Whether `session` is open.
-    pub fn has_session(&self, session: SessionId) -> bool {
-        self.sessions.contains_key(&session)
-    }
-
     /// Adds wants to `session` (opened if unknown). The caller already filtered out blocks it has.
-    pub fn want(&mut self, session: SessionId, cids: impl IntoIterator<Item = Cid>, now: Instant) {
+    pub(crate) fn want(&mut self, session: SessionId, cids: impl IntoIterator<Item = Cid>, now: Instant) {
         self.next_session = self.next_session.max(session.0 + 1);
         let s = self.sessions.entry(session).or_default();
         for cid in cids {
@@ -221,7 +216,7 @@ impl WantManager {
     }
 
     /// Drops `session`'s want for `cid`; the want ends (cancels are sent) when no session is left.
-    pub fn cancel(&mut self, session: SessionId, cid: &Cid) {
+    pub(crate) fn cancel(&mut self, session: SessionId, cid: &Cid) {
         let mh = *cid.hash();
         if let Some(s) = self.sessions.get_mut(&session) {
             s.wants.remove(&mh);
@@ -234,7 +229,7 @@ impl WantManager {
     }
 
     /// Closes `session`, cancelling its wants.
-    pub fn close_session(&mut self, session: SessionId) {
+    pub(crate) fn close_session(&mut self, session: SessionId) {
         let Some(s) = self.sessions.remove(&session) else { return };
         for mh in s.wants {
             let Some(w) = self.wants.get_mut(&mh) else { continue };
@@ -246,19 +241,19 @@ impl WantManager {
     }
 
     /// The blocks we want, in want order.
-    pub fn wantlist(&self) -> Vec<Cid> {
+    pub(crate) fn wantlist(&self) -> Vec<Cid> {
         let mut v: Vec<(&i32, Cid)> = self.wants.values().map(|w| (&w.priority, w.cid)).collect();
         v.sort_by(|a, b| b.0.cmp(a.0));
         v.into_iter().map(|(_, c)| c).collect()
     }
 
     /// Number of active wants and of want-blocks in flight.
-    pub fn load(&self) -> (usize, usize) {
+    pub(crate) fn load(&self) -> (usize, usize) {
         (self.wants.len(), self.in_flight_total)
     }
 
     /// A peer that may speak bitswap connected: it gets want-have for every active want.
-    pub fn peer_connected(&mut self, peer: PeerId, supports_have: bool, now: Instant) {
+    pub(crate) fn peer_connected(&mut self, peer: PeerId, supports_have: bool, now: Instant) {
         if self.peers.contains_key(&peer) || self.banned.contains(&peer) {
             return;
         }
@@ -288,7 +283,7 @@ impl WantManager {
     }
 
     /// The negotiated version tells whether a peer understands want-have.
-    pub fn set_supports_have(&mut self, peer: &PeerId, supports_have: bool) {
+    pub(crate) fn set_supports_have(&mut self, peer: &PeerId, supports_have: bool) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.supports_have = supports_have;
         }
@@ -307,7 +302,7 @@ impl WantManager {
     }
 
     /// A peer left (or turned out not to speak bitswap): its pending requests go elsewhere.
-    pub fn peer_disconnected(&mut self, peer: &PeerId) {
+    pub(crate) fn peer_disconnected(&mut self, peer: &PeerId) {
         if self.peers.remove(peer).is_none() {
             return;
         }
@@ -336,7 +331,7 @@ impl WantManager {
     }
 
     /// A HAVE or DONT_HAVE arrived.
-    pub fn on_presence(&mut self, peer: PeerId, cid: &Cid, presence: Presence) {
+    pub(crate) fn on_presence(&mut self, peer: PeerId, cid: &Cid, presence: Presence) {
         let mh = *cid.hash();
         let banned = self.banned.contains(&peer);
         let Some(w) = self.wants.get_mut(&mh) else { return };
@@ -384,7 +379,7 @@ impl WantManager {
     ///
     /// When it is wanted the want ends here: the caller must store the block and tell the
     /// returned sessions.
-    pub fn on_block(&mut self, peer: PeerId, cid: &Cid, now: Instant) -> BlockOutcome {
+    pub(crate) fn on_block(&mut self, peer: PeerId, cid: &Cid, now: Instant) -> BlockOutcome {
         let mh = *cid.hash();
         let expected_from_sender = match self.peers.get_mut(&peer) {
             Some(p) => {
@@ -407,7 +402,7 @@ impl WantManager {
     }
 
     /// The block was added to the store locally (an import): a want for it ends here.
-    pub fn local_block(&mut self, cid: &Cid) -> BlockOutcome {
+    pub(crate) fn local_block(&mut self, cid: &Cid) -> BlockOutcome {
         let mh = *cid.hash();
         let Some(w) = self.wants.get(&mh) else {
             return BlockOutcome::Unwanted { recently_wanted: self.recent_set.contains(&mh), expected_from_sender: false };
@@ -419,7 +414,7 @@ impl WantManager {
 
     /// `peer` sent a block that failed verification. Returns true when this bans it: it is
     /// asked for nothing any more and its outstanding requests go to other peers.
-    pub fn on_bad_block(&mut self, peer: PeerId) -> bool {
+    pub(crate) fn on_bad_block(&mut self, peer: PeerId) -> bool {
         let n = self.penalties.entry(peer).or_insert(0);
         *n += 1;
         if *n < self.cfg.max_bad_blocks || self.banned.contains(&peer) {
@@ -445,12 +440,12 @@ impl WantManager {
     }
 
     /// Whether `peer` is banned for sending bad blocks.
-    pub fn is_banned(&self, peer: &PeerId) -> bool {
+    pub(crate) fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned.contains(peer)
     }
 
     /// Expires wants, times out silent peers, repeats provider searches; then schedules.
-    pub fn tick(&mut self, now: Instant) {
+    pub(crate) fn tick(&mut self, now: Instant) {
         let mut expired = Vec::new();
         let mut session_searches: Vec<(SessionId, Cid, i32)> = Vec::new();
         for (mh, w) in &mut self.wants {
@@ -511,33 +506,8 @@ impl WantManager {
         self.schedule(now);
     }
 
-    /// The soonest instant at which [`Self::tick`] has something to do, if any.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut take = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        for w in self.wants.values() {
-            take(w.created + self.cfg.want_timeout);
-            match w.phase {
-                Phase::Fetching { peer, since } => {
-                    let progress = self.peers.get(&peer).and_then(|p| p.last_block).map_or(since, |t| t.max(since));
-                    take(progress + self.cfg.request_timeout);
-                }
-                Phase::Searching { since } => take(since + self.cfg.request_timeout),
-                Phase::WaitingProviders => {
-                    for (sid, _) in &w.requesters {
-                        if let Some(t) = self.sessions.get(sid).and_then(|s| s.last_provider_search) {
-                            take(t + self.cfg.provider_search_interval);
-                        }
-                    }
-                }
-                Phase::Queued => {}
-            }
-        }
-        next
-    }
-
     /// Decides for queued wants, in want order, until capacity runs out.
-    pub fn schedule(&mut self, now: Instant) {
+    pub(crate) fn schedule(&mut self, now: Instant) {
         let mut blocked = VecDeque::new();
         while let Some(mh) = self.ready.pop_front() {
             if self.in_flight_total >= self.cfg.max_in_flight_total {
@@ -560,12 +530,12 @@ impl WantManager {
     }
 
     /// The wantlist entries to send, per peer, since the last call.
-    pub fn take_outbox(&mut self) -> BTreeMap<PeerId, Vec<WantlistEntry>> {
+    pub(crate) fn take_outbox(&mut self) -> BTreeMap<PeerId, Vec<WantlistEntry>> {
         std::mem::take(&mut self.outbox)
     }
 
     /// The next event to report.
-    pub fn next_event(&mut self) -> Option<SessionEvent> {
+    pub(crate) fn next_event(&mut self) -> Option<SessionEvent> {
         self.events.pop_front()
     }
 

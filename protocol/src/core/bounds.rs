@@ -11,23 +11,23 @@
 //! by the callers (`catch_unwind`), and costs one rejected message.
 
 /// Most operations one change may carry. A 1 MiB change of honest text edits stays far below.
-pub const MAX_OPS_PER_CHANGE: u64 = 1 << 18;
+pub(crate) const MAX_OPS_PER_CHANGE: u64 = 1 << 18;
 /// Most predecessor references (over all operations) one change may carry.
-pub const MAX_PREDS_PER_CHANGE: u64 = 1 << 19;
+pub(crate) const MAX_PREDS_PER_CHANGE: u64 = 1 << 19;
 /// Most dependencies, and most other actors, one change may name.
-pub const MAX_CHANGE_REFS: u64 = 4096;
+pub(crate) const MAX_CHANGE_REFS: u64 = 4096;
 /// Most heads, or `last_sync` hashes, a sync message may name.
-pub const MAX_SYNC_HEADS: u64 = 4096;
+pub(crate) const MAX_SYNC_HEADS: u64 = 4096;
 /// Most `need` hashes a sync message may carry.
-pub const MAX_SYNC_NEED: u64 = 65_536;
+pub(crate) const MAX_SYNC_NEED: u64 = 65_536;
 /// Most Bloom filters (`have` entries) a sync message may carry.
-pub const MAX_SYNC_HAVES: u64 = 16;
+pub(crate) const MAX_SYNC_HAVES: u64 = 16;
 /// Most probes per Bloom filter lookup (Automerge writes 7).
-pub const MAX_BLOOM_PROBES: u32 = 32;
+pub(crate) const MAX_BLOOM_PROBES: u32 = 32;
 /// Most bits per Bloom filter entry (Automerge writes 10).
-pub const MAX_BLOOM_BITS_PER_ENTRY: u32 = 64;
+pub(crate) const MAX_BLOOM_BITS_PER_ENTRY: u32 = 64;
 /// Largest Bloom filter bit array (bytes).
-pub const MAX_BLOOM_BYTES: usize = 4 << 20;
+pub(crate) const MAX_BLOOM_BYTES: usize = 4 << 20;
 
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHUNK_TYPE_CHANGE: u8 = 1;

@@ -49,7 +49,12 @@ impl Default for ScheduleConfig {
 pub enum Action {
     /// Start a session of `core` with `peer`: ask the replica for a request and send it. When
     /// the replica has nothing to ask, report [`Scheduler::session_ended`] at once.
-    Sync { core: Address, peer: PeerId },
+    Sync {
+        /// The core to catch up on.
+        core: Address,
+        /// The replica to catch up with.
+        peer: PeerId,
+    },
     /// Look the core's replicas up in the DHT (they are dialed when found).
     FindReplicas(Address),
 }

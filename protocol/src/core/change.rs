@@ -277,7 +277,7 @@ pub(crate) struct Delegations(Arc<Mutex<HashMap<[u8; 32], Arc<Delegation>>>>);
 
 impl Delegations {
     /// Most cached delegations.
-    pub const CAP: usize = 8192;
+    pub(crate) const CAP: usize = 8192;
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Delegation>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts).
@@ -285,7 +285,7 @@ impl Delegations {
     }
 
     /// Verifies `statement` as a delegation of `core`, from the cache when possible.
-    pub fn verify(&self, core: &Address, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
+    pub(crate) fn verify(&self, core: &Address, statement: &OwnerStatement) -> Result<Arc<Delegation>, DelegationError> {
         let id = super::delegation::statement_id(statement);
         if let Some(hit) = self.lock().get(&id) {
             return Ok(hit.clone());
@@ -519,8 +519,9 @@ pub(crate) fn inspect(expanded: &ExpandedChange, history: &impl History) -> Resu
     Ok(touched)
 }
 
-/// Checks the namespaces a change writes against its delegation: delegated namespaces only,
-/// and the reserved one only (and exclusively) when the change carries a revocation.
+/// Checks the namespaces a change writes against its delegation: delegated namespaces and the
+/// author's own device namespace only, and the reserved one only (and exclusively) when the
+/// change carries a revocation.
 pub(crate) fn check_namespaces(
     touched: &Touched,
     delegation: &Delegation,
@@ -540,11 +541,13 @@ pub(crate) fn check_namespaces(
                 namespace: ns.to_owned(),
                 reason: "reserved for owner-signed records (revocations)".into(),
             });
-        } else if !delegation.namespaces.allows(ns) {
-            return Err(Rejected::Namespace {
-                namespace: ns.to_owned(),
-                reason: format!("the delegation covers only {}", delegation.namespaces),
-            });
+        } else if !super::delegation::may_write(delegation, ns) {
+            let reason = if ns.starts_with(super::delegation::DEVICE_NAMESPACE_PREFIX) {
+                "a node key publishes only its own device key".to_owned()
+            } else {
+                format!("the delegation covers only {}", delegation.namespaces)
+            };
+            return Err(Rejected::Namespace { namespace: ns.to_owned(), reason });
         }
     }
     Ok(())

@@ -59,6 +59,30 @@
 //! - The statement line names the peer, the namespaces (sorted; "all namespaces" for `*`) and
 //!   the expiry (RFC 3339, UTC, whole seconds), see [`delegation_statement`].
 //!
+//! # App login
+//!
+//! An app asks the person's wallet to sign in (`kb_getNonce`, `kb_verifyNonce` in the app API).
+//! The message is a SIWE sign-in for the app's own origin (so wallets show no warning on that
+//! page, and do on any other), through a Kubelt node, whose statement line says exactly what the
+//! app gets ([`login_statement`]):
+//!
+//! ```text
+//! notes.example wants you to sign in with your Ethereum account:
+//! 0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed
+//!
+//! Sign in to notes.example through Kubelt node 12D3KooW…: the app may read namespace profile, and read and write namespace notes of this core until 2026-01-01T00:00:00Z.
+//!
+//! URI: urn:kubelt:peer:12D3KooW…
+//! …
+//! Resources:
+//! - urn:kubelt:read:profile
+//! - urn:kubelt:ns:notes
+//! ```
+//!
+//! The node turns it into a token for the app. The written namespaces (`urn:kubelt:ns:`) are
+//! also a delegation of the node's key: [`Delegation::verify`] accepts an app login as one, so
+//! every replica checks the node's writes against the owner's signature, trusting no node.
+//!
 //! # Revocation
 //!
 //! Same shape with `URI: urn:kubelt:revoke:<peer id>`, no expiry, and, as resources, the point
@@ -106,6 +130,9 @@ pub const PEER_URN: &str = "urn:kubelt:peer:";
 pub const REVOKE_URN: &str = "urn:kubelt:revoke:";
 /// Resource prefix of a delegated namespace.
 pub const NAMESPACE_URN: &str = "urn:kubelt:ns:";
+/// Resource prefix of a namespace an app login may only read (app logins only: reading is
+/// every replica's right, so this grants the app's token, not the node key, anything).
+pub const READ_URN: &str = "urn:kubelt:read:";
 /// Resource prefix of a revocation's cut: `urn:kubelt:keep:<actor suffix hex>:<seq>:<hash>`.
 pub const KEEP_URN: &str = "urn:kubelt:keep:";
 /// The namespace wildcard: every namespace except the reserved one.
@@ -113,19 +140,43 @@ pub const ALL_NAMESPACES: &str = "*";
 /// The namespace where the core records its own bookkeeping (revocations). No delegation
 /// grants it; only a change carrying an owner-signed revocation may write it.
 pub const RESERVED_NAMESPACE: &str = "_kubelt";
+/// The prefix of device namespaces: `_device:<peer id>` holds the messaging key of that node
+/// (see [`crate::msg`]). Every delegated key may write its own, and only its own, whatever
+/// namespaces its delegation lists.
+pub const DEVICE_NAMESPACE_PREFIX: &str = "_device:";
+
+/// The device namespace of a node key.
+pub fn device_namespace(peer: &PeerId) -> String {
+    format!("{DEVICE_NAMESPACE_PREFIX}{peer}")
+}
+
+/// Whether the delegation lets its key write `namespace`: the namespaces it lists, and its own
+/// device namespace; never the reserved namespace nor another key's device namespace.
+pub fn may_write(delegation: &Delegation, namespace: &str) -> bool {
+    match namespace.strip_prefix(DEVICE_NAMESPACE_PREFIX) {
+        Some(peer) => peer == delegation.peer.to_base58(),
+        None => delegation.namespaces.allows(namespace),
+    }
+}
 
 /// What a delegation was signed for. It fixes the SIWE domain the message must carry, which
 /// [`Delegation::verify_for`] checks and records in [`Delegation::domain`].
 ///
-/// Only [`Purpose::Cli`] exists so far, and it is the only one [`Delegation::verify`] — the
-/// check every change goes through — accepts. App logins (`kb_verifyNonce`) will add a variant
-/// whose domain is the app's origin.
+/// [`Delegation::verify`] — the check every change goes through — accepts both, telling them
+/// apart by the message's domain: [`DOMAIN`] is the CLI's, any other is an app's origin, whose
+/// statement line must then be the app login's ([`login_statement`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Purpose {
     /// A delegation printed by `kubelt core delegate` and signed in the owner's wallet: domain
     /// [`DOMAIN`].
     Cli,
+    /// An app login (`kb_getNonce`/`kb_verifyNonce`): the domain is the app's origin host
+    /// (`notes.example.org`, `localhost:5421`), which wallets compare with the page asking.
+    App {
+        /// The app's origin host, with its port if any.
+        domain: String,
+    },
 }
 
 impl Purpose {
@@ -133,8 +184,40 @@ impl Purpose {
     pub fn domain(&self) -> &str {
         match self {
             Purpose::Cli => DOMAIN,
+            Purpose::App { domain } => domain,
         }
     }
+
+    /// The purpose of a message naming `domain`: [`DOMAIN`] is the CLI's, a valid origin host
+    /// an app's.
+    pub fn of_domain(domain: &str) -> Result<Purpose, DelegationError> {
+        if domain == DOMAIN {
+            return Ok(Purpose::Cli);
+        }
+        if !is_valid_app_domain(domain) {
+            return Err(DelegationError::Malformed(format!(
+                "{:?} is not an app origin (host[:port], letters, digits, '.', '-')",
+                quote(domain)
+            )));
+        }
+        Ok(Purpose::App { domain: domain.to_owned() })
+    }
+}
+
+/// Whether `domain` may name an app: an origin's host and optional port, as browsers send it
+/// in `Origin`/`Host` (no user info, no path), 1–253 characters, and not [`DOMAIN`].
+pub fn is_valid_app_domain(domain: &str) -> bool {
+    let (host, port) = match domain.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (domain, None),
+    };
+    let host_ok = !host.is_empty()
+        && domain.len() <= 253
+        && !host.starts_with(['-', '.'])
+        && !host.ends_with(['-', '.'])
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok());
+    host_ok && port_ok && domain != DOMAIN
 }
 
 /// At most this many characters of an untrusted string are quoted in an error (errors are
@@ -585,11 +668,15 @@ pub struct Delegation {
 }
 
 impl Delegation {
-    /// Verifies a delegation statement for changes: a SIWE delegation for [`Purpose::Cli`]
-    /// (domain `kubelt`) signed by the address it names, bound to its purpose as the module
-    /// doc says. Who it is for, and when, is checked by [`Delegation::check`].
+    /// Verifies a delegation statement for changes: a SIWE delegation signed by the address it
+    /// names, for [`Purpose::Cli`] (domain `kubelt`) or for an app login ([`Purpose::App`]:
+    /// any other valid origin, with the app login's statement line and at least one written
+    /// namespace), bound to its purpose as the module doc says. The verdict depends on the
+    /// signed text alone. Who it is for, and when, is checked by [`Delegation::check`].
     pub fn verify(statement: &OwnerStatement) -> Result<Delegation, DelegationError> {
-        Self::verify_for(statement, &Purpose::Cli)
+        let (message, owner) = verify_siwe(statement)?;
+        let purpose = Purpose::of_domain(message.domain.as_str())?;
+        Self::from_message(statement, message, owner, &purpose)
     }
 
     /// Verifies a delegation statement signed for `purpose`: its domain must be
@@ -597,6 +684,17 @@ impl Delegation {
     /// of what it grants, and it lists only `urn:kubelt:ns:` resources.
     pub fn verify_for(statement: &OwnerStatement, purpose: &Purpose) -> Result<Delegation, DelegationError> {
         let (message, owner) = verify_siwe(statement)?;
+        Self::from_message(statement, message, owner, purpose)
+    }
+
+    /// The checks after the signature's ([`verify_siwe`]).
+    fn from_message(statement: &OwnerStatement, message: siwe::Message, owner: Address, purpose: &Purpose) -> Result<Delegation, DelegationError> {
+        if let Purpose::App { domain } = purpose {
+            let login = Login::from_message(statement, message, owner, domain)?;
+            return login.delegation.ok_or_else(|| {
+                DelegationError::Malformed("this app login writes no namespace, so it delegates nothing".into())
+            });
+        }
         check_binding(&message, purpose.domain())?;
         let uri = message.uri.as_str();
         if uri.starts_with(REVOKE_URN) {
@@ -655,6 +753,169 @@ impl Delegation {
         }
         Ok(())
     }
+}
+
+/// A verified app login: the owner signs in to an app at `domain` through the Kubelt node
+/// `peer`, granting the app's token read access to `reads` and read and write access to
+/// `writes`; the same signature delegates `writes` to the node key ([`Login::delegation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The owner, i.e. the core.
+    pub owner: Address,
+    /// The node the owner signed in through.
+    pub peer: PeerId,
+    /// The app's origin host.
+    pub domain: String,
+    /// Namespaces the app may only read.
+    pub reads: BTreeSet<String>,
+    /// Namespaces the app may read and write, if any.
+    pub writes: Option<Namespaces>,
+    /// The nonce the node issued for this login (single use: the node checks it).
+    pub nonce: String,
+    /// `Issued At` (unix seconds).
+    pub issued_at: i64,
+    /// `Expiration Time` (unix seconds): the login's and the delegation's end.
+    pub expires_at: i64,
+    /// The delegation of `writes` to the node key, when the app may write.
+    pub delegation: Option<Delegation>,
+}
+
+impl Login {
+    /// Verifies an app login for `domain`: signed by the address it names, domain `domain`,
+    /// chain [`CHAIN_ID`], URI `urn:kubelt:peer:<node>`, only `urn:kubelt:read:` and
+    /// `urn:kubelt:ns:` resources, an expiry, and the statement line [`login_statement`] of
+    /// exactly what it grants.
+    pub fn verify(statement: &OwnerStatement, domain: &str) -> Result<Login, DelegationError> {
+        if !is_valid_app_domain(domain) {
+            return Err(DelegationError::WrongDomain { expected: "an app origin".into(), found: quote(domain) });
+        }
+        let (message, owner) = verify_siwe(statement)?;
+        Self::from_message(statement, message, owner, domain)
+    }
+
+    /// The checks after the signature's ([`verify_siwe`]).
+    fn from_message(statement: &OwnerStatement, message: siwe::Message, owner: Address, domain: &str) -> Result<Login, DelegationError> {
+        check_binding(&message, domain)?;
+        let peer = peer_from_uri(message.uri.as_str(), PEER_URN, "login")?;
+        let mut reads = BTreeSet::new();
+        let mut writes = Vec::new();
+        for resource in &message.resources {
+            let resource = resource.as_str();
+            if let Some(name) = resource.strip_prefix(READ_URN) {
+                if !is_valid_namespace(name) {
+                    return Err(DelegationError::InvalidNamespace(quote(name)));
+                }
+                reads.insert(name.to_owned());
+            } else if let Some(name) = resource.strip_prefix(NAMESPACE_URN) {
+                writes.push(name);
+            } else {
+                return Err(unexpected_resource(resource, "login", KUBELT_URN));
+            }
+        }
+        let writes = if writes.is_empty() { None } else { Some(Namespaces::from_names(writes)?) };
+        if reads.is_empty() && writes.is_none() {
+            return Err(DelegationError::Malformed("a login grants at least one namespace".into()));
+        }
+        let expires_at = message
+            .expiration_time
+            .as_ref()
+            .map(|t| t.as_ref().unix_timestamp())
+            .ok_or_else(|| DelegationError::Malformed("a login must have an Expiration Time".into()))?;
+        check_statement(&message, login_statement(domain, &peer, &reads, writes.as_ref(), expires_at))?;
+        let issued_at = message.issued_at.as_ref().unix_timestamp();
+        let not_before = message.not_before.as_ref().map(|t| t.as_ref().unix_timestamp());
+        let delegation = writes.clone().map(|namespaces| Delegation {
+            owner,
+            peer,
+            namespaces,
+            issued_at,
+            not_before,
+            expires_at,
+            domain: domain.to_owned(),
+            id: statement_id(statement),
+        });
+        Ok(Login { owner, peer, domain: domain.to_owned(), reads, writes, nonce: message.nonce.clone(), issued_at, expires_at, delegation })
+    }
+}
+
+/// The statement line of an app login, derived from exactly what it grants: the app's domain,
+/// the node, the namespaces read only and those read and written (sorted), and the expiry.
+/// [`Login::verify`] (and so [`Delegation::verify`] for app domains) refuses any other line.
+pub fn login_statement(domain: &str, peer: &PeerId, reads: &BTreeSet<String>, writes: Option<&Namespaces>, expires_at: i64) -> String {
+    let list = |names: Vec<&str>| match names.as_slice() {
+        [one] => format!("namespace {one}"),
+        many => format!("namespaces {}", many.join(", ")),
+    };
+    let mut grants = Vec::new();
+    if !reads.is_empty() {
+        grants.push(format!("read {}", list(reads.iter().map(String::as_str).collect())));
+    }
+    match writes {
+        Some(Namespaces::All) => grants.push("read and write all namespaces".to_owned()),
+        Some(Namespaces::Only(set)) => grants.push(format!("read and write {}", list(set.iter().map(String::as_str).collect()))),
+        None => {}
+    }
+    format!(
+        "Sign in to {domain} through Kubelt node {peer}: the app may {} of this core until {}.",
+        grants.join(", and "),
+        fmt_time(expires_at)
+    )
+}
+
+/// What an app asks to sign in for: the fields of its login message.
+#[derive(Debug, Clone)]
+pub struct LoginRequest<'a> {
+    /// The app's origin host.
+    pub domain: &'a str,
+    /// The wallet signing in, i.e. the core.
+    pub owner: Address,
+    /// The node the app signs in through.
+    pub peer: PeerId,
+    /// Namespaces the app may only read.
+    pub reads: &'a [&'a str],
+    /// Namespaces the app may read and write (delegated to the node key).
+    pub writes: &'a [&'a str],
+    /// How long the login (and the delegation) lasts.
+    pub expires_in: Duration,
+    /// The node's single-use nonce: at least 8 letters and digits, as EIP-4361 requires.
+    pub nonce: &'a str,
+}
+
+/// The text of an app login for the owner to sign (`kb_getNonce` returns it), in the one form
+/// [`Login::verify`] accepts.
+pub fn login_message(request: &LoginRequest<'_>, now: OffsetDateTime) -> Result<String, DelegationError> {
+    let LoginRequest { domain, owner, peer, reads, writes, expires_in, nonce } = *request;
+    if !is_valid_app_domain(domain) {
+        return Err(DelegationError::WrongDomain { expected: "an app origin".into(), found: quote(domain) });
+    }
+    let mut read_set = BTreeSet::new();
+    for name in reads {
+        if !is_valid_namespace(name) {
+            return Err(DelegationError::InvalidNamespace(quote(name)));
+        }
+        read_set.insert((*name).to_owned());
+    }
+    let writes = if writes.is_empty() { None } else { Some(Namespaces::from_names(writes.iter().copied())?) };
+    // A namespace the app may write it may read: list it once, as written.
+    if let Some(w) = &writes {
+        read_set.retain(|name| !w.allows(name));
+    }
+    if read_set.is_empty() && writes.is_none() {
+        return Err(DelegationError::Malformed("a login grants at least one namespace".into()));
+    }
+    let expires_at = expiry(expires_in, now)?;
+    let mut resources: Vec<String> = read_set.iter().map(|ns| format!("{READ_URN}{ns}")).collect();
+    resources.extend(writes.as_ref().map(Namespaces::resources).unwrap_or_default());
+    siwe_message(
+        domain,
+        &owner,
+        login_statement(domain, &peer, &read_set, writes.as_ref(), expires_at),
+        format!("{PEER_URN}{peer}"),
+        now,
+        Some(expires_at),
+        resources,
+        nonce,
+    )
 }
 
 /// A verified revocation: the owner revokes a node key, keeping its changes up to a cut.
@@ -749,7 +1010,8 @@ fn keep_resource(actor: &[u8; 8], kept: &Kept) -> String {
     format!("{KEEP_URN}{}:{}:{}", hex::encode(actor), kept.seq, hex::encode(kept.hash.0))
 }
 
-fn nonce() -> String {
+/// A fresh SIWE nonce (letters and digits).
+pub fn nonce() -> String {
     siwe::generate_nonce()
 }
 
@@ -757,15 +1019,18 @@ fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).unwrap_or(t)
 }
 
-/// Writes a SIWE message in the canonical form the verifiers demand: domain [`DOMAIN`],
-/// chain [`CHAIN_ID`], times in UTC to the second.
+/// Writes a SIWE message in the canonical form the verifiers demand: chain [`CHAIN_ID`],
+/// times in UTC to the second.
+#[allow(clippy::too_many_arguments)] // the fields of the message, each once
 fn siwe_message(
+    domain: &str,
     owner: &Address,
     statement: String,
     uri: String,
     now: OffsetDateTime,
     expires_at: Option<i64>,
     resources: Vec<String>,
+    nonce: &str,
 ) -> Result<String, DelegationError> {
     let rfc3339 = |t: OffsetDateTime| {
         whole_seconds(t.to_offset(UtcOffset::UTC))
@@ -773,9 +1038,8 @@ fn siwe_message(
             .map_err(|e| DelegationError::Malformed(format!("cannot write the time {t}: {e}")))
     };
     let mut text = format!(
-        "{DOMAIN} wants you to sign in with your Ethereum account:\n{}\n\n{statement}\n\nURI: {uri}\nVersion: 1\nChain ID: {CHAIN_ID}\nNonce: {}\nIssued At: {}",
+        "{domain} wants you to sign in with your Ethereum account:\n{}\n\n{statement}\n\nURI: {uri}\nVersion: 1\nChain ID: {CHAIN_ID}\nNonce: {nonce}\nIssued At: {}",
         owner.to_checksum(),
-        nonce(),
         rfc3339(now)?,
     );
     if let Some(expires_at) = expires_at {
@@ -813,19 +1077,26 @@ pub fn delegation_message(
         return Err(DelegationError::Malformed("a delegation needs at least one namespace (or *)".into()));
     }
     let namespaces = Namespaces::from_names(namespaces.iter().copied())?;
-    let expires = time::Duration::try_from(expires_in)
-        .ok()
-        .and_then(|d| now.checked_add(d))
-        .ok_or_else(|| DelegationError::Malformed(format!("an expiry {expires_in:?} from now is out of range")))?;
-    let expires_at = whole_seconds(expires).unix_timestamp();
+    let expires_at = expiry(expires_in, now)?;
     siwe_message(
+        DOMAIN,
         owner,
         delegation_statement(peer, &namespaces, expires_at),
         format!("{PEER_URN}{peer}"),
         now,
         Some(expires_at),
         namespaces.resources(),
+        &nonce(),
     )
+}
+
+/// `now + expires_in` in whole unix seconds, or an error when out of range.
+fn expiry(expires_in: Duration, now: OffsetDateTime) -> Result<i64, DelegationError> {
+    let expires = time::Duration::try_from(expires_in)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .ok_or_else(|| DelegationError::Malformed(format!("an expiry {expires_in:?} from now is out of range")))?;
+    Ok(whole_seconds(expires).unix_timestamp())
 }
 
 /// The text of a revocation for the owner to sign: revokes `peer`, keeping its changes up to
@@ -838,12 +1109,14 @@ pub fn revocation_message(
     now: OffsetDateTime,
 ) -> Result<String, DelegationError> {
     siwe_message(
+        DOMAIN,
         owner,
         revocation_statement(peer, keep),
         format!("{REVOKE_URN}{peer}"),
         now,
         None,
         keep.iter().map(|(actor, kept)| keep_resource(actor, kept)).collect(),
+        &nonce(),
     )
 }
 
@@ -942,7 +1215,7 @@ mod tests {
 
         let evil = signed(&owner, evil_sign_in(owner.address(), &attacker).text())?;
         let refused = Delegation::verify(&evil);
-        assert!(matches!(&refused, Err(DelegationError::WrongDomain { found, .. }) if found == "evil.example"), "{refused:?}");
+        assert!(matches!(&refused, Err(DelegationError::WrongChain { found: 137, .. })), "{refused:?}");
 
         // Each reason alone is enough.
         let canonical = canonical_delegation(owner.address(), &attacker);
@@ -957,7 +1230,9 @@ mod tests {
         let mut foreign_resource = canonical.clone();
         foreign_resource.resources.insert(0, "https://evil.example/nft/claim".into());
         let cases: [Case; 5] = [
-            ("wrong domain", wrong_domain, |e| matches!(e, DelegationError::WrongDomain { expected, found } if expected == "kubelt" && found == "evil.example")),
+            // Under a site's domain, only an app login's statement line (which names the site,
+            // the node and the grant) delegates anything.
+            ("wrong domain", wrong_domain, |e| matches!(e, DelegationError::StatementMismatch { expected, .. } if expected.starts_with("Sign in to evil.example through Kubelt node"))),
             ("wrong chain", wrong_chain, |e| matches!(e, DelegationError::WrongChain { expected: 1, found: 137 })),
             ("altered statement", altered_statement, |e| matches!(e, DelegationError::StatementMismatch { found, .. } if found == "claim your free NFT")),
             ("unknown kubelt resource", unknown_resource, |e| matches!(e, DelegationError::UnknownResource { resource, .. } if resource == "urn:kubelt:nft:claim")),
@@ -1153,5 +1428,64 @@ mod tests {
         assert_eq!(d.domain, "kubelt");
         assert_eq!(Delegation::verify_for(&owner_statement(&message, signature)?, &Purpose::Cli)?, d);
         Ok(())
+    }
+
+    #[test]
+    fn an_app_login_grants_its_token_and_delegates_exactly_the_written_namespaces() -> TestResult {
+        let owner = DevWallet::random();
+        let node = peer();
+        let now = OffsetDateTime::from_unix_timestamp(T0)?;
+        let request = LoginRequest {
+            domain: "notes.example:8443",
+            owner: owner.address(),
+            peer: node,
+            reads: &["profile", "notes"],
+            writes: &["notes"],
+            expires_in: Duration::from_secs(3600),
+            nonce: "n0nce123abc",
+        };
+        let text = login_message(&request, now)?;
+        assert!(text.starts_with("notes.example:8443 wants you to sign in with your Ethereum account:"), "{text}");
+        assert!(text.contains("Sign in to notes.example:8443 through Kubelt node"), "{text}");
+        assert!(text.contains("the app may read namespace profile, and read and write namespace notes of this core until"), "{text}");
+        let statement = signed(&owner, text.clone())?;
+
+        let login = Login::verify(&statement, "notes.example:8443")?;
+        assert_eq!((login.owner, login.peer, login.nonce.as_str()), (owner.address(), node, "n0nce123abc"));
+        assert_eq!(login.reads, BTreeSet::from(["profile".to_owned()]));
+        assert_eq!(login.expires_at, T0 + 3600);
+        let delegation = login.delegation.clone().expect("the login writes a namespace");
+        assert!(delegation.namespaces.allows("notes") && !delegation.namespaces.allows("profile"));
+
+        // Every replica verifies the same signed text as a delegation, with no trust in the node.
+        let verified = Delegation::verify(&statement)?;
+        assert_eq!(verified, delegation);
+        assert_eq!(verified.domain, "notes.example:8443");
+
+        // Presented for another site, it is refused.
+        let elsewhere = Login::verify(&statement, "other.example");
+        assert!(matches!(&elsewhere, Err(DelegationError::WrongDomain { found, .. }) if found == "notes.example:8443"), "{elsewhere:?}");
+        // A read-only login delegates nothing.
+        let read_only = LoginRequest { domain: "notes.example", reads: &["profile"], writes: &[], ..request };
+        let read_only = signed(&owner, login_message(&read_only, now)?)?;
+        assert!(Login::verify(&read_only, "notes.example")?.delegation.is_none());
+        assert!(matches!(Delegation::verify(&read_only), Err(DelegationError::Malformed(m)) if m.contains("delegates nothing")));
+        // A tampered grant no longer matches its statement line.
+        let widened = text.replace("- urn:kubelt:read:profile", "- urn:kubelt:ns:profile");
+        assert!(matches!(Login::verify(&signed(&owner, widened)?, "notes.example:8443"), Err(DelegationError::StatementMismatch { .. })));
+        // Signed by someone else than the address it names.
+        let forged = OwnerStatement { message: text, signature: DevWallet::random().sign(&statement.message)?.into() };
+        assert!(matches!(Login::verify(&forged, "notes.example:8443"), Err(DelegationError::SignedBySomeoneElse { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn app_domains_are_origin_hosts() {
+        for ok in ["localhost", "localhost:5421", "notes.example.org", "127.0.0.1:8080", "a-b.c"] {
+            assert!(is_valid_app_domain(ok), "{ok}");
+        }
+        for bad in ["", "kubelt", "user@host", "host/path", "host:", "host:99999", "-x.org", "x.org.", "ho st", "x:1:2", &"a".repeat(254)] {
+            assert!(!is_valid_app_domain(bad), "{bad}");
+        }
     }
 }

@@ -1370,7 +1370,7 @@ impl Replica {
     }
 
     /// Makes, verifies, stores (synced) and returns one local change.
-    fn local_change(
+    pub(super) fn local_change(
         &mut self,
         keypair: &Keypair,
         statement: &OwnerStatement,
@@ -1384,7 +1384,7 @@ impl Replica {
         let heads = self.doc.get_heads();
         let effective = time.max(self.dag.max_time(&heads)).max(delegation.issued_at);
         delegation.check(&self.core, &author, effective)?;
-        if namespace != RESERVED_NAMESPACE && !delegation.namespaces.allows(namespace) {
+        if namespace != RESERVED_NAMESPACE && !delegation::may_write(&delegation, namespace) {
             return Err(DelegationError::NamespaceNotDelegated(namespace.to_owned()).into());
         }
         let actor = self.local_actor(author);

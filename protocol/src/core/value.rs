@@ -28,7 +28,7 @@ use serde_json::{Map, Number, Value as Json};
 /// Deep enough for any JSON an app keeps (serde_json itself refuses to parse more than 128).
 /// It bounds the recursion of writes, and the depth of the JSON a read returns, which its
 /// callers serialize and drop recursively.
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// Why a path cannot be written or read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +59,7 @@ fn doc_err(e: automerge::AutomergeError) -> PathError {
 }
 
 /// Splits `a/b/c` into segments; the empty path is the namespace itself.
-pub fn parse_path(path: &str) -> Result<Vec<String>, PathError> {
+pub(crate) fn parse_path(path: &str) -> Result<Vec<String>, PathError> {
     if path.is_empty() {
         return Ok(Vec::new());
     }

@@ -17,12 +17,21 @@ use super::{delegation_message, Address, DelegationError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WalletError {
+    /// The key file could not be read or written.
     #[error("cannot read or write the key file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        /// The key file.
+        path: String,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The key file does not hold a key.
     #[error("not a hex secp256k1 private key (32 bytes): {0}")]
     BadKey(String),
+    /// The signer failed.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// The statement to sign could not be built.
     #[error(transparent)]
     Message(#[from] DelegationError),
 }

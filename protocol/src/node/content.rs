@@ -21,8 +21,10 @@ pub enum FetchError {
     /// Bitswap gave the block up (no peer sent it in time, or it could not be stored).
     #[error(transparent)]
     Want(#[from] crate::bitswap::WantError),
+    /// The block was stored but cannot be read back.
     #[error("block {0} arrived but cannot be read back from the store")]
     Store(Cid),
+    /// The node's task has ended.
     #[error("the node has stopped")]
     Stopped,
 }

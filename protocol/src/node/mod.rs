@@ -15,6 +15,7 @@ pub use client::{
     BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, NetClient, NodeError, NodeEvent, NodeInfo,
     NodeStatus, PeerInfo, StatementKind, SubmitOutcome,
 };
+pub use client::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 
@@ -43,6 +44,8 @@ pub struct Config {
     pub swarm: swarm::Config,
     /// Limits of core replicas.
     pub cores: crate::core::Config,
+    /// Limits of messaging (outbox expiry, inbox bounds, rate per sender core).
+    pub msg: crate::msg::Config,
     /// How often replicas run catch-up with every peer that holds the same core.
     pub core_sync_interval: Duration,
 }
@@ -56,6 +59,7 @@ impl Default for Config {
             maintenance_interval: Duration::from_secs(10),
             swarm: swarm::Config::default(),
             cores: crate::core::Config::default(),
+            msg: crate::msg::Config::default(),
             core_sync_interval: Duration::from_secs(30),
         }
     }
@@ -65,19 +69,32 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// The swarm could not be built.
     #[error(transparent)]
     Build(#[from] swarm::BuildError),
+    /// A listen address is refused (in use, malformed, not ours).
     #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: Multiaddr, reason: String },
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What the transport said.
+        reason: String,
+    },
+    /// The cores in the store could not be loaded.
     #[error("cannot load the cores: {0}")]
     Cores(#[from] crate::core::CoreError),
+    #[error("cannot load the messages: {0}")]
+    /// The messages column could not be read.
+    Messages(crate::store::StoreError),
 }
 
 /// A started node: its client handle and the task that runs it. Dropping it stops the node
 /// (clients then get [`NodeError`](client::NodeError)s); [`Node::stop`] also waits for the
 /// task to finish saving its state.
 pub struct Node {
+    /// The handle to talk to the node (cheap to clone).
     pub client: Client,
+    /// The node's peer id.
     pub peer_id: PeerId,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
@@ -100,7 +117,7 @@ impl Node {
         let (events, _) = tokio::sync::broadcast::channel(4096);
         let shutdown = CancellationToken::new();
         let mut event_loop =
-            event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, events.clone(), shutdown.clone());
+            event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, events.clone(), shutdown.clone())?;
         // Wait until every listener has reported its address (or failed), so that `info()`
         // right after start shows real ports.
         event_loop.await_listeners().await?;

@@ -12,13 +12,15 @@ use crate::store::{Column, Store, StoreError};
 const MAX_ADDRESSES_PER_PEER: usize = 8;
 
 /// Most peers remembered; the least recently seen are forgotten beyond this.
-pub const MAX_KNOWN_PEERS: usize = 2048;
+pub(crate) const MAX_KNOWN_PEERS: usize = 2048;
 
 /// A remembered peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownPeer {
+    /// The peer.
     #[serde(with = "peer_id_string")]
     pub peer_id: PeerId,
+    /// Addresses it was reached at or announced.
     pub addresses: Vec<Multiaddr>,
     /// Unix seconds of the last time we were connected.
     pub last_seen: u64,
@@ -31,6 +33,7 @@ pub struct PeerBook {
 }
 
 impl PeerBook {
+    /// The peer book kept in `store`.
     pub fn new(store: Store) -> Self {
         PeerBook { store }
     }
@@ -102,11 +105,11 @@ mod peer_id_string {
     use libp2p::PeerId;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(peer_id: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(peer_id: &PeerId, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&peer_id.to_base58())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }

@@ -9,7 +9,9 @@ use super::{Column, Store, StoreError};
 /// A block: bytes and the CID they hash to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
+    /// The block's CID.
     pub cid: Cid,
+    /// The block's bytes.
     pub data: Bytes,
 }
 

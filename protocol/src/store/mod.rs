@@ -35,11 +35,13 @@ pub enum Column {
     Peers,
     /// Small node-wide records (schema version, counters).
     Meta,
+    /// Messages between cores: inboxes, deletions, the outbox (see [`crate::msg`]).
+    Messages,
 }
 
 impl Column {
     /// Every column, in a stable order.
-    pub const ALL: [Column; 5] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta];
+    pub const ALL: [Column; 6] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta, Column::Messages];
 
     /// The column family's name in RocksDB.
     pub fn name(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Column {
             Column::Cores => "cores",
             Column::Peers => "peers",
             Column::Meta => "meta",
+            Column::Messages => "messages",
         }
     }
 
@@ -83,10 +86,18 @@ pub enum StoreError {
     Locked(PathBuf),
     /// A stored record could not be decoded.
     #[error("corrupt record in column {column}: {reason}")]
-    Corrupt { column: &'static str, reason: String },
+    Corrupt {
+        /// The column family.
+        column: &'static str,
+        /// What failed to decode.
+        reason: String,
+    },
     /// A block's bytes do not hash to its CID.
     #[error("block {cid} does not match its hash")]
-    HashMismatch { cid: cid::Cid },
+    HashMismatch {
+        /// The block.
+        cid: cid::Cid,
+    },
     /// The CID uses a hash function the node does not support.
     #[error("unsupported multihash code 0x{0:x}")]
     UnsupportedHash(u64),

@@ -35,7 +35,9 @@ impl PinKind {
 /// One pin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PinRecord {
+    /// The pinned root.
     pub cid: Cid,
+    /// Direct (the block) or recursive (the whole DAG).
     pub kind: PinKind,
 }
 

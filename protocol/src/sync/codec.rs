@@ -15,6 +15,6 @@ pub const MAX_SYNC_RESPONSE_SIZE: usize = 40 << 20;
 pub type CoreSyncCodec = ProstCodec<SyncRequest, SyncResponse>;
 
 /// The codec with the core-sync limits.
-pub const fn codec() -> CoreSyncCodec {
+pub(crate) const fn codec() -> CoreSyncCodec {
     ProstCodec::new(MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE)
 }

@@ -34,6 +34,7 @@ pub fn topic(core: &Address) -> IdentTopic {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SyncSetupError {
+    /// Gossipsub refused its configuration.
     #[error("invalid gossipsub configuration: {0}")]
     Gossipsub(String),
 }

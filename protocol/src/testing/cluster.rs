@@ -64,26 +64,37 @@ pub fn test_config() -> Config {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClusterError {
+    /// The temporary directory of the stores could not be made.
     #[error("cannot make the cluster's directory: {0}")]
     Dir(#[source] std::io::Error),
+    /// A node's store did not open.
     #[error("cannot open the store of node {node}: {source}")]
     Store { node: usize, source: StoreError },
+    /// A node did not start.
     #[error("node {node} did not start: {source}")]
     Start { node: usize, source: StartError },
+    /// The node asked for is stopped.
     #[error("node {0} is stopped")]
     Stopped(usize),
+    /// The node to restart is running.
     #[error("node {0} is already running")]
     Running(usize),
+    /// The node does not hold the cluster's core.
     #[error("node {0} holds no replica of the cluster's core")]
     NotHeld(usize),
+    /// A wait was given no node to watch.
     #[error("a wait needs at least one node to watch")]
     NoNodes,
+    /// A node's client failed.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// A node refused a core command.
     #[error(transparent)]
     Core(#[from] CoreCommandError),
+    /// The dev wallet failed to sign.
     #[error(transparent)]
     Wallet(#[from] WalletError),
+    /// What was awaited did not happen in time; `state` is what the nodes held at the end.
     #[error("{what}: not within {within:?}; {state}")]
     Timeout { what: String, within: Duration, state: String },
 }

@@ -64,8 +64,11 @@ const fn field_len(payload: usize) -> usize {
 /// cumulative size of the encoded blocks of the child's DAG.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkRef<'a> {
+    /// The child.
     pub cid: &'a Cid,
+    /// The entry name (empty inside files).
     pub name: &'a str,
+    /// Cumulative encoded size of the child's DAG.
     pub tsize: u64,
 }
 
@@ -191,8 +194,11 @@ pub struct DecodedNode {
 /// One decoded link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodedLink {
+    /// The child.
     pub cid: Cid,
+    /// The entry name (empty inside files).
     pub name: String,
+    /// Cumulative encoded size of the child's DAG, when the link has one.
     pub tsize: Option<u64>,
 }
 

@@ -76,7 +76,9 @@ impl EntryKind {
 /// What `stat` reports about a CID (like `ipfs files stat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
+    /// The CID asked about.
     pub cid: Cid,
+    /// File, directory, symlink or raw block.
     pub kind: EntryKind,
     /// File size in bytes; the target length for a symlink; 0 for directories.
     pub size: u64,
@@ -89,7 +91,9 @@ pub struct Stat {
 /// One directory entry as `ls` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LsEntry {
+    /// The entry's name.
     pub name: String,
+    /// The entry's CID.
     pub cid: Cid,
     /// The entry's `Tsize`, when the link has one.
     pub tsize: Option<u64>,
@@ -98,8 +102,11 @@ pub struct LsEntry {
 /// What `get` wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GetReport {
+    /// Files written.
     pub files: u64,
+    /// Directories created.
     pub directories: u64,
+    /// Symlinks created.
     pub symlinks: u64,
     /// File bytes written.
     pub bytes: u64,

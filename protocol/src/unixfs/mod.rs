@@ -67,32 +67,77 @@ pub enum UnixfsError {
     HashMismatch(Cid),
     /// The CID names something that is not a file (a directory, a symlink...).
     #[error("{cid} is not a UnixFS file (it is a {found})")]
-    NotAFile { cid: Cid, found: &'static str },
+    NotAFile {
+        /// The CID.
+        cid: Cid,
+        /// What it is instead.
+        found: &'static str,
+    },
     /// The CID names something that is not a directory, so a path cannot go through it.
     #[error("{cid} is not a UnixFS directory (it is a {found})")]
-    NotADirectory { cid: Cid, found: &'static str },
+    NotADirectory {
+        /// The CID.
+        cid: Cid,
+        /// What it is instead.
+        found: &'static str,
+    },
     /// A path segment does not name an entry of the directory.
     #[error("path segment '{segment}' not found in directory {dir}")]
-    PathNotFound { segment: String, dir: Cid },
+    PathNotFound {
+        /// The missing name.
+        segment: String,
+        /// The directory searched.
+        dir: Cid,
+    },
     /// A path could not be parsed.
     #[error("invalid path '{path}': {reason}")]
-    InvalidPath { path: String, reason: &'static str },
+    InvalidPath {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A dag-pb block could not be decoded.
     #[error("invalid dag-pb block {cid}: {reason}")]
-    InvalidDagPb { cid: Cid, reason: String },
+    InvalidDagPb {
+        /// The block.
+        cid: Cid,
+        /// What failed to decode.
+        reason: String,
+    },
     /// A dag-pb block does not carry valid UnixFS data.
     #[error("{cid} is not a valid UnixFS node: {reason}")]
-    NotUnixfs { cid: Cid, reason: String },
+    NotUnixfs {
+        /// The block.
+        cid: Cid,
+        /// What is wrong with its data.
+        reason: String,
+    },
     /// A block uses a codec the DAG code cannot read.
     #[error("unsupported codec 0x{codec:x} for {cid}")]
-    UnsupportedCodec { cid: Cid, codec: u64 },
+    UnsupportedCodec {
+        /// The block.
+        cid: Cid,
+        /// Its multicodec.
+        codec: u64,
+    },
     /// A directory entry's name would escape the output directory or is not valid.
     #[error("unsafe entry name {name:?} in directory {dir}: a name must be one path component")]
-    UnsafeName { name: String, dir: Cid },
+    UnsafeName {
+        /// The entry name.
+        name: String,
+        /// The directory holding it.
+        dir: Cid,
+    },
     /// A directory has two entries of the same name: `get` refuses it, because a hostile
     /// DAG uses a symlink and a directory of one name to write outside the output.
     #[error("directory {dir} has more than one entry named {name:?}; refusing to write it")]
-    DuplicateName { name: String, dir: Cid },
+    DuplicateName {
+        /// The entry name.
+        name: String,
+        /// The directory holding it.
+        dir: Cid,
+    },
     /// `get` writes only to a new path, so that it never follows or overwrites what is there.
     #[error("{0} already exists; choose another output path or remove it first")]
     OutputExists(PathBuf),
@@ -101,7 +146,14 @@ pub enum UnixfsError {
     NonUtf8Name(PathBuf),
     /// A file the exporter assembled does not have the size its root announces.
     #[error("file {cid} has {actual} bytes but its root announces {expected}")]
-    SizeMismatch { cid: Cid, expected: u64, actual: u64 },
+    SizeMismatch {
+        /// The file's root.
+        cid: Cid,
+        /// The size its root announces.
+        expected: u64,
+        /// The size its leaves add up to.
+        actual: u64,
+    },
     /// `add_path` met something that is neither file, directory nor symlink (like `ipfs add`).
     #[error("unsupported file type at {0}")]
     UnsupportedFileType(PathBuf),
@@ -113,13 +165,23 @@ pub enum UnixfsError {
     InvalidOptions(&'static str),
     /// A HAMT directory is deeper than its hash allows, or malformed.
     #[error("invalid HAMT shard {cid}: {reason}")]
-    InvalidHamt { cid: Cid, reason: String },
+    InvalidHamt {
+        /// The shard.
+        cid: Cid,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Two entries of one directory hash to the same 64 bits: the HAMT cannot hold them.
     #[error("HAMT hash collision: the directory is too deep for {0:?}")]
     HamtTooDeep(String),
     /// File system I/O failed.
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
     /// Reading the input stream failed.
     #[error("read error: {0}")]
     Read(std::io::Error),

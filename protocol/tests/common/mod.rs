@@ -3,16 +3,16 @@
 #![allow(dead_code)]
 
 #[allow(unused_imports)]
-pub use kubelt_protocol::testing::kubo::kubo_missing;
+pub(crate) use kubelt_protocol::testing::kubo::kubo_missing;
 
 /// A missing Kubo: an error saying how to install it, or, opted out, a recorded skip (`Ok`).
-pub fn skip_or_fail(test: &str, reason: &str) -> anyhow::Result<()> {
+pub(crate) fn skip_or_fail(test: &str, reason: &str) -> anyhow::Result<()> {
     kubelt_protocol::testing::kubo::skip_or_fail(test, reason).map_err(anyhow::Error::msg)
 }
 
 /// Logs of the nodes a test runs, through the harness's capture (shown for failing tests);
 /// `RUST_LOG` sets the level, warnings by default.
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -20,7 +20,7 @@ pub fn init_tracing() {
 }
 
 /// Three nodes of one core: 0 and 1 delegated writers, 2 a follower, 1 and 2 connected to 0.
-pub async fn two_writers_and_a_follower() -> anyhow::Result<kubelt_protocol::testing::Cluster> {
+pub(crate) async fn two_writers_and_a_follower() -> anyhow::Result<kubelt_protocol::testing::Cluster> {
     let cluster = kubelt_protocol::testing::Cluster::start(3).await?;
     cluster.connect(1, 0).await?;
     cluster.connect(2, 0).await?;

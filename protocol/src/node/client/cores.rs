@@ -72,6 +72,7 @@ impl std::fmt::Display for StatementKind {
 /// What a submitted owner statement did.
 #[derive(Debug, Clone, Serialize)]
 pub struct SubmitOutcome {
+    /// Delegation or revocation.
     pub kind: StatementKind,
     /// The core, EIP-55 checksummed.
     pub core: String,
@@ -82,6 +83,7 @@ pub struct SubmitOutcome {
 /// Changes that entered a core's document on this node (local writes, gossip, catch-up).
 #[derive(Debug, Clone)]
 pub struct CoreUpdate {
+    /// The core that changed.
     pub core: Address,
     /// Hex hashes of the changes applied, in order.
     pub applied: Vec<String>,

@@ -13,6 +13,7 @@
 
 mod content;
 mod cores;
+mod msg;
 mod net;
 
 pub use content::ContentClient;
@@ -20,6 +21,8 @@ pub(crate) use content::ContentCommand;
 pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, StatementKind, SubmitOutcome};
 pub(crate) use cores::CoreCommand;
 pub use net::{ConnectError, NetClient, PeerInfo};
+pub use msg::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
+pub(crate) use msg::{now_ms, MsgCommand, RawMessages, Sealer};
 pub(crate) use net::NetCommand;
 
 use serde::Serialize;
@@ -37,6 +40,7 @@ pub(crate) enum Command {
     Net(NetCommand),
     Content(ContentCommand),
     Cores(CoreCommand),
+    Msg(MsgCommand),
 }
 
 /// What happened in the node without anyone asking: for API subscriptions, tests and
@@ -49,19 +53,50 @@ pub enum NodeEvent {
     CoreUpdated(CoreUpdate),
     /// A change that `from` sent (by gossip or catch-up) failed verification: it was dropped,
     /// and gossipsub does not forward it.
-    ChangeRejected { core: crate::core::Address, from: libp2p::PeerId, reason: crate::core::Rejected },
+    ChangeRejected {
+        /// The core the change claimed to be for.
+        core: crate::core::Address,
+        /// The peer that handed it over (the gossip propagation source, or the catch-up peer).
+        from: libp2p::PeerId,
+        /// Why it was refused.
+        reason: crate::core::Rejected,
+    },
     /// The first connection with a peer opened.
-    PeerConnected { peer: libp2p::PeerId },
+    PeerConnected {
+        /// The peer.
+        peer: libp2p::PeerId,
+    },
     /// The last connection with a peer closed.
-    PeerDisconnected { peer: libp2p::PeerId },
+    PeerDisconnected {
+        /// The peer.
+        peer: libp2p::PeerId,
+    },
+    /// A message entered an inbox this node hosts (from its sender, or from another host).
+    MessageReceived {
+        /// The recipient core.
+        core: crate::core::Address,
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The sender core.
+        from: crate::core::Address,
+    },
+    /// A replica of its recipient took a message this node sent.
+    MessageDelivered {
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The recipient core.
+        to: crate::core::Address,
+    },
 }
 
 /// Who this node is and where it listens.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeInfo {
+    /// This node's peer id (base58).
     pub peer_id: String,
     /// Listen addresses, each ending in `/p2p/<peer id>` so they can be given to `--peer`.
     pub addresses: Vec<String>,
+    /// `kubelt/<version>`, as announced over identify.
     pub agent_version: String,
     /// Every protocol the node speaks, as announced over identify.
     pub protocols: Vec<String>,
@@ -70,27 +105,44 @@ pub struct NodeInfo {
 /// Counters and sizes for `kubelt status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
+    /// This node's peer id (base58).
     pub peer_id: String,
+    /// `kubelt/<version>`.
     pub agent_version: String,
+    /// Seconds since the node started.
     pub uptime_secs: u64,
+    /// Peers with an open connection.
     pub connected_peers: usize,
+    /// Peers in the Kademlia routing table.
     pub routing_table_peers: usize,
+    /// Peers remembered in the peer book (dialed again after a restart).
     pub known_peers: usize,
+    /// `server` or `client`.
     pub dht_mode: String,
+    /// Kademlia bootstraps (random walks) completed.
     pub bootstraps_completed: u64,
+    /// Connections opened since start.
     pub connections_established: u64,
+    /// Connections closed since start.
     pub connections_closed: u64,
+    /// Bitswap counters.
     pub bitswap: BitswapStatus,
 }
 
 /// Bitswap counters for `kubelt status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BitswapStatus {
+    /// Blocks sent to peers.
     pub blocks_sent: u64,
+    /// Bytes of the blocks sent.
     pub bytes_sent: u64,
+    /// Wanted blocks received, verified and stored.
     pub blocks_received: u64,
+    /// Bytes of the blocks received.
     pub bytes_received: u64,
+    /// Blocks received that were already here.
     pub duplicate_blocks: u64,
+    /// Blocks this node wants now.
     pub wantlist_size: usize,
 }
 
@@ -111,8 +163,10 @@ impl BitswapStatus {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
+    /// The node's task has ended.
     #[error("the node has stopped")]
     Stopped,
+    /// A `connect` failed.
     #[error(transparent)]
     Connect(#[from] ConnectError),
 }
@@ -142,6 +196,11 @@ impl Client {
     /// The core replicas this node holds.
     pub fn cores(&self) -> CoresClient<'_> {
         CoresClient(self)
+    }
+
+    /// Messages between cores.
+    pub fn msg(&self) -> MsgClient<'_> {
+        MsgClient(self)
     }
 
     /// Everything that happens in the node from now on (see [`NodeEvent`]).

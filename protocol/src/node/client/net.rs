@@ -19,7 +19,9 @@ pub(crate) enum NetCommand {
 /// A peer as seen by this node.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerInfo {
+    /// The peer's id (base58).
     pub peer_id: String,
+    /// Remote addresses of the open connections, or the routing table's addresses.
     pub addresses: Vec<String>,
     /// The peer's agent version, once identify has told it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,8 +36,15 @@ pub struct PeerInfo {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
+    /// The dial failed.
     #[error("dial of {addr} failed: {reason}")]
-    Dial { addr: Multiaddr, reason: String },
+    Dial {
+        /// The address dialed.
+        addr: Multiaddr,
+        /// What the transport said.
+        reason: String,
+    },
+    /// The dial took too long.
     #[error("connecting to {0} timed out")]
     Timeout(Multiaddr),
 }

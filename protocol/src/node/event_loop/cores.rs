@@ -24,9 +24,9 @@ use kubelt_proto::core::{SyncRequest, SyncResponse};
 /// What the event loop holds for cores.
 pub(super) struct CoreState {
     /// The node key: signs core changes.
-    keypair: libp2p::identity::Keypair,
+    pub(super) keypair: libp2p::identity::Keypair,
     /// Every core replica this node holds.
-    replicas: crate::core::Cores,
+    pub(super) replicas: crate::core::Cores,
     /// Which catch-up sessions run, and when (I/O-free, see `core/catch_up.rs`).
     schedule: CatchUpScheduler,
     /// Gossip verification off the event loop.
@@ -268,7 +268,7 @@ impl EventLoop {
 
     /// Subscribes to a core's topic, provides its DHT key, looks for other replicas and
     /// catches up with the peers already connected.
-    fn join_core(&mut self, core: Address) {
+    pub(super) fn join_core(&mut self, core: Address) {
         let topic = sync::topic(&core);
         self.cores.gossip.topics.insert(topic.hash(), core);
         let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
@@ -337,6 +337,7 @@ impl EventLoop {
     fn core_follow(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         self.cores.replicas.follow(core).map_err(storage)?;
         self.join_core(core);
+        self.msg_core_followed(core);
         self.core_summary(core)
     }
 
@@ -352,6 +353,7 @@ impl EventLoop {
             }
             self.cores.replicas.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
+            self.msg_publish_device_key();
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: StatementKind::Delegation, core: delegation.owner.to_checksum(), peer: local.to_base58() });
         }
@@ -426,14 +428,14 @@ impl EventLoop {
     }
 
     /// Announces changes that entered a core's document.
-    fn announce_applied(&self, core: Address, applied: &[ChangeHash]) {
+    pub(super) fn announce_applied(&self, core: Address, applied: &[ChangeHash]) {
         if !applied.is_empty() {
             self.announce(NodeEvent::CoreUpdated(CoreUpdate { core, applied: applied.iter().map(|h| h.to_string()).collect() }));
         }
     }
 
     /// Publishes a stored change on the core's topic. With no peer yet, catch-up delivers it.
-    fn publish(&mut self, core: Address, envelope: SignedChange) {
+    pub(super) fn publish(&mut self, core: Address, envelope: SignedChange) {
         let topic = sync::topic(&core);
         match self.swarm.behaviour_mut().gossipsub.publish(topic, envelope.encode_to_vec()) {
             Ok(_) => {}

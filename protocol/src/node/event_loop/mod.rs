@@ -10,6 +10,7 @@
 
 mod content;
 mod cores;
+mod msg;
 mod net;
 
 use std::collections::{HashMap, HashSet};
@@ -55,6 +56,7 @@ pub(crate) struct EventLoop {
     net: net::Net,
     content: content::Content,
     cores: cores::CoreState,
+    msg: msg::MsgState,
 }
 
 impl EventLoop {
@@ -69,9 +71,10 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         events: broadcast::Sender<NodeEvent>,
         shutdown: CancellationToken,
-    ) -> Self {
+    ) -> Result<Self, StartError> {
         let now = Instant::now();
-        EventLoop {
+        Ok(EventLoop {
+            msg: msg::MsgState::new(&keypair, store.clone(), config.msg.clone()).map_err(StartError::Messages)?,
             net: net::Net::new(store.clone()),
             content: content::Content::default(),
             cores: cores::CoreState::new(keypair, replicas, &config, now),
@@ -82,7 +85,7 @@ impl EventLoop {
             events,
             shutdown,
             queries: HashMap::new(),
-        }
+        })
     }
 
     /// Drives the swarm until every listener has an address or has failed.
@@ -131,7 +134,11 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(verdict) = self.cores.gossip.next_verdict() => self.on_gossip_verified(verdict),
                 Some(work) = self.cores.sync_work.next() => self.on_sync_verified(work),
-                _ = tick.tick() => self.tick_cores(Instant::now()),
+                Some(work) = self.msg.next_work() => self.on_msg_work(work),
+                _ = tick.tick() => {
+                    self.tick_cores(Instant::now());
+                    self.tick_msg(Instant::now());
+                }
                 _ = maintenance.tick() => self.maintain_connections(),
             }
         }
@@ -153,6 +160,7 @@ impl EventLoop {
             Command::Net(command) => self.on_net_command(command),
             Command::Content(command) => self.on_content_command(command),
             Command::Cores(command) => self.on_core_command(command),
+            Command::Msg(command) => self.on_msg_command(command),
         }
     }
 
@@ -171,6 +179,7 @@ impl EventLoop {
             BehaviourEvent::Bitswap(event) => self.on_bitswap_event(event),
             BehaviourEvent::Gossipsub(event) => self.on_gossipsub_event(event),
             BehaviourEvent::CoreSync(event) => self.on_core_sync_event(event),
+            BehaviourEvent::Msg(event) => self.on_msg_event(event),
             BehaviourEvent::Blocked(never) | BehaviourEvent::Limits(never) => match never {},
         }
     }
