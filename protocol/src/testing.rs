@@ -1,5 +1,9 @@
 //! Helpers shared by the tests of this crate and of the `kubelt` binary. Not part of the API.
 
+pub mod cluster;
+
+pub use cluster::{Cluster, ClusterError};
+
 /// Deterministic pseudo-random bytes (xorshift64*), so a failing test reproduces. Every seed
 /// gives different bytes (the seed is spread before the low bit is forced on).
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {

@@ -20,6 +20,8 @@ mod bitswap_over_the_network {
     use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm, SwarmBuilder};
     use rand::RngCore;
 
+    use super::common::init_tracing;
+
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Transport {
         Tcp,
@@ -48,13 +50,6 @@ mod bitswap_over_the_network {
         fn bitswap(&mut self) -> &mut bitswap::Behaviour {
             &mut self.swarm.behaviour_mut().bitswap
         }
-    }
-
-    fn init_tracing() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-            .with_test_writer()
-            .try_init();
     }
 
     async fn node(transport: Transport, config: bitswap::Config) -> anyhow::Result<TestNode> {

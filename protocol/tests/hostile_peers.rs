@@ -1,35 +1,43 @@
-//! A hostile peer on the memory transport against two real nodes in this process: the
-//! messages of the hardening review (a gossip envelope whose change holds an operation counter
-//! past 32 bits, one that declares millions of operations, a catch-up request whose Bloom
-//! filter declares four billion probes) each cost one rejected message. The node goes on
+//! Hostile peers on the memory transport against real nodes in this process ([`Cluster`]).
+//!
+//! The messages of the hardening review (a gossip envelope whose change holds an operation
+//! counter past 32 bits, one that declares millions of operations, a catch-up request whose
+//! Bloom filter declares four billion probes) each cost one rejected message. The node goes on
 //! serving, and a change written afterwards still reaches the other replica.
+//!
+//! Forged changes are rejected by the first replica that receives them and never travel
+//! further. The network is a line: attacker — `a` — {`c`, observer}. The attacker and the
+//! observer are bare swarms that speak only gossipsub and ping (no identify, no Kademlia), so no
+//! node learns their addresses or tells anyone about them: the attacker reaches `c` and the
+//! observer only through `a`, and what the observer receives is exactly what `a` forwards.
+//! (With a direct path, gossipsub would drop `a`'s forwarded copy as a duplicate before
+//! validation and the check would pass without looking.)
 
+mod common;
+
+use std::collections::HashSet;
 use std::time::Duration;
 
 use automerge::{Automerge, ReadDoc};
 use futures::StreamExt;
 use kubelt_proto::core::{OwnerStatement, SignedChange, SyncRequest};
 use kubelt_proto::Message;
-use kubelt_protocol::core::{Address, DevWallet};
-use kubelt_protocol::node::{Config, Node};
+use kubelt_protocol::core::{Address, Cores, Rejected};
+use kubelt_protocol::node::NodeEvent;
 use kubelt_protocol::store::Store;
 use kubelt_protocol::swarm::{self, Behaviour, BehaviourEvent};
 use kubelt_protocol::sync;
 use kubelt_protocol::testing::write_uleb as uleb;
+use kubelt_protocol::testing::Cluster;
+use libp2p::core::transport::MemoryTransport;
+use libp2p::core::upgrade::Version;
+use libp2p::core::Transport as _;
+use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::identity::Keypair;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{request_response, Multiaddr, Swarm};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{noise, ping, request_response, yamux, Multiaddr, PeerId, Swarm};
 use serde_json::json;
-
-async fn start_node(dir: &std::path::Path, name: &str, port: u64) -> anyhow::Result<Node> {
-    let store = Store::open(dir.join(name))?;
-    let config = Config {
-        listen: vec![format!("/memory/{port}").parse()?],
-        maintenance_interval: Duration::from_millis(500),
-        ..Config::default()
-    };
-    Ok(Node::start(Keypair::generate_ed25519(), store, config).await?)
-}
+use tokio::sync::{broadcast, mpsc, watch};
 
 /// An Automerge change whose first operation writes into an object with counter 2^32 (which
 /// automerge 0.7 unwraps into a u32, panicking).
@@ -77,6 +85,18 @@ fn bloom_bomb(core: &Address) -> SyncRequest {
     SyncRequest { core: core.to_lower_hex(), sync_message: m.into(), changes: vec![] }
 }
 
+/// The changes a node reported rejecting since the last call, with who sent each.
+fn rejections(events: &mut broadcast::Receiver<NodeEvent>) -> Vec<(PeerId, Rejected)> {
+    let mut rejected = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(NodeEvent::ChangeRejected { from, reason, .. }) => rejected.push((from, reason)),
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return rejected,
+        }
+    }
+}
+
 /// Drives the attacker's swarm until `done` says so, or fails after `limit`.
 async fn drive_until<T>(
     swarm: &mut Swarm<Behaviour>,
@@ -106,27 +126,25 @@ async fn drive_until<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let base = rand::random::<u32>() as u64 * 1000 + 1;
-    let writer = start_node(dir.path(), "writer", base).await?;
-    let follower = start_node(dir.path(), "follower", base + 1).await?;
-    let writer_addr: Multiaddr = writer.client.info().await?.addresses[0].parse()?;
-    let wallet = DevWallet::random();
-    let core = wallet.address();
-    let delegation = wallet.delegate(&writer.peer_id, &["*"], Duration::from_secs(3600), time::OffsetDateTime::now_utc())?;
-    writer.client.cores().submit(delegation.clone()).await?;
-    follower.client.cores().follow(core).await?;
-    follower.client.net().connect(writer_addr.clone()).await?;
+    common::init_tracing();
+    let cluster = Cluster::start(2).await?;
+    let (writer, follower) = (0, 1);
+    let core = cluster.core();
+    let delegation = cluster.delegate(writer).await?;
+    cluster.follow(follower).await?;
+    cluster.connect(follower, writer).await?;
+    let mut writer_events = cluster.client(writer)?.events();
 
     // The attacker: a kubelt swarm with a key of its own, subscribed to the core's topic.
+    let dir = tempfile::tempdir()?;
     let attacker_key = Keypair::generate_ed25519();
     let attacker_peer = attacker_key.public().to_peer_id();
     let mut attacker = swarm::build(attacker_key.clone(), &swarm::Config::default(), Store::open(dir.path().join("attacker"))?)?;
-    attacker.listen_on(format!("/memory/{}", base + 2).parse()?)?;
-    attacker.dial(writer_addr)?;
+    attacker.listen_on("/memory/0".parse()?)?;
+    attacker.dial(cluster.addr(writer))?;
     let topic = sync::topic(&core);
     attacker.behaviour_mut().gossipsub.subscribe(&topic)?;
-    let writer_peer = writer.peer_id;
+    let writer_peer = cluster.peer_id(writer);
     drive_until(&mut attacker, Duration::from_secs(20), |s, _| {
         s.behaviour().gossipsub.all_peers().any(|(p, topics)| *p == writer_peer && topics.contains(&&topic.hash())).then_some(())
     })
@@ -192,28 +210,240 @@ async fn a_hostile_peer_costs_rejected_messages_never_the_node() -> anyhow::Resu
     .await?;
     println!("catch-up flood: of {flood} requests, {answered} answered, {busy} refused as busy, {dropped} dropped");
     assert!(busy > 0 && answered <= 70, "the flood was not limited: {answered} answered, {busy} busy, {dropped} dropped");
-    // Let gossip deliver and the writer judge everything the attacker sent.
-    let _ = drive_until(&mut attacker, Duration::from_secs(2), |_, _| None::<()>).await;
+    // Gossip delivers, and the writer judges both envelopes and says so on its event stream.
+    let mut rejected = Vec::new();
+    drive_until(&mut attacker, Duration::from_secs(20), |_, _| {
+        rejected.extend(rejections(&mut writer_events));
+        (rejected.len() >= 2).then_some(())
+    })
+    .await?;
+    assert!(rejected.iter().all(|(from, _)| *from == attacker_peer), "{rejected:?}");
 
     // The writer still serves, and a change written now still reaches the follower.
-    let info = writer.client.info().await?;
-    assert_eq!(info.peer_id, writer.peer_id.to_base58());
-    writer.client.cores().set(core, "profile".into(), "name".into(), json!("alice")).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let value = follower.client.cores().get(core, "profile".into(), "name".into()).await?;
-        if value == json!("alice") {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the follower never got the change (it has {value})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let writer_heads = writer.client.cores().list().await?.remove(0).heads;
-    let follower_heads = follower.client.cores().list().await?.remove(0).heads;
-    assert_eq!(writer_heads, follower_heads);
+    let info = cluster.client(writer)?.info().await?;
+    assert_eq!(info.peer_id, writer_peer.to_base58());
+    cluster.client(writer)?.cores().set(core, "profile".into(), "name".into(), json!("alice")).await?;
+    let converged = cluster.converged(&[writer, follower], Duration::from_secs(30)).await?;
+    assert_eq!(cluster.client(follower)?.cores().get(core, "profile".into(), "name".into()).await?, json!("alice"));
     // The profile write and the writer's device key (messaging), nothing else.
-    assert_eq!(writer.client.cores().list().await?[0].changes, 2, "nothing the attacker sent entered the core");
-    writer.stop().await;
-    follower.stop().await;
+    assert_eq!(converged.changes, 2, "nothing the attacker sent entered the core");
+    let rejected_later = rejections(&mut writer_events);
+    assert!(rejected_later.is_empty(), "the writer rejected more than the two envelopes: {rejected_later:?}");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// Gossipsub as a node runs it, plus ping (a node closes connections that do not answer pings).
+#[derive(NetworkBehaviour)]
+struct GossipOnly {
+    gossipsub: gossipsub::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// A gossip message as the bare peer received it.
+#[derive(Clone)]
+struct Received {
+    /// The peer that handed it to us (who forwarded it).
+    via: PeerId,
+    /// The peer that published it.
+    author: Option<PeerId>,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes by {:?} via {}", self.data.len(), self.author, self.via)
+    }
+}
+
+/// What a bare peer saw, shared with the test.
+#[derive(Debug, Default)]
+struct Seen {
+    connected: HashSet<PeerId>,
+    subscribed: HashSet<PeerId>,
+    mesh: HashSet<PeerId>,
+    received: Vec<Received>,
+    publish_errors: Vec<String>,
+}
+
+/// A bare gossipsub peer on the memory transport, subscribed to one topic: it publishes what
+/// it is sent and records everything it sees (the test waits on each change of the record).
+struct GossipPeer {
+    peer_id: PeerId,
+    seen: watch::Receiver<Seen>,
+    publish: mpsc::Sender<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GossipPeer {
+    fn start(key: Keypair, topic: IdentTopic, dial: Multiaddr) -> anyhow::Result<GossipPeer> {
+        let peer_id = key.public().to_peer_id();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MemoryTransport::default().upgrade(Version::V1).authenticate(noise).multiplex(yamux::Config::default()))
+            })?
+            .with_behaviour(|key| Ok(GossipOnly { gossipsub: sync::gossipsub(key)?, ping: ping::Behaviour::default() }))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+        swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
+        swarm.dial(dial)?;
+        let (record, seen) = watch::channel(Seen::default());
+        let (publish, mut to_publish) = mpsc::channel::<Vec<u8>>(16);
+        let task = tokio::spawn(async move {
+            // Mesh membership changes without an event: look at it now and then.
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                            record.send_modify(|s| { s.connected.insert(peer_id); });
+                        }
+                        SwarmEvent::Behaviour(GossipOnlyEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. })) => {
+                            record.send_modify(|s| { s.subscribed.insert(peer_id); });
+                        }
+                        SwarmEvent::Behaviour(GossipOnlyEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message, .. })) => {
+                            let received = Received { via: propagation_source, author: message.source, data: message.data };
+                            record.send_modify(|s| s.received.push(received));
+                        }
+                        _ => {}
+                    },
+                    Some(data) = to_publish.recv() => {
+                        if let Err(e) = swarm.behaviour_mut().gossipsub.publish(topic.clone(), data) {
+                            record.send_modify(|s| s.publish_errors.push(e.to_string()));
+                        }
+                    }
+                    _ = tick.tick() => {
+                        let mesh: HashSet<PeerId> = swarm.behaviour().gossipsub.mesh_peers(&topic.hash()).copied().collect();
+                        record.send_if_modified(|s| {
+                            let changed = s.mesh != mesh;
+                            s.mesh = mesh;
+                            changed
+                        });
+                    }
+                }
+            }
+        });
+        Ok(GossipPeer { peer_id, seen, publish, task })
+    }
+
+    fn seen<T>(&self, read: impl FnOnce(&Seen) -> T) -> T {
+        read(&self.seen.borrow())
+    }
+
+    /// Waits until what the peer saw satisfies `done`.
+    async fn wait_for(&self, what: &str, within: Duration, done: impl FnMut(&Seen) -> bool) -> anyhow::Result<()> {
+        let mut seen = self.seen.clone();
+        let waited = tokio::time::timeout(within, async { seen.wait_for(done).await.map(|_| ()) }).await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => anyhow::bail!("peer {} stopped before {what}", self.peer_id),
+            Err(_) => anyhow::bail!("peer {}: no {what} within {within:?}; it saw {:?}", self.peer_id, *self.seen.borrow()),
+        }
+    }
+
+    /// Waits until `peer` is subscribed to the topic and in this peer's mesh for it.
+    async fn wait_for_mesh_with(&self, peer: &PeerId) -> anyhow::Result<()> {
+        self.wait_for("gossip mesh", Duration::from_secs(20), |s| s.subscribed.contains(peer) && s.mesh.contains(peer)).await
+    }
+}
+
+impl Drop for GossipPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_changes_are_rejected_and_never_forwarded() -> anyhow::Result<()> {
+    common::init_tracing();
+    let cluster = Cluster::start(2).await?;
+    let (a, c) = (0, 1);
+    let a_id = cluster.peer_id(a);
+    cluster.connect(c, a).await?;
+    cluster.delegate(a).await?;
+    cluster.follow(c).await?;
+    let core = cluster.core();
+    let topic = sync::topic(&core);
+    let (mut a_events, mut c_events) = (cluster.client(a)?.events(), cluster.client(c)?.events());
+
+    // The attacker holds a valid delegation for this core, so it can also send a valid change:
+    // the control that shows the path a -> observer and a -> c carries what a accepts.
+    let dir = tempfile::tempdir()?;
+    let attacker_key = Keypair::generate_ed25519();
+    let attacker_id = attacker_key.public().to_peer_id();
+    let mut attacker_cores = Cores::load(Store::open(dir.path().join("attacker-cores"))?, Default::default())?;
+    let now = time::OffsetDateTime::now_utc();
+    let delegation = cluster.wallet().delegate(&attacker_id, &["*"], Duration::from_secs(3600), now)?;
+    let valid = attacker_cores.own(delegation.clone())?.set("app", "relayed", &json!("valid, through a"), &attacker_key, &delegation)?;
+    // Forgeries: a change signed under another owner's (valid) delegation, relabelled for this
+    // core; and bytes that are no envelope at all.
+    let other_owner = kubelt_protocol::core::DevWallet::random();
+    let other_delegation = other_owner.delegate(&attacker_id, &["*"], Duration::from_secs(3600), now)?;
+    let mut relabelled = attacker_cores.own(other_delegation.clone())?.set("app", "stolen", &json!("forged"), &attacker_key, &other_delegation)?;
+    relabelled.core = core.to_lower_hex();
+    let forgeries = vec![relabelled.encode_to_vec(), b"not a protobuf at all \xff\xff".to_vec()];
+
+    let observer = GossipPeer::start(Keypair::generate_ed25519(), topic.clone(), cluster.addr(a))?;
+    let attacker = GossipPeer::start(attacker_key, topic, cluster.addr(a))?;
+    observer.wait_for_mesh_with(&a_id).await?;
+    attacker.wait_for_mesh_with(&a_id).await?;
+    cluster.replicas(&[c], 1, Duration::from_secs(20)).await?;
+
+    // The forgeries first; a rejects both, and says why.
+    for forged in &forgeries {
+        attacker.publish.send(forged.clone()).await?;
+    }
+    let mut rejected = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while rejected.len() < forgeries.len() {
+            match a_events.recv().await {
+                Ok(NodeEvent::ChangeRejected { core: of, from, reason }) => rejected.push((of, from, reason)),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a did not reject both forgeries: it reported {rejected:?}"))?;
+    assert!(rejected.iter().all(|(of, from, _)| *of == core && *from == attacker_id), "{rejected:?}");
+    assert!(rejected.iter().any(|(_, _, reason)| *reason == Rejected::BadSignature), "{rejected:?}");
+    assert!(rejected.iter().any(|(_, _, reason)| matches!(reason, Rejected::MalformedEnvelope(_))), "{rejected:?}");
+
+    // Then the valid change, on the same connection. a forwards what it accepts the moment it
+    // accepts it, and a connection delivers in order: had a forwarded a forgery, the observer
+    // would have it before the valid change.
+    let valid_bytes = valid.encode_to_vec();
+    attacker.publish.send(valid_bytes.clone()).await?;
+    observer
+        .wait_for("valid change through a", Duration::from_secs(20), |s| s.received.iter().any(|m| m.data == valid_bytes))
+        .await?;
+    let converged = cluster.converged(&[a, c], Duration::from_secs(20)).await?;
+    assert_eq!(converged.changes, 2, "a's device key and the valid change");
+
+    let received = observer.seen(|s| s.received.clone());
+    let from_attacker: Vec<&Received> = received.iter().filter(|m| m.author == Some(attacker_id)).collect();
+    assert_eq!(from_attacker.len(), 1, "a forwarded a forgery to the observer: {from_attacker:?}");
+    assert_eq!(from_attacker[0].data, valid_bytes);
+    assert_eq!(from_attacker[0].via, a_id, "the valid change came through a");
+    assert!(attacker.seen(|s| s.publish_errors.is_empty()), "{:?}", attacker.seen(|s| s.publish_errors.clone()));
+
+    // Nobody had another path: the attacker and the observer only ever connected to a, and c
+    // only to a; c never had a forgery to reject, and a rejected nothing more.
+    for peer in [&attacker, &observer] {
+        assert_eq!(peer.seen(|s| s.connected.clone()), HashSet::from([a_id]), "{} connected elsewhere", peer.peer_id);
+    }
+    assert_eq!(cluster.connected(c).await?, HashSet::from([a_id]));
+    let c_rejected = rejections(&mut c_events);
+    assert!(c_rejected.is_empty(), "a forwarded a forged change to c: {c_rejected:?}");
+    let a_rejected = rejections(&mut a_events);
+    assert!(a_rejected.is_empty(), "a rejected more than the forgeries: {a_rejected:?}");
+    for node in [a, c] {
+        let app = cluster.get(node, "").await?;
+        assert_eq!(app.get("stolen"), None, "node {node}: {app}");
+        assert_eq!(app["relayed"], "valid, through a", "node {node}: {app}");
+    }
+    cluster.shutdown().await;
     Ok(())
 }

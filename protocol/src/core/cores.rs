@@ -8,7 +8,7 @@ use libp2p::identity::PeerId;
 use super::address::Address;
 use super::change::{Checked, Delegations, Rejected};
 use super::delegation::{Delegation, DelegationError};
-use super::replica::{Accepted, ApplyError, Config, CoreError, Replica};
+use super::replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica};
 use super::sync::SyncStep;
 use crate::store::{Column, Store};
 
@@ -132,11 +132,15 @@ impl Cores {
         }
     }
 
-    /// Answers a catch-up request whose envelopes a [`Verifier`] checked.
-    pub fn handle_verified_sync_request(&mut self, request: SyncRequest, batch: VerifiedBatch, peer: &PeerId) -> SyncResponse {
+    /// Answers a catch-up request whose envelopes a [`Verifier`] checked; also returns what
+    /// the request's own envelopes did.
+    pub fn handle_verified_sync_request(&mut self, request: SyncRequest, batch: VerifiedBatch, peer: &PeerId) -> (SyncResponse, BatchReport) {
         match self.replicas.get_mut(&batch.core) {
             Some(replica) => replica.handle_checked_sync_request(request, batch.checked, peer),
-            None => SyncResponse { core: request.core, error: Rejected::UnknownCore(batch.core.to_lower_hex()).to_string(), ..Default::default() },
+            None => {
+                let error = Rejected::UnknownCore(batch.core.to_lower_hex()).to_string();
+                (SyncResponse { core: request.core, error, ..Default::default() }, BatchReport::default())
+            }
         }
     }
 

@@ -185,37 +185,39 @@ impl Replica {
     pub fn handle_sync_request(&mut self, mut request: SyncRequest, peer: &PeerId) -> SyncResponse {
         let changes = std::mem::take(&mut request.changes);
         let checked = super::replica::check_batch(&self.core, changes, &self.delegations, &self.config);
-        self.handle_checked_sync_request(request, checked, peer)
+        self.handle_checked_sync_request(request, checked, peer).0
     }
 
     /// [`Replica::handle_sync_request`] for a request whose envelopes went through
-    /// [`super::replica::check_batch`] already (on another thread).
+    /// [`super::replica::check_batch`] already (on another thread). Also returns what the
+    /// request's envelopes did: a request carries changes too, and whoever reports changes
+    /// that entered the document must hear of these.
     pub(crate) fn handle_checked_sync_request(
         &mut self,
         request: SyncRequest,
         checked: Vec<Result<Checked, Rejected>>,
         peer: &PeerId,
-    ) -> SyncResponse {
+    ) -> (SyncResponse, BatchReport) {
         let core = self.core.to_lower_hex();
         let error = |e: String| SyncResponse { core: core.clone(), sync_message: Default::default(), changes: Vec::new(), error: e };
         if request.core != core {
-            return error(format!("this is core {core}, not {}", request.core));
+            return (error(format!("this is core {core}, not {}", request.core)), BatchReport::default());
         }
         let report = match self.apply_checked(checked) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(core = %self.core, %peer, error = %e, "core-sync: cannot store the peer's changes");
-                return error("the responder could not store changes".into());
+                return (error("the responder could not store changes".into()), BatchReport::default());
             }
         };
         log_report(self, peer, &report);
         let message = match decode(&request.sync_message) {
             Ok(m) => m,
-            Err(e) => return error(e),
+            Err(e) => return (error(e), report),
         };
         let mut state = SyncState::new();
         if let Err(e) = receive(&mut self.doc, &mut state, message) {
-            return error(e);
+            return (error(e), report);
         }
         // Automerge gives up on the whole message if the peer needs a change we do not hold
         // (e.g. one we found invalid); answer the rest.
@@ -225,13 +227,13 @@ impl Replica {
         }
         let Some(reply) = generate(&self.doc, &mut state) else {
             // A fresh state always has something to say; this only happens after a panic.
-            return error("the responder could not build a sync message".into());
+            return (error("the responder could not build a sync message".into()), report);
         };
         let sent: Vec<ChangeHash> = state.sent_hashes.iter().copied().collect();
         // Envelopes over the size limits are left out; the peer's next bloom filter will not
         // contain them, so the next round sends them.
         let (sync_message, changes, _unsent) = self.outgoing(reply, &sent, &report.missing, self.config.max_sync_response_bytes);
-        SyncResponse { core, sync_message: sync_message.into(), changes, error: String::new() }
+        (SyncResponse { core, sync_message: sync_message.into(), changes, error: String::new() }, report)
     }
 
     /// Takes a peer's response to our request: applies its envelopes and returns the next

@@ -265,6 +265,43 @@ fn two_replicas_writing_concurrently_converge_through_sync() -> TestResult {
     Ok(())
 }
 
+/// The replica that drives a session pushes what the other lacks in its requests, so a
+/// responder takes changes too: it must report them, as a driver reports what responses
+/// brought, or its node never announces them (an API subscriber, or a test waiting on the
+/// node's events, would not hear of them).
+#[test]
+fn changes_a_catch_up_request_carries_are_reported_by_the_responder() -> TestResult {
+    let owner = Wallet::new();
+    let core = owner.address;
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let da = owner.delegate(&a.peer, &["*"], YEAR, T0);
+    let ka = a.keypair.clone();
+    let mut written = Vec::new();
+    for i in 0..3 {
+        a.replica(core).set_at("app", &format!("k{i}"), &json!(i), &ka, &da, T0 + i)?;
+        written.extend(a.replica(core).heads());
+    }
+    b.replica(core);
+    let verifier = b.cores.verifier();
+    let mut applied = Vec::new();
+    let mut request = a.cores.sync_request(&core, &b.peer);
+    let mut rounds = 0;
+    while let Some(mut r) = request {
+        rounds += 1;
+        assert!(rounds < 40, "the session does not end");
+        let batch = verifier.verify_sync_batch(&r.core.clone(), std::mem::take(&mut r.changes))?;
+        let (response, report) = b.cores.handle_verified_sync_request(r, batch, &a.peer);
+        assert!(response.error.is_empty() && report.rejected.is_empty(), "{response:?} {report:?}");
+        applied.extend(report.applied);
+        request = a.cores.handle_sync_response(response, &b.peer).next;
+    }
+    applied.sort();
+    written.sort();
+    assert_eq!(applied, written, "the responder reports every change the requests brought");
+    assert_eq!(snapshot(b.replica(core)), snapshot(a.replica(core)));
+    Ok(())
+}
+
 #[test]
 fn change_by_a_never_delegated_key_is_rejected() -> TestResult {
     let owner = Wallet::new();

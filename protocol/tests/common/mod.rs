@@ -1,9 +1,31 @@
-//! Shared by the Kubo interop tests of this crate: see [`kubelt_protocol::testing::kubo`].
+//! Shared by the tests of this crate: logging, and what the Kubo interop tests do without Kubo
+//! (see [`kubelt_protocol::testing::kubo`]).
 #![allow(dead_code)]
 
+#[allow(unused_imports)]
 pub(crate) use kubelt_protocol::testing::kubo::kubo_missing;
 
 /// A missing Kubo: an error saying how to install it, or, opted out, a recorded skip (`Ok`).
 pub(crate) fn skip_or_fail(test: &str, reason: &str) -> anyhow::Result<()> {
     kubelt_protocol::testing::kubo::skip_or_fail(test, reason).map_err(anyhow::Error::msg)
+}
+
+/// Logs of the nodes a test runs, through the harness's capture (shown for failing tests);
+/// `RUST_LOG` sets the level, warnings by default.
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Three nodes of one core: 0 and 1 delegated writers, 2 a follower, 1 and 2 connected to 0.
+pub(crate) async fn two_writers_and_a_follower() -> anyhow::Result<kubelt_protocol::testing::Cluster> {
+    let cluster = kubelt_protocol::testing::Cluster::start(3).await?;
+    cluster.connect(1, 0).await?;
+    cluster.connect(2, 0).await?;
+    cluster.delegate(0).await?;
+    cluster.delegate(1).await?;
+    cluster.follow(2).await?;
+    Ok(cluster)
 }

@@ -51,6 +51,16 @@ pub(crate) enum Command {
 pub enum NodeEvent {
     /// Changes entered a core's document on this node (local writes, gossip, catch-up).
     CoreUpdated(CoreUpdate),
+    /// A change that `from` sent (by gossip or catch-up) failed verification: it was dropped,
+    /// and gossipsub does not forward it.
+    ChangeRejected {
+        /// The core the change claimed to be for.
+        core: crate::core::Address,
+        /// The peer that handed it over (the gossip propagation source, or the catch-up peer).
+        from: libp2p::PeerId,
+        /// Why it was refused.
+        reason: crate::core::Rejected,
+    },
     /// The first connection with a peer opened.
     PeerConnected {
         /// The peer.

@@ -16,7 +16,7 @@ use libp2p::{kad, request_response, PeerId};
 use tokio::sync::mpsc;
 
 use super::{EventLoop, QueryPurpose};
-use crate::core::{Accepted, Address, ApplyError, CatchUpAction, CatchUpScheduler, ChangeHash, Delegation, Rejected, Revocation, ScheduleConfig, Verified, VerifiedBatch, Verifier};
+use crate::core::{Accepted, Address, ApplyError, BatchReport, CatchUpAction, CatchUpScheduler, ChangeHash, Delegation, Rejected, Revocation, ScheduleConfig, Verified, VerifiedBatch, Verifier};
 use crate::node::client::{CoreCommand, CoreCommandError, CoreSummary, CoreUpdate, NodeEvent, StatementKind, SubmitOutcome};
 use crate::sync;
 use kubelt_proto::core::{SyncRequest, SyncResponse};
@@ -366,6 +366,9 @@ impl EventLoop {
             .cloned()
             .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
         let envelope = replica.revoke(&statement, &self.cores.keypair, &own).map_err(|e| write_error(&core, e))?;
+        // The revocation is a change of our own, like a write.
+        let heads = replica.heads();
+        self.announce_applied(core, &heads);
         self.publish(core, envelope);
         tracing::info!(%core, revoked = %revocation.peer, "revocation applied");
         Ok(SubmitOutcome { kind: StatementKind::Revocation, core: core.to_checksum(), peer: revocation.peer.to_base58() })
@@ -499,6 +502,7 @@ impl EventLoop {
             }
             Err(ApplyError::Rejected(reason)) => {
                 tracing::warn!(%source, %core, "rejected a change: {reason}");
+                self.announce(NodeEvent::ChangeRejected { core, from: source, reason });
                 MessageAcceptance::Reject
             }
             Err(e) => {
@@ -549,14 +553,23 @@ impl EventLoop {
     }
 
     /// A catch-up message came back from verification: answer the request, or go on with
-    /// the session.
+    /// the session. Both carry changes: what they did is logged and announced either way.
     pub(super) fn on_sync_verified(&mut self, work: SyncWork) {
         self.cores.sync_work.in_flight = self.cores.sync_work.in_flight.saturating_sub(1);
         match work {
             SyncWork::Request { peer, channel, request, batch } => {
+                let core = Address::parse(&request.core).ok();
                 let response = match batch {
-                    Ok(batch) => self.cores.replicas.handle_verified_sync_request(request, batch, &peer),
-                    Err(reason) => SyncResponse { core: request.core, error: reason.to_string(), ..Default::default() },
+                    Ok(batch) => {
+                        let (response, report) = self.cores.replicas.handle_verified_sync_request(request, batch, &peer);
+                        self.report_catch_up(core, peer, report);
+                        response
+                    }
+                    Err(reason) => {
+                        let response = SyncResponse { core: request.core, error: reason.to_string(), ..Default::default() };
+                        self.report_rejected(core, peer, reason);
+                        response
+                    }
                 };
                 if let Some(budget) = self.cores.sync_budgets.get_mut(&peer) {
                     budget.charge(response.encoded_len());
@@ -569,18 +582,12 @@ impl EventLoop {
                     Ok(batch) => self.cores.replicas.handle_verified_sync_response(response, batch, &peer),
                     Err(reason) => {
                         self.cores.replicas.end_sync(&peer);
-                        crate::core::SyncStep::failed(reason.to_string())
+                        let step = crate::core::SyncStep::failed(reason.to_string());
+                        self.report_rejected(core, peer, reason);
+                        step
                     }
                 };
-                if !step.report.applied.is_empty() {
-                    tracing::info!(%peer, applied = step.report.applied.len(), "caught up with a replica");
-                    if let Some(core) = core {
-                        self.announce_applied(core, &step.report.applied);
-                    }
-                }
-                for (_, reason) in &step.report.rejected {
-                    tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
-                }
+                self.report_catch_up(core, peer, step.report);
                 if let Some(error) = &step.error {
                     tracing::debug!(%peer, "catch-up ended: {error}");
                 }
@@ -594,6 +601,26 @@ impl EventLoop {
                     }
                 }
             }
+        }
+    }
+
+    /// Logs and announces what the envelopes of a catch-up message from `peer` did.
+    fn report_catch_up(&self, core: Option<Address>, peer: PeerId, report: BatchReport) {
+        if !report.applied.is_empty() {
+            tracing::info!(%peer, applied = report.applied.len(), "caught up with a replica");
+            if let Some(core) = core {
+                self.announce_applied(core, &report.applied);
+            }
+        }
+        for (_, reason) in report.rejected {
+            self.report_rejected(core, peer, reason);
+        }
+    }
+
+    fn report_rejected(&self, core: Option<Address>, peer: PeerId, reason: Rejected) {
+        tracing::warn!(%peer, "rejected a change during catch-up: {reason}");
+        if let Some(core) = core {
+            self.announce(NodeEvent::ChangeRejected { core, from: peer, reason });
         }
     }
 }

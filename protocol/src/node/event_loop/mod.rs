@@ -102,7 +102,7 @@ impl EventLoop {
                 }
                 event = self.swarm.select_next_some() => match event {
                     SwarmEvent::NewListenAddr { listener_id, address } => {
-                        self.on_new_listen_addr(address);
+                        self.on_new_listen_addr(listener_id, address);
                         ready.insert(listener_id);
                     }
                     SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
@@ -143,6 +143,7 @@ impl EventLoop {
             }
         }
         tracing::info!("node stopping");
+        self.close_listeners();
         if let Err(e) = self.store.flush() {
             tracing::error!("flushing the database failed: {e}");
         }

@@ -1,11 +1,12 @@
 //! The event loop's network part: connections, the peer book, identify, ping and Kademlia
 //! upkeep, and the node-wide `info`/`status` answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, kad, ping, Multiaddr, PeerId};
 use tokio::sync::oneshot;
@@ -28,6 +29,8 @@ pub(super) struct Net {
     connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
     /// Agent versions learned over identify (connected peers only).
     agents: HashMap<PeerId, String>,
+    /// Listeners that reported an address: closed on shutdown.
+    listeners: HashSet<ListenerId>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -41,6 +44,7 @@ impl Net {
             pending_connects: HashMap::new(),
             connections: HashMap::new(),
             agents: HashMap::new(),
+            listeners: HashSet::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -101,6 +105,15 @@ impl EventLoop {
                 }
                 let _ = reply.send(());
             }
+        }
+    }
+
+    /// Closes every listener. Dropping the swarm closes sockets anyway, but gives a memory
+    /// transport port back only this way: an in-process node restarted on its address (as
+    /// peers remember it) could not listen there again.
+    pub(super) fn close_listeners(&mut self) {
+        for listener in std::mem::take(&mut self.net.listeners) {
+            self.swarm.remove_listener(listener);
         }
     }
 
@@ -247,10 +260,13 @@ impl EventLoop {
     }
 
     /// A concrete listen address is also an address others can use: it goes into identify and
-    /// into our provider records (no AutoNAT here to confirm addresses from outside).
-    pub(super) fn on_new_listen_addr(&mut self, address: Multiaddr) {
+    /// into our provider records (no AutoNAT here to confirm addresses from outside). So does a
+    /// memory address: nodes in one process (tests) reach each other there, and find each
+    /// other through the DHT as nodes on TCP do.
+    pub(super) fn on_new_listen_addr(&mut self, listener: ListenerId, address: Multiaddr) {
+        self.net.listeners.insert(listener);
         tracing::info!("listening on {}", with_peer_id(address.clone(), *self.swarm.local_peer_id()));
-        if !is_unspecified(&address) && !matches!(address.iter().next(), Some(Protocol::Memory(_))) {
+        if !is_unspecified(&address) {
             self.swarm.add_external_address(address);
         }
     }
@@ -258,7 +274,7 @@ impl EventLoop {
     /// Swarm events that are not a behaviour's: listeners and connections.
     pub(super) fn on_connection_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
+            SwarmEvent::NewListenAddr { listener_id, address } => self.on_new_listen_addr(listener_id, address),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.net.connections_established += 1;
                 let remote = endpoint.get_remote_address().clone();
