@@ -257,6 +257,9 @@ pub fn declare(replica: &mut Replica, namespace: &str, keypair: &Keypair, delega
     Ok(replica.set(namespace, MARKER, &Json::Bool(true), keypair, delegation)?)
 }
 
+/// Recipients of a key's wraps, and the nodes that published them.
+type Holders = (BTreeSet<[u8; KEY_LEN]>, BTreeSet<PeerId>);
+
 /// One wrap found in the document.
 struct Wrap {
     publisher: PeerId,
@@ -288,10 +291,11 @@ fn wraps(replica: &Replica) -> Vec<Wrap> {
 }
 
 /// The current device keys and the wallet keys they published: who may hold data keys now.
-fn recipients(replica: &Replica) -> (Vec<(PeerId, [u8; KEY_LEN])>, BTreeSet<[u8; KEY_LEN]>) {
-    let current = replica.device_keys();
-    let mut allowed: BTreeSet<[u8; KEY_LEN]> = current.iter().map(|(_, k)| *k).collect();
-    for (peer, _) in &current {
+fn recipients(replica: &Replica) -> (BTreeSet<PeerId>, BTreeSet<[u8; KEY_LEN]>) {
+    let devices = replica.device_keys();
+    let mut allowed: BTreeSet<[u8; KEY_LEN]> = devices.iter().map(|(_, k)| *k).collect();
+    let current: BTreeSet<PeerId> = devices.into_iter().map(|(p, _)| p).collect();
+    for peer in &current {
         if let Ok(Some(Json::String(hex_key))) = value::get_path(&replica.doc, &device_namespace(peer), &[WALLET_PATH.to_owned()]) {
             if let Some(k) = hex::decode(hex_key).ok().and_then(|b| <[u8; KEY_LEN]>::try_from(b.as_slice()).ok()) {
                 allowed.insert(k);
@@ -348,8 +352,8 @@ fn write_wraps(
 
 /// Who may hold each key according to the document: the recipients of its wraps and the nodes
 /// that published them.
-fn holders(wraps: &[Wrap]) -> BTreeMap<KeyId, (BTreeSet<[u8; KEY_LEN]>, BTreeSet<PeerId>)> {
-    let mut out: BTreeMap<KeyId, (BTreeSet<[u8; KEY_LEN]>, BTreeSet<PeerId>)> = BTreeMap::new();
+fn holders(wraps: &[Wrap]) -> BTreeMap<KeyId, Holders> {
+    let mut out: BTreeMap<KeyId, Holders> = BTreeMap::new();
     for w in wraps {
         let entry = out.entry(w.key).or_default();
         entry.0.insert(w.recipient);
@@ -369,7 +373,7 @@ pub fn share(replica: &mut Replica, keyring: &mut Keyring, keypair: &Keypair) ->
     }
     let me = keypair.public().to_peer_id();
     let (current, allowed) = recipients(replica);
-    if !current.iter().any(|(p, _)| *p == me) {
+    if !current.contains(&me) {
         // Not a current device (no published key, or revoked): nothing to share as.
         return Ok(None);
     }
@@ -406,8 +410,7 @@ fn current_key(replica: &mut Replica, keyring: &mut Keyring, keypair: &Keypair, 
         changes.push(c);
     }
     keyring.refresh(replica);
-    let (current, allowed) = recipients(replica);
-    let current_peers: BTreeSet<PeerId> = current.iter().map(|(p, _)| *p).collect();
+    let (current_peers, allowed) = recipients(replica);
     let found = wraps(replica);
     let holders = holders(&found);
     let fresh = keyring.keys.iter().rev().find(|(id, _)| {
