@@ -328,3 +328,4 @@ fn concurrent_writes_of_one_private_value_merge_as_last_writer_wins() -> TestRes
     assert!(winner == json!({"x": 1, "from": "a"}) || winner == json!({"x": 2, "from": "b"}), "{winner}");
     Ok(())
 }
+
