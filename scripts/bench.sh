@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network|content|cores|msg|app] (default: all)
+#   scripts/bench.sh [network|content|cores|msg|app|private] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
@@ -13,6 +13,8 @@
 #          requests/s and p50/p99 (KUBELT_BENCH_SECS per method, default 10).
 # msg:     message delivery latency p50/p99 between two online nodes and messages/s one sender ->
 #          one recipient (protocol/benches/msg.rs).
+# private: core set/get on a private namespace vs a plain one, same run, alternating rounds
+#          (goal: private < 10% slower; protocol/benches/private.rs).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
@@ -47,4 +49,10 @@ if [ "$what" = all ] || [ "$what" = app ]; then
   log "app: kb_setData / kb_getData, 16 clients"
   cd "$KUBELT_ROOT"
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test app_api -- --ignored --nocapture bench_app_api' 2>&1 | grep -E "app API|rror|panicked"
+fi
+if [ "$what" = all ] || [ "$what" = private ]; then
+  log "private: core set/get, private vs plain namespace"
+  cd "$KUBELT_ROOT"
+  cargo build --release --locked -p kubelt-protocol --benches
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench private' 2>&1 | grep -E "private:|rror"
 fi

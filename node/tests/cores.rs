@@ -165,3 +165,44 @@ fn core_revoke_from_the_cli_makes_the_others_refuse_the_revoked_node_s_later_wri
     drop((a, b, c));
     Ok(())
 }
+
+/// `core private`, `core set/get` and `core unlock` from the CLI: the owner's devices read the
+/// private value, a follower answers "encrypted" until the owner's signature unlocks it.
+#[test]
+fn a_private_namespace_from_the_cli_is_plain_on_devices_and_encrypted_elsewhere_until_unlocked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (key, address) = wallet(dir.path(), "owner")?;
+    let key = key.to_str().unwrap_or_default().to_owned();
+    let a = TestNode::start(dir.path(), "a", &[])?;
+    let b = TestNode::start(dir.path(), "b", &["--peer", &a.tcp_addr()])?;
+    let c = TestNode::start(dir.path(), "c", &["--peer", &a.tcp_addr()])?;
+    delegate(&a, &address, Path::new(&key))?;
+    delegate(&b, &address, Path::new(&key))?;
+    kubelt_ok(&c.repo, &["core", "follow", &address])?;
+    wait_until("both device keys at A", Duration::from_secs(30), || {
+        let listed = a.call("core_ls", Value::Null)?;
+        Ok(listed[0]["namespaces"].as_array().is_some_and(|n| n.iter().filter(|n| n.as_str().is_some_and(|n| n.starts_with("_device:"))).count() == 2))
+    })?;
+
+    let out = kubelt_ok(&a.repo, &["core", "private", &address, "notes"])?;
+    assert!(out.contains("is private"), "{out}");
+    kubelt_ok(&a.repo, &["core", "set", &address, "notes", "diary", "\"cli-secret\""])?;
+    wait_until("B to read the private value", Duration::from_secs(30), || Ok(kubelt_ok(&b.repo, &["core", "get", &address, "notes", "diary"])?.contains("cli-secret")))?;
+    wait_until("C to hold the value, encrypted", Duration::from_secs(30), || {
+        let out = kubelt(&c.repo, &["core", "get", &address, "notes", "diary"])?;
+        Ok(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("encrypted"))
+    })?;
+    let raw = c.call("core_get", json!({ "address": address, "namespace": "notes", "path": "diary" }));
+    assert!(raw.as_ref().is_err_and(|e| e.to_string().contains("-32016")), "{raw:?}");
+
+    // Without a signature, `core unlock` prints the text to sign.
+    let message = kubelt_ok(&c.repo, &["core", "unlock", &address])?;
+    assert!(message.contains("Unlock the private data of my Kubelt core"), "{message}");
+    kubelt_ok(&a.repo, &["core", "unlock", &address, "--sign-with", &key])?;
+    wait_until("C, unlocked, to read the value", Duration::from_secs(30), || {
+        kubelt_ok(&c.repo, &["core", "unlock", &address, "--sign-with", &key])?;
+        let out = kubelt(&c.repo, &["core", "get", &address, "notes", "diary"])?;
+        Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("cli-secret"))
+    })?;
+    Ok(())
+}

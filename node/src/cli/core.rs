@@ -1,4 +1,4 @@
-//! `kubelt core ...`: delegate, revoke, submit, follow, set, get, ls, heads. Every command
+//! `kubelt core ...`: delegate, revoke, submit, follow, set, get, private, unlock, ls, heads. Every command
 //! talks to the running node.
 
 use std::path::PathBuf;
@@ -52,6 +52,20 @@ pub enum CoreCommand {
     Set { address: String, namespace: String, path: String, json: String },
     /// Print the JSON at NAMESPACE[/PATH].
     Get { address: String, namespace: String, path: Option<String> },
+    /// Declare NAMESPACE private: values written there from now on are encrypted, readable
+    /// only on the owner's devices and on nodes the owner's wallet unlocked.
+    Private { address: String, namespace: String },
+    /// Unlock the core's private data on this node: without a signature, print the message
+    /// the owner signs; with one, apply it.
+    Unlock {
+        address: String,
+        /// The wallet's 0x-hex signature of the printed message (EIP-191 personal_sign).
+        #[arg(long, conflicts_with = "sign_with")]
+        signature: Option<String>,
+        /// For local development: sign with this hex secp256k1 key file instead.
+        #[arg(long, value_name = "KEYFILE")]
+        sign_with: Option<PathBuf>,
+    },
     /// List the cores this node holds.
     Ls {
         #[arg(long)]
@@ -115,6 +129,25 @@ pub fn core(repo: &Repo, command: CoreCommand) -> anyhow::Result<()> {
         CoreCommand::Get { address, namespace, path } => {
             let value = api.call("core_get", json!({ "address": address, "namespace": namespace, "path": path.unwrap_or_default() }))?;
             print_json(&value)?;
+        }
+        CoreCommand::Private { address, namespace } => {
+            api.call("core_private", json!({ "address": address, "namespace": namespace }))?;
+            println!("namespace {namespace} of core {address} is private: values written there from now on are encrypted");
+        }
+        CoreCommand::Unlock { address, signature, sign_with } => {
+            let message = api.call("core_unlockMessage", json!({ "address": address }))?;
+            let message = message["message"].as_str().unwrap_or_default().to_owned();
+            let signature = match (signature, sign_with) {
+                (Some(signature), _) => signature,
+                (None, Some(key)) => format!("0x{}", hex::encode(DevWallet::from_file(&key)?.sign(&message)?)),
+                (None, None) => {
+                    println!("{message}");
+                    eprintln!("\nsign this message with the owner's wallet (personal_sign), then run: kubelt core unlock {address} --signature 0x...");
+                    return Ok(());
+                }
+            };
+            let outcome = api.call("core_unlock", json!({ "address": address, "signature": signature }))?;
+            println!("unlocked core {}: {} data keys held", outcome["core"].as_str().unwrap_or("?"), outcome["keys"]);
         }
         CoreCommand::Ls { json } => {
             let cores = api.call("core_ls", Value::Null)?;

@@ -5,7 +5,8 @@ use futures::stream::{BoxStream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use kubelt_protocol::core::{delegation_message, owner_statement, Address};
+use kubelt_protocol::core::private::unlock_message;
+use kubelt_protocol::core::{delegation_message, owner_statement, parse_signature, Address};
 use kubelt_protocol::node::NodeEvent;
 
 use super::registry::{string, to_value, Auth, Ctx, Kind, Method, Namespace, Param, Params};
@@ -103,7 +104,7 @@ pub static NAMESPACE: Namespace = Namespace {
         },
         Method {
             name: "core_get",
-            summary: "Reads the JSON value at namespace/path (the whole namespace without path).",
+            summary: "Reads the JSON value at namespace/path (the whole namespace without path). Private values are decrypted; without the key the answer is error -32016 (encrypted), a tampered one -32017; inside a larger value such leaves read as {\"$encrypted\": \"no key\" | \"undecryptable\"}.",
             params: &[
                 Param { name: "address", schema: STRING, required: true, summary: "the core" },
                 Param { name: "namespace", schema: STRING, required: true, summary: "top-level namespace" },
@@ -117,6 +118,50 @@ pub static NAMESPACE: Namespace = Namespace {
                     let core = address(&p)?;
                     let path = p.get("path").and_then(Value::as_str).unwrap_or("").to_string();
                     ctx.state.client.cores().get(core, string(&p, "namespace")?.to_string(), path).await.map_err(RpcError::core)
+                })
+            },
+        },
+        Method {
+            name: "core_private",
+            summary: "Declares a namespace private (a signed change of that namespace): values written there from now on are encrypted before they enter a change; core_get decrypts them on nodes that hold the core's data key and answers error -32016 (encrypted) elsewhere.",
+            params: &[
+                Param { name: "address", schema: STRING, required: true, summary: "the core" },
+                Param { name: "namespace", schema: STRING, required: true, summary: "a namespace this node's delegation covers" },
+            ],
+            result: r#"{"type":"object"}"#,
+            auth: Auth::Admin,
+            kind: Kind::Call,
+            handler: |ctx, p| {
+                Box::pin(async move {
+                    let core = address(&p)?;
+                    to_value(ctx.state.client.cores().private(core, string(&p, "namespace")?.to_string()).await.map_err(RpcError::core)?)
+                })
+            },
+        },
+        Method {
+            name: "core_unlockMessage",
+            summary: "The text the owner signs (personal_sign) to unlock the core's private data on a node; wallets sign it deterministically, and the key is derived from the signature.",
+            params: &[Param { name: "address", schema: STRING, required: true, summary: "the core" }],
+            result: r#"{"type":"object","properties":{"message":{"type":"string"}}}"#,
+            auth: Auth::Admin,
+            kind: Kind::Call,
+            handler: |_, p| Box::pin(async move { Ok(json!({ "message": unlock_message(&address(&p)?) })) }),
+        },
+        Method {
+            name: "core_unlock",
+            summary: "Unlocks the core's private data on this node with the owner's signature of core_unlockMessage (remembered across restarts); a node that writes the core then shares the keys with the owner's devices.",
+            params: &[
+                Param { name: "address", schema: STRING, required: true, summary: "the core" },
+                Param { name: "signature", schema: STRING, required: true, summary: "0x-hex EIP-191 signature (65 bytes)" },
+            ],
+            result: r#"{"type":"object","properties":{"core":{"type":"string"},"keys":{"type":"integer"}}}"#,
+            auth: Auth::Admin,
+            kind: Kind::Call,
+            handler: |ctx, p| {
+                Box::pin(async move {
+                    let core = address(&p)?;
+                    let signature = parse_signature(string(&p, "signature")?).map_err(|e| RpcError::invalid_params(e.to_string()))?;
+                    to_value(ctx.state.client.cores().unlock(core, signature).await.map_err(RpcError::core)?)
                 })
             },
         },

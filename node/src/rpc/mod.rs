@@ -105,6 +105,10 @@ pub mod code {
     pub const OTHER_NODE: i64 = -32014;
     /// The write breaks the core's rules (namespace not delegated, nothing to change, ...).
     pub const CORE_REFUSED: i64 = -32015;
+    /// The value is private and this node holds no key for it.
+    pub const CORE_ENCRYPTED: i64 = -32016;
+    /// The private value's ciphertext does not open under its key (tampered): refused.
+    pub const CORE_UNDECRYPTABLE: i64 = -32017;
     /// No device key of the recipient core is known (yet).
     pub const MSG_NO_DEVICE_KEYS: i64 = -32020;
     /// No such message on this node.
@@ -130,6 +134,8 @@ pub mod code {
         (INVALID_STATEMENT, "not a valid delegation or revocation (the message says why)"),
         (OTHER_NODE, "the delegation authorizes another node's key"),
         (CORE_REFUSED, "the write breaks the core's rules (the message says which)"),
+        (CORE_ENCRYPTED, "encrypted: the value is private and this node holds no key for it (core_unlock, or wait for a device of the owner to share its key)"),
+        (CORE_UNDECRYPTABLE, "the private value's ciphertext does not open under its key (tampered or malformed): refused as a value"),
         (MSG_NO_DEVICE_KEYS, "no device key of the recipient core is known yet (the node follows the core to learn them; retry)"),
         (MSG_NOT_FOUND, "no message with this id on this node"),
     ];
@@ -163,6 +169,8 @@ impl RpcError {
             E::OtherNode { .. } => code::OTHER_NODE,
             E::InvalidInput(_) => code::INVALID_PARAMS,
             E::Refused(_) => code::CORE_REFUSED,
+            E::Encrypted(_) => code::CORE_ENCRYPTED,
+            E::Undecryptable(_) => code::CORE_UNDECRYPTABLE,
             _ => code::NODE_ERROR,
         };
         Self::new(code, error.to_string())

@@ -19,6 +19,8 @@
 //!   reads ([`Replica::get`]), revocations ([`Replica::revoke`]).
 //! - [`sync`](Replica::sync_request): Automerge's sync protocol with envelopes instead of raw
 //!   changes.
+//! - [`private`]: private namespaces — values encrypted before they enter a change, data keys
+//!   wrapped to the owner's devices and wallet.
 //! - [`Cores`]: every replica the node holds, loaded from the store at start.
 //!
 //! # The model
@@ -80,6 +82,7 @@
 pub mod address;
 pub mod change;
 pub mod delegation;
+pub mod private;
 
 mod bounds;
 mod catch_up;

@@ -1588,6 +1588,13 @@ impl Replica {
             .collect()
     }
 
+    /// How many valid changes keys other than `peer` made, and how many revocations are
+    /// known: what changes when someone else alters which devices are current or who holds a
+    /// data key (see `private`'s cache of its rotation decision).
+    pub(super) fn others_state(&self, peer: &PeerId) -> (usize, usize) {
+        (self.dag.actors.iter().filter(|a| a.peer != *peer).map(|a| a.chain.len()).sum(), self.revocations.len())
+    }
+
     /// The core id.
     pub fn core(&self) -> Address {
         self.core

@@ -72,10 +72,22 @@ impl DeviceKey {
     /// The device key of the node with `keypair` (the same every time).
     pub fn from_keypair(keypair: &Keypair) -> Result<Self, CryptoError> {
         let ikm = keypair.derive_secret(DEVICE_KEY_DOMAIN).ok_or(CryptoError::UnsupportedNodeKey)?;
-        let (secret, public) = Kem::derive_keypair(&ikm);
+        Ok(Self::derive(&ikm))
+    }
+
+    /// The key pair HPKE's `DeriveKeyPair` (HKDF-SHA256 extract and expand) makes of `ikm`.
+    pub(crate) fn derive(ikm: &[u8]) -> Self {
+        let (secret, public) = Kem::derive_keypair(ikm);
         let mut bytes = [0u8; KEY_LEN];
         bytes.copy_from_slice(&public.to_bytes());
-        Ok(DeviceKey { secret, public: bytes })
+        DeviceKey { secret, public: bytes }
+    }
+
+    /// Opens an HPKE single-shot seal (`enc`, `sealed`) made to this key by [`hpke_seal`].
+    pub(crate) fn hpke_open(&self, enc: &[u8], sealed: &[u8], info: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| CryptoError::NotForThisDevice)?;
+        hpke::single_shot_open::<HpkeChaCha, HkdfSha256, Kem>(&OpModeR::Base, &self.secret, &encapped, info, sealed, aad)
+            .map_err(|_| CryptoError::NotForThisDevice)
     }
 
     /// The public half, as published in cores.
@@ -86,11 +98,8 @@ impl DeviceKey {
     /// Decrypts a message's text, if it was sealed to this device.
     pub fn open(&self, body: &MessageBody) -> Result<Vec<u8>, CryptoError> {
         let wrap = body.keys.iter().find(|k| k.device.as_ref() == self.public).ok_or(CryptoError::NotForThisDevice)?;
-        let encapped =
-            <Kem as hpke::Kem>::EncappedKey::from_bytes(&wrap.enc).map_err(|_| CryptoError::NotForThisDevice)?;
         let aad = associated_data(body);
-        let key = hpke::single_shot_open::<HpkeChaCha, HkdfSha256, Kem>(&OpModeR::Base, &self.secret, &encapped, HPKE_INFO, &wrap.sealed, &aad)
-            .map_err(|_| CryptoError::NotForThisDevice)?;
+        let key = self.hpke_open(&wrap.enc, &wrap.sealed, HPKE_INFO, &aad)?;
         if key.len() != KEY_LEN {
             return Err(CryptoError::NotForThisDevice);
         }
@@ -112,11 +121,8 @@ pub fn seal(body: &mut MessageBody, text: &[u8], devices: &[[u8; KEY_LEN]]) -> R
     let aad = associated_data(body);
     let mut keys = Vec::with_capacity(devices.len());
     for device in devices {
-        let public = <Kem as hpke::Kem>::PublicKey::from_bytes(device).map_err(|_| CryptoError::BadDeviceKey)?;
-        let (enc, sealed) =
-            hpke::single_shot_seal::<HpkeChaCha, HkdfSha256, Kem, _>(&OpModeS::Base, &public, HPKE_INFO, &content_key, &aad, &mut rng)
-                .map_err(|_| CryptoError::Encryption)?;
-        keys.push(WrappedKey { device: device.to_vec().into(), enc: enc.to_bytes().to_vec().into(), sealed: sealed.into() });
+        let (enc, sealed) = hpke_seal(device, HPKE_INFO, &content_key, &aad)?;
+        keys.push(WrappedKey { device: device.to_vec().into(), enc: enc.into(), sealed: sealed.into() });
     }
     let ciphertext = ChaCha20Poly1305::new(Key::from_slice(&content_key))
         .encrypt(&Nonce::default(), Payload { msg: text, aad: &aad })
@@ -124,6 +130,16 @@ pub fn seal(body: &mut MessageBody, text: &[u8], devices: &[[u8; KEY_LEN]]) -> R
     body.keys = keys;
     body.ciphertext = ciphertext.into();
     Ok(())
+}
+
+/// HPKE single-shot seal (mode Base) of `plaintext` to the X25519 key `device`: returns the
+/// encapsulated key (32 bytes) and the ciphertext with its tag.
+pub(crate) fn hpke_seal(device: &[u8; KEY_LEN], info: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
+    let public = <Kem as hpke::Kem>::PublicKey::from_bytes(device).map_err(|_| CryptoError::BadDeviceKey)?;
+    let mut rng = UnwrapErr(rand_core_09::OsRng);
+    let (enc, sealed) = hpke::single_shot_seal::<HpkeChaCha, HkdfSha256, Kem, _>(&OpModeS::Base, &public, info, plaintext, aad, &mut rng)
+        .map_err(|_| CryptoError::Encryption)?;
+    Ok((enc.to_bytes().to_vec(), sealed))
 }
 
 /// What both layers of encryption bind: the header of the message.

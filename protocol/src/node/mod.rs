@@ -13,7 +13,7 @@ mod peers;
 
 pub use client::{
     BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, NetClient, NodeError, NodeEvent, NodeInfo,
-    NodeStatus, PeerInfo, StatementKind, SubmitOutcome,
+    NodeStatus, PeerInfo, StatementKind, SubmitOutcome, UnlockOutcome,
 };
 pub use client::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};

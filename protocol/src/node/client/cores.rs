@@ -28,6 +28,8 @@ pub(crate) enum CoreCommand {
     },
     List { reply: oneshot::Sender<Vec<CoreSummary>> },
     RevocationMessage { core: Address, peer: PeerId, reply: oneshot::Sender<Result<String, CoreCommandError>> },
+    Private { core: Address, namespace: String, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
+    Unlock { core: Address, signature: Vec<u8>, reply: oneshot::Sender<Result<UnlockOutcome, CoreCommandError>> },
 }
 
 /// A core held by this node, as `kubelt core ls` shows it.
@@ -89,6 +91,16 @@ pub struct CoreUpdate {
     pub applied: Vec<String>,
 }
 
+/// What `core unlock` did.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct UnlockOutcome {
+    /// The core, EIP-55.
+    pub core: String,
+    /// Data keys this node now holds for the core.
+    pub keys: usize,
+}
+
 /// Why a core command failed. Each case is its own variant, so that callers (the JSON-RPC API,
 /// apps) can tell "not held" from "revoked" from "bad input"; the message says what to fix.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -125,6 +137,12 @@ pub enum CoreCommandError {
     /// The write would break the core's rules (e.g. a namespace the delegation does not cover).
     #[error("{0}")]
     Refused(String),
+    /// The value is private and this node holds no key for it (see `core::private`).
+    #[error("encrypted: this node holds no key for this private value of core {0} (run `kubelt core unlock {0}`, or wait for a device of the owner to share its key)")]
+    Encrypted(String),
+    /// The private value's ciphertext does not open under its key: refused as a value.
+    #[error("undecryptable private value at {0}: tampered or malformed ciphertext")]
+    Undecryptable(String),
     /// The store failed.
     #[error("storage failed: {0}")]
     Storage(String),
@@ -165,6 +183,17 @@ impl CoresClient<'_> {
     /// The revocation text for the owner to sign: it keeps the changes `peer` made so far.
     pub async fn revocation_message(&self, core: Address, peer: PeerId) -> Result<String, CoreCommandError> {
         self.ask(|reply| CoreCommand::RevocationMessage { core, peer, reply }).await
+    }
+
+    /// Declares a namespace private: values written there from now on are encrypted.
+    pub async fn private(&self, core: Address, namespace: String) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Private { core, namespace, reply }).await
+    }
+
+    /// Unlocks the core's private data with the owner's signature of
+    /// [`crate::core::private::unlock_message`].
+    pub async fn unlock(&self, core: Address, signature: Vec<u8>) -> Result<UnlockOutcome, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Unlock { core, signature, reply }).await
     }
 
     /// The cores held.

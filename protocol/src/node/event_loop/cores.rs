@@ -217,7 +217,7 @@ fn storage(e: impl std::fmt::Display) -> CoreCommandError {
 }
 
 /// The command error of a failed local write.
-fn write_error(core: &Address, e: crate::core::WriteError) -> CoreCommandError {
+pub(super) fn write_error(core: &Address, e: crate::core::WriteError) -> CoreCommandError {
     use crate::core::WriteError as W;
     match e {
         W::Path(p) => CoreCommandError::InvalidInput(p.to_string()),
@@ -229,7 +229,7 @@ fn write_error(core: &Address, e: crate::core::WriteError) -> CoreCommandError {
 }
 
 /// The replica of a core this node holds, or an error that says so.
-fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut crate::core::Replica, CoreCommandError> {
+pub(super) fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut crate::core::Replica, CoreCommandError> {
     cores
         .get_mut(core)
         .ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))
@@ -255,6 +255,12 @@ impl EventLoop {
             }
             CoreCommand::RevocationMessage { core, peer, reply } => {
                 let _ = reply.send(self.core_revocation_message(core, peer));
+            }
+            CoreCommand::Private { core, namespace, reply } => {
+                let _ = reply.send(self.core_private(core, &namespace));
+            }
+            CoreCommand::Unlock { core, signature, reply } => {
+                let _ = reply.send(self.core_unlock(core, &signature));
             }
         }
     }
@@ -380,6 +386,10 @@ impl EventLoop {
             .own_delegation()
             .cloned()
             .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
+        if crate::core::private::is_private(replica, namespace) {
+            self.core_set_private(core, namespace, path, value)?;
+            return self.core_summary(core);
+        }
         match replica.set(namespace, path, value, &self.cores.keypair, &delegation) {
             Ok(envelope) => {
                 let heads = replica.heads();
@@ -394,8 +404,7 @@ impl EventLoop {
     }
 
     fn core_get(&mut self, core: Address, namespace: &str, path: &str) -> Result<serde_json::Value, CoreCommandError> {
-        let replica = held(&mut self.cores.replicas, &core)?;
-        let value = replica.get(namespace, path).map_err(|e| CoreCommandError::InvalidInput(e.to_string()))?;
+        let value = self.core_get_private(core, namespace, path)?;
         Ok(value.unwrap_or(serde_json::Value::Null))
     }
 
@@ -410,7 +419,7 @@ impl EventLoop {
         self.cores.replicas.list().into_iter().filter_map(|core| self.core_summary(core).ok()).collect()
     }
 
-    fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+    pub(super) fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         let topic = sync::topic(&core).hash();
         let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
         let replica = self.cores.replicas.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
@@ -492,6 +501,7 @@ impl EventLoop {
         let acceptance = match outcome {
             Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
                 self.announce_applied(core, &report.applied);
+                self.private_share(core);
                 MessageAcceptance::Accept
             }
             Ok(Accepted::Duplicate) => MessageAcceptance::Ignore,
@@ -587,7 +597,11 @@ impl EventLoop {
                         step
                     }
                 };
+                let applied_any = !step.report.applied.is_empty();
                 self.report_catch_up(core, peer, step.report);
+                if let Some(core) = core.filter(|_| applied_any) {
+                    self.private_share(core);
+                }
                 if let Some(error) = &step.error {
                     tracing::debug!(%peer, "catch-up ended: {error}");
                 }

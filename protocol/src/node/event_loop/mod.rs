@@ -3,7 +3,8 @@
 //! The loop only routes. Each domain keeps its own state and handlers in its own file:
 //! - [`net`]: connections, the peer book, identify, ping, Kademlia upkeep;
 //! - [`content`]: bitswap fetches and provider records;
-//! - [`cores`]: core replicas, gossip, catch-up.
+//! - [`cores`]: core replicas, gossip, catch-up;
+//! - [`private`]: keyrings of private data, encrypted writes and reads, sharing keys.
 //!
 //! A new domain (messaging, apps) is a new file with a state struct and an `impl EventLoop`
 //! block, plus one line in each `match` below.
@@ -12,6 +13,7 @@ mod content;
 mod cores;
 mod msg;
 mod net;
+mod private;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -57,6 +59,7 @@ pub(crate) struct EventLoop {
     content: content::Content,
     cores: cores::CoreState,
     msg: msg::MsgState,
+    private: private::PrivateState,
 }
 
 impl EventLoop {
@@ -85,6 +88,7 @@ impl EventLoop {
             events,
             shutdown,
             queries: HashMap::new(),
+            private: private::PrivateState::default(),
         })
     }
 

@@ -45,7 +45,7 @@ pub(super) struct MsgState {
     config: crate::msg::Config,
     store: Store,
     /// This node's device key (`None` for RSA node keys, which cannot derive one).
-    device: Option<Arc<DeviceKey>>,
+    pub(super) device: Option<Arc<DeviceKey>>,
     inboxes: Inboxes,
     outbox: Outbox,
     limiter: RateLimiter,
