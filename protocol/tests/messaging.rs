@@ -3,6 +3,10 @@
 //! outbox across a restart, and a hostile peer's envelopes (forged, revoked, for a core not
 //! held, malformed, oversized, a flood), each refused while the node keeps serving.
 
+mod common;
+
+use common::{base_port, init_tracing};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -111,14 +115,6 @@ impl TestNode {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-fn base_port() -> u64 {
-    rand::random::<u32>() as u64 * 1000 + 1
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,10 @@
 //! document without reading it (and holds no plaintext on disk), a hosting node given the
 //! wallet's signature reads it, and a revoked device reads old values but not new ones.
 
+mod common;
+
+use common::{base_port, init_tracing};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -106,14 +110,6 @@ fn files_contain(dir: &Path, needle: &[u8]) -> bool {
             std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
         }
     })
-}
-
-fn base_port() -> u64 {
-    rand::random::<u32>() as u64 * 1000 + 1
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

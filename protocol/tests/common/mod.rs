@@ -19,6 +19,11 @@ pub(crate) fn init_tracing() {
         .try_init();
 }
 
+/// A random base for `/memory/<port>` addresses, so tests running at once never share one.
+pub(crate) fn base_port() -> u64 {
+    rand::random::<u32>() as u64 * 1000 + 1
+}
+
 /// Three nodes of one core: 0 and 1 delegated writers, 2 a follower, 1 and 2 connected to 0.
 pub(crate) async fn two_writers_and_a_follower() -> anyhow::Result<kubelt_protocol::testing::Cluster> {
     let cluster = kubelt_protocol::testing::Cluster::start(3).await?;
