@@ -198,8 +198,9 @@ impl Scheduler {
 
     /// What is due at `now`: sessions for changes still held back after the grace period
     /// (`still_missing` says whether a core still misses dependencies), and the periodic round
-    /// of every core in `held` with every replica, plus a DHT lookup for each.
-    pub fn tick(&mut self, now: Instant, held: &[Address], still_missing: impl Fn(&Address) -> bool) -> Vec<Action> {
+    /// of every core `held` lists with every replica, plus a DHT lookup for each. `held` is
+    /// called only when the round is due: most ticks need no list of the cores.
+    pub fn tick(&mut self, now: Instant, held: impl FnOnce() -> Vec<Address>, still_missing: impl Fn(&Address) -> bool) -> Vec<Action> {
         let grace = self.config.missing_deps_grace;
         let due: Vec<(Address, PeerId)> = self
             .held_back
@@ -216,7 +217,7 @@ impl Scheduler {
         }
         if now >= self.next_round {
             self.next_round = now + self.config.round_interval;
-            for core in held {
+            for core in &held() {
                 let replicas: Vec<PeerId> = self.replicas.get(core).map(|r| r.iter().copied().collect()).unwrap_or_default();
                 for peer in replicas {
                     actions.extend(self.want(*core, peer));
@@ -298,14 +299,14 @@ mod tests {
         s.held_back(c, p[1], now);
         // A second report keeps the first time and sender.
         s.held_back(c, p[0], now + Duration::from_millis(500));
-        assert_eq!(s.tick(now + Duration::from_millis(900), &[c], |_| true), vec![]);
-        assert_eq!(s.tick(now + Duration::from_secs(1), &[c], |_| true), vec![Action::Sync { core: c, peer: p[1] }]);
+        assert_eq!(s.tick(now + Duration::from_millis(900), || vec![c], |_| true), vec![]);
+        assert_eq!(s.tick(now + Duration::from_secs(1), || vec![c], |_| true), vec![Action::Sync { core: c, peer: p[1] }]);
         // Reported once: the next tick does not ask again.
-        assert_eq!(s.tick(now + Duration::from_secs(2), &[c], |_| true), vec![]);
+        assert_eq!(s.tick(now + Duration::from_secs(2), || vec![c], |_| true), vec![]);
         // Dependencies that arrived by gossip in the meantime: no session.
         let d = core(2);
         s.held_back(d, p[0], now);
-        assert_eq!(s.tick(now + Duration::from_secs(3), &[c, d], |core| *core != d), vec![]);
+        assert_eq!(s.tick(now + Duration::from_secs(3), || vec![c, d], |core| *core != d), vec![]);
     }
 
     #[test]
@@ -317,14 +318,14 @@ mod tests {
         s.session_ended(Some(c), &p[0]);
         s.session_ended(Some(c), &p[1]);
         s.replica_left(c, &p[1]);
-        let before = s.tick(now + Duration::from_secs(29), &[c, d], |_| false);
+        let before = s.tick(now + Duration::from_secs(29), || vec![c, d], |_| false);
         assert_eq!(before, vec![]);
-        let round = s.tick(now + Duration::from_secs(30), &[c, d], |_| false);
+        let round = s.tick(now + Duration::from_secs(30), || vec![c, d], |_| false);
         assert_eq!(round, vec![Action::Sync { core: c, peer: p[0] }, Action::FindReplicas(c), Action::FindReplicas(d)]);
         // The next round is one interval later.
         s.session_ended(Some(c), &p[0]);
-        assert_eq!(s.tick(now + Duration::from_secs(59), &[c], |_| false), vec![]);
-        assert_eq!(s.tick(now + Duration::from_secs(60), &[c], |_| false).len(), 2);
+        assert_eq!(s.tick(now + Duration::from_secs(59), || vec![c], |_| false), vec![]);
+        assert_eq!(s.tick(now + Duration::from_secs(60), || vec![c], |_| false).len(), 2);
     }
 
     #[test]

@@ -313,9 +313,8 @@ impl EventLoop {
 
     /// Time-driven catch-up: held-back changes past their grace period, the periodic round.
     pub(super) fn tick_cores(&mut self, now: Instant) {
-        let held = self.cores.replicas.list();
         let replicas = &self.cores.replicas;
-        let actions = self.cores.schedule.tick(now, &held, |core| replicas.get(core).is_some_and(|r| !r.missing_deps().is_empty()));
+        let actions = self.cores.schedule.tick(now, || replicas.list(), |core| replicas.get(core).is_some_and(|r| !r.missing_deps().is_empty()));
         self.catch_up(actions);
     }
 
