@@ -797,21 +797,19 @@ impl Login {
     fn from_message(statement: &OwnerStatement, message: siwe::Message, owner: Address, domain: &str) -> Result<Login, DelegationError> {
         check_binding(&message, domain)?;
         let peer = peer_from_uri(message.uri.as_str(), PEER_URN, "login")?;
-        let mut reads = BTreeSet::new();
+        let mut reads = Vec::new();
         let mut writes = Vec::new();
         for resource in &message.resources {
             let resource = resource.as_str();
             if let Some(name) = resource.strip_prefix(READ_URN) {
-                if !is_valid_namespace(name) {
-                    return Err(DelegationError::InvalidNamespace(quote(name)));
-                }
-                reads.insert(name.to_owned());
+                reads.push(name);
             } else if let Some(name) = resource.strip_prefix(NAMESPACE_URN) {
                 writes.push(name);
             } else {
                 return Err(unexpected_resource(resource, "login", KUBELT_URN));
             }
         }
+        let reads = read_namespaces(reads)?;
         let writes = if writes.is_empty() { None } else { Some(Namespaces::from_names(writes)?) };
         if reads.is_empty() && writes.is_none() {
             return Err(DelegationError::Malformed("a login grants at least one namespace".into()));
@@ -836,6 +834,14 @@ impl Login {
         });
         Ok(Login { owner, peer, domain: domain.to_owned(), reads, writes, nonce: message.nonce.clone(), issued_at, expires_at, delegation })
     }
+}
+
+/// The namespaces a login lets the app only read: each a valid namespace name.
+fn read_namespaces<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<BTreeSet<String>, DelegationError> {
+    names
+        .into_iter()
+        .map(|name| if is_valid_namespace(name) { Ok(name.to_owned()) } else { Err(DelegationError::InvalidNamespace(quote(name))) })
+        .collect()
 }
 
 /// The statement line of an app login, derived from exactly what it grants: the app's domain,
@@ -888,13 +894,7 @@ pub fn login_message(request: &LoginRequest<'_>, now: OffsetDateTime) -> Result<
     if !is_valid_app_domain(domain) {
         return Err(DelegationError::WrongDomain { expected: "an app origin".into(), found: quote(domain) });
     }
-    let mut read_set = BTreeSet::new();
-    for name in reads {
-        if !is_valid_namespace(name) {
-            return Err(DelegationError::InvalidNamespace(quote(name)));
-        }
-        read_set.insert((*name).to_owned());
-    }
+    let mut read_set = read_namespaces(reads.iter().copied())?;
     let writes = if writes.is_empty() { None } else { Some(Namespaces::from_names(writes.iter().copied())?) };
     // A namespace the app may write it may read: list it once, as written.
     if let Some(w) = &writes {
