@@ -70,7 +70,7 @@ impl Default for ScheduleConfig {
 }
 
 /// Most lost replicas dialed again at once; past it, the replica lost longest ago is dropped.
-pub const MAX_LOST_REPLICAS: usize = 256;
+pub(crate) const MAX_LOST_REPLICAS: usize = 256;
 
 /// What the event loop should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
