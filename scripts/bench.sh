@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network|content|cores|msg|app|private] (default: all)
+#   scripts/bench.sh [network|content|cores|healing|msg|app|private] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
@@ -9,6 +9,10 @@
 #          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline.
 # cores:   change propagation p50/p99 over 1,000 changes and catch-up of 10,000 changes, with 2
 #          and 20 nodes (protocol/benches/core_sync.rs).
+# healing: a 15 s partition of 6 nodes in one process, 10 times: time from the heal to every node
+#          holding every write (goal < 3 s every time; protocol/benches/healing.rs;
+#          HEAL_BENCH_RUNS, HEAL_BENCH_PARTITION_SECS). The docker testnet's `partition` scenario
+#          measures the same over real TCP (scripts/testnet.sh).
 # app:     the app API: kb_setData and kb_getData from 16 concurrent clients on loopback,
 #          requests/s and p50/p99 (KUBELT_BENCH_SECS per method, default 10).
 # msg:     message delivery latency p50/p99 between two online nodes and messages/s one sender ->
@@ -38,6 +42,12 @@ if [ "$what" = all ] || [ "$what" = cores ]; then
   # the tests share; `cargo bench` would build every dependency again in the bench profile.
   cargo build --release --locked -p kubelt-protocol --benches
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench core_sync' 2>&1 | grep -E "nodes:|rror"
+fi
+if [ "$what" = all ] || [ "$what" = healing ]; then
+  log "healing: partitions of 6 nodes, time from the heal to convergence"
+  cd "$KUBELT_ROOT"
+  cargo build --release --locked -p kubelt-protocol --benches
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench healing' 2>&1 | grep -E "healing:|rror"
 fi
 if [ "$what" = all ] || [ "$what" = msg ]; then
   log "msg: delivery latency and messages/s, two nodes"

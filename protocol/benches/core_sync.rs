@@ -134,6 +134,21 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     }
     let writes = start_writes.elapsed();
     let target = writer.cores().list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+    // The followers that stayed online apply the same changes by gossip; wait for them, so the
+    // figure below is the returning node's catch-up and not 18 other nodes' backlog competing
+    // with it for the two cores.
+    let settle = Instant::now();
+    for n in nodes.iter().filter_map(|n| n.node.as_ref()) {
+        loop {
+            let heads = n.client.cores().list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
+            if heads == target {
+                break;
+            }
+            anyhow::ensure!(settle.elapsed() < Duration::from_secs(300), "the online followers did not converge in 300 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let settled = settle.elapsed();
     let t0 = Instant::now();
     tracing::info!("restarting the offline node for catch-up");
     let node = start(&last.keypair, &last.store_path, first_addr.clone()).await?;
@@ -146,9 +161,10 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     println!(
-        "{nodes_count} nodes: catch-up of {catch_up} changes after a restart: {:.2} s from start to identical heads (goal < 2 s; the writer made them in {:.1} s)",
+        "{nodes_count} nodes: catch-up of {catch_up} changes after a restart: {:.2} s from start to identical heads (goal < 1 s; the writer made them in {:.1} s, the online followers held them all {:.1} s later)",
         t0.elapsed().as_secs_f64(),
-        writes.as_secs_f64()
+        writes.as_secs_f64(),
+        settled.as_secs_f64()
     );
     node.stop().await;
     for n in nodes.iter_mut() {

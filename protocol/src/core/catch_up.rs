@@ -14,9 +14,15 @@
 //! replica at once would ship the same changes many times over; one after the other, each
 //! later session finds most of the work done.
 //!
+//! A replica whose connection is lost (it stopped answering pings, a partition, a restart) is
+//! dialed again: every second at first, then less and less often (see [`ScheduleConfig`]), so
+//! that catch-up starts within about a second of the network coming back instead of waiting
+//! for a periodic round or a DHT lookup. Catch-up itself starts when the reconnected peer's
+//! subscriptions arrive ([`Scheduler::replica_joined`]).
+//!
 //! Everything held here is bounded by what the node itself holds and is connected to: the
-//! cores it holds (keys of every map), and connected peers (sets and queues are deduplicated
-//! and lose a peer when it disconnects).
+//! cores it holds (keys of every map), connected peers (sets and queues are deduplicated and
+//! lose a peer when it disconnects), and at most [`MAX_LOST_REPLICAS`] lost replicas.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,13 +41,36 @@ pub struct ScheduleConfig {
     /// gossip (messages take different paths, so parents often follow a moment later) before
     /// a session asks the peer that sent one.
     pub missing_deps_grace: Duration,
+    /// How often a lost replica is dialed again during the first [`redial_fast_for`]
+    /// (a dial that fails fails fast on a cut route or a closed port; one dial at a time).
+    ///
+    /// [`redial_fast_for`]: Self::redial_fast_for
+    pub redial_interval: Duration,
+    /// How long lost replicas are dialed every [`redial_interval`](Self::redial_interval);
+    /// after it the wait doubles up to [`redial_max_interval`](Self::redial_max_interval).
+    pub redial_fast_for: Duration,
+    /// The longest wait between two dials of a lost replica.
+    pub redial_max_interval: Duration,
+    /// How long a lost replica is dialed at all; after it the periodic round's DHT lookups and
+    /// the connection maintenance find it again, if it comes back.
+    pub redial_for: Duration,
 }
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        ScheduleConfig { round_interval: Duration::from_secs(30), missing_deps_grace: Duration::from_secs(1) }
+        ScheduleConfig {
+            round_interval: Duration::from_secs(30),
+            missing_deps_grace: Duration::from_secs(1),
+            redial_interval: Duration::from_secs(1),
+            redial_fast_for: Duration::from_secs(60),
+            redial_max_interval: Duration::from_secs(60),
+            redial_for: Duration::from_secs(30 * 60),
+        }
     }
 }
+
+/// Most lost replicas dialed again at once; past it, the replica lost longest ago is dropped.
+pub(crate) const MAX_LOST_REPLICAS: usize = 256;
 
 /// What the event loop should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +86,8 @@ pub enum Action {
     },
     /// Look the core's replicas up in the DHT (they are dialed when found).
     FindReplicas(Address),
+    /// Dial a replica whose connection was lost (unless connected or being dialed already).
+    Redial(PeerId),
 }
 
 /// The session running for a core, and who is next.
@@ -64,6 +95,13 @@ pub enum Action {
 struct Running {
     peer: PeerId,
     queue: VecDeque<PeerId>,
+}
+
+/// A replica whose last connection closed, and when to dial it next.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    since: Instant,
+    next: Instant,
 }
 
 /// Decides the catch-up sessions of every core held (see the module doc).
@@ -79,6 +117,8 @@ pub struct Scheduler {
     /// Cores holding back changes for missing dependencies: the peer that sent one (it has
     /// the dependencies) and since when.
     held_back: BTreeMap<Address, (PeerId, Instant)>,
+    /// Replicas whose connection closed, dialed again until they are back.
+    lost: BTreeMap<PeerId, Lost>,
     next_round: Instant,
 }
 
@@ -92,6 +132,7 @@ impl Scheduler {
             replicas: BTreeMap::new(),
             sessions: HashMap::new(),
             held_back: BTreeMap::new(),
+            lost: BTreeMap::new(),
             next_round,
         }
     }
@@ -109,12 +150,23 @@ impl Scheduler {
     /// The first connection with `peer` opened.
     pub fn peer_connected(&mut self, peer: PeerId) {
         self.connected.insert(peer);
+        self.lost.remove(&peer);
     }
 
-    /// The last connection with `peer` closed: it holds nothing any more, its sessions end and
-    /// the next peers in line start.
-    pub fn peer_disconnected(&mut self, peer: &PeerId) -> Vec<Action> {
+    /// The last connection with `peer` closed at `now`: it holds nothing any more, its sessions
+    /// end and the next peers in line start. If it held a core of ours, it is dialed again
+    /// from the next [`tick`](Self::tick) one interval later.
+    pub fn peer_disconnected(&mut self, peer: &PeerId, now: Instant) -> Vec<Action> {
         self.connected.remove(peer);
+        if self.replicas.values().any(|r| r.contains(peer)) {
+            if self.lost.len() >= MAX_LOST_REPLICAS && !self.lost.contains_key(peer) {
+                let oldest = self.lost.iter().min_by_key(|(_, l)| l.since).map(|(p, _)| *p);
+                if let Some(oldest) = oldest {
+                    self.lost.remove(&oldest);
+                }
+            }
+            self.lost.insert(*peer, Lost { since: now, next: now + self.config.redial_interval });
+        }
         for replicas in self.replicas.values_mut() {
             replicas.remove(peer);
         }
@@ -215,6 +267,7 @@ impl Scheduler {
                 actions.extend(self.want(core, peer));
             }
         }
+        actions.extend(self.redials(now));
         if now >= self.next_round {
             self.next_round = now + self.config.round_interval;
             for core in &held() {
@@ -231,6 +284,27 @@ impl Scheduler {
     /// Connected peers known to hold `core`.
     pub fn replicas(&self, core: &Address) -> usize {
         self.replicas.get(core).map_or(0, |r| r.len())
+    }
+
+    /// Lost replicas due for a dial at `now`, each given its next time; those lost for longer
+    /// than [`ScheduleConfig::redial_for`] are given up.
+    fn redials(&mut self, now: Instant) -> Vec<Action> {
+        let config = &self.config;
+        self.lost.retain(|_, lost| now.saturating_duration_since(lost.since) < config.redial_for);
+        let mut actions = Vec::new();
+        for (peer, lost) in self.lost.iter_mut().filter(|(_, lost)| now >= lost.next) {
+            let gone_for = now.saturating_duration_since(lost.since);
+            let wait = if gone_for < config.redial_fast_for {
+                config.redial_interval
+            } else {
+                // Doubles every `redial_fast_for` past the fast phase.
+                let doublings = (gone_for.as_secs_f64() / config.redial_fast_for.as_secs_f64()).min(16.0) as u32;
+                config.redial_interval.saturating_mul(1 << doublings).min(config.redial_max_interval)
+            };
+            lost.next = now + wait;
+            actions.push(Action::Redial(*peer));
+        }
+        actions
     }
 }
 
@@ -273,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_disconnect_ends_its_sessions_and_skips_it_in_every_queue() {
-        let (mut s, p, _) = setup(3);
+        let (mut s, p, now) = setup(3);
         let (c, d) = (core(1), core(2));
         s.replica_joined(c, p[0]);
         s.replica_joined(c, p[1]);
@@ -281,12 +355,12 @@ mod tests {
         s.replica_joined(d, p[2]);
         s.replica_joined(d, p[1]);
         // p1 leaves: queued in c, queued in d.
-        assert_eq!(s.peer_disconnected(&p[1]), vec![]);
+        assert_eq!(s.peer_disconnected(&p[1], now), vec![]);
         assert_eq!(s.replicas(&c), 2);
         // p0's session of c ends: p1 is skipped, p2 is next.
         assert_eq!(s.session_ended(Some(c), &p[0]), vec![Action::Sync { core: c, peer: p[2] }]);
         // p2 leaves while running both: nothing left to run.
-        assert_eq!(s.peer_disconnected(&p[2]), vec![]);
+        assert_eq!(s.peer_disconnected(&p[2], now), vec![]);
         assert!(!s.is_syncing(&c) && !s.is_syncing(&d));
         // A subscription from a peer that is not connected starts nothing.
         assert_eq!(s.replica_joined(c, p[1]), vec![]);
@@ -346,5 +420,66 @@ mod tests {
         let mut all = p.clone();
         all.sort();
         assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn a_lost_replica_is_dialed_every_second_until_it_is_back() {
+        let (mut s, p, now) = setup(2);
+        let c = core(1);
+        s.replica_joined(c, p[0]);
+        s.session_ended(Some(c), &p[0]);
+        let tick = |s: &mut Scheduler, at: Duration| s.tick(now + at, Vec::new, |_| false);
+        // p1 held nothing of ours: losing it dials nothing.
+        s.peer_disconnected(&p[1], now);
+        s.peer_disconnected(&p[0], now);
+        assert_eq!(tick(&mut s, Duration::from_millis(900)), vec![]);
+        assert_eq!(tick(&mut s, Duration::from_secs(1)), vec![Action::Redial(p[0])]);
+        // Once per interval, not once per tick.
+        assert_eq!(tick(&mut s, Duration::from_millis(1500)), vec![]);
+        assert_eq!(tick(&mut s, Duration::from_secs(2)), vec![Action::Redial(p[0])]);
+        // Back: no more dials, and its subscription starts catch-up at once.
+        s.peer_connected(p[0]);
+        assert_eq!(tick(&mut s, Duration::from_secs(3)), vec![]);
+        assert_eq!(s.replica_joined(c, p[0]), vec![Action::Sync { core: c, peer: p[0] }]);
+    }
+
+    #[test]
+    fn a_replica_lost_for_long_is_dialed_less_often_then_given_up() {
+        let (mut s, p, now) = setup(1);
+        let c = core(1);
+        s.replica_joined(c, p[0]);
+        s.peer_disconnected(&p[0], now);
+        let config = ScheduleConfig::default();
+        let mut dials = Vec::new();
+        let mut at = Duration::ZERO;
+        while at <= config.redial_for + Duration::from_secs(60) {
+            if !s.tick(now + at, Vec::new, |_| false).is_empty() {
+                dials.push(at);
+            }
+            at += Duration::from_millis(250);
+        }
+        let fast = dials.iter().filter(|d| **d < config.redial_fast_for).count();
+        assert!((58..=60).contains(&fast), "{fast} dials in the first minute");
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] + Duration::from_millis(250) >= g[0]), "the waits never shrink: {gaps:?}");
+        assert!(gaps.iter().all(|g| *g <= config.redial_max_interval + Duration::from_millis(250)), "{gaps:?}");
+        assert!(dials.last().is_some_and(|d| *d < config.redial_for), "given up after redial_for: {:?}", dials.last());
+    }
+
+    #[test]
+    fn lost_replicas_are_bounded() {
+        let (mut s, _, now) = setup(0);
+        let c = core(1);
+        let peers: Vec<PeerId> = (0..MAX_LOST_REPLICAS + 10).map(|_| PeerId::random()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            s.peer_connected(*p);
+            s.replica_joined(c, *p);
+            s.peer_disconnected(p, now + Duration::from_millis(i as u64));
+        }
+        let dialed = s.tick(now + Duration::from_secs(5), Vec::new, |_| false);
+        assert_eq!(dialed.len(), MAX_LOST_REPLICAS);
+        // The ones lost first were dropped.
+        assert!(!dialed.contains(&Action::Redial(peers[0])));
+        assert!(dialed.contains(&Action::Redial(peers[MAX_LOST_REPLICAS + 9])));
     }
 }

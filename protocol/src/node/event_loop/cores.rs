@@ -307,6 +307,10 @@ impl EventLoop {
                     let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
                     self.queries.insert(query, QueryPurpose::CoreReplicas(core));
                 }
+                CatchUpAction::Redial(peer) => {
+                    let addresses = self.net.known_addresses(&peer);
+                    self.dial_known(peer, addresses);
+                }
             }
         }
     }
@@ -325,7 +329,7 @@ impl EventLoop {
     pub(super) fn core_peer_gone(&mut self, peer: PeerId) {
         self.cores.replicas.end_sync(&peer);
         self.cores.sync_budgets.remove(&peer);
-        let actions = self.cores.schedule.peer_disconnected(&peer);
+        let actions = self.cores.schedule.peer_disconnected(&peer, Instant::now());
         self.catch_up(actions);
     }
 
