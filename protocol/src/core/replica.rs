@@ -131,6 +131,17 @@ pub struct Config {
     pub max_sync_response_bytes: usize,
     /// Whether applying remote changes waits for fsync (local writes always do).
     pub sync_remote_changes: bool,
+    /// Whether a local write waits for fsync itself. `false` only where the owner of the
+    /// replicas syncs the write-ahead log before it acknowledges the write (the node's group
+    /// commit): the write is then logged at once, readable at once, and durable after the
+    /// owner's next [`crate::store::Store::sync_wal`].
+    pub sync_local_writes: bool,
+    /// Replicas kept in memory at once ([`super::Cores`] loads the others on demand and
+    /// unloads the least recently used beyond this).
+    pub max_loaded_cores: usize,
+    /// Estimated bytes of the replicas kept in memory at once (see
+    /// [`Replica::approx_bytes`]); the least recently used are unloaded beyond this.
+    pub max_loaded_bytes: usize,
 }
 
 impl Default for Config {
@@ -149,6 +160,9 @@ impl Default for Config {
             max_sync_request_bytes: 6 << 20,
             max_sync_response_bytes: 32 << 20,
             sync_remote_changes: false,
+            sync_local_writes: true,
+            max_loaded_cores: 1024,
+            max_loaded_bytes: 256 << 20,
         }
     }
 }
@@ -578,6 +592,8 @@ pub struct Replica {
     /// Heads shared with a peer at the end of the last session, to start the next one with a
     /// small bloom filter.
     pub(super) shared_heads: HashMap<PeerId, Vec<ChangeHash>>,
+    /// Bytes of the stored change records behind the document (see [`Replica::approx_bytes`]).
+    stored_bytes: usize,
 }
 
 impl std::fmt::Debug for Replica {
@@ -671,6 +687,7 @@ impl Replica {
             local_actor: None,
             sessions: HashMap::new(),
             shared_heads: HashMap::new(),
+            stored_bytes: 0,
         };
         replica.load()?;
         Ok(replica)
@@ -753,6 +770,7 @@ impl Replica {
             records.push((seq_no, v));
         }
         let mut changes = Vec::with_capacity(records.len());
+        self.stored_bytes = records.iter().map(|(_, v)| v.len()).sum();
         let mut dropped = store.batch();
         for (seq_no, bytes) in records {
             let key = core_key(&self.core, b'c', &seq_no.to_be_bytes());
@@ -1319,7 +1337,9 @@ impl Replica {
             signature: item.envelope.signature.to_vec(),
             delegation_id: item.delegation_id.to_vec(),
         };
-        batch.put(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()), &record.encode_to_vec());
+        let bytes = record.encode_to_vec();
+        self.stored_bytes += bytes.len();
+        batch.put(Column::Cores, &core_key(&self.core, b'c', &meta.seq_no.to_be_bytes()), &bytes);
         if !self.stored_statements.contains(&item.delegation_id) {
             let statement = item.envelope.delegation.clone().or_else(|| self.statements.get(&item.delegation_id).cloned());
             if let Some(statement) = statement {
@@ -1431,7 +1451,7 @@ impl Replica {
         let store = self.store.clone();
         let mut batch = store.batch();
         self.persist_change(&checked, &mut batch);
-        batch.commit(true).map_err(CoreError::from)?;
+        batch.commit(self.config.sync_local_writes).map_err(CoreError::from)?;
         Ok(envelope)
     }
 
@@ -1615,6 +1635,24 @@ impl Replica {
     /// Whether the core has no change yet.
     pub fn is_empty(&self) -> bool {
         self.dag.metas.is_empty()
+    }
+
+    /// Bytes of the stored change records of the core (what the document is made of).
+    pub fn stored_bytes(&self) -> usize {
+        self.stored_bytes
+    }
+
+    /// A rough estimate of the memory this replica takes: the document and its history indexes
+    /// grow with the changes (measured: about 4 bytes in memory per stored byte, plus ~300 bytes
+    /// of indexes per change), plus what waits for dependencies.
+    pub fn approx_bytes(&self) -> usize {
+        4 * self.stored_bytes + 300 * self.dag.metas.len() + self.pending.bytes + self.evidence.len() * 1024 + 4096
+    }
+
+    /// Whether the replica holds state that is not in the store: catch-up sessions in
+    /// progress, or changes held back for missing dependencies. Such a replica is not unloaded.
+    pub fn is_busy(&self) -> bool {
+        !self.sessions.is_empty() || !self.pending.items.is_empty()
     }
 
     /// Changes held back for missing dependencies.
