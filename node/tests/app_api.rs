@@ -462,7 +462,9 @@ fn bench_app_api_once(label: &str, bin: Option<&std::path::Path>, seconds: u64) 
     let node = TestNode::start_wrapped(&repo, "bench", &wrapper, &listen, &["--owner", &address])?;
     let token = token_of(&login(&node, &owner, json!({"bench": ["read", "write"]}))?)?;
     let url = node.app_url().to_string();
+    let pid = node.pid().context("no pid")?;
     for (method, write) in [("kb_setData", true), ("kb_getData", false)] {
+        let cpu_before = common::cpu_seconds(pid)?;
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let workers: Vec<_> = (0..CLIENTS)
             .map(|client| {
@@ -490,15 +492,19 @@ fn bench_app_api_once(label: &str, bin: Option<&std::path::Path>, seconds: u64) 
         for worker in workers {
             all.extend(worker.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
         }
+        let cpu = common::cpu_seconds(pid)? - cpu_before;
         all.sort();
         let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        // The node's CPU per request does not depend on what else the machine runs, as
+        // requests/s and latencies do.
         println!(
-            "app API {method} [{label}]: {} clients, {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms ({} requests)",
+            "app API {method} [{label}]: {} clients, {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms ({} requests), node CPU {:.0} us/request",
             CLIENTS,
             all.len() as f64 / seconds as f64,
             at(0.50).as_secs_f64() * 1e3,
             at(0.99).as_secs_f64() * 1e3,
-            all.len()
+            all.len(),
+            cpu * 1e6 / all.len().max(1) as f64,
         );
     }
     Ok(())
