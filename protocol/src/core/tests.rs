@@ -779,7 +779,7 @@ fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
     let mut state = automerge::sync::State::new();
     use automerge::sync::SyncDoc;
     let _ = rogue.generate_sync_message(&mut state);
-    let theirs = node.cores.get(&core).expect("core").document().clone();
+    let theirs = node.cores.get_mut(&core).expect("core").document().clone();
     let mut their_state = automerge::sync::State::new();
     let first = theirs.generate_sync_message(&mut their_state).expect("message");
     rogue.receive_sync_message(&mut state, first)?;
@@ -788,8 +788,8 @@ fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
     let request = kubelt_proto::core::SyncRequest { core: core.to_lower_hex(), sync_message: message.encode().into(), changes: vec![] };
     let response = node.cores.handle_sync_request(request, &PeerId::random());
     assert!(response.error.contains("must not embed changes"), "{}", response.error);
-    assert!(node.cores.get(&core).expect("core").is_empty());
-    assert_eq!(node.cores.get(&core).expect("core").get("profile", "")?, None);
+    assert!(node.cores.get_mut(&core).expect("core").is_empty());
+    assert_eq!(node.cores.get_mut(&core).expect("core").get("profile", "")?, None);
     Ok(())
 }
 
