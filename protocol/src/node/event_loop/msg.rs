@@ -576,15 +576,14 @@ impl EventLoop {
         // memory (a revocation is a durable fact, never only a loaded one).
         let mut revoked: HashMap<Address, Vec<PeerId>> = HashMap::new();
         for v in results.iter().flatten() {
-            if !revoked.contains_key(&v.from) {
-                let peers = match self.cores.replicas.revocations(&v.from) {
+            if let std::collections::hash_map::Entry::Vacant(entry) = revoked.entry(v.from) {
+                entry.insert(match self.cores.replicas.revocations(&v.from) {
                     Ok(list) => list.into_iter().map(|r| r.peer).collect(),
                     Err(e) => {
                         tracing::error!(core = %v.from, "cannot read the core's revocations: {e}");
                         Vec::new()
                     }
-                };
-                revoked.insert(v.from, peers);
+                });
             }
         }
         let outcomes = results
