@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network|content|cores|healing|msg|app|private] (default: all)
+#   scripts/bench.sh [network|content|cores|healing|msg|app|hosted|private] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
@@ -15,6 +15,12 @@
 #          measures the same over real TCP (scripts/testnet.sh).
 # app:     the app API: kb_setData and kb_getData from 16 concurrent clients on loopback,
 #          requests/s and p50/p99 (KUBELT_BENCH_SECS per method, default 10).
+# hosted:  a hosted node holding 10,000 cores of 3 changes, and a node holding 1,000 cores of
+#          100 changes: start-up time, resident memory, login + first write on a cold core
+#          p50/p99 (node/tests/hosted.rs; KUBELT_BENCH_CORES overrides the number of cores).
+# app and hosted measure KUBELT_BENCH_BASELINE too, when it names another kubelt binary (e.g.
+# the build of main: `git worktree add /tmp/main main && cd /tmp/main && cargo build --release`),
+# side by side in the same run.
 # msg:     message delivery latency p50/p99 between two online nodes and messages/s one sender ->
 #          one recipient (protocol/benches/msg.rs).
 # private: core set/get on a private namespace vs a plain one, same run, alternating rounds
@@ -59,6 +65,11 @@ if [ "$what" = all ] || [ "$what" = app ]; then
   log "app: kb_setData / kb_getData, 16 clients"
   cd "$KUBELT_ROOT"
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test app_api -- --ignored --nocapture bench_app_api' 2>&1 | grep -E "app API|rror|panicked"
+fi
+if [ "$what" = all ] || [ "$what" = hosted ]; then
+  log "hosted: 10,000 cores and 1,000 cores x 100 changes: start-up, memory, cold login + write"
+  cd "$KUBELT_ROOT"
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test hosted -- --ignored --nocapture --test-threads=1' 2>&1 | grep -E "hosted |generated|rror|panicked"
 fi
 if [ "$what" = all ] || [ "$what" = private ]; then
   log "private: core set/get, private vs plain namespace"

@@ -30,6 +30,24 @@ pub struct Config {
     pub api: ApiConfig,
     pub gateway: GatewayConfig,
     pub app: AppConfig,
+    pub cores: CoresConfig,
+}
+
+/// How many core replicas stay in memory: the others are loaded from the store when used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoresConfig {
+    /// Replicas kept in memory at once.
+    pub max_loaded: usize,
+    /// Estimated MiB of the replicas kept in memory at once.
+    pub max_loaded_mib: usize,
+}
+
+impl Default for CoresConfig {
+    fn default() -> Self {
+        let d = kubelt_protocol::core::Config::default();
+        CoresConfig { max_loaded: d.max_loaded_cores, max_loaded_mib: d.max_loaded_bytes >> 20 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -172,11 +190,15 @@ impl Config {
         swarm.idle_connection_timeout = Duration::from_secs(net.idle_connection_timeout_secs);
         swarm.bootstrap_interval = Duration::from_secs(net.bootstrap_interval_secs.max(1));
         swarm.bitswap = swarm.bitswap.with_want_timeout(Duration::from_secs(self.content.fetch_timeout_secs.max(1)));
+        let mut cores = kubelt_protocol::core::Config::default();
+        cores.max_loaded_cores = self.cores.max_loaded.max(1);
+        cores.max_loaded_bytes = self.cores.max_loaded_mib.max(1) << 20;
         node::Config {
             listen: net.listen.clone(),
             bootstrap_peers: net.peers.clone(),
             target_peers: net.target_peers,
             swarm,
+            cores,
             ..node::Config::default()
         }
     }
@@ -248,6 +270,19 @@ requests_per_minute = {q_rpm}
 websockets_per_token = {q_ws}
 # Logins (kb_getNonce) per minute per client IP address.
 logins_per_minute_per_ip = {q_logins}
+# Bytes a core may hold on this node through the app API: its document (every change) plus the
+# objects stored with kb_putObject. A write past it is refused (-32046).
+bytes_per_core = {q_bytes}
+# Largest app API request in bytes (at most 2 MiB, the hard limit); larger ones are refused
+# (-32045).
+max_request_bytes = {q_request}
+
+[cores]
+# Core replicas kept in memory; the others are loaded from the store when used and the least
+# recently used are unloaded (a hosted node holds many more cores than it uses at once).
+max_loaded = {max_loaded}
+# Estimated MiB of the replicas kept in memory.
+max_loaded_mib = {max_loaded_mib}
 "#,
             listen = list(&d.network.listen),
             bootstrap = d.network.bootstrap,
@@ -266,6 +301,10 @@ logins_per_minute_per_ip = {q_logins}
             q_rpm = d.app.quotas.requests_per_minute,
             q_ws = d.app.quotas.websockets_per_token,
             q_logins = d.app.quotas.logins_per_minute_per_ip,
+            q_bytes = d.app.quotas.bytes_per_core,
+            q_request = d.app.quotas.max_request_bytes,
+            max_loaded = d.cores.max_loaded,
+            max_loaded_mib = d.cores.max_loaded_mib,
             fetch_timeout = d.content.fetch_timeout_secs,
         )
     }

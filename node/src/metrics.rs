@@ -29,7 +29,11 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
 }
 
 pub async fn metrics(State(state): State<ApiState>) -> Response {
-    let (Ok(status), Ok(cores)) = (state.client.status().await, state.client.cores().list().await) else {
+    // Per-core figures for the cores in memory only: a hosted node holds thousands, and a
+    // scrape must not load them all.
+    let (Ok(status), Ok(holding), Ok(cores)) =
+        (state.client.status().await, state.client.cores().holding(None).await, state.client.cores().list_loaded().await)
+    else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the node has stopped\n").into_response();
     };
     let mut registry = Registry::with_prefix("kubelt");
@@ -47,7 +51,10 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
     counter(&mut registry, "bitswap_received_bytes", "Block bytes received", bitswap.bytes_received);
     counter(&mut registry, "bitswap_duplicate_blocks", "Blocks received that were already stored", bitswap.duplicate_blocks);
     gauge(&mut registry, "bitswap_wantlist_size", "Blocks this node wants now", bitswap.wantlist_size as u64);
-    gauge(&mut registry, "cores_held", "Cores this node replicates", cores.len() as u64);
+    gauge(&mut registry, "cores_held", "Cores this node replicates", holding.held as u64);
+    gauge(&mut registry, "cores_loaded", "Cores whose replicas are in memory now", holding.loaded as u64);
+    counter(&mut registry, "core_loads", "Replicas loaded from the store on demand", holding.loads);
+    counter(&mut registry, "core_unloads", "Replicas unloaded (least recently used) to stay within the limits", holding.unloads);
     let changes = Family::<Vec<(String, String)>, Gauge>::default();
     let replicas = Family::<Vec<(String, String)>, Gauge>::default();
     for core in &cores {

@@ -28,6 +28,8 @@ const TOKEN_WRONG_CORE: i64 = -32039;
 const CAPABILITY_MISSING: i64 = -32040;
 const OWNER_NOT_ALLOWED: i64 = -32042;
 const QUOTA_EXCEEDED: i64 = -32041;
+const REQUEST_OVER_QUOTA: i64 = -32045;
+const CORE_FULL: i64 = -32046;
 
 /// Posts a raw body to the app API of `node` (at `path`), with a token and an `Origin`.
 fn post_raw(node: &TestNode, path: &str, token: Option<&str>, body: &str) -> anyhow::Result<(u16, Value)> {
@@ -342,6 +344,59 @@ fn a_hosted_node_keeps_wallets_apart_and_a_quota_refuses_one_without_touching_ot
 }
 
 #[test]
+fn a_hosted_node_refuses_requests_and_cores_over_their_byte_quotas_and_recovers() -> anyhow::Result<()> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("host");
+    common::kubelt_ok(&repo, &["init"])?;
+    common::edit_config(&repo, "bytes_per_core = 67108864", "bytes_per_core = 8192")?;
+    common::edit_config(&repo, "max_request_bytes = 2097152", "max_request_bytes = 4096")?;
+    let mut node = TestNode::start_on(&repo, "host", &["--hosted"])?;
+    let (one, two) = (DevWallet::random(), DevWallet::random());
+    let caps = json!({"notes": ["read", "write"]});
+    let t1 = token_of(&login(&node, &one, caps.clone())?)?;
+    let t2 = token_of(&login(&node, &two, caps.clone())?)?;
+    let doc = ok(&node, None, "rpc.discover", Value::Null)?;
+    for code in [REQUEST_OVER_QUOTA, CORE_FULL] {
+        assert!(doc["components"]["errors"].get(code.to_string()).is_some(), "{code} not documented");
+    }
+
+    // Request size: refused before anything runs; the next request of normal size is served.
+    let big = call(&node, Some(&t1), "kb_setData", json!(["notes", "big", "x".repeat(5000)]))?;
+    assert_eq!(code_of(&big), REQUEST_OVER_QUOTA, "{big}");
+    assert_eq!(ok(&node, Some(&t1), "kb_getData", json!(["notes", "big"]))?["value"], Value::Null, "nothing was written");
+
+    // Bytes per core: an object and then values of 1 kB, until the core is full.
+    ok(&node, Some(&t1), "kb_putObject", json!(["notes", "file", b64.encode(vec![7u8; 2000])]))?;
+    let value = "y".repeat(1000);
+    let mut written = 0;
+    let full = loop {
+        let reply = call(&node, Some(&t1), "kb_setData", json!(["notes", format!("k{written}"), value]))?;
+        if reply.get("error").is_some() {
+            break reply;
+        }
+        written += 1;
+        assert!(written < 20, "a core of 8 kB took {written} values of 1 kB");
+    };
+    assert_eq!(code_of(&full), CORE_FULL, "{full}");
+    assert!(written >= 2, "only {written} values fit");
+    assert_eq!(ok(&node, Some(&t1), "kb_getData", json!(["notes", format!("k{written}")]))?["value"], Value::Null, "the refused write is not there");
+    assert_eq!(ok(&node, Some(&t1), "kb_getData", json!(["notes", "k0"]))?["value"], json!(value), "what was written stays readable");
+    let object = call(&node, Some(&t1), "kb_putObject", json!(["notes", "more", b64.encode(vec![1u8; 1500])]))?;
+    assert_eq!(code_of(&object), CORE_FULL, "{object}");
+    // Another core on the node is not affected.
+    ok(&node, Some(&t2), "kb_setData", json!(["notes", "k0", value]))?;
+
+    // The operator raises the quota: the core takes writes again.
+    node.stop()?;
+    common::edit_config(&repo, "bytes_per_core = 8192", "bytes_per_core = 1048576")?;
+    let node = TestNode::start_on(&repo, "host", &["--hosted"])?;
+    ok(&node, Some(&t1), "kb_setData", json!(["notes", format!("k{written}"), value]))?;
+    Ok(())
+}
+
+#[test]
 fn objects_are_pinned_content_recorded_in_the_core_with_every_version_readable() -> anyhow::Result<()> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -374,23 +429,42 @@ fn objects_are_pinned_content_recorded_in_the_core_with_every_version_readable()
 
 /// The app API benchmark (`scripts/bench.sh app`; ignored in the test run): `kb_setData` and
 /// then `kb_getData` from 16 concurrent clients (keep-alive HTTP, one thread each) on loopback
-/// for `KUBELT_BENCH_SECS` seconds each (default 10); prints requests/s, p50 and p99.
+/// for `KUBELT_BENCH_SECS` seconds each (default 10); prints requests/s, p50 and p99. With
+/// `KUBELT_BENCH_BASELINE=<another kubelt binary>` (e.g. the build of `main`) that binary is
+/// measured first, in the same run, on a repo of its own.
 #[test]
 #[ignore = "a benchmark: scripts/bench.sh app"]
 fn bench_app_api_16_clients() -> anyhow::Result<()> {
-    const CLIENTS: usize = 16;
     let seconds: u64 = std::env::var("KUBELT_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let mut runs: Vec<(&str, Option<std::path::PathBuf>)> = Vec::new();
+    if let Some(bin) = common::baseline_binary() {
+        runs.push(("baseline", Some(bin)));
+    }
+    runs.push(("this build", None));
+    for (label, bin) in runs {
+        bench_app_api_once(label, bin.as_deref(), seconds)?;
+    }
+    Ok(())
+}
+
+fn bench_app_api_once(label: &str, bin: Option<&std::path::Path>, seconds: u64) -> anyhow::Result<()> {
+    const CLIENTS: usize = 16;
     let dir = tempfile::tempdir()?;
     let owner = DevWallet::random();
     let address = owner.address().to_checksum();
     let repo = dir.path().join("bench");
-    common::kubelt_ok(&repo, &["init"])?;
+    common::init_with(&repo, bin)?;
     // The per-core call quota would otherwise be what is measured.
     common::edit_config(&repo, "requests_per_minute = 6000", "requests_per_minute = 100000000")?;
-    let node = TestNode::start_on(&repo, "bench", &["--owner", &address])?;
+    let wrapper = bin.map(common::other_binary).unwrap_or_default();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let listen = ["--listen", "/ip4/127.0.0.1/tcp/0"];
+    let node = TestNode::start_wrapped(&repo, "bench", &wrapper, &listen, &["--owner", &address])?;
     let token = token_of(&login(&node, &owner, json!({"bench": ["read", "write"]}))?)?;
     let url = node.app_url().to_string();
+    let pid = node.pid().context("no pid")?;
     for (method, write) in [("kb_setData", true), ("kb_getData", false)] {
+        let cpu_before = common::cpu_seconds(pid)?;
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let workers: Vec<_> = (0..CLIENTS)
             .map(|client| {
@@ -418,15 +492,19 @@ fn bench_app_api_16_clients() -> anyhow::Result<()> {
         for worker in workers {
             all.extend(worker.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
         }
+        let cpu = common::cpu_seconds(pid)? - cpu_before;
         all.sort();
         let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        // The node's CPU per request does not depend on what else the machine runs, as
+        // requests/s and latencies do.
         println!(
-            "app API {method}: {} clients, {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms ({} requests)",
+            "app API {method} [{label}]: {} clients, {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms ({} requests), node CPU {:.0} us/request",
             CLIENTS,
             all.len() as f64 / seconds as f64,
             at(0.50).as_secs_f64() * 1e3,
             at(0.99).as_secs_f64() * 1e3,
-            all.len()
+            all.len(),
+            cpu * 1e6 / all.len().max(1) as f64,
         );
     }
     Ok(())

@@ -184,11 +184,7 @@ pub static NAMESPACE: Namespace = Namespace {
             handler: |ctx, p| {
                 Box::pin(async move {
                     let core = address(&p)?;
-                    let cores = ctx.state.client.cores().list().await.map_err(RpcError::node)?;
-                    let summary = cores
-                        .into_iter()
-                        .find(|c| c.address == core.to_checksum())
-                        .ok_or_else(|| RpcError::core(kubelt_protocol::node::CoreCommandError::NotHeld(core.to_checksum())))?;
+                    let summary = ctx.state.client.cores().summary(core).await.map_err(RpcError::core)?;
                     Ok(json!(summary.heads))
                 })
             },

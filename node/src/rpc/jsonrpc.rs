@@ -19,6 +19,9 @@ pub fn error_response(id: Value, error: RpcError) -> Value {
 /// Runs a request body (one call or a batch) and returns its reply; `None` when nothing is to
 /// be answered (notifications only). A batch's calls run one after another.
 pub async fn run_body(ctx: &Ctx, body: &[u8]) -> Option<Value> {
+    if let Err(error) = super::app::check_request_size(&ctx.state.gate, body.len()) {
+        return Some(error_response(Value::Null, error));
+    }
     match parse_body(body) {
         Err(reply) => Some(reply),
         Ok(Body::Single(call)) => run_call(ctx, call).await,

@@ -116,15 +116,7 @@ pub static NAMESPACE: Namespace = Namespace {
             result: DATA,
             auth: Auth::App(Capability::Write),
             kind: Kind::Call,
-            handler: |ctx, p| {
-                Box::pin(async move {
-                    let (namespace, path) = (string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string());
-                    let value = p.get("value").cloned().ok_or_else(|| RpcError::invalid_params("missing param 'value'"))?;
-                    let core = ctx.grant()?.core;
-                    ctx.state.client.cores().set(core, namespace.clone(), path.clone(), value.clone()).await.map_err(RpcError::core)?;
-                    Ok(json!({ "namespace": namespace, "path": path, "value": value }))
-                })
-            },
+            handler: |ctx, p| Box::pin(set_data(ctx, p)),
         },
         Method {
             name: "kb_putObject",
@@ -189,6 +181,20 @@ pub static NAMESPACE: Namespace = Namespace {
         },
     ],
 };
+
+/// `kb_setData`: on a hosted node, refused when the core would pass its bytes quota.
+async fn set_data(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
+    let (namespace, path) = (string(&p, "namespace")?.to_string(), string(&p, "path")?.to_string());
+    let value = p.get("value").cloned().ok_or_else(|| RpcError::invalid_params("missing param 'value'"))?;
+    let core = ctx.grant()?.core;
+    let cores = ctx.state.client.cores();
+    let written = match app::core_byte_limit(&ctx.state.gate, &ctx.state.store, &core)? {
+        Some(limit) => cores.set_within(core, namespace.clone(), path.clone(), value.clone(), limit).await,
+        None => cores.set(core, namespace.clone(), path.clone(), value.clone()).await,
+    };
+    written.map_err(RpcError::core)?;
+    Ok(json!({ "namespace": namespace, "path": path, "value": value }))
+}
 
 fn app_of(ctx: &Ctx) -> Result<&App, RpcError> {
     match &ctx.state.gate {
@@ -268,9 +274,10 @@ async fn verify_nonce(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
         return Err(RpcError::new(app_code::LOGIN_INVALID, "the signed login is not the one issued for this nonce"));
     }
     let cores = ctx.state.client.cores();
-    let held = cores.list().await.map_err(RpcError::node)?;
+    // Answered without loading any replica: a hosted node holds thousands of cores.
+    let holding = cores.holding(Some(login.owner)).await.map_err(RpcError::node)?;
     let checksum = login.owner.to_checksum();
-    if app.settings.hosted && !held.iter().any(|c| c.address == checksum) && held.len() >= app.limits.quotas().cores {
+    if app.settings.hosted && !holding.holds && holding.held >= app.limits.quotas().cores {
         return Err(RpcError::new(
             app_code::QUOTA_EXCEEDED,
             format!("quota exceeded: this node hosts at most {} cores and is full", app.limits.quotas().cores),
@@ -278,7 +285,7 @@ async fn verify_nonce(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     }
     if login.delegation.is_some() {
         cores.submit(statement).await.map_err(RpcError::core)?;
-    } else if !held.iter().any(|c| c.address == checksum) {
+    } else if !holding.holds {
         cores.follow(login.owner).await.map_err(RpcError::core)?;
     }
     let reads: Vec<String> = login.reads.iter().cloned().collect();

@@ -171,6 +171,7 @@ impl RpcError {
             E::Refused(_) => code::CORE_REFUSED,
             E::Encrypted(_) => code::CORE_ENCRYPTED,
             E::Undecryptable(_) => code::CORE_UNDECRYPTABLE,
+            E::Full { .. } => app::code::CORE_FULL,
             _ => code::NODE_ERROR,
         };
         Self::new(code, error.to_string())

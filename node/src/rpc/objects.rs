@@ -49,6 +49,13 @@ pub async fn put(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
         _ => return Err(RpcError::invalid_params(format!("{namespace}/{path} holds a value that is not an object record; pick another path"))),
     };
     let size = data.len() as u64;
+    // A hosted node's quota: the core's document plus its objects, with this one.
+    if let Some(limit) = super::app::core_byte_limit(&ctx.state.gate, &ctx.state.store, &core)? {
+        let used = cores.summary(core).await.map_err(RpcError::core)?.bytes + size;
+        if used > limit {
+            return Err(super::app::core_full(&core, used, limit));
+        }
+    }
     let root = {
         let _guard = ctx.state.gc_lock.read().await;
         let store = ctx.state.store.clone();
@@ -59,6 +66,9 @@ pub async fn put(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
         })
         .await?
     };
+    if let super::Gate::App(app) = &ctx.state.gate {
+        app.limits.add_object_bytes(&ctx.state.store, &core, size)?;
+    }
     let _ = ctx.state.client.content().blocks_added(vec![root]).await;
     if visibility == "public" {
         let _ = ctx.state.client.content().provide(root).await;

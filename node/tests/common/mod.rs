@@ -90,6 +90,50 @@ pub fn edit_config(repo: &Path, from: &str, to: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A wrapper for [`TestNode::start_wrapped`] that runs another `kubelt` binary instead of this
+/// build's (a benchmark's baseline, e.g. the binary of `main`): `sh -c 'shift; exec BIN "$@"'`.
+pub fn other_binary(bin: &Path) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), format!("shift; exec '{}' \"$@\"", bin.display()), "sh".into()]
+}
+
+/// `kubelt init` of `repo` by `bin` (this build's binary when `None`): an older binary refuses
+/// the keys a newer `config.toml` has, while a newer one reads an older file.
+pub fn init_with(repo: &Path, bin: Option<&Path>) -> anyhow::Result<()> {
+    let out = Command::new(bin.map(Path::to_path_buf).unwrap_or_else(kubelt_bin)).arg("--repo").arg(repo).arg("init").output()?;
+    if !out.status.success() {
+        bail!("init failed: {}", describe(&out));
+    }
+    Ok(())
+}
+
+/// The baseline binary of a benchmark, from `KUBELT_BENCH_BASELINE`, if set.
+pub fn baseline_binary() -> Option<PathBuf> {
+    std::env::var_os("KUBELT_BENCH_BASELINE").map(PathBuf::from).filter(|p| p.exists())
+}
+
+/// Resident memory of a process (VmRSS), in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// CPU time (user + system) a process used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
 /// A `kubelt run` process with its own repo, listening on loopback only.
 pub struct TestNode {
     pub name: String,
@@ -130,6 +174,12 @@ impl TestNode {
     /// Starts a node on an existing repo as `WRAPPER... kubelt ...` (e.g. under `strace -o F`):
     /// the node's process is then a child of `wrapper[0]`, see [`TestNode::wrapped_pid`].
     pub fn start_wrapped(repo: &Path, name: &str, wrapper: &[&str], listen: &[&str], extra: &[&str]) -> anyhow::Result<TestNode> {
+        Self::start_timed(repo, name, wrapper, listen, extra, Duration::from_secs(30)).map(|(node, _)| node)
+    }
+
+    /// [`TestNode::start_wrapped`] that waits up to `timeout` and also returns how long the node
+    /// took from spawning to serving its APIs (polled every 10 ms: a start-up benchmark).
+    pub fn start_timed(repo: &Path, name: &str, wrapper: &[&str], listen: &[&str], extra: &[&str], timeout: Duration) -> anyhow::Result<(TestNode, Duration)> {
         let _ = std::fs::remove_file(repo.join("api"));
         let log = std::fs::File::create(repo.join("node.log"))?;
         let mut command = match wrapper.split_first() {
@@ -164,15 +214,23 @@ impl TestNode {
             secret: String::new(),
             agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(),
         };
+        let spawned = Instant::now();
         let api_file = repo.join("api");
-        wait_until(&format!("{name} to serve its API"), Duration::from_secs(30), || {
+        loop {
             if let Some(child) = node.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     bail!("{name} exited with {status}: {}", node.log());
                 }
             }
-            Ok(api_file.exists())
-        })?;
+            if api_file.exists() && repo.join("app").exists() {
+                break;
+            }
+            if spawned.elapsed() > timeout {
+                bail!("timed out after {timeout:?} waiting for {name} to serve its API: {}", node.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let started = spawned.elapsed();
         node.api_url = std::fs::read_to_string(&api_file)?.trim().to_string();
         node.gateway_url = std::fs::read_to_string(repo.join("gateway"))?.trim().to_string();
         node.secret = std::fs::read_to_string(repo.join("api.cookie"))?.trim().to_string();
@@ -180,7 +238,7 @@ impl TestNode {
         let info = node.call("node_id", Value::Null)?;
         node.peer_id = info["peer_id"].as_str().unwrap_or_default().to_string();
         node.addresses = info["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
-        Ok(node)
+        Ok((node, started))
     }
 
     /// The node's log so far.

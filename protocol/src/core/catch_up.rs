@@ -23,6 +23,13 @@
 //! Everything held here is bounded by what the node itself holds and is connected to: the
 //! cores it holds (keys of every map), connected peers (sets and queues are deduplicated and
 //! lose a peer when it disconnects), and at most [`MAX_LOST_REPLICAS`] lost replicas.
+//!
+//! A node may hold many cores (a hosted node: thousands), so the idle cost must not grow with
+//! them: at most [`ScheduleConfig::max_sessions`] sessions run at once over all cores (each
+//! keeps its replica in memory; the others wait in line), and DHT lookups of replicas go
+//! through one queue drained at [`ScheduleConfig::max_lookups_per_tick`]: the periodic round
+//! and a node's start queue a lookup per core, a core followed just now is looked up at once.
+//! The round itself visits only the cores that have a connected replica.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -54,6 +61,10 @@ pub struct ScheduleConfig {
     /// How long a lost replica is dialed at all; after it the periodic round's DHT lookups and
     /// the connection maintenance find it again, if it comes back.
     pub redial_for: Duration,
+    /// Sessions running at once, over all cores; more wait in line.
+    pub max_sessions: usize,
+    /// Queued DHT lookups started per [`Scheduler::tick`].
+    pub max_lookups_per_tick: usize,
 }
 
 impl Default for ScheduleConfig {
@@ -65,6 +76,8 @@ impl Default for ScheduleConfig {
             redial_fast_for: Duration::from_secs(60),
             redial_max_interval: Duration::from_secs(60),
             redial_for: Duration::from_secs(30 * 60),
+            max_sessions: 64,
+            max_lookups_per_tick: 4,
         }
     }
 }
@@ -119,6 +132,11 @@ pub struct Scheduler {
     held_back: BTreeMap<Address, (PeerId, Instant)>,
     /// Replicas whose connection closed, dialed again until they are back.
     lost: BTreeMap<PeerId, Lost>,
+    /// Sessions waiting for a free slot (at most one per core: the others queue behind it).
+    backlog: VecDeque<(Address, PeerId)>,
+    /// Cores waiting for a DHT lookup of their replicas, each once.
+    lookups: VecDeque<Address>,
+    looking: BTreeSet<Address>,
     next_round: Instant,
 }
 
@@ -133,8 +151,45 @@ impl Scheduler {
             sessions: HashMap::new(),
             held_back: BTreeMap::new(),
             lost: BTreeMap::new(),
+            backlog: VecDeque::new(),
+            lookups: VecDeque::new(),
+            looking: BTreeSet::new(),
             next_round,
         }
+    }
+
+    /// A core held when the node started: its replicas are looked up in turn (see the
+    /// module doc), not all at once.
+    pub fn core_held_at_start(&mut self, core: Address) {
+        self.queue_lookup(core);
+    }
+
+    fn queue_lookup(&mut self, core: Address) {
+        if self.looking.insert(core) {
+            self.lookups.push_back(core);
+        }
+    }
+
+    /// Lookups due now, within the per-tick budget.
+    fn next_lookups(&mut self) -> Vec<Action> {
+        let n = self.config.max_lookups_per_tick.min(self.lookups.len());
+        self.lookups
+            .drain(..n)
+            .map(|core| {
+                self.looking.remove(&core);
+                Action::FindReplicas(core)
+            })
+            .collect()
+    }
+
+    /// Sessions waiting in the backlog for a free slot.
+    pub fn waiting(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// DHT lookups waiting in the queue.
+    pub fn lookups_queued(&self) -> usize {
+        self.lookups.len()
     }
 
     /// A core was just followed or delegated: catch up with every connected peer (any of them
@@ -175,6 +230,7 @@ impl Scheduler {
             running.queue.retain(|p| p != peer);
         }
         self.held_back.retain(|_, (from, _)| from != peer);
+        self.backlog.retain(|(_, p)| p != peer);
         self.session_ended(None, peer)
     }
 
@@ -204,12 +260,20 @@ impl Scheduler {
         self.held_back.entry(core).or_insert((from, now));
     }
 
-    /// Starts a session of `core` with `peer`, or queues `peer` behind the one running.
+    /// Starts a session of `core` with `peer`, or queues `peer` behind the one running, or,
+    /// when [`ScheduleConfig::max_sessions`] run already, in the backlog.
     pub fn want(&mut self, core: Address, peer: PeerId) -> Vec<Action> {
+        let full = self.sessions.len() >= self.config.max_sessions.max(1);
         match self.sessions.get_mut(&core) {
             Some(running) => {
                 if running.peer != peer && !running.queue.contains(&peer) {
                     running.queue.push_back(peer);
+                }
+                vec![]
+            }
+            None if full => {
+                if !self.backlog.contains(&(core, peer)) {
+                    self.backlog.push_back((core, peer));
                 }
                 vec![]
             }
@@ -218,6 +282,18 @@ impl Scheduler {
                 vec![Action::Sync { core, peer }]
             }
         }
+    }
+
+    /// Starts sessions from the backlog while slots are free.
+    fn start_backlog(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        while self.sessions.len() < self.config.max_sessions.max(1) {
+            let Some((core, peer)) = self.backlog.pop_front() else { break };
+            if self.connected.contains(&peer) {
+                actions.extend(self.want(core, peer));
+            }
+        }
+        actions
     }
 
     /// The session of `core` (or, with `None`, every session) with `peer` ended — done,
@@ -240,6 +316,7 @@ impl Scheduler {
                 }
             }
         }
+        actions.extend(self.start_backlog());
         actions
     }
 
@@ -249,9 +326,10 @@ impl Scheduler {
     }
 
     /// What is due at `now`: sessions for changes still held back after the grace period
-    /// (`still_missing` says whether a core still misses dependencies), and the periodic round
-    /// of every core `held` lists with every replica, plus a DHT lookup for each. `held` is
-    /// called only when the round is due: most ticks need no list of the cores.
+    /// (`still_missing` says whether a core still misses dependencies), the periodic round
+    /// (a session with every connected replica of every core, and a queued DHT lookup for
+    /// each core `held` lists), and the next queued lookups. `held` is called only when the
+    /// round is due: most ticks need no list of the cores.
     pub fn tick(&mut self, now: Instant, held: impl FnOnce() -> Vec<Address>, still_missing: impl Fn(&Address) -> bool) -> Vec<Action> {
         let grace = self.config.missing_deps_grace;
         let due: Vec<(Address, PeerId)> = self
@@ -270,14 +348,18 @@ impl Scheduler {
         actions.extend(self.redials(now));
         if now >= self.next_round {
             self.next_round = now + self.config.round_interval;
-            for core in &held() {
-                let replicas: Vec<PeerId> = self.replicas.get(core).map(|r| r.iter().copied().collect()).unwrap_or_default();
-                for peer in replicas {
-                    actions.extend(self.want(*core, peer));
+            let with_replicas: Vec<(Address, Vec<PeerId>)> =
+                self.replicas.iter().map(|(core, peers)| (*core, peers.iter().copied().collect())).collect();
+            for (core, peers) in with_replicas {
+                for peer in peers {
+                    actions.extend(self.want(core, peer));
                 }
-                actions.push(Action::FindReplicas(*core));
+            }
+            for core in held() {
+                self.queue_lookup(core);
             }
         }
+        actions.extend(self.next_lookups());
         actions
     }
 
@@ -481,5 +563,54 @@ mod tests {
         // The ones lost first were dropped.
         assert!(!dialed.contains(&Action::Redial(peers[0])));
         assert!(dialed.contains(&Action::Redial(peers[MAX_LOST_REPLICAS + 9])));
+    }
+
+    #[test]
+    fn sessions_beyond_the_cap_wait_in_line_and_start_as_others_end() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(ScheduleConfig { max_sessions: 2, ..ScheduleConfig::default() }, now);
+        let p = PeerId::random();
+        s.peer_connected(p);
+        let cores: Vec<Address> = (1..=4).map(core).collect();
+        let started: Vec<Action> = cores.iter().flat_map(|c| s.replica_joined(*c, p)).collect();
+        assert_eq!(started, vec![Action::Sync { core: cores[0], peer: p }, Action::Sync { core: cores[1], peer: p }]);
+        assert_eq!(s.waiting(), 2);
+        // Asked again while waiting: still once in line.
+        assert_eq!(s.want(cores[2], p), vec![]);
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(s.session_ended(Some(cores[0]), &p), vec![Action::Sync { core: cores[2], peer: p }]);
+        // A peer that left is skipped in the backlog.
+        let q = PeerId::random();
+        s.peer_connected(q);
+        assert_eq!(s.replica_joined(core(9), q), vec![]);
+        s.peer_disconnected(&q, Instant::now());
+        assert_eq!(s.session_ended(Some(cores[1]), &p), vec![Action::Sync { core: cores[3], peer: p }]);
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn lookups_of_many_cores_are_spread_over_ticks() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(ScheduleConfig { max_lookups_per_tick: 3, ..ScheduleConfig::default() }, now);
+        let held: Vec<Address> = (1..=10).map(core).collect();
+        for c in &held {
+            s.core_held_at_start(*c);
+        }
+        // Queued twice (at start and by the round), looked up once.
+        s.core_held_at_start(held[0]);
+        let mut seen = Vec::new();
+        let mut t = now;
+        while seen.len() < held.len() {
+            t += Duration::from_millis(250);
+            let actions = s.tick(t, Vec::new, |_| false);
+            assert!(actions.len() <= 3, "{actions:?}");
+            for a in actions {
+                let Action::FindReplicas(c) = a else { panic!("{a:?}") };
+                seen.push(c);
+            }
+        }
+        assert_eq!(seen, held);
+        assert_eq!(s.lookups_queued(), 0);
+        assert_eq!(s.tick(t + Duration::from_millis(250), Vec::new, |_| false), vec![]);
     }
 }

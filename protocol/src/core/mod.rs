@@ -21,7 +21,8 @@
 //!   changes.
 //! - [`private`]: private namespaces — values encrypted before they enter a change, data keys
 //!   wrapped to the owner's devices and wallet.
-//! - [`Cores`]: every replica the node holds, loaded from the store at start.
+//! - [`Cores`]: every core the node holds; replicas loaded on demand, the least recently used
+//!   unloaded beyond a count and a byte budget.
 //!
 //! # The model
 //!
@@ -105,7 +106,7 @@ mod fuzz_tests;
 pub use address::{dht_key, Address, AddressError};
 pub use catch_up::{Action as CatchUpAction, ScheduleConfig, Scheduler as CatchUpScheduler};
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
-pub use cores::{Cores, Verified, VerifiedBatch, Verifier};
+pub use cores::{Cores, LoadStats, Verified, VerifiedBatch, Verifier};
 pub use delegation::{delegation_message, login_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Login, LoginRequest, Purpose, Revocation};
 pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
 pub use sync::SyncStep;

@@ -252,7 +252,7 @@ impl Keyring {
 
 /// Whether `namespace` was declared private.
 pub fn is_private(replica: &Replica, namespace: &str) -> bool {
-    matches!(value::get_path(&replica.doc, namespace, &[MARKER.to_owned()]), Ok(Some(Json::Bool(true))))
+    matches!(replica.read_path(namespace, &[MARKER.to_owned()]), Ok(Some(Json::Bool(true))))
 }
 
 /// Declares `namespace` private (a change of that namespace, so the writer's delegation must
@@ -280,7 +280,7 @@ fn wraps(replica: &Replica) -> Vec<Wrap> {
     let mut out = Vec::new();
     for ns in value::namespaces(&replica.doc) {
         let Some(publisher) = ns.strip_prefix(DEVICE_NAMESPACE_PREFIX).and_then(|p| p.parse::<PeerId>().ok()) else { continue };
-        let Ok(Some(Json::Object(keys))) = value::get_path(&replica.doc, &ns, &[KEYS_PATH.to_owned()]) else { continue };
+        let Ok(Some(Json::Object(keys))) = replica.read_path(&ns, &[KEYS_PATH.to_owned()]) else { continue };
         for (id, recipients) in keys {
             let Some(key) = hex::decode(&id).ok().and_then(|b| KeyId::try_from(b.as_slice()).ok()) else { continue };
             let Json::Object(recipients) = recipients else { continue };
@@ -303,7 +303,7 @@ fn recipients(replica: &Replica) -> (BTreeSet<PeerId>, BTreeSet<[u8; KEY_LEN]>) 
     let mut allowed: BTreeSet<[u8; KEY_LEN]> = devices.iter().map(|(_, k)| *k).collect();
     let current: BTreeSet<PeerId> = devices.into_iter().map(|(p, _)| p).collect();
     for peer in &current {
-        if let Ok(Some(Json::String(hex_key))) = value::get_path(&replica.doc, &device_namespace(peer), &[WALLET_PATH.to_owned()]) {
+        if let Ok(Some(Json::String(hex_key))) = replica.read_path(&device_namespace(peer), &[WALLET_PATH.to_owned()]) {
             if let Some(k) = hex::decode(hex_key).ok().and_then(|b| <[u8; KEY_LEN]>::try_from(b.as_slice()).ok()) {
                 allowed.insert(k);
             }
@@ -385,7 +385,7 @@ pub fn share(replica: &mut Replica, keyring: &mut Keyring, keypair: &Keypair) ->
         return Ok(None);
     }
     let wallet = keyring.wallet.as_ref().map(|(w, _)| w.public());
-    let published_wallet = match value::get_path(&replica.doc, &device_namespace(&me), &[WALLET_PATH.to_owned()]) {
+    let published_wallet = match replica.read_path(&device_namespace(&me), &[WALLET_PATH.to_owned()]) {
         Ok(Some(Json::String(s))) => hex::decode(s).ok(),
         _ => None,
     };
@@ -575,9 +575,9 @@ fn open_leaves(replica: &Replica, keyring: &mut Keyring, namespace: &str, path: 
 pub fn get(replica: &Replica, keyring: &mut Keyring, namespace: &str, path: &str) -> Result<Option<Json>, PrivateError> {
     let segments = value::parse_path(path)?;
     if !is_private(replica, namespace) {
-        return Ok(value::get_path(&replica.doc, namespace, &segments)?);
+        return Ok(replica.read_path(namespace, &segments)?);
     }
-    if let Some(v) = value::get_path(&replica.doc, namespace, &segments)? {
+    if let Some(v) = replica.read_path(namespace, &segments)? {
         if let Some(text) = is_ciphertext(&v) {
             return decrypt(replica, keyring, namespace, &segments, text).map(Some);
         }
@@ -586,7 +586,7 @@ pub fn get(replica: &Replica, keyring: &mut Keyring, namespace: &str, path: &str
     }
     // Absent, or below a value that was encrypted as a whole.
     for depth in (1..segments.len()).rev() {
-        if let Some(v) = value::get_path(&replica.doc, namespace, &segments[..depth])? {
+        if let Some(v) = replica.read_path(namespace, &segments[..depth])? {
             let Some(text) = is_ciphertext(&v) else { return Ok(None) };
             let plain = decrypt(replica, keyring, namespace, &segments[..depth], text)?;
             return Ok(segments[depth..].iter().try_fold(plain, |v, s| match v {

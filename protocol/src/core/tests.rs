@@ -779,7 +779,7 @@ fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
     let mut state = automerge::sync::State::new();
     use automerge::sync::SyncDoc;
     let _ = rogue.generate_sync_message(&mut state);
-    let theirs = node.cores.get(&core).expect("core").document().clone();
+    let theirs = node.cores.get_mut(&core).expect("core").document().clone();
     let mut their_state = automerge::sync::State::new();
     let first = theirs.generate_sync_message(&mut their_state).expect("message");
     rogue.receive_sync_message(&mut state, first)?;
@@ -788,8 +788,8 @@ fn sync_refuses_bare_automerge_changes_without_envelopes() -> TestResult {
     let request = kubelt_proto::core::SyncRequest { core: core.to_lower_hex(), sync_message: message.encode().into(), changes: vec![] };
     let response = node.cores.handle_sync_request(request, &PeerId::random());
     assert!(response.error.contains("must not embed changes"), "{}", response.error);
-    assert!(node.cores.get(&core).expect("core").is_empty());
-    assert_eq!(node.cores.get(&core).expect("core").get("profile", "")?, None);
+    assert!(node.cores.get_mut(&core).expect("core").is_empty());
+    assert_eq!(node.cores.get_mut(&core).expect("core").get("profile", "")?, None);
     Ok(())
 }
 
@@ -846,4 +846,69 @@ fn cores_can_move_to_the_event_loop_task() {
     fn assert_send<T: Send>() {}
     assert_send::<Cores>();
     assert_send::<Replica>();
+}
+
+#[test]
+fn replicas_beyond_the_limit_are_unloaded_and_reloaded_with_every_fact() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("db");
+    let config = Config { max_loaded_cores: 2, ..Config::default() };
+    let mut cores = Cores::load(Store::open(&path)?, config.clone())?;
+    let keypair = Keypair::generate_ed25519();
+    let peer = keypair.public().to_peer_id();
+    // Five cores written by this node, plus one whose owner revoked a key.
+    let owners: Vec<Wallet> = (0..5).map(|_| Wallet::new()).collect();
+    for (i, owner) in owners.iter().enumerate() {
+        let delegation = owner.delegate(&peer, &["*"], YEAR, T0);
+        let replica = cores.own(delegation.clone())?;
+        replica.set_at("notes", "n", &json!(i), &keypair, &delegation, T0 + 1)?;
+        assert!(cores.loaded().len() <= 2, "{} replicas in memory", cores.loaded().len());
+    }
+    let s = revocation_scenario()?;
+    cores.follow(s.owner.address)?.apply_batch(s.valid.clone())?;
+    assert_eq!(cores.len(), 6);
+    assert!(cores.loaded().len() <= 2);
+    assert!(cores.load_stats().unloads >= 4, "{:?}", cores.load_stats());
+    // A revocation is read from the store without loading the core.
+    for owner in &owners {
+        cores.get_mut(&owner.address).expect("held");
+    }
+    assert!(cores.get_loaded(&s.owner.address).is_none(), "the revoked core was unloaded");
+    let revoked = cores.revocations(&s.owner.address)?;
+    assert_eq!(revoked.len(), 1);
+    assert!(cores.get_loaded(&s.owner.address).is_none(), "reading the revocations loaded the core");
+    // Every core reloads with its values, and the revocation is still in force.
+    for (i, owner) in owners.iter().enumerate() {
+        let replica = cores.get_mut(&owner.address).expect("held");
+        assert_eq!(replica.get("notes", "n")?, Some(json!(i)));
+    }
+    let reason = rejected(cores.apply_remote(s.after_cut[0].clone()));
+    assert!(matches!(reason, Rejected::Revoked { .. } | Rejected::KnownInvalid(_)), "{reason}");
+    // A node started on the store lists every core and loads none.
+    drop(cores);
+    let reopened = Cores::load(Store::open(&path)?, config)?;
+    assert_eq!((reopened.len(), reopened.loaded().len()), (6, 0));
+    Ok(())
+}
+
+#[test]
+fn a_busy_replica_is_not_unloaded() -> TestResult {
+    let config = Config { max_loaded_cores: 1, ..Config::default() };
+    let dir = tempfile::tempdir()?;
+    let mut cores = Cores::load(Store::open(dir.path().join("db"))?, config)?;
+    let owner = Wallet::new();
+    let mut w = Writer::new(&owner, &["*"], YEAR);
+    let first = w.write("notes", "a", json!(1), T0);
+    let second = w.write("notes", "b", json!(2), T0 + 1);
+    // The child arrives first: held back for its parent, so the replica keeps state that is
+    // not in the store.
+    let report = cores.follow(owner.address)?.apply_batch(vec![second])?;
+    assert_eq!(report.held.len(), 1);
+    cores.follow(Wallet::new().address)?;
+    assert!(cores.get_loaded(&owner.address).is_some(), "a replica holding back changes was unloaded");
+    let report = cores.get_mut(&owner.address).expect("held").apply_batch(vec![first])?;
+    assert_eq!(report.applied.len(), 2);
+    cores.follow(Wallet::new().address)?;
+    assert!(cores.get_loaded(&owner.address).is_none(), "an idle replica stays loaded beyond the limit");
+    Ok(())
 }

@@ -12,7 +12,7 @@ mod event_loop;
 mod peers;
 
 pub use client::{
-    BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, NetClient, NodeError, NodeEvent, NodeInfo,
+    BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, Holding, NetClient, NodeError, NodeEvent, NodeInfo,
     NodeStatus, PeerInfo, StatementKind, SubmitOutcome, UnlockOutcome,
 };
 pub use client::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
@@ -108,7 +108,10 @@ impl Node {
     /// Listen addresses that fail are reported as errors here, before the node is announced.
     pub async fn start(keypair: Keypair, store: Store, config: Config) -> Result<Node, StartError> {
         let peer_id = keypair.public().to_peer_id();
-        let cores = crate::core::Cores::load(store.clone(), config.cores.clone())?;
+        // The event loop's group commit syncs local writes before it acknowledges them.
+        let mut core_config = config.cores.clone();
+        core_config.sync_local_writes = false;
+        let cores = crate::core::Cores::load(store.clone(), core_config)?;
         let mut swarm = swarm::build(keypair.clone(), &config.swarm, store.clone())?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;

@@ -17,6 +17,7 @@ pub use blocks::{verify_hash, Block, BlockStore};
 pub use pins::{PinKind, PinRecord};
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -112,6 +113,18 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 pub struct Store {
     db: Arc<DB>,
     path: PathBuf,
+    wal: Arc<WalCounters>,
+}
+
+/// Logged writes that were not synced, counted so that a group commit knows what one sync of
+/// the write-ahead log covers (see [`Store::sync_wal`]).
+#[derive(Default)]
+struct WalCounters {
+    /// Writes that went to the write-ahead log without waiting for fsync, so far.
+    logged: AtomicU64,
+    /// How many of those are known to be on disk: a sync (of the log, or a synced write)
+    /// that began after them finished.
+    synced: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,7 +153,7 @@ impl Store {
                 StoreError::Db(e)
             }
         })?;
-        let store = Store { db: Arc::new(db), path };
+        let store = Store { db: Arc::new(db), path, wal: Arc::default() };
         store.check_schema()?;
         Ok(store)
     }
@@ -183,7 +196,30 @@ impl Store {
 
     /// Writes one value; not synced (a crash may lose it).
     pub fn put(&self, column: Column, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        Ok(self.db.put_cf(self.cf(column), key, value)?)
+        self.db.put_cf(self.cf(column), key, value)?;
+        self.wal.logged.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Logged writes so far that did not wait for fsync (a counter, see [`Store::sync_wal`]).
+    pub fn logged(&self) -> u64 {
+        self.wal.logged.load(Ordering::SeqCst)
+    }
+
+    /// How many of the [`Store::logged`] writes are known to be on disk.
+    pub fn synced(&self) -> u64 {
+        self.wal.synced.load(Ordering::SeqCst)
+    }
+
+    /// Syncs the write-ahead log: every write logged before this call is on disk when it
+    /// returns. Returns the [`Store::logged`] count it covers. This is the group commit's one
+    /// fsync for many writes: writers log without waiting, then wait for one of these that
+    /// began after their write. Safe to call from any thread while others write.
+    pub fn sync_wal(&self) -> Result<u64, StoreError> {
+        let covered = self.logged();
+        self.db.flush_wal(true)?;
+        self.wal.synced.fetch_max(covered, Ordering::SeqCst);
+        Ok(covered)
     }
 
     /// Writes one value and waits until it is on disk.
@@ -208,7 +244,15 @@ impl Store {
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
-        Ok(self.db.write_opt(batch, &opts)?)
+        // A synced write syncs the log up to itself: it covers every write logged before it.
+        let before = self.logged();
+        self.db.write_opt(batch, &opts)?;
+        if sync {
+            self.wal.synced.fetch_max(before, Ordering::SeqCst);
+        } else {
+            self.wal.logged.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// Writes a batch of blocks without the write-ahead log (see the module doc).
@@ -318,6 +362,27 @@ mod tests {
         let store = Store::open(&path)?;
         assert_eq!(store.get(Column::Peers, b"k")?.as_deref(), Some(&b"v"[..]));
         assert_eq!(store.get(Column::Blocks, b"k")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn one_wal_sync_covers_every_write_logged_before_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let base = store.synced();
+        for i in 0..3u8 {
+            let mut batch = store.batch();
+            batch.put(Column::Cores, &[i], b"x");
+            batch.commit(false)?;
+        }
+        assert_eq!(store.logged(), 3);
+        assert!(store.synced() < store.logged());
+        assert_eq!(store.sync_wal()?, 3);
+        assert_eq!(store.synced(), 3);
+        // A synced write covers what was logged before it.
+        store.put(Column::Meta, b"k", b"v")?;
+        store.put_sync(Column::Meta, b"k2", b"v")?;
+        assert_eq!(store.synced(), 4.max(base));
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kubelt_protocol::core::Address;
+use kubelt_protocol::store::{Column, Store};
 
 use super::code;
 use crate::rpc::RpcError;
@@ -30,11 +31,23 @@ pub struct Quotas {
     pub websockets_per_token: usize,
     /// kb_getNonce calls per minute per client IP.
     pub logins_per_minute_per_ip: u32,
+    /// Bytes a core may hold here through the app API: its document (every stored change)
+    /// plus the objects put with kb_putObject on this node.
+    pub bytes_per_core: u64,
+    /// Largest request body (at most [`crate::rpc::MAX_REQUEST_BYTES`], the hard limit).
+    pub max_request_bytes: usize,
 }
 
 impl Default for Quotas {
     fn default() -> Self {
-        Quotas { cores: 1000, requests_per_minute: 6000, websockets_per_token: 8, logins_per_minute_per_ip: 20 }
+        Quotas {
+            cores: 1000,
+            requests_per_minute: 6000,
+            websockets_per_token: 8,
+            logins_per_minute_per_ip: 20,
+            bytes_per_core: 64 << 20,
+            max_request_bytes: crate::rpc::MAX_REQUEST_BYTES,
+        }
     }
 }
 
@@ -99,11 +112,46 @@ pub struct Limits {
     requests: Rate<Address>,
     logins: Rate<Option<IpAddr>>,
     websockets: Arc<Mutex<HashMap<String, usize>>>,
+    /// Bytes of objects put for each core, as stored under [`OBJECT_BYTES_PREFIX`] (read
+    /// once, then kept here; the lock also orders the read-modify-write of the record).
+    object_bytes: Mutex<HashMap<Address, u64>>,
+}
+
+/// Key prefix (column `meta`) of the bytes of objects put for a core on this node.
+const OBJECT_BYTES_PREFIX: &str = "app-object-bytes/";
+
+fn object_key(core: &Address) -> Vec<u8> {
+    format!("{OBJECT_BYTES_PREFIX}{}", core.to_lower_hex()).into_bytes()
 }
 
 impl Limits {
     pub fn new(quotas: Quotas) -> Self {
-        Limits { quotas, requests: Rate::new(), logins: Rate::new(), websockets: Default::default() }
+        Limits { quotas, requests: Rate::new(), logins: Rate::new(), websockets: Default::default(), object_bytes: Default::default() }
+    }
+
+    /// Bytes of the objects put for `core` on this node (kb_putObject), every version.
+    pub fn object_bytes(&self, store: &Store, core: &Address) -> Result<u64, RpcError> {
+        let mut known = self.object_bytes.lock().map_err(|_| RpcError::new(crate::rpc::code::INTERNAL_ERROR, "lock poisoned"))?;
+        Self::read_object_bytes(&mut known, store, core)
+    }
+
+    fn read_object_bytes(known: &mut HashMap<Address, u64>, store: &Store, core: &Address) -> Result<u64, RpcError> {
+        if let Some(bytes) = known.get(core) {
+            return Ok(*bytes);
+        }
+        let stored = store.get(Column::Meta, &object_key(core)).map_err(RpcError::node)?;
+        let bytes = stored.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
+        known.insert(*core, bytes);
+        Ok(bytes)
+    }
+
+    /// Counts `bytes` more of objects for `core` (durably, before the object is recorded).
+    pub fn add_object_bytes(&self, store: &Store, core: &Address, bytes: u64) -> Result<(), RpcError> {
+        let mut known = self.object_bytes.lock().map_err(|_| RpcError::new(crate::rpc::code::INTERNAL_ERROR, "lock poisoned"))?;
+        let total = Self::read_object_bytes(&mut known, store, core)?.saturating_add(bytes);
+        store.put_sync(Column::Meta, &object_key(core), &total.to_be_bytes()).map_err(RpcError::node)?;
+        known.insert(*core, total);
+        Ok(())
     }
 
     pub fn quotas(&self) -> &Quotas {

@@ -59,6 +59,8 @@ pub mod code {
     pub const OWNER_NOT_ALLOWED: i64 = -32042;
     pub const LOGIN_INVALID: i64 = -32043;
     pub const NO_ORIGIN: i64 = -32044;
+    pub const REQUEST_OVER_QUOTA: i64 = -32045;
+    pub const CORE_FULL: i64 = -32046;
 
     pub const ALL: &[(i64, &str)] = &[
         (WRONG_SIGNER, "the login message was not signed by the address it names"),
@@ -76,6 +78,8 @@ pub mod code {
         (OWNER_NOT_ALLOWED, "this is a personal node and the wallet is not one of its owners"),
         (LOGIN_INVALID, "the signed login is not acceptable (the message says why)"),
         (NO_ORIGIN, "the request names no valid app origin (Origin or Host header) to sign in for"),
+        (REQUEST_OVER_QUOTA, "the request is larger than this node's [app.quotas] max_request_bytes; nothing was done"),
+        (CORE_FULL, "the core would hold more than this hosted node's [app.quotas] bytes_per_core (document plus objects); nothing was written"),
     ];
 }
 
@@ -147,6 +151,42 @@ impl App {
             Err(_) => Ok(None),
         }
     }
+}
+
+/// The request-size quota of the app endpoint: a body over `[app.quotas] max_request_bytes`
+/// is refused before it is parsed ([`code::REQUEST_OVER_QUOTA`]; bodies over the 2 MiB hard
+/// limit never get this far).
+pub fn check_request_size(gate: &Gate, bytes: usize) -> Result<(), RpcError> {
+    let Gate::App(app) = gate else { return Ok(()) };
+    let max = app.limits.quotas().max_request_bytes;
+    if bytes > max {
+        return Err(RpcError::new(
+            code::REQUEST_OVER_QUOTA,
+            format!("quota exceeded: the request has {bytes} bytes and this node takes at most {max} per request"),
+        ));
+    }
+    Ok(())
+}
+
+/// How many bytes of stored changes `core` may have after a write, on a hosted node: the
+/// `bytes_per_core` quota less the objects put here. `None` on a personal node (no quota) and
+/// on the admin endpoint.
+pub fn core_byte_limit(gate: &Gate, store: &Store, core: &Address) -> Result<Option<u64>, RpcError> {
+    match gate {
+        Gate::App(app) if app.settings.hosted => {
+            let objects = app.limits.object_bytes(store, core)?;
+            Ok(Some(app.limits.quotas().bytes_per_core.saturating_sub(objects)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The refusal of a write that would take `core` past its bytes quota.
+pub fn core_full(core: &Address, used: u64, limit: u64) -> RpcError {
+    RpcError::new(
+        code::CORE_FULL,
+        format!("quota exceeded: core {} would hold {used} bytes on this node, more than the {limit} it may hold; nothing was written", core.to_checksum()),
+    )
 }
 
 /// What an app request presented, as [`App::caller`] read it.

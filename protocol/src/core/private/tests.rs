@@ -61,7 +61,7 @@ impl Device {
 
     fn get(&mut self, namespace: &str, path: &str) -> Result<Option<serde_json::Value>, PrivateError> {
         let core = self.keyring.core;
-        let replica = self.node.cores.get(&core).expect("held");
+        let replica = self.node.cores.get_mut(&core).expect("held");
         get(replica, &mut self.keyring, namespace, path)
     }
 

@@ -18,6 +18,8 @@ pub(crate) enum CoreCommand {
         namespace: String,
         path: String,
         value: serde_json::Value,
+        /// Refuse the write when the core's stored changes would pass this many bytes.
+        max_bytes: Option<u64>,
         reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>>,
     },
     Get {
@@ -27,6 +29,9 @@ pub(crate) enum CoreCommand {
         reply: oneshot::Sender<Result<serde_json::Value, CoreCommandError>>,
     },
     List { reply: oneshot::Sender<Vec<CoreSummary>> },
+    ListLoaded { reply: oneshot::Sender<Vec<CoreSummary>> },
+    Summary { core: Address, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
+    Holding { core: Option<Address>, reply: oneshot::Sender<Holding> },
     RevocationMessage { core: Address, peer: PeerId, reply: oneshot::Sender<Result<String, CoreCommandError>> },
     Private { core: Address, namespace: String, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
     Unlock { core: Address, signature: Vec<u8>, reply: oneshot::Sender<Result<UnlockOutcome, CoreCommandError>> },
@@ -49,6 +54,26 @@ pub struct CoreSummary {
     pub writable: bool,
     /// Top-level namespaces of the document.
     pub namespaces: Vec<String>,
+    /// Bytes of the core's stored changes (what its document is made of).
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// How many cores a node holds and keeps in memory, and whether it holds one of them:
+/// answered without loading any replica.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Holding {
+    /// Whether the node holds the core asked about.
+    pub holds: bool,
+    /// Cores held.
+    pub held: usize,
+    /// Replicas in memory now.
+    pub loaded: usize,
+    /// Replicas loaded from the store since the node started.
+    pub loads: u64,
+    /// Replicas unloaded (least recently used) since the node started.
+    pub unloads: u64,
 }
 
 /// Which kind of owner statement was submitted.
@@ -143,6 +168,16 @@ pub enum CoreCommandError {
     /// The private value's ciphertext does not open under its key: refused as a value.
     #[error("undecryptable private value at {0}: tampered or malformed ciphertext")]
     Undecryptable(String),
+    /// The write would take the core past the bytes it may hold here (a hosted node's quota).
+    #[error("quota exceeded: core {core} holds {used} bytes on this node and may hold at most {limit}; the write was refused")]
+    Full {
+        /// The core, EIP-55.
+        core: String,
+        /// Bytes it holds (with the write, estimated).
+        used: u64,
+        /// Bytes it may hold.
+        limit: u64,
+    },
     /// The store failed.
     #[error("storage failed: {0}")]
     Storage(String),
@@ -172,7 +207,13 @@ impl CoresClient<'_> {
 
     /// Writes a JSON value at `namespace/path`; returns once the change is on disk.
     pub async fn set(&self, core: Address, namespace: String, path: String, value: serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
-        self.ask(|reply| CoreCommand::Set { core, namespace, path, value, reply }).await
+        self.ask(|reply| CoreCommand::Set { core, namespace, path, value, max_bytes: None, reply }).await
+    }
+
+    /// [`CoresClient::set`], refused with [`CoreCommandError::Full`] when the core's stored
+    /// changes would pass `max_bytes` with this write (its size estimated from the value).
+    pub async fn set_within(&self, core: Address, namespace: String, path: String, value: serde_json::Value, max_bytes: u64) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Set { core, namespace, path, value, max_bytes: Some(max_bytes), reply }).await
     }
 
     /// Reads the JSON value at `namespace/path` (`path` empty: the whole namespace).
@@ -196,7 +237,24 @@ impl CoresClient<'_> {
         self.ask(|reply| CoreCommand::Unlock { core, signature, reply }).await
     }
 
-    /// The cores held.
+    /// One core held, as [`CoresClient::list`] shows it.
+    pub async fn summary(&self, core: Address) -> Result<CoreSummary, CoreCommandError> {
+        self.ask(|reply| CoreCommand::Summary { core, reply }).await
+    }
+
+    /// How many cores are held and in memory, and whether `core` is held, without loading
+    /// any replica (cheap on a node that hosts many cores).
+    pub async fn holding(&self, core: Option<Address>) -> Result<Holding, NodeError> {
+        self.0.ask(|reply| Command::Cores(CoreCommand::Holding { core, reply })).await
+    }
+
+    /// The cores whose replicas are in memory now (never loads one).
+    pub async fn list_loaded(&self) -> Result<Vec<CoreSummary>, NodeError> {
+        self.0.ask(|reply| Command::Cores(CoreCommand::ListLoaded { reply })).await
+    }
+
+    /// Every core held, loading each replica in turn (on a node that hosts many cores this is
+    /// slow: prefer [`CoresClient::holding`] or [`CoresClient::summary`]).
     pub async fn list(&self) -> Result<Vec<CoreSummary>, NodeError> {
         self.0.ask(|reply| Command::Cores(CoreCommand::List { reply })).await
     }

@@ -18,7 +18,7 @@ mod net;
 
 pub use content::ContentClient;
 pub(crate) use content::ContentCommand;
-pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, StatementKind, SubmitOutcome, UnlockOutcome};
+pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, Holding, StatementKind, SubmitOutcome, UnlockOutcome};
 pub(crate) use cores::CoreCommand;
 pub use net::{ConnectError, NetClient, PeerInfo};
 pub use msg::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::{EventLoop, QueryPurpose};
 use crate::core::{Accepted, Address, ApplyError, BatchReport, CatchUpAction, CatchUpScheduler, ChangeHash, Delegation, Rejected, Revocation, ScheduleConfig, Verified, VerifiedBatch, Verifier};
-use crate::node::client::{CoreCommand, CoreCommandError, CoreSummary, CoreUpdate, NodeEvent, StatementKind, SubmitOutcome};
+use crate::node::client::{CoreCommand, CoreCommandError, CoreSummary, CoreUpdate, Holding, NodeEvent, StatementKind, SubmitOutcome};
 use crate::sync;
 use kubelt_proto::core::{SyncRequest, SyncResponse};
 
@@ -229,23 +229,29 @@ pub(super) fn write_error(core: &Address, e: crate::core::WriteError) -> CoreCom
 }
 
 /// The replica of a core this node holds, or an error that says so.
+/// The replica of a core this node holds (loaded on demand), or an error that says why not.
 pub(super) fn held<'a>(cores: &'a mut crate::core::Cores, core: &Address) -> Result<&'a mut crate::core::Replica, CoreCommandError> {
     cores
-        .get_mut(core)
+        .replica(core)
+        .map_err(storage)?
         .ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))
 }
 
 impl EventLoop {
     pub(super) fn on_core_command(&mut self, command: CoreCommand) {
         match command {
+            // What writes answers once it is on disk (group commit, see `durable`).
             CoreCommand::Follow { core, reply } => {
-                let _ = reply.send(self.core_follow(core));
+                let result = self.core_follow(core);
+                self.reply_after_sync(reply, result);
             }
             CoreCommand::Submit { statement, reply } => {
-                let _ = reply.send(self.core_submit(statement));
+                let result = self.core_submit(statement);
+                self.reply_after_sync(reply, result);
             }
-            CoreCommand::Set { core, namespace, path, value, reply } => {
-                let _ = reply.send(self.core_set(core, &namespace, &path, &value));
+            CoreCommand::Set { core, namespace, path, value, max_bytes, reply } => {
+                let result = self.core_set_within(core, &namespace, &path, &value, max_bytes);
+                self.reply_after_sync(reply, result);
             }
             CoreCommand::Get { core, namespace, path, reply } => {
                 let _ = reply.send(self.core_get(core, &namespace, &path));
@@ -253,28 +259,60 @@ impl EventLoop {
             CoreCommand::List { reply } => {
                 let _ = reply.send(self.core_list());
             }
+            CoreCommand::ListLoaded { reply } => {
+                let loaded = self.cores.replicas.loaded();
+                let _ = reply.send(loaded.into_iter().filter_map(|core| self.core_summary(core).ok()).collect());
+            }
+            CoreCommand::Summary { core, reply } => {
+                let _ = reply.send(self.core_summary(core));
+            }
+            CoreCommand::Holding { core, reply } => {
+                let replicas = &self.cores.replicas;
+                let stats = replicas.load_stats();
+                let _ = reply.send(Holding {
+                    holds: core.is_some_and(|c| replicas.holds(&c)),
+                    held: replicas.len(),
+                    loaded: replicas.loaded().len(),
+                    loads: stats.loads,
+                    unloads: stats.unloads,
+                });
+            }
             CoreCommand::RevocationMessage { core, peer, reply } => {
                 let _ = reply.send(self.core_revocation_message(core, peer));
             }
             CoreCommand::Private { core, namespace, reply } => {
-                let _ = reply.send(self.core_private(core, &namespace));
+                let result = self.core_private(core, &namespace);
+                self.reply_after_sync(reply, result);
             }
             CoreCommand::Unlock { core, signature, reply } => {
-                let _ = reply.send(self.core_unlock(core, &signature));
+                let result = self.core_unlock(core, &signature);
+                self.reply_after_sync(reply, result);
             }
         }
     }
 
-    /// Subscribes to the topic of every core held and announces them in the DHT.
+    /// Subscribes to the topic of every core held and announces them in the DHT; their
+    /// replicas are looked up in turn (a hosted node holds thousands of cores).
     pub(super) fn announce_cores(&mut self) {
-        for core in self.cores.replicas.list() {
-            self.join_core(core);
+        let started = Instant::now();
+        let cores = self.cores.replicas.list();
+        for core in &cores {
+            self.subscribe_core(*core);
+            self.cores.schedule.core_held_at_start(*core);
         }
+        tracing::info!(cores = cores.len(), elapsed = ?started.elapsed(), "subscribed to the topics of the cores held");
     }
 
     /// Subscribes to a core's topic, provides its DHT key, looks for other replicas and
     /// catches up with the peers already connected.
     pub(super) fn join_core(&mut self, core: Address) {
+        self.subscribe_core(core);
+        let actions = self.cores.schedule.core_added(core);
+        self.catch_up(actions);
+    }
+
+    /// Subscribes to a core's topic and provides its DHT key.
+    fn subscribe_core(&mut self, core: Address) {
         let topic = sync::topic(&core);
         self.cores.gossip.topics.insert(topic.hash(), core);
         let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
@@ -287,8 +325,6 @@ impl EventLoop {
         if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&core.dht_key())) {
             tracing::debug!(%core, "cannot provide the core yet: {e}");
         }
-        let actions = self.cores.schedule.core_added(core);
-        self.catch_up(actions);
     }
 
     /// Carries out what the catch-up scheduler decided.
@@ -318,7 +354,9 @@ impl EventLoop {
     /// Time-driven catch-up: held-back changes past their grace period, the periodic round.
     pub(super) fn tick_cores(&mut self, now: Instant) {
         let replicas = &self.cores.replicas;
-        let actions = self.cores.schedule.tick(now, || replicas.list(), |core| replicas.get(core).is_some_and(|r| !r.missing_deps().is_empty()));
+        // Held-back changes live only in loaded replicas (a replica holding some is not
+        // unloaded), so the check never loads one.
+        let actions = self.cores.schedule.tick(now, || replicas.list(), |core| replicas.get_loaded(core).is_some_and(|r| !r.missing_deps().is_empty()));
         self.catch_up(actions);
     }
 
@@ -377,10 +415,23 @@ impl EventLoop {
         let envelope = replica.revoke(&statement, &self.cores.keypair, &own).map_err(|e| write_error(&core, e))?;
         // The revocation is a change of our own, like a write.
         let heads = replica.heads();
-        self.announce_applied(core, &heads);
+        self.announce_local(core, &heads);
         self.publish(core, envelope);
         tracing::info!(%core, revoked = %revocation.peer, "revocation applied");
         Ok(SubmitOutcome { kind: StatementKind::Revocation, core: core.to_checksum(), peer: revocation.peer.to_base58() })
+    }
+
+    /// [`Self::core_set`] refused when the core's stored changes would pass `max_bytes`.
+    fn core_set_within(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value, max_bytes: Option<u64>) -> Result<CoreSummary, CoreCommandError> {
+        if let Some(limit) = max_bytes {
+            let stored = held(&mut self.cores.replicas, &core)?.stored_bytes() as u64;
+            // A change holds the value's JSON, the path and ~200 bytes of envelope and header.
+            let used = stored + (value.to_string().len() + namespace.len() + path.len() + 200) as u64;
+            if used > limit {
+                return Err(CoreCommandError::Full { core: core.to_checksum(), used, limit });
+            }
+        }
+        self.core_set(core, namespace, path, value)
     }
 
     fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
@@ -396,7 +447,7 @@ impl EventLoop {
         match replica.set(namespace, path, value, &self.cores.keypair, &delegation) {
             Ok(envelope) => {
                 let heads = replica.heads();
-                self.announce_applied(core, &heads);
+                self.announce_local(core, &heads);
                 self.publish(core, envelope);
             }
             // Writing the value that is already there is done: nothing to store or send.
@@ -425,7 +476,7 @@ impl EventLoop {
     pub(super) fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         let topic = sync::topic(&core).hash();
         let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
-        let replica = self.cores.replicas.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
+        let replica = held(&mut self.cores.replicas, &core)?;
         let mut heads: Vec<String> = replica.heads().iter().map(|h| h.to_string()).collect();
         heads.sort();
         Ok(CoreSummary {
@@ -436,6 +487,7 @@ impl EventLoop {
             replicas,
             writable: replica.own_delegation().is_some(),
             namespaces: replica.namespaces(),
+            bytes: replica.stored_bytes() as u64,
         })
     }
 
@@ -446,9 +498,29 @@ impl EventLoop {
         }
     }
 
-    /// Publishes a stored change on the core's topic. With no peer yet, catch-up delivers it.
+    /// Announces a local change (by the document's heads after it) once it is on disk.
+    pub(super) fn announce_local(&mut self, core: Address, heads: &[ChangeHash]) {
+        if !heads.is_empty() {
+            let update = CoreUpdate { core, applied: heads.iter().map(|h| h.to_string()).collect() };
+            self.after_sync(super::durable::AfterSync::Announce(update));
+        }
+    }
+
+    /// Publishes a local change on the core's topic once it is on disk (see `durable`).
     pub(super) fn publish(&mut self, core: Address, envelope: SignedChange) {
+        self.after_sync(super::durable::AfterSync::Publish { core, envelope });
+    }
+
+    /// Publishes a stored change on the core's topic. With no peer yet, catch-up delivers it.
+    pub(super) fn publish_now(&mut self, core: Address, envelope: SignedChange) {
         let topic = sync::topic(&core);
+        // Gossipsub signs a message before it looks for peers (~10% of a local write's CPU
+        // on a node alone): skip it when no peer holds the core.
+        let hash = topic.hash();
+        if !self.swarm.behaviour().gossipsub.all_peers().any(|(_, topics)| topics.contains(&&hash)) {
+            tracing::debug!(%core, "no replica online; the change will travel by catch-up");
+            return;
+        }
         match self.swarm.behaviour_mut().gossipsub.publish(topic, envelope.encode_to_vec()) {
             Ok(_) => {}
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {

@@ -4,13 +4,15 @@
 //! - [`net`]: connections, the peer book, identify, ping, Kademlia upkeep;
 //! - [`content`]: bitswap fetches and provider records;
 //! - [`cores`]: core replicas, gossip, catch-up;
-//! - [`private`]: keyrings of private data, encrypted writes and reads, sharing keys.
+//! - [`private`]: keyrings of private data, encrypted writes and reads, sharing keys;
+//! - [`durable`]: the group commit of local core writes (one fsync for many, off this task).
 //!
 //! A new domain (messaging, apps) is a new file with a state struct and an `impl EventLoop`
 //! block, plus one line in each `match` below.
 
 mod content;
 mod cores;
+mod durable;
 mod msg;
 mod net;
 mod private;
@@ -60,6 +62,7 @@ pub(crate) struct EventLoop {
     cores: cores::CoreState,
     msg: msg::MsgState,
     private: private::PrivateState,
+    durable: durable::GroupCommit,
 }
 
 impl EventLoop {
@@ -79,6 +82,7 @@ impl EventLoop {
         Ok(EventLoop {
             msg: msg::MsgState::new(&keypair, store.clone(), config.msg.clone()).map_err(StartError::Messages)?,
             net: net::Net::new(store.clone()),
+            durable: durable::GroupCommit::new(store.clone()),
             content: content::Content::default(),
             cores: cores::CoreState::new(keypair, replicas, &config, now),
             swarm,
@@ -139,6 +143,7 @@ impl EventLoop {
                 Some(verdict) = self.cores.gossip.next_verdict() => self.on_gossip_verified(verdict),
                 Some(work) = self.cores.sync_work.next() => self.on_sync_verified(work),
                 Some(work) = self.msg.next_work() => self.on_msg_work(work),
+                Some(synced) = self.durable.next_synced() => self.on_synced(synced),
                 _ = tick.tick() => {
                     self.tick_cores(Instant::now());
                     self.tick_msg(Instant::now());

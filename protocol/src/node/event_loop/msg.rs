@@ -276,9 +276,9 @@ impl EventLoop {
     }
 
     fn msg_prepare(&mut self, from: Address, to: Address) -> Result<Sealer, MsgError> {
-        let sender = self.cores.replicas.get(&from).ok_or_else(|| MsgError::NotHeld(from.to_checksum()))?;
+        let sender = self.cores.replicas.get_mut(&from).ok_or_else(|| MsgError::NotHeld(from.to_checksum()))?;
         let delegation = sender.own_delegation().cloned().ok_or_else(|| MsgError::NotWritable(from.to_checksum()))?;
-        let Some(recipient) = self.cores.replicas.get(&to) else {
+        let Some(recipient) = self.cores.replicas.get_mut(&to) else {
             // Learn the recipient's device keys: follow its core, as a contact (no inbox here).
             self.cores.replicas.follow(to).map_err(storage)?;
             if let Some(write) = self.msg.inboxes.set_contact(to, true) {
@@ -364,7 +364,7 @@ impl EventLoop {
 
     /// Whether this node hosts a core's inbox: it holds the core, and not only as a contact.
     fn msg_hosts(&self, core: &Address) -> bool {
-        self.cores.replicas.get(core).is_some() && !self.msg.inboxes.is_contact(core)
+        self.cores.replicas.holds(core) && !self.msg.inboxes.is_contact(core)
     }
 
     /// Connected peers that host a core's inbox.
@@ -572,6 +572,20 @@ impl EventLoop {
         let now_ms = now_ms();
         let mut writes = Vec::new();
         let mut new = Vec::new();
+        // Revoked keys of the sender cores held here, from the store when a replica is not in
+        // memory (a revocation is a durable fact, never only a loaded one).
+        let mut revoked: HashMap<Address, Vec<PeerId>> = HashMap::new();
+        for v in results.iter().flatten() {
+            if let std::collections::hash_map::Entry::Vacant(entry) = revoked.entry(v.from) {
+                entry.insert(match self.cores.replicas.revocations(&v.from) {
+                    Ok(list) => list.into_iter().map(|r| r.peer).collect(),
+                    Err(e) => {
+                        tracing::error!(core = %v.from, "cannot read the core's revocations: {e}");
+                        Vec::new()
+                    }
+                });
+            }
+        }
         let outcomes = results
             .into_iter()
             .map(|result| {
@@ -579,10 +593,8 @@ impl EventLoop {
                     if !self.msg_hosts(&v.to) {
                         return Err(Refused::NotHeld(v.to.to_checksum()));
                     }
-                    if let Some(sender) = self.cores.replicas.get(&v.from) {
-                        if sender.revocations().iter().any(|r| r.peer == v.author) {
-                            return Err(Refused::Revoked(v.author.to_base58()));
-                        }
+                    if revoked.get(&v.from).is_some_and(|peers| peers.contains(&v.author)) {
+                        return Err(Refused::Revoked(v.author.to_base58()));
                     }
                     if self.msg.inboxes.knows(&v.to, &v.id) {
                         return Ok(());
@@ -750,10 +762,12 @@ impl EventLoop {
         self.msg.inventories.retain(|key, _| online.contains(key));
     }
 
-    /// Publishes this node's device key in every core it writes where it is missing.
+    /// Publishes this node's device key in every core in memory that it writes, where it is
+    /// missing. Cores not in memory get it when next used: a login (a delegation) runs this
+    /// at once, and a loaded core within a second.
     pub(super) fn msg_publish_device_key(&mut self) {
         let Some(device) = self.msg.device.clone() else { return };
-        for core in self.cores.replicas.list() {
+        for core in self.cores.replicas.loaded() {
             let Some(replica) = self.cores.replicas.get_mut(&core) else { continue };
             if replica.own_delegation().is_none() {
                 continue;
@@ -762,7 +776,7 @@ impl EventLoop {
                 Ok(Some(envelope)) => {
                     let heads = replica.heads();
                     tracing::info!(%core, "published this node's device key in the core");
-                    self.announce_applied(core, &heads);
+                    self.announce_local(core, &heads);
                     self.publish(core, envelope);
                 }
                 Ok(None) => {}

@@ -64,7 +64,7 @@ impl EventLoop {
         match private::declare(replica, namespace, &keypair, &delegation) {
             Ok(envelope) => {
                 let heads = replica.heads();
-                self.announce_applied(core, &heads);
+                self.announce_local(core, &heads);
                 self.publish(core, envelope);
             }
             Err(PrivateError::Write(crate::core::WriteError::NoChange)) => {}
@@ -83,7 +83,7 @@ impl EventLoop {
         let changes = private::set(replica, keyring, namespace, path, value, &keypair, &delegation).map_err(|e| private_error(&core, e))?;
         if !changes.is_empty() {
             let heads = replica.heads();
-            self.announce_applied(core, &heads);
+            self.announce_local(core, &heads);
         }
         for envelope in changes {
             self.publish(core, envelope);
@@ -95,7 +95,7 @@ impl EventLoop {
     pub(super) fn core_get_private(&mut self, core: Address, namespace: &str, path: &str) -> Result<Option<serde_json::Value>, CoreCommandError> {
         self.keyring(core);
         let keyring = self.private.keyrings.get_mut(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
-        let replica = self.cores.replicas.get(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
+        let replica = self.cores.replicas.get_mut(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
         private::get(replica, keyring, namespace, path).map_err(|e| private_error(&core, e))
     }
 
@@ -106,7 +106,7 @@ impl EventLoop {
         self.store.put_sync(Column::Meta, &unlock_key(&core), &secret).map_err(|e| CoreCommandError::Storage(e.to_string()))?;
         self.private_share(core);
         self.keyring(core);
-        let (Some(keyring), Some(replica)) = (self.private.keyrings.get_mut(&core), self.cores.replicas.get(&core)) else {
+        let (Some(keyring), Some(replica)) = (self.private.keyrings.get_mut(&core), self.cores.replicas.get_mut(&core)) else {
             return Err(CoreCommandError::NotHeld(core.to_checksum()));
         };
         keyring.refresh(replica);
@@ -118,7 +118,7 @@ impl EventLoop {
     /// Wraps the data keys this node holds to new devices (and publishes its wallet key), if
     /// it writes the core and holds anything to share.
     pub(super) fn private_share(&mut self, core: Address) {
-        if self.cores.replicas.get(&core).is_none_or(|r| r.own_delegation().is_none()) {
+        if self.cores.replicas.get_mut(&core).is_none_or(|r| r.own_delegation().is_none()) {
             return;
         }
         self.keyring(core);
@@ -127,7 +127,7 @@ impl EventLoop {
             Ok(Some(envelope)) => {
                 tracing::info!(%core, "shared the private data keys with the core's current devices");
                 let heads = replica.heads();
-                self.announce_applied(core, &heads);
+                self.announce_local(core, &heads);
                 self.publish(core, envelope);
             }
             Ok(None) => {}
