@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use super::EventLoop;
 use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo};
+use crate::nat;
 use crate::node::peers::{PeerBook, MAX_KNOWN_PEERS};
 use crate::store::Store;
 use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
@@ -20,13 +21,24 @@ use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
 /// Most dials the maintenance tick starts at once.
 const MAX_DIALS_PER_TICK: usize = 8;
 
+/// One open connection.
+struct Conn {
+    id: ConnectionId,
+    /// The remote address (a `/p2p-circuit` one for relayed connections).
+    remote: Multiaddr,
+    /// Through a relay.
+    relayed: bool,
+    /// We dialed it (so `remote` is an address that works from here).
+    dialer: bool,
+}
+
 /// What the event loop knows about peers and connections.
 pub(super) struct Net {
     peer_book: PeerBook,
     /// `connect` calls waiting for their dial to finish.
     pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
-    /// Open connections per peer, with the remote address of each.
-    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
+    /// Open connections per peer.
+    connections: HashMap<PeerId, Vec<Conn>>,
     /// Agent versions learned over identify (connected peers only).
     agents: HashMap<PeerId, String>,
     /// Listeners that reported an address: closed on shutdown.
@@ -57,6 +69,11 @@ impl Net {
         self.connections.contains_key(peer)
     }
 
+    /// How many connected peers are reachable only through a relay.
+    pub(super) fn relayed_only_peers(&self) -> usize {
+        self.connections.values().filter(|conns| conns.iter().all(|c| c.relayed)).count()
+    }
+
     /// The addresses remembered for `peer`.
     pub(super) fn known_addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peer_book.get(peer).ok().flatten().map(|p| p.addresses).unwrap_or_default()
@@ -73,7 +90,8 @@ impl EventLoop {
                     .iter()
                     .map(|(peer, conns)| PeerInfo {
                         peer_id: peer.to_base58(),
-                        addresses: conns.iter().map(|(_, a)| a.to_string()).collect(),
+                        addresses: conns.iter().map(|c| c.remote.to_string()).collect(),
+                        relayed: Some(conns.iter().all(|c| c.relayed)),
                         agent_version: self.net.agents.get(peer).cloned(),
                         blocks_received: Some(self.content.blocks_from(peer)),
                     })
@@ -88,6 +106,7 @@ impl EventLoop {
                         peers.push(PeerInfo {
                             peer_id: peer.to_base58(),
                             addresses: entry.node.value.iter().map(|a| a.to_string()).collect(),
+                            relayed: None,
                             agent_version: self.net.agents.get(&peer).cloned(),
                             blocks_received: None,
                         });
@@ -236,7 +255,7 @@ impl EventLoop {
             peer_id: local.to_base58(),
             addresses: self.swarm.listeners().map(|a| with_peer_id(a.clone(), local).to_string()).collect(),
             agent_version: swarm::agent_version(),
-            protocols: swarm::protocols(),
+            protocols: swarm::protocols(self.config.swarm.nat.relay_server.is_some()),
         }
     }
 
@@ -252,6 +271,7 @@ impl EventLoop {
             routing_table_peers,
             known_peers: self.net.peer_book.all().map(|p| p.len()).unwrap_or(0),
             dht_mode,
+            nat: self.nat_status(),
             bootstraps_completed: self.net.bootstraps_completed,
             connections_established: self.net.connections_established,
             connections_closed: self.net.connections_closed,
@@ -263,9 +283,16 @@ impl EventLoop {
     /// into our provider records (no AutoNAT here to confirm addresses from outside). So does a
     /// memory address: nodes in one process (tests) reach each other there, and find each
     /// other through the DHT as nodes on TCP do.
+    ///
+    /// A relay reservation reports its `/p2p-circuit` address here too: announced the same way,
+    /// so peers that cannot dial this node directly come through the relay.
     pub(super) fn on_new_listen_addr(&mut self, listener: ListenerId, address: Multiaddr) {
         self.net.listeners.insert(listener);
-        tracing::info!("listening on {}", with_peer_id(address.clone(), *self.swarm.local_peer_id()));
+        let local = *self.swarm.local_peer_id();
+        let address = if peer_id_of_last(&address) == Some(local) { strip_peer_id(address) } else { address };
+        if !self.on_reservation_addr(listener, &address) {
+            tracing::info!("listening on {}", with_peer_id(address.clone(), local));
+        }
         if !is_unspecified(&address) {
             self.swarm.add_external_address(address);
         }
@@ -278,7 +305,15 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.net.connections_established += 1;
                 let remote = endpoint.get_remote_address().clone();
-                self.net.connections.entry(peer_id).or_default().push((connection_id, remote.clone()));
+                let relayed = endpoint.is_relayed() || nat::is_relayed(&remote);
+                let conns = self.net.connections.entry(peer_id).or_default();
+                conns.push(Conn { id: connection_id, remote: remote.clone(), relayed, dialer: endpoint.is_dialer() });
+                // Once a direct connection exists, relayed ones go: everything moves to it.
+                let has_direct = conns.iter().any(|c| !c.relayed);
+                let relayed_ids: Vec<ConnectionId> = conns.iter().filter(|c| c.relayed).map(|c| c.id).collect();
+                if has_direct && !relayed_ids.is_empty() {
+                    self.close_relayed_connections(peer_id, relayed_ids);
+                }
                 if endpoint.is_dialer() {
                     if let Err(e) = self.net.peer_book.remember(peer_id, [strip_peer_id(remote.clone())]) {
                         tracing::warn!("cannot remember peer {peer_id}: {e}");
@@ -296,7 +331,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 self.net.connections_closed += 1;
                 if let Some(conns) = self.net.connections.get_mut(&peer_id) {
-                    conns.retain(|(id, _)| *id != connection_id);
+                    conns.retain(|c| c.id != connection_id);
                 }
                 if num_established == 0 {
                     self.net.connections.remove(&peer_id);
@@ -305,6 +340,13 @@ impl EventLoop {
                     tracing::info!(%peer_id, %cause, "peer disconnected");
                     self.on_peer_gone(peer_id);
                 }
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                self.net.listeners.remove(&listener_id);
+                self.on_listener_closed(listener_id, reason.err().map(|e| e.to_string()));
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::debug!(?listener_id, "listener error: {error}");
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
@@ -319,13 +361,17 @@ impl EventLoop {
     pub(super) fn on_identify_event(&mut self, event: identify::Event) {
         let identify::Event::Received { peer_id, info, connection_id } = event else { return };
         self.net.agents.insert(peer_id, info.agent_version.clone());
-        let remote = self
-            .net
-            .connections
-            .get(&peer_id)
-            .and_then(|c| c.iter().find(|(id, _)| *id == connection_id))
-            .map(|(_, a)| a.clone());
+        let conn = self.net.connections.get(&peer_id).and_then(|c| c.iter().find(|c| c.id == connection_id));
+        let remote = conn.map(|c| c.remote.clone());
+        let dialed = conn.filter(|c| c.dialer && !c.relayed).map(|c| c.remote.clone());
         let addrs = dialable_addresses(remote.as_ref(), info.listen_addrs);
+        if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
+            // Reserve through the address this connection uses when it is a direct one we
+            // dialed (known to work from here), else the first direct address announced.
+            if let Some(addr) = dialed.or_else(|| addrs.iter().find(|a| !nat::is_relayed(a)).cloned()) {
+                self.on_relay_found(peer_id, addr);
+            }
+        }
         if info.protocols.contains(&KAD_PROTOCOL) {
             for addr in &addrs {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
@@ -377,6 +423,14 @@ pub(super) fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
         Protocol::P2p(peer) => Some(peer),
         _ => None,
     })
+}
+
+/// The peer id in the last component of an address, if it is one.
+fn peer_id_of_last(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
 }
 
 fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Multiaddr {
