@@ -14,6 +14,31 @@ use common::netns::{NsNode, Nat, Topology, PUBLIC_IP};
 use common::{skip_or_fail, wait_until};
 use serde_json::Value;
 
+/// With KUBELT_KEEP_TEST_DIR=1 the repos and logs stay for a look after the test.
+fn keep_if_asked(dir: tempfile::TempDir) -> Dir {
+    if std::env::var("KUBELT_KEEP_TEST_DIR").is_ok_and(|v| v == "1") {
+        let path = dir.keep();
+        eprintln!("keeping {}", path.display());
+        Dir::Kept(path)
+    } else {
+        Dir::Temp(dir)
+    }
+}
+
+enum Dir {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Temp(t) => t.path(),
+            Dir::Kept(p) => p,
+        }
+    }
+}
+
 /// Whether the test can run; `Ok(false)`: skipped on purpose.
 fn can_run(test: &str) -> anyhow::Result<bool> {
     match common::netns::unavailable() {
@@ -104,6 +129,7 @@ fn cone_nats_end_in_a_direct_connection_that_carries_content_and_core_changes() 
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
+    let dir = keep_if_asked(dir);
     let topology = Topology::build(&[(Nat::Cone, 1), (Nat::Cone, 1)])?;
     let boot = start_bootstrap(&topology, dir.path(), &[])?;
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
@@ -119,7 +145,7 @@ fn cone_nats_end_in_a_direct_connection_that_carries_content_and_core_changes() 
     let external = field(&boot, "external_addresses")?;
     assert!(external.to_string().contains(PUBLIC_IP), "the public node's confirmed addresses: {external}");
     let text = boot.cli_ok(&["status"])?;
-    assert!(text.contains("reachability:     public"), "{text}");
+    assert!(text.contains("reachability:     public"), "{text}\n{}", boot.log_tail(80));
 
     // Both reserve a slot on the relay and announce their /p2p-circuit address.
     let a_circuit = wait_relay_address(&a, Duration::from_secs(60))?;
@@ -175,6 +201,7 @@ fn symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content() -> an
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
+    let dir = keep_if_asked(dir);
     let topology = Topology::build(&[(Nat::Symmetric, 1), (Nat::Symmetric, 1)])?;
     let boot = start_bootstrap(&topology, dir.path(), &[])?;
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
@@ -216,6 +243,7 @@ fn autonat_follows_a_port_forward_and_the_relay_refuses_reservations_past_its_li
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
+    let dir = keep_if_asked(dir);
     let topology = Topology::build(&[(Nat::Cone, 2)])?;
     let boot = start_bootstrap(&topology, dir.path(), &[("relay_max_reservations = 128", "relay_max_reservations = 1")])?;
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;

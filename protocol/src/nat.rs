@@ -143,6 +143,14 @@ impl Config {
     }
 }
 
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
 /// Whether an address goes through a relay (`/p2p-circuit`).
 pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
@@ -180,6 +188,8 @@ pub enum RelayAction {
 #[derive(Debug, Clone)]
 struct Reservation {
     relay: PeerId,
+    /// Whether the relay was reached over loopback (then its loopback addresses are ours too).
+    loopback: bool,
     /// The `/p2p-circuit` address, once the relay accepted.
     circuit: Option<Multiaddr>,
 }
@@ -225,21 +235,22 @@ impl RelayPlan {
         self.relays.remove(peer);
     }
 
-    /// The swarm accepted the listener for a reservation asked for by [`RelayAction::Reserve`].
-    pub fn reserving(&mut self, listener: ListenerId, relay: PeerId) {
-        self.reservations.insert(listener, Reservation { relay, circuit: None });
+    /// The swarm accepted the listener for a reservation asked for by [`RelayAction::Reserve`]
+    /// at `addr`.
+    pub fn reserving(&mut self, listener: ListenerId, relay: PeerId, addr: &Multiaddr) {
+        self.reservations.insert(listener, Reservation { relay, loopback: is_loopback(addr), circuit: None });
     }
 
-    /// The relay accepted: `addr` is this node's address through it. Returns false for a
-    /// listener that is not a reservation.
-    pub fn reserved(&mut self, listener: ListenerId, addr: Multiaddr) -> bool {
-        match self.reservations.get_mut(&listener) {
-            Some(r) => {
-                r.circuit = Some(addr);
-                true
-            }
-            None => false,
+    /// The relay accepted: `addr` is this node's address through it. `None` for a listener that
+    /// is not a reservation; `Some(false)` for an address not worth announcing (the relay's
+    /// loopback address, when it is reached over a network).
+    pub fn reserved(&mut self, listener: ListenerId, addr: Multiaddr) -> Option<bool> {
+        let r = self.reservations.get_mut(&listener)?;
+        if is_loopback(&addr) && !r.loopback {
+            return Some(false);
         }
+        r.circuit = Some(addr);
+        Some(true)
     }
 
     /// A reservation's listener closed (refused, relay gone, or released); with `error`, the
@@ -317,7 +328,7 @@ mod tests {
         assert_eq!(actions.len(), MAX_RESERVATIONS);
         for (i, action) in actions.iter().enumerate() {
             let RelayAction::Reserve { relay, .. } = action else { panic!("{action:?}") };
-            plan.reserving(ListenerId::next(), *relay);
+            plan.reserving(ListenerId::next(), *relay, &relay_addr(i as u8));
             assert!(i < MAX_RESERVATIONS);
         }
         assert!(plan.plan(now).is_empty(), "two reservations are enough");
@@ -335,7 +346,7 @@ mod tests {
         let actions = plan.relay_found(relay, relay_addr(1), now);
         assert_eq!(actions, vec![RelayAction::Reserve { relay, addr: relay_addr(1) }]);
         let listener = ListenerId::next();
-        plan.reserving(listener, relay);
+        plan.reserving(listener, relay, &relay_addr(1));
         assert_eq!(plan.closed(listener, Some("reservation refused".into()), now), Some(relay));
         assert!(plan.last_error().is_some_and(|e| e.contains("refused")));
         assert!(plan.plan(now + Duration::from_secs(1)).is_empty());
@@ -350,10 +361,13 @@ mod tests {
         plan.set_reachability(Reachability::Private, now);
         plan.relay_found(relay, relay_addr(1), now);
         let listener = ListenerId::next();
-        plan.reserving(listener, relay);
+        plan.reserving(listener, relay, &relay_addr(1));
         assert!(plan.circuit_addresses().is_empty());
         let circuit = circuit_listen_address(relay, &relay_addr(1));
-        assert!(plan.reserved(listener, circuit.clone()));
+        assert_eq!(plan.reserved(listener, circuit.clone()), Some(true));
+        let loopback = circuit_listen_address(relay, &"/ip4/127.0.0.1/tcp/4420".parse().unwrap());
+        assert_eq!(plan.reserved(listener, loopback), Some(false), "the relay's loopback address is no use to others");
+        assert_eq!(plan.reserved(ListenerId::next(), circuit.clone()), None);
         assert_eq!(plan.circuit_addresses(), vec![circuit.clone()]);
         assert!(is_relayed(&circuit));
         assert!(!is_relayed(&relay_addr(1)));

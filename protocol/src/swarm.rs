@@ -99,7 +99,7 @@ impl Default for Config {
             dht_mode: DhtMode::Server,
             bootstrap_interval: Duration::from_secs(300),
             max_connections: 256,
-            max_connections_per_peer: 4,
+            max_connections_per_peer: 8,
             max_pending: 64,
             idle_connection_timeout: Duration::from_secs(600),
             kad_query_timeout: Duration::from_secs(30),

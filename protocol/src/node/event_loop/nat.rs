@@ -119,7 +119,7 @@ impl EventLoop {
                     match self.swarm.listen_on(listen.clone()) {
                         Ok(listener) => {
                             tracing::info!(%relay, "asking for a relay reservation at {listen}");
-                            self.nat.plan.reserving(listener, relay);
+                            self.nat.plan.reserving(listener, relay, &addr);
                         }
                         Err(e) => tracing::warn!(%relay, "cannot reserve at {listen}: {e}"),
                     }
@@ -133,10 +133,10 @@ impl EventLoop {
     }
 
     /// A listener reported an address: a relay accepted a reservation when it is one of ours.
-    /// Returns whether it was.
-    pub(super) fn on_reservation_addr(&mut self, listener: ListenerId, address: &Multiaddr) -> bool {
-        if !self.nat.plan.reserved(listener, address.clone()) {
-            return false;
+    /// `None`: not a reservation; `Some(announce)`: whether to announce the address.
+    pub(super) fn on_reservation_addr(&mut self, listener: ListenerId, address: &Multiaddr) -> Option<bool> {
+        if !self.nat.plan.reserved(listener, address.clone())? {
+            return Some(false);
         }
         tracing::info!("relay reservation accepted: reachable at {address}");
         // Provider records carry the addresses of the moment: publish the cores' again so that
@@ -146,7 +146,7 @@ impl EventLoop {
                 tracing::debug!(%core, "cannot provide the core again: {e}");
             }
         }
-        true
+        Some(true)
     }
 
     /// A listener closed: a reservation that ended (refused, relay gone, given up).

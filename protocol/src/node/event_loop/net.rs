@@ -290,8 +290,10 @@ impl EventLoop {
         self.net.listeners.insert(listener);
         let local = *self.swarm.local_peer_id();
         let address = if peer_id_of_last(&address) == Some(local) { strip_peer_id(address) } else { address };
-        if !self.on_reservation_addr(listener, &address) {
-            tracing::info!("listening on {}", with_peer_id(address.clone(), local));
+        match self.on_reservation_addr(listener, &address) {
+            Some(false) => return,
+            Some(true) => {}
+            None => tracing::info!("listening on {}", with_peer_id(address.clone(), local)),
         }
         if !is_unspecified(&address) {
             self.swarm.add_external_address(address);
