@@ -295,7 +295,11 @@ impl EventLoop {
             Some(true) => {}
             None => tracing::info!("listening on {}", with_peer_id(address.clone(), local)),
         }
-        if !is_unspecified(&address) {
+        // Listening on every interface also reports loopback: nobody else can use it, and a
+        // peer that dials its own loopback thinking it is ours fails the whole dial (wrong peer
+        // id), circuit addresses included. Loopback-only nodes (tests) still announce it.
+        let wildcard = self.config.listen.iter().any(is_unspecified);
+        if !is_unspecified(&address) && !(wildcard && is_loopback(&address)) {
             self.swarm.add_external_address(address);
         }
     }
