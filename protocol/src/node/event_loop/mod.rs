@@ -147,6 +147,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     self.tick_cores(Instant::now());
                     self.tick_msg(Instant::now());
+                    self.tick_relay_handovers(Instant::now());
                 }
                 _ = maintenance.tick() => {
                     self.maintain_connections();

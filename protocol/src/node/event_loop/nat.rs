@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use libp2p::core::transport::ListenerId;
-use libp2p::swarm::ConnectionId;
 use libp2p::{autonat, dcutr, kad, relay, Multiaddr, PeerId};
 use super::EventLoop;
 use crate::node::client::{NatStatus, RelayServerStatus};
@@ -211,12 +210,19 @@ impl EventLoop {
         }
     }
 
-    /// A direct connection to `peer` is up: its relayed connections are closed, so that core
-    /// sync, gossip and bitswap run over the direct one (and the relay's limits are freed).
-    pub(super) fn close_relayed_connections(&mut self, peer: PeerId, relayed: Vec<ConnectionId>) {
-        for connection in relayed {
-            tracing::info!(%peer, "direct connection up: closing the relayed one");
-            self.swarm.close_connection(connection);
+    /// Peers with a direct connection up for the handover pause: their relayed connections
+    /// are closed, so that core sync, gossip and bitswap run over the direct one (and the
+    /// relay's limits are freed). A catch-up request in flight on a closed connection fails
+    /// and is retried over the direct one (see `core/catch_up.rs`).
+    pub(super) fn tick_relay_handovers(&mut self, now: Instant) {
+        if !self.net.has_handovers() {
+            return;
+        }
+        for (peer, relayed) in self.net.due_handovers(now) {
+            for connection in relayed {
+                tracing::info!(%peer, "direct connection up: closing the relayed one");
+                self.swarm.close_connection(connection);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! upkeep, and the node-wide `info`/`status` answers.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -20,6 +20,13 @@ use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
 
 /// Most dials the maintenance tick starts at once.
 const MAX_DIALS_PER_TICK: usize = 8;
+
+/// How long a peer's relayed connections stay open once a direct one is up. Closing at once
+/// races the other side: the hole punch's dialer sees the direct connection a moment before
+/// the other side does, and closing the relayed one then makes the other side see the peer
+/// disconnect and reconnect — gossipsub there forgets the peer's subscriptions, which the
+/// peer (never disconnected, in its own view) does not send again.
+const RELAY_HANDOVER: Duration = Duration::from_secs(2);
 
 /// One open connection.
 struct Conn {
@@ -43,6 +50,9 @@ pub(super) struct Net {
     agents: HashMap<PeerId, String>,
     /// Listeners that reported an address: closed on shutdown.
     listeners: HashSet<ListenerId>,
+    /// Peers with a direct and a relayed connection, and when the relayed ones close
+    /// ([`RELAY_HANDOVER`]). Connected peers only, each once.
+    handovers: Vec<(PeerId, Instant)>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -57,6 +67,7 @@ impl Net {
             connections: HashMap::new(),
             agents: HashMap::new(),
             listeners: HashSet::new(),
+            handovers: Vec::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -67,6 +78,28 @@ impl Net {
     /// Whether `peer` has an open connection.
     pub(super) fn is_connected(&self, peer: &PeerId) -> bool {
         self.connections.contains_key(peer)
+    }
+
+    /// The relayed connections of peers whose handover pause is over at `now`, if a direct
+    /// connection is still up beside them.
+    pub(super) fn due_handovers(&mut self, now: Instant) -> Vec<(PeerId, Vec<ConnectionId>)> {
+        let mut due = Vec::new();
+        let connections = &self.connections;
+        self.handovers.retain(|(peer, at)| {
+            if now < *at {
+                return true;
+            }
+            if let Some(conns) = connections.get(peer).filter(|conns| conns.iter().any(|c| !c.relayed)) {
+                due.push((*peer, conns.iter().filter(|c| c.relayed).map(|c| c.id).collect()));
+            }
+            false
+        });
+        due
+    }
+
+    /// Whether a relayed connection waits to be closed.
+    pub(super) fn has_handovers(&self) -> bool {
+        !self.handovers.is_empty()
     }
 
     /// How many connected peers are reachable only through a relay.
@@ -167,14 +200,24 @@ impl EventLoop {
 
     /// Dials `peer` unless connected or being dialed, at `addresses` and whatever the
     /// behaviours know (Kademlia's routing table, providers of a lookup still running).
+    ///
+    /// The peer's local addresses (private, loopback, link-local) are dialed apart from its
+    /// public and relay ones: libp2p dials a peer's addresses at once and keeps the first
+    /// handshake, and a local address that reaches another node (192.168.1.2 in another home
+    /// is a different machine) fails the whole dial with a wrong peer id, relay addresses
+    /// included. Apart, a wrong peer there fails only that dial.
     pub(super) fn dial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
-        let opts = DialOpts::peer_id(peer_id)
-            .addresses(addresses)
-            .extend_addresses_through_behaviour()
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer_id, "not dialing: {e}");
+        let (global, local) = split_local(addresses);
+        let dials = if global.is_empty() || local.is_empty() {
+            vec![(global.into_iter().chain(local).collect(), PeerCondition::DisconnectedAndNotDialing)]
+        } else {
+            vec![(global, PeerCondition::DisconnectedAndNotDialing), (local, PeerCondition::Disconnected)]
+        };
+        for (addresses, condition) in dials {
+            let opts = DialOpts::peer_id(peer_id).addresses(addresses).extend_addresses_through_behaviour().condition(condition).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer_id, "not dialing: {e}");
+            }
         }
     }
 
@@ -314,11 +357,11 @@ impl EventLoop {
                 let relayed = endpoint.is_relayed() || nat::is_relayed(&remote);
                 let conns = self.net.connections.entry(peer_id).or_default();
                 conns.push(Conn { id: connection_id, remote: remote.clone(), relayed, dialer: endpoint.is_dialer() });
-                // Once a direct connection exists, relayed ones go: everything moves to it.
-                let has_direct = conns.iter().any(|c| !c.relayed);
-                let relayed_ids: Vec<ConnectionId> = conns.iter().filter(|c| c.relayed).map(|c| c.id).collect();
-                if has_direct && !relayed_ids.is_empty() {
-                    self.close_relayed_connections(peer_id, relayed_ids);
+                // Once a direct connection exists, relayed ones go (after the handover pause):
+                // everything moves to it.
+                let both = conns.iter().any(|c| !c.relayed) && conns.iter().any(|c| c.relayed);
+                if both && !self.net.handovers.iter().any(|(p, _)| *p == peer_id) {
+                    self.net.handovers.push((peer_id, Instant::now() + RELAY_HANDOVER));
                 }
                 if endpoint.is_dialer() {
                     if let Err(e) = self.net.peer_book.remember(peer_id, [strip_peer_id(remote.clone())]) {
@@ -341,6 +384,7 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     self.net.connections.remove(&peer_id);
+                    self.net.handovers.retain(|(p, _)| *p != peer_id);
                     self.net.agents.remove(&peer_id);
                     let cause = cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into());
                     tracing::info!(%peer_id, %cause, "peer disconnected");
@@ -470,6 +514,13 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
     })
 }
 
+/// A peer's addresses split into those reachable across the internet (public IPs, relay
+/// circuits) and local ones (private, loopback, link-local, memory), which may name another
+/// machine from here.
+fn split_local(addresses: Vec<Multiaddr>) -> (Vec<Multiaddr>, Vec<Multiaddr>) {
+    addresses.into_iter().partition(|a| nat::is_vouchable(a, false))
+}
+
 /// The listen addresses a peer announced that are worth dialing from here: a peer we reach
 /// over a real network gains nothing from its loopback addresses.
 fn dialable_addresses(remote: Option<&Multiaddr>, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
@@ -498,5 +549,25 @@ mod tests {
         assert_eq!(kept, vec![announced[1].clone()]);
         let local: Multiaddr = "/ip4/127.0.0.1/tcp/5".parse().unwrap();
         assert_eq!(dialable_addresses(Some(&local), announced).len(), 2);
+    }
+
+    #[test]
+    fn local_addresses_are_dialed_apart_from_public_and_relay_ones() {
+        let parse = |a: &str| -> Multiaddr { a.parse().unwrap() };
+        let relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWKieHnJGrCZ5JEWWWiPeS9UrNQbeg5nqTAeAtuP8MGNMT/p2p-circuit";
+        let addresses = vec![
+            parse("/ip4/192.168.1.2/tcp/4001"),
+            parse("/ip4/198.51.100.3/tcp/4001"),
+            parse(relay),
+            parse("/ip4/10.1.2.3/udp/4001/quic-v1"),
+            parse("/ip4/127.0.0.1/tcp/4001"),
+            parse("/ip6/fe80::1/tcp/4001"),
+            parse("/ip6/fd00::1/tcp/4001"),
+            parse("/ip6/2001:db8::1/tcp/4001"),
+            parse("/memory/5"),
+        ];
+        let (global, local) = split_local(addresses.clone());
+        assert_eq!(global, vec![addresses[1].clone(), addresses[2].clone(), addresses[7].clone()]);
+        assert_eq!(local.len(), 6, "{local:?}");
     }
 }
