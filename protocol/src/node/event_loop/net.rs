@@ -342,7 +342,8 @@ impl EventLoop {
         // peer that dials its own loopback thinking it is ours fails the whole dial (wrong peer
         // id), circuit addresses included. Loopback-only nodes (tests) still announce it.
         let wildcard = self.config.listen.iter().any(is_unspecified);
-        if !is_unspecified(&address) && !(wildcard && is_loopback(&address)) {
+        let unusable = is_unspecified(&address) || (wildcard && is_loopback(&address));
+        if !unusable {
             self.swarm.add_external_address(address);
         }
     }
@@ -393,7 +394,7 @@ impl EventLoop {
             }
             SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
                 self.net.listeners.remove(&listener_id);
-                self.on_listener_closed(listener_id, reason.err().map(|e| e.to_string()));
+                self.on_listener_closed(listener_id, reason.err().map(|e| error_chain(&e)));
             }
             SwarmEvent::ListenerError { listener_id, error } => {
                 tracing::debug!(?listener_id, "listener error: {error}");
@@ -514,6 +515,19 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
     })
 }
 
+/// An error and its sources, `: `-joined: libp2p's relay client says only "Failed to get
+/// Reservation." and leaves why (the relay's refusal, its limit) to the source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string().trim_end_matches('.').to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(e.to_string().trim_end_matches('.'));
+        source = e.source();
+    }
+    text
+}
+
 /// A peer's addresses split into those reachable across the internet (public IPs, relay
 /// circuits) and local ones (private, loopback, link-local, memory), which may name another
 /// machine from here.
@@ -549,6 +563,13 @@ mod tests {
         assert_eq!(kept, vec![announced[1].clone()]);
         let local: Multiaddr = "/ip4/127.0.0.1/tcp/5".parse().unwrap();
         assert_eq!(dialable_addresses(Some(&local), announced).len(), 2);
+    }
+
+    #[test]
+    fn a_relay_refusal_names_its_reason() {
+        let refused = libp2p::relay::client::transport::Error::Reservation(libp2p::relay::outbound::hop::ReserveError::ResourceLimitExceeded);
+        let text = error_chain(&std::io::Error::other(refused));
+        assert_eq!(text, "Failed to get Reservation: Remote reported resource limit exceeded");
     }
 
     #[test]
