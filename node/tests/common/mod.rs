@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod kubo;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -74,7 +75,7 @@ pub fn start_dht_client(dir: &Path, name: &str, boot: &TestNode) -> anyhow::Resu
     let repo = dir.join(name);
     kubelt_ok(&repo, &["init"])?;
     edit_config(&repo, "target_peers = 16", "target_peers = 1")?;
-    edit_config(&repo, "dht_mode = \"server\"", "dht_mode = \"client\"")?;
+    edit_config(&repo, "dht_mode = \"auto\"", "dht_mode = \"client\"")?;
     TestNode::start_on(&repo, name, &["--peer", &boot.tcp_addr()])
 }
 

@@ -442,6 +442,11 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
+            // A relay is a meeting point, not a transit provider for content: blocks wait for
+            // the direct connection that hole punching makes (see `crate::nat`).
+            FromSwarm::ConnectionEstablished(e) if e.endpoint.is_relayed() => {
+                tracing::debug!(peer = %e.peer_id, "relayed connection: not used for bitswap");
+            }
             FromSwarm::ConnectionEstablished(e) => self.on_connection_established(e.peer_id, e.connection_id),
             FromSwarm::ConnectionClosed(ConnectionClosed { peer_id, connection_id, remaining_established, .. }) => {
                 self.on_connection_closed(peer_id, connection_id, remaining_established)

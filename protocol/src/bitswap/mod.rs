@@ -15,6 +15,9 @@
 //!   for our wants and a few for our answers;
 //! - [`behaviour`]: the [`Behaviour`] gluing them to the [`Store`](crate::store::Store).
 //!
+//! Relayed connections (`/p2p-circuit`) are not used: the peer counts as not connected for
+//! bitswap until a direct connection exists (relays carry core changes, not content).
+//!
 //! Every block we store was hashed here first: a block whose bytes do not hash to a CID we
 //! want is never stored, is counted in [`Stats::bad_blocks`], and gets its sender banned after
 //! [`Config::max_bad_blocks`] such blocks.

@@ -20,6 +20,10 @@
 //! for a periodic round or a DHT lookup. Catch-up itself starts when the reconnected peer's
 //! subscriptions arrive ([`Scheduler::replica_joined`]).
 //!
+//! A request that fails while the peer stays connected (the connection it went over closed —
+//! a relayed connection replaced by a direct one —, or it timed out) is retried a few times,
+//! with a growing pause: nothing else would restart the session until the next round.
+//!
 //! Everything held here is bounded by what the node itself holds and is connected to: the
 //! cores it holds (keys of every map), connected peers (sets and queues are deduplicated and
 //! lose a peer when it disconnects), and at most [`MAX_LOST_REPLICAS`] lost replicas.
@@ -65,6 +69,11 @@ pub struct ScheduleConfig {
     pub max_sessions: usize,
     /// Queued DHT lookups started per [`Scheduler::tick`].
     pub max_lookups_per_tick: usize,
+    /// The pause before retrying a failed request with a peer still connected; it doubles
+    /// with every failure in a row.
+    pub retry_backoff: Duration,
+    /// Failures in a row after which a session waits for the next round.
+    pub max_retries: u32,
 }
 
 impl Default for ScheduleConfig {
@@ -78,6 +87,8 @@ impl Default for ScheduleConfig {
             redial_for: Duration::from_secs(30 * 60),
             max_sessions: 64,
             max_lookups_per_tick: 4,
+            retry_backoff: Duration::from_secs(1),
+            max_retries: 3,
         }
     }
 }
@@ -115,6 +126,11 @@ struct Running {
 struct Lost {
     since: Instant,
     next: Instant,
+/// Failed requests in a row of a core's session with a peer, and when to try again.
+#[derive(Debug)]
+struct Retry {
+    failures: u32,
+    due: Option<Instant>,
 }
 
 /// Decides the catch-up sessions of every core held (see the module doc).
@@ -137,6 +153,8 @@ pub struct Scheduler {
     /// Cores waiting for a DHT lookup of their replicas, each once.
     lookups: VecDeque<Address>,
     looking: BTreeSet<Address>,
+    /// Sessions whose request failed with the peer still connected.
+    retries: BTreeMap<(Address, PeerId), Retry>,
     next_round: Instant,
 }
 
@@ -154,6 +172,7 @@ impl Scheduler {
             backlog: VecDeque::new(),
             lookups: VecDeque::new(),
             looking: BTreeSet::new(),
+            retries: BTreeMap::new(),
             next_round,
         }
     }
@@ -231,6 +250,7 @@ impl Scheduler {
         }
         self.held_back.retain(|_, (from, _)| from != peer);
         self.backlog.retain(|(_, p)| p != peer);
+        self.retries.retain(|(_, p), _| p != peer);
         self.session_ended(None, peer)
     }
 
@@ -296,9 +316,33 @@ impl Scheduler {
         actions
     }
 
+    /// A request to `peer` failed (no answer: the connection closed or it timed out). Its
+    /// sessions end and the next peers in line start; if `peer` is still connected (over
+    /// another connection), [`tick`](Self::tick) starts them again after a pause that doubles
+    /// with each failure in a row, up to [`ScheduleConfig::max_retries`].
+    pub fn request_failed(&mut self, peer: &PeerId, now: Instant) -> Vec<Action> {
+        if self.connected.contains(peer) {
+            let cores: Vec<Address> = self.sessions.iter().filter(|(_, r)| r.peer == *peer).map(|(c, _)| *c).collect();
+            for core in cores {
+                let retry = self.retries.entry((core, *peer)).or_insert(Retry { failures: 0, due: None });
+                if retry.failures < self.config.max_retries {
+                    retry.due = Some(now + self.config.retry_backoff * 2u32.pow(retry.failures));
+                    retry.failures += 1;
+                }
+            }
+        }
+        self.end_sessions(None, peer)
+    }
+
     /// The session of `core` (or, with `None`, every session) with `peer` ended — done,
-    /// failed, or it had nothing to ask: the next connected peer in line starts.
+    /// failed, or it had nothing to ask: the next connected peer in line starts. A session
+    /// that ended this way clears its failures in a row.
     pub fn session_ended(&mut self, core: Option<Address>, peer: &PeerId) -> Vec<Action> {
+        self.retries.retain(|(c, p), _| p != peer || core.is_some_and(|core| core != *c));
+        self.end_sessions(core, peer)
+    }
+
+    fn end_sessions(&mut self, core: Option<Address>, peer: &PeerId) -> Vec<Action> {
         let ended: Vec<Address> = self
             .sessions
             .iter()
@@ -346,6 +390,18 @@ impl Scheduler {
             }
         }
         actions.extend(self.redials(now));
+        let retries: Vec<(Address, PeerId)> = self
+            .retries
+            .iter_mut()
+            .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
+            .map(|(key, retry)| {
+                retry.due = None;
+                *key
+            })
+            .collect();
+        for (core, peer) in retries {
+            actions.extend(self.want(core, peer));
+        }
         if now >= self.next_round {
             self.next_round = now + self.config.round_interval;
             let with_replicas: Vec<(Address, Vec<PeerId>)> =
@@ -482,6 +538,42 @@ mod tests {
         s.session_ended(Some(c), &p[0]);
         assert_eq!(s.tick(now + Duration::from_secs(59), || vec![c], |_| false), vec![]);
         assert_eq!(s.tick(now + Duration::from_secs(60), || vec![c], |_| false).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_request_to_a_peer_still_connected_is_retried_with_a_growing_pause() {
+        let (mut s, p, now) = setup(2);
+        let c = core(1);
+        let tick = |s: &mut Scheduler, at: Instant| s.tick(at, Vec::new, |_| false);
+        assert_eq!(s.replica_joined(c, p[0]), vec![Action::Sync { core: c, peer: p[0] }]);
+        s.replica_joined(c, p[1]);
+        // The request to p0 fails (the relayed connection it went over closed): p1 is next.
+        assert_eq!(s.request_failed(&p[0], now), vec![Action::Sync { core: c, peer: p[1] }]);
+        assert_eq!(s.session_ended(Some(c), &p[1]), vec![]);
+        // p0 again after 1 s; failing again, after 2 s, then 4 s; then it waits for the round.
+        let mut at = now;
+        for pause in [1, 2, 4].map(Duration::from_secs) {
+            assert_eq!(tick(&mut s, at + pause - Duration::from_millis(1)), vec![]);
+            at += pause;
+            assert_eq!(tick(&mut s, at), vec![Action::Sync { core: c, peer: p[0] }]);
+            assert_eq!(tick(&mut s, at), vec![], "started once");
+            assert_eq!(s.request_failed(&p[0], at), vec![]);
+        }
+        assert_eq!(tick(&mut s, at + Duration::from_secs(20)), vec![]);
+        // A session that ends clears the count: the next failure is retried after 1 s again.
+        assert_eq!(s.want(c, p[0]), vec![Action::Sync { core: c, peer: p[0] }]);
+        assert_eq!(s.session_ended(Some(c), &p[0]), vec![]);
+        assert_eq!(s.want(c, p[0]), vec![Action::Sync { core: c, peer: p[0] }]);
+        s.request_failed(&p[0], at);
+        assert_eq!(tick(&mut s, at + Duration::from_secs(1)), vec![Action::Sync { core: c, peer: p[0] }]);
+        // A peer that disconnects is not retried, whether it failed before or after.
+        s.request_failed(&p[0], at);
+        s.peer_disconnected(&p[0]);
+        assert_eq!(tick(&mut s, at + Duration::from_secs(10)), vec![]);
+        assert_eq!(s.want(c, p[1]), vec![Action::Sync { core: c, peer: p[1] }]);
+        s.peer_disconnected(&p[1]);
+        assert_eq!(s.request_failed(&p[1], at), vec![]);
+        assert_eq!(tick(&mut s, at + Duration::from_secs(20)), vec![]);
     }
 
     #[test]

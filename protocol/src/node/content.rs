@@ -21,6 +21,15 @@ pub enum FetchError {
     /// Bitswap gave the block up (no peer sent it in time, or it could not be stored).
     #[error(transparent)]
     Want(#[from] crate::bitswap::WantError),
+    /// Bitswap gave the block up while some peers were connected only through a relay, which
+    /// carries no content: they may well have it.
+    #[error("{error}; {peers} connected peer(s) are reachable only through a relay, which carries no content (a relay is a meeting point: blocks wait for a direct connection, which hole punching could not make — both sides behind symmetric NATs? Forward a port to one of the nodes, or run one where it is reachable)")]
+    RelayedOnly {
+        /// Why bitswap gave up.
+        error: crate::bitswap::WantError,
+        /// How many connected peers are reachable only through a relay.
+        peers: usize,
+    },
     /// The block was stored but cannot be read back.
     #[error("block {0} arrived but cannot be read back from the store")]
     Store(Cid),

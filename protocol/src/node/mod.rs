@@ -16,6 +16,7 @@ pub use client::{
     NodeStatus, PeerInfo, StatementKind, SubmitOutcome, UnlockOutcome,
 };
 pub use client::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
+pub use client::{NatStatus, RelayServerStatus};
 pub use content::{fetch_dag, FetchError, NetworkBlocks};
 pub use peers::{KnownPeer, PeerBook};
 

@@ -20,7 +20,7 @@ pub use content::ContentClient;
 pub(crate) use content::ContentCommand;
 pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, Holding, StatementKind, SubmitOutcome, UnlockOutcome};
 pub(crate) use cores::CoreCommand;
-pub use net::{ConnectError, NetClient, PeerInfo};
+pub use net::{ConnectError, NatStatus, NetClient, PeerInfo, RelayServerStatus};
 pub use msg::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
 pub(crate) use msg::{now_ms, MsgCommand, RawMessages, Sealer};
 pub(crate) use net::NetCommand;
@@ -117,8 +117,11 @@ pub struct NodeStatus {
     pub routing_table_peers: usize,
     /// Peers remembered in the peer book (dialed again after a restart).
     pub known_peers: usize,
-    /// `server` or `client`.
+    /// `server` or `client` (with `dht_mode = "auto"`, what AutoNAT's verdict made it).
     pub dht_mode: String,
+    /// Reachability (`public`, `private`, `unknown`), confirmed external addresses, relays.
+    #[serde(flatten)]
+    pub nat: NatStatus,
     /// Kademlia bootstraps (random walks) completed.
     pub bootstraps_completed: u64,
     /// Connections opened since start.

@@ -5,6 +5,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Client, Command, NodeError};
+use crate::nat::Reachability;
 
 /// A request to the event loop's network part.
 #[derive(Debug)]
@@ -23,6 +24,11 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// Remote addresses of the open connections, or the routing table's addresses.
     pub addresses: Vec<String>,
+    /// Connected peers only: whether every open connection goes through a relay
+    /// (`/p2p-circuit`). Such a peer gets core changes and DHT traffic within the relay's
+    /// limits, and no content: bitswap waits for a direct connection (hole punching).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relayed: Option<bool>,
     /// The peer's agent version, once identify has told it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
@@ -30,6 +36,40 @@ pub struct PeerInfo {
     /// for connected peers): shows which peers served a fetch, Kubo's as well as ours.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocks_received: Option<u64>,
+}
+
+/// Relay server counters, for `kubelt status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RelayServerStatus {
+    /// Reservations held by peers now.
+    pub reservations: usize,
+    /// Circuits open now.
+    pub circuits: usize,
+    /// Reservations refused since start (limits reached).
+    pub reservations_denied: u64,
+    /// Circuits refused since start (limits reached, no reservation).
+    pub circuits_denied: u64,
+}
+
+/// What this node knows about its own reachability, for `kubelt status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NatStatus {
+    /// `public`, `private` or `unknown` (AutoNAT's verdict).
+    pub reachability: Reachability,
+    /// Addresses that AutoNAT confirmed by dialing them back.
+    pub external_addresses: Vec<String>,
+    /// `/p2p-circuit` addresses through the relays this node holds a reservation on.
+    pub relay_addresses: Vec<String>,
+    /// Why the last relay reservation failed, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_error: Option<String>,
+    /// The relay server's counters, when this node is a relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_server: Option<RelayServerStatus>,
+    /// Relayed connections upgraded to direct ones by hole punching since start.
+    pub hole_punches_succeeded: u64,
+    /// Hole punches that failed since start.
+    pub hole_punches_failed: u64,
 }
 
 /// Why a `connect` failed.

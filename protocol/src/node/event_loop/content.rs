@@ -70,8 +70,10 @@ impl EventLoop {
                 }
             }
             bitswap::Event::NotFound { cid, error, .. } => {
+                let relayed = self.net.relayed_only_peers();
                 for waiter in self.content.pending_fetches.remove(&cid).unwrap_or_default() {
-                    let _ = waiter.send(Err(FetchError::Want(error.clone())));
+                    let error = error.clone();
+                    let _ = waiter.send(Err(if relayed > 0 { FetchError::RelayedOnly { error, peers: relayed } } else { FetchError::Want(error) }));
                 }
             }
             bitswap::Event::FindProviders { cid, .. } => {

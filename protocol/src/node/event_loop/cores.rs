@@ -372,8 +372,16 @@ impl EventLoop {
     }
 
     /// Dials the replicas of a core that a DHT lookup found; catch-up starts once connected.
+    /// A provider already connected holds the core as surely as a subscription says so: its
+    /// subscription may have been missed (gossipsub tells a peer its topics once, on the first
+    /// connection, and a peer that saw us disconnect and reconnect does not hear them again).
     pub(super) fn on_replicas_found(&mut self, core: Address, result: kad::GetProvidersResult) {
         if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            let connected: Vec<PeerId> = providers.iter().filter(|p| self.swarm.is_connected(p)).copied().collect();
+            for peer in connected {
+                let actions = self.cores.schedule.replica_joined(core, peer);
+                self.catch_up(actions);
+            }
             let dialed = self.dial_found(providers);
             if dialed > 0 {
                 tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
@@ -627,7 +635,13 @@ impl EventLoop {
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "catch-up request failed: {error}");
                 self.cores.replicas.end_sync(&peer);
-                let actions = self.cores.schedule.session_ended(None, &peer);
+                // A peer that does not speak core sync is not asked again; any other failure
+                // (a connection that closed under the request, a timeout) is retried while the
+                // peer stays connected.
+                let actions = match error {
+                    request_response::OutboundFailure::UnsupportedProtocols => self.cores.schedule.session_ended(None, &peer),
+                    _ => self.cores.schedule.request_failed(&peer, Instant::now()),
+                };
                 self.catch_up(actions);
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

@@ -6,6 +6,7 @@
 //! - [`cores`]: core replicas, gossip, catch-up;
 //! - [`private`]: keyrings of private data, encrypted writes and reads, sharing keys;
 //! - [`durable`]: the group commit of local core writes (one fsync for many, off this task).
+//! - [`nat`]: AutoNAT verdicts, relay reservations and the relay server, hole punching.
 //!
 //! A new domain (messaging, apps) is a new file with a state struct and an `impl EventLoop`
 //! block, plus one line in each `match` below.
@@ -14,6 +15,7 @@ mod content;
 mod cores;
 mod durable;
 mod msg;
+mod nat;
 mod net;
 mod private;
 
@@ -63,6 +65,7 @@ pub(crate) struct EventLoop {
     msg: msg::MsgState,
     private: private::PrivateState,
     durable: durable::GroupCommit,
+    nat: nat::NatState,
 }
 
 impl EventLoop {
@@ -79,6 +82,7 @@ impl EventLoop {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let now = Instant::now();
+        let relay_server = config.swarm.nat.relay_server.is_some();
         Ok(EventLoop {
             msg: msg::MsgState::new(&keypair, store.clone(), config.msg.clone()).map_err(StartError::Messages)?,
             net: net::Net::new(store.clone()),
@@ -93,6 +97,7 @@ impl EventLoop {
             shutdown,
             queries: HashMap::new(),
             private: private::PrivateState::default(),
+            nat: nat::NatState::new(relay_server),
         })
     }
 
@@ -147,8 +152,12 @@ impl EventLoop {
                 _ = tick.tick() => {
                     self.tick_cores(Instant::now());
                     self.tick_msg(Instant::now());
+                    self.tick_relay_handovers(Instant::now());
                 }
-                _ = maintenance.tick() => self.maintain_connections(),
+                _ = maintenance.tick() => {
+                    self.maintain_connections();
+                    self.maintain_reservations();
+                }
             }
         }
         tracing::info!("node stopping");
@@ -189,6 +198,12 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(event) => self.on_gossipsub_event(event),
             BehaviourEvent::CoreSync(event) => self.on_core_sync_event(event),
             BehaviourEvent::Msg(event) => self.on_msg_event(event),
+            BehaviourEvent::Autonat(event) => self.on_autonat_event(event),
+            BehaviourEvent::AutonatClient(event) => self.on_autonat_v2_event(event),
+            BehaviourEvent::AutonatServer(event) => tracing::debug!(?event, "AutoNAT v2 dial-back"),
+            BehaviourEvent::Relay(event) => self.on_relay_server_event(event),
+            BehaviourEvent::RelayClient(event) => self.on_relay_client_event(event),
+            BehaviourEvent::Dcutr(event) => self.on_dcutr_event(event),
             BehaviourEvent::Blocked(never) | BehaviourEvent::Limits(never) => match never {},
         }
     }
@@ -208,6 +223,7 @@ impl EventLoop {
     /// goes with the peer and churn cannot grow it.
     fn on_peer_gone(&mut self, peer: libp2p::PeerId) {
         self.content.peer_gone(&peer);
+        self.nat_peer_gone(&peer);
         self.core_peer_gone(peer);
         self.announce(NodeEvent::PeerDisconnected { peer });
     }

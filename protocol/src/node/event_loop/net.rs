@@ -2,7 +2,7 @@
 //! upkeep, and the node-wide `info`/`status` answers.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use super::EventLoop;
 use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo};
+use crate::nat;
 use crate::node::peers::{PeerBook, MAX_KNOWN_PEERS};
 use crate::store::Store;
 use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
@@ -20,17 +21,38 @@ use crate::swarm::{self, BehaviourEvent, KAD_PROTOCOL};
 /// Most dials the maintenance tick starts at once.
 const MAX_DIALS_PER_TICK: usize = 8;
 
+/// How long a peer's relayed connections stay open once a direct one is up. Closing at once
+/// races the other side: the hole punch's dialer sees the direct connection a moment before
+/// the other side does, and closing the relayed one then makes the other side see the peer
+/// disconnect and reconnect — gossipsub there forgets the peer's subscriptions, which the
+/// peer (never disconnected, in its own view) does not send again.
+const RELAY_HANDOVER: Duration = Duration::from_secs(2);
+
+/// One open connection.
+struct Conn {
+    id: ConnectionId,
+    /// The remote address (a `/p2p-circuit` one for relayed connections).
+    remote: Multiaddr,
+    /// Through a relay.
+    relayed: bool,
+    /// We dialed it (so `remote` is an address that works from here).
+    dialer: bool,
+}
+
 /// What the event loop knows about peers and connections.
 pub(super) struct Net {
     peer_book: PeerBook,
     /// `connect` calls waiting for their dial to finish.
     pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
-    /// Open connections per peer, with the remote address of each.
-    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
+    /// Open connections per peer.
+    connections: HashMap<PeerId, Vec<Conn>>,
     /// Agent versions learned over identify (connected peers only).
     agents: HashMap<PeerId, String>,
     /// Listeners that reported an address: closed on shutdown.
     listeners: HashSet<ListenerId>,
+    /// Peers with a direct and a relayed connection, and when the relayed ones close
+    /// ([`RELAY_HANDOVER`]). Connected peers only, each once.
+    handovers: Vec<(PeerId, Instant)>,
     started: Instant,
     bootstraps_completed: u64,
     connections_established: u64,
@@ -45,6 +67,7 @@ impl Net {
             connections: HashMap::new(),
             agents: HashMap::new(),
             listeners: HashSet::new(),
+            handovers: Vec::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
             connections_established: 0,
@@ -55,6 +78,33 @@ impl Net {
     /// Whether `peer` has an open connection.
     pub(super) fn is_connected(&self, peer: &PeerId) -> bool {
         self.connections.contains_key(peer)
+    }
+
+    /// The relayed connections of peers whose handover pause is over at `now`, if a direct
+    /// connection is still up beside them.
+    pub(super) fn due_handovers(&mut self, now: Instant) -> Vec<(PeerId, Vec<ConnectionId>)> {
+        let mut due = Vec::new();
+        let connections = &self.connections;
+        self.handovers.retain(|(peer, at)| {
+            if now < *at {
+                return true;
+            }
+            if let Some(conns) = connections.get(peer).filter(|conns| conns.iter().any(|c| !c.relayed)) {
+                due.push((*peer, conns.iter().filter(|c| c.relayed).map(|c| c.id).collect()));
+            }
+            false
+        });
+        due
+    }
+
+    /// Whether a relayed connection waits to be closed.
+    pub(super) fn has_handovers(&self) -> bool {
+        !self.handovers.is_empty()
+    }
+
+    /// How many connected peers are reachable only through a relay.
+    pub(super) fn relayed_only_peers(&self) -> usize {
+        self.connections.values().filter(|conns| conns.iter().all(|c| c.relayed)).count()
     }
 
     /// The addresses remembered for `peer`.
@@ -73,7 +123,8 @@ impl EventLoop {
                     .iter()
                     .map(|(peer, conns)| PeerInfo {
                         peer_id: peer.to_base58(),
-                        addresses: conns.iter().map(|(_, a)| a.to_string()).collect(),
+                        addresses: conns.iter().map(|c| c.remote.to_string()).collect(),
+                        relayed: Some(conns.iter().all(|c| c.relayed)),
                         agent_version: self.net.agents.get(peer).cloned(),
                         blocks_received: Some(self.content.blocks_from(peer)),
                     })
@@ -88,6 +139,7 @@ impl EventLoop {
                         peers.push(PeerInfo {
                             peer_id: peer.to_base58(),
                             addresses: entry.node.value.iter().map(|a| a.to_string()).collect(),
+                            relayed: None,
                             agent_version: self.net.agents.get(&peer).cloned(),
                             blocks_received: None,
                         });
@@ -148,14 +200,24 @@ impl EventLoop {
 
     /// Dials `peer` unless connected or being dialed, at `addresses` and whatever the
     /// behaviours know (Kademlia's routing table, providers of a lookup still running).
+    ///
+    /// The peer's local addresses (private, loopback, link-local) are dialed apart from its
+    /// public and relay ones: libp2p dials a peer's addresses at once and keeps the first
+    /// handshake, and a local address that reaches another node (192.168.1.2 in another home
+    /// is a different machine) fails the whole dial with a wrong peer id, relay addresses
+    /// included. Apart, a wrong peer there fails only that dial.
     pub(super) fn dial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
-        let opts = DialOpts::peer_id(peer_id)
-            .addresses(addresses)
-            .extend_addresses_through_behaviour()
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer_id, "not dialing: {e}");
+        let (global, local) = split_local(addresses);
+        let dials = if global.is_empty() || local.is_empty() {
+            vec![(global.into_iter().chain(local).collect(), PeerCondition::DisconnectedAndNotDialing)]
+        } else {
+            vec![(global, PeerCondition::DisconnectedAndNotDialing), (local, PeerCondition::Disconnected)]
+        };
+        for (addresses, condition) in dials {
+            let opts = DialOpts::peer_id(peer_id).addresses(addresses).extend_addresses_through_behaviour().condition(condition).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer_id, "not dialing: {e}");
+            }
         }
     }
 
@@ -236,7 +298,7 @@ impl EventLoop {
             peer_id: local.to_base58(),
             addresses: self.swarm.listeners().map(|a| with_peer_id(a.clone(), local).to_string()).collect(),
             agent_version: swarm::agent_version(),
-            protocols: swarm::protocols(),
+            protocols: swarm::protocols(self.config.swarm.nat.relay_server.is_some()),
         }
     }
 
@@ -252,6 +314,7 @@ impl EventLoop {
             routing_table_peers,
             known_peers: self.net.peer_book.all().map(|p| p.len()).unwrap_or(0),
             dht_mode,
+            nat: self.nat_status(),
             bootstraps_completed: self.net.bootstraps_completed,
             connections_established: self.net.connections_established,
             connections_closed: self.net.connections_closed,
@@ -263,10 +326,24 @@ impl EventLoop {
     /// into our provider records (no AutoNAT here to confirm addresses from outside). So does a
     /// memory address: nodes in one process (tests) reach each other there, and find each
     /// other through the DHT as nodes on TCP do.
+    ///
+    /// A relay reservation reports its `/p2p-circuit` address here too: announced the same way,
+    /// so peers that cannot dial this node directly come through the relay.
     pub(super) fn on_new_listen_addr(&mut self, listener: ListenerId, address: Multiaddr) {
         self.net.listeners.insert(listener);
-        tracing::info!("listening on {}", with_peer_id(address.clone(), *self.swarm.local_peer_id()));
-        if !is_unspecified(&address) {
+        let local = *self.swarm.local_peer_id();
+        let address = if peer_id_of_last(&address) == Some(local) { strip_peer_id(address) } else { address };
+        match self.on_reservation_addr(listener, &address) {
+            Some(false) => return,
+            Some(true) => {}
+            None => tracing::info!("listening on {}", with_peer_id(address.clone(), local)),
+        }
+        // Listening on every interface also reports loopback: nobody else can use it, and a
+        // peer that dials its own loopback thinking it is ours fails the whole dial (wrong peer
+        // id), circuit addresses included. Loopback-only nodes (tests) still announce it.
+        let wildcard = self.config.listen.iter().any(is_unspecified);
+        let unusable = is_unspecified(&address) || (wildcard && is_loopback(&address));
+        if !unusable {
             self.swarm.add_external_address(address);
         }
     }
@@ -278,7 +355,15 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.net.connections_established += 1;
                 let remote = endpoint.get_remote_address().clone();
-                self.net.connections.entry(peer_id).or_default().push((connection_id, remote.clone()));
+                let relayed = endpoint.is_relayed() || nat::is_relayed(&remote);
+                let conns = self.net.connections.entry(peer_id).or_default();
+                conns.push(Conn { id: connection_id, remote: remote.clone(), relayed, dialer: endpoint.is_dialer() });
+                // Once a direct connection exists, relayed ones go (after the handover pause):
+                // everything moves to it.
+                let both = conns.iter().any(|c| !c.relayed) && conns.iter().any(|c| c.relayed);
+                if both && !self.net.handovers.iter().any(|(p, _)| *p == peer_id) {
+                    self.net.handovers.push((peer_id, Instant::now() + RELAY_HANDOVER));
+                }
                 if endpoint.is_dialer() {
                     if let Err(e) = self.net.peer_book.remember(peer_id, [strip_peer_id(remote.clone())]) {
                         tracing::warn!("cannot remember peer {peer_id}: {e}");
@@ -296,15 +381,23 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 self.net.connections_closed += 1;
                 if let Some(conns) = self.net.connections.get_mut(&peer_id) {
-                    conns.retain(|(id, _)| *id != connection_id);
+                    conns.retain(|c| c.id != connection_id);
                 }
                 if num_established == 0 {
                     self.net.connections.remove(&peer_id);
+                    self.net.handovers.retain(|(p, _)| *p != peer_id);
                     self.net.agents.remove(&peer_id);
                     let cause = cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into());
                     tracing::info!(%peer_id, %cause, "peer disconnected");
                     self.on_peer_gone(peer_id);
                 }
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                self.net.listeners.remove(&listener_id);
+                self.on_listener_closed(listener_id, reason.err().map(|e| error_chain(&e)));
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::debug!(?listener_id, "listener error: {error}");
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
@@ -319,13 +412,17 @@ impl EventLoop {
     pub(super) fn on_identify_event(&mut self, event: identify::Event) {
         let identify::Event::Received { peer_id, info, connection_id } = event else { return };
         self.net.agents.insert(peer_id, info.agent_version.clone());
-        let remote = self
-            .net
-            .connections
-            .get(&peer_id)
-            .and_then(|c| c.iter().find(|(id, _)| *id == connection_id))
-            .map(|(_, a)| a.clone());
+        let conn = self.net.connections.get(&peer_id).and_then(|c| c.iter().find(|c| c.id == connection_id));
+        let remote = conn.map(|c| c.remote.clone());
+        let dialed = conn.filter(|c| c.dialer && !c.relayed).map(|c| c.remote.clone());
         let addrs = dialable_addresses(remote.as_ref(), info.listen_addrs);
+        if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
+            // Reserve through the address this connection uses when it is a direct one we
+            // dialed (known to work from here), else the first direct address announced.
+            if let Some(addr) = dialed.or_else(|| addrs.iter().find(|a| !nat::is_relayed(a)).cloned()) {
+                self.on_relay_found(peer_id, addr);
+            }
+        }
         if info.protocols.contains(&KAD_PROTOCOL) {
             for addr in &addrs {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
@@ -379,6 +476,14 @@ pub(super) fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// The peer id in the last component of an address, if it is one.
+fn peer_id_of_last(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
 fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Multiaddr {
     if peer_id_of(&addr).is_some() {
         addr
@@ -410,6 +515,26 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
     })
 }
 
+/// An error and its sources, `: `-joined: libp2p's relay client says only "Failed to get
+/// Reservation." and leaves why (the relay's refusal, its limit) to the source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string().trim_end_matches('.').to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(e.to_string().trim_end_matches('.'));
+        source = e.source();
+    }
+    text
+}
+
+/// A peer's addresses split into those reachable across the internet (public IPs, relay
+/// circuits) and local ones (private, loopback, link-local, memory), which may name another
+/// machine from here.
+fn split_local(addresses: Vec<Multiaddr>) -> (Vec<Multiaddr>, Vec<Multiaddr>) {
+    addresses.into_iter().partition(|a| nat::is_vouchable(a, false))
+}
+
 /// The listen addresses a peer announced that are worth dialing from here: a peer we reach
 /// over a real network gains nothing from its loopback addresses.
 fn dialable_addresses(remote: Option<&Multiaddr>, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
@@ -438,5 +563,32 @@ mod tests {
         assert_eq!(kept, vec![announced[1].clone()]);
         let local: Multiaddr = "/ip4/127.0.0.1/tcp/5".parse().unwrap();
         assert_eq!(dialable_addresses(Some(&local), announced).len(), 2);
+    }
+
+    #[test]
+    fn a_relay_refusal_names_its_reason() {
+        let refused = libp2p::relay::client::transport::Error::Reservation(libp2p::relay::outbound::hop::ReserveError::ResourceLimitExceeded);
+        let text = error_chain(&std::io::Error::other(refused));
+        assert_eq!(text, "Failed to get Reservation: Remote reported resource limit exceeded");
+    }
+
+    #[test]
+    fn local_addresses_are_dialed_apart_from_public_and_relay_ones() {
+        let parse = |a: &str| -> Multiaddr { a.parse().unwrap() };
+        let relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWKieHnJGrCZ5JEWWWiPeS9UrNQbeg5nqTAeAtuP8MGNMT/p2p-circuit";
+        let addresses = vec![
+            parse("/ip4/192.168.1.2/tcp/4001"),
+            parse("/ip4/198.51.100.3/tcp/4001"),
+            parse(relay),
+            parse("/ip4/10.1.2.3/udp/4001/quic-v1"),
+            parse("/ip4/127.0.0.1/tcp/4001"),
+            parse("/ip6/fe80::1/tcp/4001"),
+            parse("/ip6/fd00::1/tcp/4001"),
+            parse("/ip6/2001:db8::1/tcp/4001"),
+            parse("/memory/5"),
+        ];
+        let (global, local) = split_local(addresses.clone());
+        assert_eq!(global, vec![addresses[1].clone(), addresses[2].clone(), addresses[7].clone()]);
+        assert_eq!(local.len(), 6, "{local:?}");
     }
 }
