@@ -126,6 +126,8 @@ struct Running {
 struct Lost {
     since: Instant,
     next: Instant,
+}
+
 /// Failed requests in a row of a core's session with a peer, and when to try again.
 #[derive(Debug)]
 struct Retry {
