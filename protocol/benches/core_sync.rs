@@ -127,6 +127,7 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     // follower comes back.
     let last = nodes.last_mut().context("nodes")?;
     last.node.take().context("running")?.stop().await;
+    let (last_keypair, last_store) = (last.keypair.clone(), last.store_path.clone());
     drop(arrivals);
     let start_writes = Instant::now();
     for i in 0..catch_up {
@@ -151,7 +152,7 @@ async fn run(nodes_count: usize, changes: usize, catch_up: usize) -> anyhow::Res
     let settled = settle.elapsed();
     let t0 = Instant::now();
     tracing::info!("restarting the offline node for catch-up");
-    let node = start(&last.keypair, &last.store_path, first_addr.clone()).await?;
+    let node = start(&last_keypair, &last_store, first_addr.clone()).await?;
     loop {
         let heads = node.client.cores().list().await?.into_iter().find(|c| c.address == core.to_checksum()).context("core")?.heads;
         if heads == target {
