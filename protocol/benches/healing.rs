@@ -41,15 +41,7 @@ async fn run_once(partition: Duration) -> anyhow::Result<Duration> {
             .await?;
     }
     let all: Vec<usize> = (0..2 * HALF).collect();
-    for &i in &all {
-        if i % HALF == 0 {
-            cluster.delegate(i).await?;
-        } else {
-            cluster.follow(i).await?;
-        }
-    }
-    cluster.connect_all().await?;
-    cluster.replicas(&all, 2 * HALF - 1, BOUND).await?;
+    cluster.hold_core(&[0, HALF], BOUND).await?;
     cluster.set(0, "before", json!(true)).await?;
     cluster.converged(&all, BOUND).await?;
 

@@ -41,16 +41,8 @@ async fn both_halves_of_a_partition_write_and_every_node_holds_every_write_after
     common::init_tracing();
     let mut cluster = Cluster::start(2 * HALF).await?;
     let all: Vec<usize> = (0..2 * HALF).collect();
-    for &i in &all {
-        if i % HALF == 0 {
-            cluster.delegate(i).await?;
-        } else {
-            cluster.follow(i).await?;
-        }
-    }
-    // A full mesh, and every node knows every other one holds the core.
-    cluster.connect_all().await?;
-    cluster.replicas(&all, 2 * HALF - 1, QUICK).await?;
+    // A writer in each half, a full mesh, and every node knows every other one holds the core.
+    cluster.hold_core(&[0, HALF], QUICK).await?;
     cluster.set(0, "before", json!(true)).await?;
     assert_eq!(cluster.converged(&all, QUICK).await?.changes, 1 + DEVICE_KEYS);
 

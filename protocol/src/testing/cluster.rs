@@ -294,6 +294,22 @@ impl Cluster {
         .await
     }
 
+    /// Gives every node the cluster's core: `writers` get a delegation, the others follow it.
+    /// Then connects every node to every other one and waits until each sees all the others
+    /// as replicas.
+    pub async fn hold_core(&self, writers: &[usize], within: Duration) -> Result<(), ClusterError> {
+        let all: Vec<usize> = (0..self.len()).collect();
+        for &i in &all {
+            if writers.contains(&i) {
+                self.delegate(i).await?;
+            } else {
+                self.follow(i).await?;
+            }
+        }
+        self.connect_all().await?;
+        self.replicas(&all, all.len().saturating_sub(1), within).await
+    }
+
     /// Cuts the network between `side_a` and `side_b`: each node blocks every node of the
     /// other side. Returns once no connection crosses the cut.
     pub async fn partition(&mut self, side_a: &[usize], side_b: &[usize], within: Duration) -> Result<(), ClusterError> {
