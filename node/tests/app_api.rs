@@ -240,6 +240,31 @@ impl Socket {
     }
 }
 
+/// Two apps of one person on one node, each writing its own namespace: the second login must
+/// not take the first app's namespace away (each login delegates its namespaces to the node key,
+/// and the node once kept only the newest delegation, so the first app's writes were refused).
+#[test]
+fn two_app_logins_on_one_node_both_keep_writing_their_namespaces() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let mut node = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    let notes = token_of(&login(&node, &owner, json!({"notes": ["read", "write"]}))?)?;
+    let photos = token_of(&login(&node, &owner, json!({"photos": ["read", "write"]}))?)?;
+    ok(&node, Some(&photos), "kb_setData", json!(["photos", "p1", "a photo"]))?;
+    ok(&node, Some(&notes), "kb_setData", json!(["notes", "n1", "a note"]))?;
+    // Each token still writes only what it was granted.
+    assert_eq!(code_of(&call(&node, Some(&notes), "kb_setData", json!(["photos", "p2", 1]))?), CAPABILITY_MISSING);
+    assert_eq!(ok(&node, Some(&notes), "kb_getData", json!(["notes", "n1"]))?["value"], "a note");
+    assert_eq!(ok(&node, Some(&photos), "kb_getData", json!(["photos", "p1"]))?["value"], "a photo");
+    // And after a restart, from the delegations the node stored.
+    node.stop()?;
+    let node = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    ok(&node, Some(&notes), "kb_setData", json!(["notes", "n2", "after restart"]))?;
+    ok(&node, Some(&photos), "kb_setData", json!(["photos", "p2", "after restart"]))?;
+    Ok(())
+}
+
 #[test]
 fn a_change_written_on_another_replica_reaches_a_subscriber_and_tokens_stay_with_their_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

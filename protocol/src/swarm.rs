@@ -14,7 +14,7 @@ use std::time::Duration;
 use libp2p::core::transport::{MemoryTransport, Transport as _};
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, store::MemoryStore};
+use libp2p::kad;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
@@ -23,6 +23,7 @@ use libp2p::{
 };
 
 use crate::bitswap;
+use crate::dht_store::{self, DhtStore};
 use crate::nat;
 use crate::store::Store;
 use crate::sync;
@@ -138,7 +139,7 @@ mod behaviour {
         /// `/ipfs/ping/1.0.0`: dead connections are closed.
         pub ping: ping::Behaviour,
         /// `/kubelt/kad/1.0.0`: peer routing, content and core providers.
-        pub kad: kad::Behaviour<MemoryStore>,
+        pub kad: kad::Behaviour<DhtStore>,
         /// `/ipfs/bitswap/1.2.0` (and older): blocks, with Kubo.
         pub bitswap: bitswap::Behaviour,
         /// Gossipsub v1.1: core changes on `kubelt/core/<address>`.
@@ -238,7 +239,7 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         .set_query_timeout(config.kad_query_timeout)
         .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
         .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
-    let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+    let mut kad = kad::Behaviour::with_config(peer_id, DhtStore::new(peer_id, dht_store::Limits::default()), kad_config);
     // `Auto` starts as a server and follows AutoNAT's verdict (the event loop switches it).
     kad.set_mode(Some(match config.dht_mode {
         DhtMode::Server | DhtMode::Auto => kad::Mode::Server,

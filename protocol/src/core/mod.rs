@@ -108,7 +108,7 @@ pub use catch_up::{Action as CatchUpAction, ScheduleConfig, Scheduler as CatchUp
 pub use change::{signing_bytes, Rejected, MAX_CHANGE_SIZE};
 pub use cores::{Cores, LoadStats, Verified, VerifiedBatch, Verifier};
 pub use delegation::{delegation_message, login_message, owner_statement, parse_signature, revocation_message, Delegation, DelegationError, Login, LoginRequest, Purpose, Revocation};
-pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError};
+pub use replica::{Accepted, ApplyError, BatchReport, Config, CoreError, Replica, Report, WriteError, MAX_OWN_DELEGATIONS};
 pub use sync::SyncStep;
 pub use value::PathError;
 pub use wallet::{DevWallet, WalletError};

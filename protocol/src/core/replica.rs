@@ -308,8 +308,13 @@ pub(super) struct StoredChange {
 pub(super) struct CoreMeta {
     /// Format version.
     pub version: u32,
-    /// This node's delegation for the core (`None`: the node only follows it).
+    /// This node's newest delegation for the core (`None`: the node only follows it); kept
+    /// for binaries that read only this field.
     pub delegation: Option<StatementJson>,
+    /// All of this node's delegations for the core, oldest first (version 2; empty in version 1
+    /// records, whose one delegation is `delegation`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegations: Vec<StatementJson>,
 }
 
 /// JSON form of an owner statement.
@@ -554,12 +559,19 @@ pub(super) struct Session {
     pub stalled: u32,
 }
 
+/// How many delegations of this node a replica keeps (one per app login with its own
+/// namespaces, plus the CLI's); the oldest goes first.
+pub const MAX_OWN_DELEGATIONS: usize = 16;
+
 /// One replica of one core.
 pub struct Replica {
     pub(super) core: Address,
     pub(super) store: Store,
     pub(super) config: Config,
-    pub(super) own_delegation: Option<OwnerStatement>,
+    /// This node's delegations for the core, oldest first (at most [`MAX_OWN_DELEGATIONS`]):
+    /// each app login on this node delegates its own namespaces, and a write uses the newest
+    /// one that covers its namespace.
+    own_delegations: Vec<(OwnerStatement, Delegation)>,
     pub(super) doc: Automerge,
     pub(super) dag: Dag,
     /// Delegation statements by id (those of stored changes, and this node's).
@@ -711,7 +723,7 @@ impl Replica {
             core,
             store,
             config,
-            own_delegation: None,
+            own_delegations: Vec::new(),
             doc: Automerge::new(),
             dag: Dag::default(),
             statements: HashMap::new(),
@@ -743,10 +755,12 @@ impl Replica {
         match self.store.get(Column::Cores, &key)? {
             Some(bytes) => {
                 let meta: CoreMeta = serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?;
-                if let Some(d) = meta.delegation {
+                let stored = if meta.delegations.is_empty() { meta.delegation.into_iter().collect() } else { meta.delegations };
+                for d in stored {
                     let statement = d.to_statement().map_err(|e| corrupt(&key, e))?;
+                    let verified = Delegation::verify(&statement).map_err(|e| corrupt(&key, e))?;
                     self.remember_statement(statement.clone());
-                    self.own_delegation = Some(statement);
+                    self.own_delegations.push((statement, verified));
                 }
             }
             None => self.store.put_sync(Column::Cores, &key, &serde_json::to_vec(&CoreMeta::default()).unwrap_or_default())?,
@@ -1746,29 +1760,69 @@ impl Replica {
         out.into_iter().collect()
     }
 
-    /// This node's delegation for the core, if it writes it.
+    /// This node's newest delegation for the core, if it writes it: the one its device key,
+    /// revocations and messages are signed under.
     pub fn own_delegation(&self) -> Option<&OwnerStatement> {
-        self.own_delegation.as_ref()
+        self.own_delegations.last().map(|(statement, _)| statement)
     }
 
-    /// Sets (verifying it) or clears this node's delegation for the core; persisted.
+    /// The delegation a write of `namespace` now goes under: the newest of this node's
+    /// delegations that is valid now and covers the namespace; else the newest (whose refusal
+    /// then names what is wrong).
+    pub fn own_delegation_for(&self, namespace: &str) -> Option<&OwnerStatement> {
+        self.own_delegation_for_at(namespace, unix_now())
+    }
+
+    /// [`Self::own_delegation_for`] at a given time (unix seconds).
+    pub fn own_delegation_for_at(&self, namespace: &str, now: i64) -> Option<&OwnerStatement> {
+        self.own_delegations
+            .iter()
+            .rev()
+            .find(|(_, d)| d.valid_at(now).is_ok() && delegation::may_write(d, namespace))
+            .map(|(statement, _)| statement)
+            .or_else(|| self.own_delegation())
+    }
+
+    /// Adds (verifying it) a delegation of this node for the core, or clears them all (`None`);
+    /// persisted. Delegations expired at `now` are dropped, and the oldest beyond
+    /// [`MAX_OWN_DELEGATIONS`]: a new login keeps the earlier apps' namespaces writable.
     pub fn set_own_delegation(&mut self, statement: Option<OwnerStatement>) -> Result<(), CoreError> {
-        if let Some(s) = &statement {
-            let d = Delegation::verify(s)?;
-            if d.owner != self.core {
-                return Err(DelegationError::WrongCore { core: self.core, owner: d.owner }.into());
+        self.set_own_delegation_at(statement, unix_now())
+    }
+
+    /// [`Self::set_own_delegation`] at a given time (unix seconds).
+    pub fn set_own_delegation_at(&mut self, statement: Option<OwnerStatement>, now: i64) -> Result<(), CoreError> {
+        let mut kept = match &statement {
+            None => Vec::new(),
+            Some(s) => {
+                let d = Delegation::verify(s)?;
+                if d.owner != self.core {
+                    return Err(DelegationError::WrongCore { core: self.core, owner: d.owner }.into());
+                }
+                let id = self.remember_statement(s.clone());
+                self.store.put_sync(Column::Cores, &core_key(&self.core, b'd', &id), &s.encode_to_vec())?;
+                self.stored_statements.insert(id);
+                let mut kept: Vec<_> = self
+                    .own_delegations
+                    .iter()
+                    .filter(|(_, old)| old.id != d.id && old.expires_at >= now)
+                    .cloned()
+                    .collect();
+                kept.push((s.clone(), d));
+                kept
             }
-            let id = self.remember_statement(s.clone());
-            self.store.put_sync(Column::Cores, &core_key(&self.core, b'd', &id), &s.encode_to_vec())?;
-            self.stored_statements.insert(id);
+        };
+        if kept.len() > MAX_OWN_DELEGATIONS {
+            kept.drain(..kept.len() - MAX_OWN_DELEGATIONS);
         }
-        let meta = CoreMeta { version: 1, delegation: statement.as_ref().map(StatementJson::from_statement) };
+        let json: Vec<StatementJson> = kept.iter().map(|(s, _)| StatementJson::from_statement(s)).collect();
+        let meta = CoreMeta { version: 2, delegation: json.last().cloned(), delegations: json };
         self.store.put_sync(
             Column::Cores,
             &meta_key(&self.core),
             &serde_json::to_vec(&meta).map_err(|e| corrupt(&meta_key(&self.core), e))?,
         )?;
-        self.own_delegation = statement;
+        self.own_delegations = kept;
         Ok(())
     }
 

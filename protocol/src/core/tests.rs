@@ -678,6 +678,60 @@ fn held_back_changes_are_reported_and_applied_when_their_dependency_arrives() ->
     Ok(())
 }
 
+/// Each app login on a node delegates its own namespaces to the node key: a second login must
+/// not take the first app's namespaces away (it did: one delegation per core, the newest won).
+#[test]
+fn a_node_keeps_one_delegation_per_login_and_writes_under_the_one_that_covers() -> TestResult {
+    let owner = Wallet::new();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("db");
+    let keypair = Keypair::generate_ed25519();
+    let peer = keypair.public().to_peer_id();
+    let notes = owner.delegate(&peer, &["notes"], YEAR, T0);
+    let photos = owner.delegate(&peer, &["photos"], YEAR, T0 + 10);
+    let short = owner.delegate(&peer, &["short"], Duration::from_secs(60), T0 + 20);
+    {
+        let mut cores = Cores::load(Store::open(&path)?, Config::default())?;
+        let replica = cores.own(notes.clone())?;
+        replica.set_own_delegation_at(Some(photos.clone()), T0 + 10)?;
+        replica.set_own_delegation_at(Some(short.clone()), T0 + 20)?;
+        // The same login twice is one delegation.
+        replica.set_own_delegation_at(Some(photos.clone()), T0 + 30)?;
+        assert_eq!(replica.own_delegation(), Some(&photos), "the newest is the node's main one");
+        assert_eq!(replica.own_delegation_for_at("notes", T0 + 40), Some(&notes));
+        assert_eq!(replica.own_delegation_for_at("photos", T0 + 40), Some(&photos));
+        assert_eq!(replica.own_delegation_for_at("short", T0 + 40), Some(&short));
+        // Past its expiry a delegation is not chosen; a namespace nobody covers gets the newest.
+        assert_eq!(replica.own_delegation_for_at("short", T0 + 200), Some(&photos));
+        assert_eq!(replica.own_delegation_for_at("other", T0 + 40), Some(&photos));
+        let (n, p) = (replica.own_delegation_for_at("notes", T0 + 40).cloned(), replica.own_delegation_for_at("photos", T0 + 40).cloned());
+        replica.set_at("notes", "a", &json!(1), &keypair, &n.expect("notes"), T0 + 41)?;
+        replica.set_at("photos", "b", &json!(2), &keypair, &p.expect("photos"), T0 + 42)?;
+        // A namespace under the other login's delegation is refused, as any replica would.
+        assert!(replica.set_at("notes", "c", &json!(3), &keypair, &photos, T0 + 43).is_err());
+    }
+    // All of them survive a restart; one added after the short one expired drops it.
+    let mut cores = Cores::load(Store::open(&path)?, Config::default())?;
+    let replica = cores.get_mut(&owner.address).expect("core reloaded");
+    assert_eq!(replica.own_delegation_for_at("notes", T0 + 50), Some(&notes));
+    assert_eq!(replica.own_delegation_for_at("short", T0 + 50), Some(&short));
+    let later = owner.delegate(&peer, &["later"], YEAR, T0 + 500);
+    replica.set_own_delegation_at(Some(later.clone()), T0 + 500)?;
+    assert_eq!(replica.own_delegation_for_at("short", T0 + 50), Some(&later), "expired delegation dropped");
+    assert_eq!(replica.own_delegation_for_at("notes", T0 + 500), Some(&notes));
+    // At most MAX_OWN_DELEGATIONS are kept, the oldest going first.
+    for i in 0..MAX_OWN_DELEGATIONS as i64 {
+        let d = owner.delegate(&peer, &[&format!("ns{i}")], YEAR, T0 + 600 + i);
+        replica.set_own_delegation_at(Some(d), T0 + 600 + i)?;
+    }
+    assert_ne!(replica.own_delegation_for_at("notes", T0 + 700), Some(&notes), "the oldest went first");
+    assert!(replica.own_delegation_for_at("ns0", T0 + 700).is_some());
+    // Clearing removes all.
+    replica.set_own_delegation(None)?;
+    assert_eq!(replica.own_delegation(), None);
+    Ok(())
+}
+
 #[test]
 fn cores_survive_reopening_the_store() -> TestResult {
     let owner = Wallet::new();

@@ -47,10 +47,7 @@ impl EventLoop {
                 }
             }
             ContentCommand::Provide { cid } => {
-                let key = kad::RecordKey::new(&cid.hash().to_bytes());
-                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
-                    tracing::warn!(%cid, "cannot provide: {e}");
-                }
+                self.provide(kad::RecordKey::new(&cid.hash().to_bytes()));
             }
             ContentCommand::BlocksAdded { cids } => self.swarm.behaviour_mut().bitswap.notify_new_blocks(cids),
         }

@@ -322,9 +322,7 @@ impl EventLoop {
         if let Err(e) = gossipsub.subscribe(&topic) {
             tracing::warn!(%core, "cannot subscribe to the core's topic: {e}");
         }
-        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&core.dht_key())) {
-            tracing::debug!(%core, "cannot provide the core yet: {e}");
-        }
+        self.provide(kad::RecordKey::new(&core.dht_key()));
     }
 
     /// Carries out what the catch-up scheduler decided.
@@ -345,7 +343,7 @@ impl EventLoop {
                 }
                 CatchUpAction::Redial(peer) => {
                     let addresses = self.net.known_addresses(&peer);
-                    self.dial_known(peer, addresses);
+                    self.redial_known(peer, addresses);
                 }
             }
         }
@@ -445,7 +443,7 @@ impl EventLoop {
     fn core_set(&mut self, core: Address, namespace: &str, path: &str, value: &serde_json::Value) -> Result<CoreSummary, CoreCommandError> {
         let replica = held(&mut self.cores.replicas, &core)?;
         let delegation = replica
-            .own_delegation()
+            .own_delegation_for(namespace)
             .cloned()
             .ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
         if crate::core::private::is_private(replica, namespace) {

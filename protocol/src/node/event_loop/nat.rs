@@ -141,9 +141,7 @@ impl EventLoop {
         // Provider records carry the addresses of the moment: publish the cores' again so that
         // they name the circuit address too.
         for core in self.cores.replicas.list() {
-            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&core.dht_key())) {
-                tracing::debug!(%core, "cannot provide the core again: {e}");
-            }
+            self.provide(kad::RecordKey::new(&core.dht_key()));
         }
         Some(true)
     }

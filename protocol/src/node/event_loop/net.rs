@@ -27,6 +27,9 @@ const MAX_DIALS_PER_TICK: usize = 8;
 /// disconnect and reconnect — gossipsub there forgets the peer's subscriptions, which the
 /// peer (never disconnected, in its own view) does not send again.
 const RELAY_HANDOVER: Duration = Duration::from_secs(2);
+/// Redials of one lost replica pending at once (each second's redial starts a new one while
+/// the earlier ones still wait for an answer).
+const MAX_PENDING_REDIALS: usize = 2;
 
 /// One open connection.
 struct Conn {
@@ -44,6 +47,8 @@ pub(super) struct Net {
     peer_book: PeerBook,
     /// `connect` calls waiting for their dial to finish.
     pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
+    /// Redials of lost replicas still pending, per peer (at most [`MAX_PENDING_REDIALS`]).
+    pending_redials: HashMap<PeerId, HashSet<ConnectionId>>,
     /// Open connections per peer.
     connections: HashMap<PeerId, Vec<Conn>>,
     /// Agent versions learned over identify (connected peers only).
@@ -64,6 +69,7 @@ impl Net {
         Net {
             peer_book: PeerBook::new(store),
             pending_connects: HashMap::new(),
+            pending_redials: HashMap::new(),
             connections: HashMap::new(),
             agents: HashMap::new(),
             listeners: HashSet::new(),
@@ -198,6 +204,22 @@ impl EventLoop {
         }
     }
 
+    /// Announces that this node provides `key` (a core's, a block's): queued, and started
+    /// within this tick's share of new DHT queries (see [`ProvideQueue`]).
+    pub(super) fn provide(&mut self, key: kad::RecordKey) {
+        self.provides.push(key);
+        self.start_provides();
+    }
+
+    /// Starts the queued provider announcements that this tick's share allows.
+    pub(super) fn start_provides(&mut self) {
+        for key in self.provides.take() {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                tracing::warn!("cannot provide a key in the DHT: {e}");
+            }
+        }
+    }
+
     /// Dials `peer` unless connected or being dialed, at `addresses` and whatever the
     /// behaviours know (Kademlia's routing table, providers of a lookup still running).
     ///
@@ -207,18 +229,55 @@ impl EventLoop {
     /// is a different machine) fails the whole dial with a wrong peer id, relay addresses
     /// included. Apart, a wrong peer there fails only that dial.
     pub(super) fn dial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
-        let (global, local) = split_local(addresses);
-        let dials = if global.is_empty() || local.is_empty() {
-            vec![(global.into_iter().chain(local).collect(), PeerCondition::DisconnectedAndNotDialing)]
-        } else {
-            vec![(global, PeerCondition::DisconnectedAndNotDialing), (local, PeerCondition::Disconnected)]
-        };
-        for (addresses, condition) in dials {
-            let opts = DialOpts::peer_id(peer_id).addresses(addresses).extend_addresses_through_behaviour().condition(condition).build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer_id, "not dialing: {e}");
+        self.dial_known_when(peer_id, addresses, PeerCondition::DisconnectedAndNotDialing);
+    }
+
+    /// [`Self::dial_known`] even while an earlier dial of the peer is still pending: how a lost
+    /// replica is redialed. After a partition, the dial started just before the heal may hang
+    /// on an address that gets no answer (a QUIC handshake waits out its timeout, ~5 s) and
+    /// would hold back every later dial of the peer, whose TCP address answers at once.
+    /// At most [`MAX_PENDING_REDIALS`] such dials of one peer are pending at once: a cut cable
+    /// leaves TCP dials hanging for minutes, and the redials of every second must not pile up.
+    pub(super) fn redial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
+        let pending = self.net.pending_redials.get(&peer_id).map_or(0, HashSet::len);
+        if pending >= MAX_PENDING_REDIALS {
+            return;
+        }
+        let ids = self.dial_known_when(peer_id, addresses, PeerCondition::Disconnected);
+        if !ids.is_empty() {
+            self.net.pending_redials.entry(peer_id).or_default().extend(ids);
+        }
+    }
+
+    /// A dial of `peer` ended (connected or failed): it is no longer a pending redial.
+    fn dial_ended(&mut self, peer: Option<PeerId>, connection: ConnectionId) {
+        let Some(peer) = peer else { return };
+        if let Some(ids) = self.net.pending_redials.get_mut(&peer) {
+            ids.remove(&connection);
+            if ids.is_empty() {
+                self.net.pending_redials.remove(&peer);
             }
         }
+    }
+
+    /// Starts the dials; returns the connection ids of those the swarm took.
+    fn dial_known_when(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>, first: PeerCondition) -> Vec<ConnectionId> {
+        let (global, local) = split_local(addresses);
+        let dials = if global.is_empty() || local.is_empty() {
+            vec![(global.into_iter().chain(local).collect(), first)]
+        } else {
+            vec![(global, first), (local, PeerCondition::Disconnected)]
+        };
+        let mut started = Vec::new();
+        for (addresses, condition) in dials {
+            let opts = DialOpts::peer_id(peer_id).addresses(addresses).extend_addresses_through_behaviour().condition(condition).build();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => started.push(id),
+                Err(e) => tracing::debug!(%peer_id, "not dialing: {e}"),
+            }
+        }
+        started
     }
 
     /// Dials peers found by a lookup (providers of a block, replicas of a core) that are not
@@ -354,6 +413,7 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { listener_id, address } => self.on_new_listen_addr(listener_id, address),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.net.connections_established += 1;
+                self.dial_ended(Some(peer_id), connection_id);
                 let remote = endpoint.get_remote_address().clone();
                 let relayed = endpoint.is_relayed() || nat::is_relayed(&remote);
                 let conns = self.net.connections.entry(peer_id).or_default();
@@ -401,6 +461,7 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                self.dial_ended(peer_id, connection_id);
                 if let Some((addr, reply)) = self.net.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Err(ConnectError::Dial { addr, reason: error.to_string() }));
                 }

@@ -79,7 +79,7 @@ impl EventLoop {
         self.keyring(core);
         let keyring = self.private.keyrings.get_mut(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
         let replica = super::cores::held(&mut self.cores.replicas, &core)?;
-        let delegation = replica.own_delegation().cloned().ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
+        let delegation = replica.own_delegation_for(namespace).cloned().ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
         let changes = private::set(replica, keyring, namespace, path, value, &keypair, &delegation).map_err(|e| private_error(&core, e))?;
         if !changes.is_empty() {
             let heads = replica.heads();
