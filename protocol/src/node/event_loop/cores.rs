@@ -584,6 +584,7 @@ impl EventLoop {
         let acceptance = match outcome {
             Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
                 self.announce_applied(core, &report.applied);
+                self.msg_core_changed(core);
                 self.private_share(core);
                 MessageAcceptance::Accept
             }
@@ -661,7 +662,11 @@ impl EventLoop {
                 let response = match batch {
                     Ok(batch) => {
                         let (response, report) = self.cores.replicas.handle_verified_sync_request(request, batch, &peer);
+                        let applied_any = !report.applied.is_empty();
                         self.report_catch_up(core, peer, report);
+                        if let Some(core) = core.filter(|_| applied_any) {
+                            self.msg_core_changed(core);
+                        }
                         response
                     }
                     Err(reason) => {
@@ -687,9 +692,14 @@ impl EventLoop {
                     }
                 };
                 let applied_any = !step.report.applied.is_empty();
+                let in_sync = step.error.is_none() && step.next.is_none();
                 self.report_catch_up(core, peer, step.report);
                 if let Some(core) = core.filter(|_| applied_any) {
                     self.private_share(core);
+                    self.msg_core_changed(core);
+                }
+                if let Some(core) = core.filter(|_| in_sync) {
+                    self.msg_sender_caught_up(core);
                 }
                 if let Some(error) = &step.error {
                     tracing::debug!(%peer, "catch-up ended: {error}");
