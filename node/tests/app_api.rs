@@ -596,3 +596,65 @@ fn bench_app_api_once(label: &str, bin: Option<&std::path::Path>, seconds: u64) 
     }
     Ok(())
 }
+
+/// The app-level messaging figure (`scripts/bench.sh msg`; ignored in the test run):
+/// `kb_sendMessage` from 16 concurrent clients of alice's node to bob's node on loopback, each
+/// call answered once bob's node has stored the message (`delivered: true`). 400 messages, so
+/// that bob's node's per-sender limit (50/s, burst 500) is not what is measured. Prints
+/// messages/s and p50/p99 of the call.
+#[test]
+#[ignore = "a benchmark: scripts/bench.sh msg"]
+fn bench_app_send_message_16_clients() -> anyhow::Result<()> {
+    const CLIENTS: usize = 16;
+    const MESSAGES: usize = 400;
+    let dir = tempfile::tempdir()?;
+    let (alice, bob) = (DevWallet::random(), DevWallet::random());
+    let (alice_address, bob_address) = (alice.address().to_checksum(), bob.address().to_checksum());
+    // 401 calls stay within the per-core quota of 6,000 a minute.
+    let a = TestNode::start(dir.path(), "a", &["--owner", &alice_address])?;
+    let b = TestNode::start(dir.path(), "b", &["--owner", &bob_address, "--peer", &a.tcp_addr()])?;
+    let token = token_of(&login(&a, &alice, json!({"messages": ["read", "write"]}))?)?;
+    login(&b, &bob, json!({"messages": ["read", "write"]}))?;
+    // Warm up: node a learns bob's device key, node b catches up alice's core.
+    wait_until("a first message delivered", Duration::from_secs(60), || {
+        let reply = call(&a, Some(&token), "kb_sendMessage", json!([bob_address, "warm-up"]))?;
+        Ok(reply["result"]["delivered"] == true)
+    })?;
+    let url = a.app_url().to_string();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (url, token, to) = (url.clone(), token.clone(), bob_address.clone());
+            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+                let mut latencies = Vec::new();
+                for n in (client..MESSAGES).step_by(CLIENTS) {
+                    let body = json!({"jsonrpc": "2.0", "id": n, "method": "kb_sendMessage", "params": [to, format!("message {n}")]}).to_string();
+                    let t0 = Instant::now();
+                    let reply: Value = agent.post(&url).set("Authorization", &format!("Bearer {token}")).send_string(&body)?.into_json()?;
+                    latencies.push(t0.elapsed());
+                    if reply["result"]["delivered"] != true {
+                        bail!("kb_sendMessage did not deliver: {reply}");
+                    }
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    println!(
+        "app API kb_sendMessage: {CLIENTS} clients, {} messages delivered to another node in {:.2} s: {:.0} messages/s, p50 {:.2} ms, p99 {:.2} ms",
+        all.len(),
+        elapsed.as_secs_f64(),
+        all.len() as f64 / elapsed.as_secs_f64(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+    );
+    Ok(())
+}

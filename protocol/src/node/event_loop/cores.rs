@@ -408,6 +408,8 @@ impl EventLoop {
             }
             self.cores.replicas.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
+            // A core this node writes hosts its inbox here, even if it was a contact before.
+            self.msg_core_followed(delegation.owner);
             self.msg_publish_device_key();
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: StatementKind::Delegation, core: delegation.owner.to_checksum(), peer: local.to_base58() });
