@@ -176,7 +176,7 @@ async fn a_follower_keeps_the_message_while_the_only_device_is_offline_and_the_d
     let (alice, bob) = (DevWallet::random(), DevWallet::random());
     let sender = TestNode::start(dir.path(), "sender", port).await?;
     let mut device = TestNode::start(dir.path(), "device", port + 1).await?;
-    let follower = TestNode::start(dir.path(), "follower", port + 2).await?;
+    let mut follower = TestNode::start(dir.path(), "follower", port + 2).await?;
     sender.delegate(&alice).await?;
     device.delegate(&bob).await?;
     follower.node().client.cores().follow(bob.address()).await?;
@@ -197,6 +197,14 @@ async fn a_follower_keeps_the_message_while_the_only_device_is_offline_and_the_d
     assert!(!stored.is_empty(), "the follower's files do not hold the message at all");
     let leaked = grep_dir(&follower.path, text.as_bytes())?;
     assert!(leaked.is_empty(), "the plaintext is in the follower's files: {leaked:?}");
+    // SST blocks are LZ4-compressed, so search every key and value as the database returns
+    // them too (with the node stopped: the database is locked while it runs). The message's id
+    // is a control that must be found.
+    follower.stop().await;
+    let id_bytes = hex::decode(&sent.id)?;
+    assert!(database_contains(&follower.path, &id_bytes)?, "the follower's database does not hold the message at all");
+    assert!(!database_contains(&follower.path, text.as_bytes())?, "the plaintext is in the follower's database");
+    follower.restart().await?;
 
     // The device comes back, meets the follower, and reads the message.
     device.restart().await?;
@@ -239,6 +247,21 @@ async fn the_outbox_survives_a_restart_and_delivers_when_a_replica_appears() -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Whether any key or value of the store at `dir` (not running) contains `needle`.
+fn database_contains(dir: &Path, needle: &[u8]) -> anyhow::Result<bool> {
+    let store = Store::open(dir)?;
+    let has = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for column in kubelt_protocol::store::Column::ALL {
+        for entry in store.iter(column) {
+            let (key, value) = entry?;
+            if has(&key) || has(&value) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Files under `dir` that contain `needle`.

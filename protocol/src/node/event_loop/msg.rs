@@ -657,12 +657,19 @@ impl EventLoop {
         if self.cores.replicas.holds(&core) {
             return;
         }
+        // The contact mark is on disk before the core is held: a crash in between must not
+        // leave this node hosting the sender's inbox (its other correspondents' messages).
+        // One synced write per new sender core, bounded by the parking limits.
+        if let Some(write) = self.msg.inboxes.set_contact(core, true) {
+            if let Err(e) = inbox::commit(&self.store, &[write], true) {
+                self.msg.inboxes.set_contact(core, false);
+                tracing::error!(%core, "cannot record the sender core as a contact: {e}; its messages are decided without it");
+                return;
+            }
+        }
         if let Err(e) = self.cores.replicas.follow(core) {
             tracing::error!(%core, "cannot follow the sender core: {e}; its messages are decided without it");
             return;
-        }
-        if let Some(write) = self.msg.inboxes.set_contact(core, true) {
-            self.msg.write(vec![write], Waiter::Nothing);
         }
         self.join_core(core);
         tracing::info!(%core, "catching up a sender core before deciding on its messages");
