@@ -254,6 +254,11 @@ impl Inboxes {
         Some(vec![Write::Delete(inbox_key(b'i', &core, id)), Write::Put(inbox_key(b't', &core, id), (now_ms as u64).to_be_bytes().to_vec())])
     }
 
+    /// The sender cores of the messages held, over all inboxes.
+    pub fn sender_cores(&self) -> Vec<Address> {
+        self.senders.keys().copied().collect()
+    }
+
     /// Whether some inbox here holds a message of sender core `core`.
     pub fn has_sender(&self, core: &Address) -> bool {
         self.senders.contains_key(core)

@@ -64,6 +64,10 @@ pub(super) struct MsgState {
     /// When this node last compared inventories with each host of each core.
     inventories: HashMap<(Address, PeerId), Instant>,
     last_device_check: Option<Instant>,
+    /// Whether the stored messages were checked against the revocations in the store since
+    /// start (a crash between applying a revocation and removing its messages, or messages
+    /// stored by an older version).
+    revocations_swept: bool,
 }
 
 /// Work that comes back to the event loop from blocking threads.
@@ -179,6 +183,7 @@ impl MsgState {
             hosting: HashSet::new(),
             inventories: HashMap::new(),
             last_device_check: None,
+            revocations_swept: false,
         })
     }
 
@@ -816,6 +821,12 @@ impl EventLoop {
     /// Time-driven messaging: the outbox, the inbox topics, inventories, device keys.
     pub(super) fn tick_msg(&mut self, now: Instant) {
         self.msg_dispatch(now);
+        if !self.msg.revocations_swept {
+            self.msg.revocations_swept = true;
+            for core in self.msg.inboxes.sender_cores() {
+                self.msg_core_changed(core);
+            }
+        }
         let due = self.msg.senders.due(now);
         if !due.is_empty() {
             tracing::debug!(messages = due.len(), "no catch-up of their sender cores in time; deciding with what this node knows");
