@@ -32,7 +32,6 @@ pub const CAPABILITY: &str = "messages";
 /// `delivered: false` (the message then waits in the outbox).
 const SEND_WAIT: Duration = Duration::from_secs(5);
 
-const MESSAGE: &str = r#"{"type":"object","properties":{"id":{"type":"string"},"from":{"type":"string"},"to":{"type":"string"},"sent_at":{"type":"integer"},"received_at":{"type":"integer"},"text":{"type":["string","null"]},"read":{"type":"boolean"}}}"#;
 
 /// The app's messaging methods (a second table of the `kb` namespace).
 pub static NAMESPACE: Namespace = Namespace {
@@ -68,7 +67,7 @@ pub static NAMESPACE: Namespace = Namespace {
                 required: false,
                 summary: "since: only messages received after this time (unix ms)",
             }],
-            result: r#"{"type":"array","items":{"type":"object"}}"#,
+            result: r#"{"type":"array","items":{"type":"object","properties":{"id":{"type":"string"},"from":{"type":"string"},"to":{"type":"string"},"sent_at":{"type":"integer"},"received_at":{"type":"integer"},"text":{"type":["string","null"]},"read":{"type":"boolean"}}}}"#,
             auth: Auth::App(Capability::Read),
             kind: Kind::Call,
             handler: |ctx, p| Box::pin(list(ctx, p)),
