@@ -22,7 +22,8 @@
 # the build of main: `git worktree add /tmp/main main && cd /tmp/main && cargo build --release`),
 # side by side in the same run.
 # msg:     message delivery latency p50/p99 between two online nodes and messages/s one sender ->
-#          one recipient (protocol/benches/msg.rs).
+#          one recipient (protocol/benches/msg.rs); kb_sendMessage from 16 app clients to another
+#          node, messages/s and p50/p99 (node/tests/app_api.rs).
 # private: core set/get on a private namespace vs a plain one, same run, alternating rounds
 #          (goal: private < 10% slower; protocol/benches/private.rs).
 set -euo pipefail
@@ -60,6 +61,7 @@ if [ "$what" = all ] || [ "$what" = msg ]; then
   cd "$KUBELT_ROOT"
   cargo build --release --locked -p kubelt-protocol --benches
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench msg' 2>&1 | grep -E "latency|throughput|rror"
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test app_api -- --ignored --nocapture bench_app_send_message' 2>&1 | grep -E "app API|rror|panicked"
 fi
 if [ "$what" = all ] || [ "$what" = app ]; then
   log "app: kb_setData / kb_getData, 16 clients"

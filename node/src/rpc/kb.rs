@@ -154,7 +154,9 @@ pub static NAMESPACE: Namespace = Namespace {
         Method {
             name: "kb_subscribe",
             summary: "Notifies every change to a namespace of the core from now on (this app, another app, another \
-                      replica): {namespace, value, applied}, the namespace's value after the change.",
+                      replica): {namespace, value, applied}, the namespace's value after the change. \
+                      kb_subscribe(\"messages\") (capability messages: read) notifies instead every message that enters \
+                      the core's inbox on this node, as kb_listMessages lists it.",
             params: &[Param { name: "namespace", schema: STRING, required: true, summary: "a namespace the token may read" }],
             result: r#"{"type":"string","description":"the subscription id"}"#,
             auth: Auth::App(Capability::Read),
@@ -163,7 +165,11 @@ pub static NAMESPACE: Namespace = Namespace {
                 Box::pin(async move {
                     let namespace = string(&p, "namespace")?.to_string();
                     let grant = ctx.grant()?;
-                    let stream = changes(ctx.state.client.clone(), grant.core, namespace);
+                    let stream = if namespace == super::kb_msg::CAPABILITY {
+                        super::kb_msg::subscription(ctx.state.client.clone(), grant.core)
+                    } else {
+                        changes(ctx.state.client.clone(), grant.core, namespace)
+                    };
                     let Gate::App(app) = &ctx.state.gate else { return Err(RpcError::new(code::INTERNAL_ERROR, "kb_subscribe off the app endpoint")) };
                     let stream = while_token_valid(stream, app.clone(), grant.claims.clone());
                     ctx.session()?.subscribe(NOTIFICATION, stream).map(Value::from)

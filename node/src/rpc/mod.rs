@@ -50,6 +50,7 @@ mod host;
 mod http;
 pub mod jsonrpc;
 mod kb;
+mod kb_msg;
 mod node;
 mod objects;
 pub mod registry;
@@ -113,6 +114,10 @@ pub mod code {
     pub const MSG_NO_DEVICE_KEYS: i64 = -32020;
     /// No such message on this node.
     pub const MSG_NOT_FOUND: i64 = -32021;
+    /// The message's text is larger than a message holds (64 KiB).
+    pub const MSG_TOO_LARGE: i64 = -32022;
+    /// A replica of the recipient refused the message for good.
+    pub const MSG_REFUSED: i64 = -32023;
 
     /// Every code with its meaning, for `rpc.discover`.
     pub const ALL: &[(i64, &str)] = &[
@@ -138,6 +143,8 @@ pub mod code {
         (CORE_UNDECRYPTABLE, "the private value's ciphertext does not open under its key (tampered or malformed): refused as a value"),
         (MSG_NO_DEVICE_KEYS, "no device key of the recipient core is known yet (the node follows the core to learn them; retry)"),
         (MSG_NOT_FOUND, "no message with this id on this node"),
+        (MSG_TOO_LARGE, "the message's text is larger than 64 KiB"),
+        (MSG_REFUSED, "a replica of the recipient refused the message for good (the message says why); it is not kept for retries"),
     ];
 }
 

@@ -124,7 +124,10 @@ pub fn error(error: MsgError) -> RpcError {
         MsgError::NotWritable(_) => code::CORE_NOT_WRITABLE,
         MsgError::NoDeviceKeys { .. } => code::MSG_NO_DEVICE_KEYS,
         MsgError::NotFound(_) => code::MSG_NOT_FOUND,
+        MsgError::Seal(kubelt_protocol::msg::SealError::TooLarge(_)) => code::MSG_TOO_LARGE,
         MsgError::Seal(_) => code::INVALID_PARAMS,
+        MsgError::Revoked(_) => code::CORE_REVOKED,
+        MsgError::Refused { .. } => code::MSG_REFUSED,
         _ => code::NODE_ERROR,
     };
     RpcError::new(code, error.to_string())

@@ -142,7 +142,7 @@ pub static APP: Registry = Registry {
     description: "App API of a kubelt node: JSON-RPC 2.0 over HTTP (POST /) and WebSocket (GET /). \
                   Sign in with kb_getNonce and kb_verifyNonce (SIWE, EIP-4361); then send the token as \
                   'Authorization: Bearer <token>' (on WebSocket also as the access_token query parameter).",
-    namespaces: &[&super::kb::NAMESPACE],
+    namespaces: &[&super::kb::NAMESPACE, &super::kb_msg::NAMESPACE],
     errors: &[code::ALL, super::app::code::ALL],
 };
 

@@ -145,12 +145,16 @@ pub enum Refused {
     /// This replica has too much work in flight.
     #[error("busy; retry later")]
     Busy,
+    /// This replica is catching up the sender core before its verdict (a revocation of the
+    /// author may be there).
+    #[error("this replica is catching up the sender core {0} before its verdict; retry in a few seconds")]
+    SenderPending(String),
 }
 
 impl Refused {
     /// Whether the sender should try again later (the message itself may be fine).
     pub fn retry(&self) -> bool {
-        matches!(self, Refused::FromTheFuture | Refused::RateLimited(_) | Refused::InboxFull(_) | Refused::Busy)
+        matches!(self, Refused::FromTheFuture | Refused::RateLimited(_) | Refused::InboxFull(_) | Refused::Busy | Refused::SenderPending(_))
     }
 }
 

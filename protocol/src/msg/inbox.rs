@@ -61,6 +61,8 @@ pub enum Write {
 pub struct Entry {
     /// The sender core.
     pub from: Address,
+    /// The key that signed it (a revocation of it in the sender core removes the message).
+    pub author: libp2p::PeerId,
     /// When the sender sealed it (unix ms).
     pub sent_at: i64,
     /// When this node took it (unix ms).
@@ -97,6 +99,9 @@ pub struct Inboxes {
     /// Which core each held id is in.
     by_id: HashMap<MessageId, Address>,
     contacts: HashSet<Address>,
+    /// Messages held per sender core, over all inboxes: whether a change of a core can concern
+    /// a stored message (a revocation removes them).
+    senders: HashMap<Address, usize>,
 }
 
 fn inbox_key(kind: u8, core: &Address, id: &MessageId) -> Vec<u8> {
@@ -143,7 +148,8 @@ impl Inboxes {
             let envelope = Envelope::decode(stored.envelope.as_slice()).map_err(corrupt)?;
             let body = body_of(&envelope).ok_or_else(|| corrupt("bad message body"))?;
             let from = Address::parse(&body.from).map_err(corrupt)?;
-            let entry = Entry { from, sent_at: body.sent_at, received_at: stored.received_at, size: stored.envelope.len(), read: stored.read };
+            let author = libp2p::identity::PublicKey::try_decode_protobuf(&envelope.author).map_err(corrupt)?.to_peer_id();
+            let entry = Entry { from, author, sent_at: body.sent_at, received_at: stored.received_at, size: stored.envelope.len(), read: stored.read };
             inboxes.insert(core, id, entry);
         }
         for item in store.iter_prefix(Column::Messages, b"t/") {
@@ -169,6 +175,7 @@ impl Inboxes {
     fn insert(&mut self, core: Address, id: MessageId, entry: Entry) {
         let inbox = self.inboxes.entry(core).or_default();
         *inbox.per_sender.entry(entry.from).or_default() += 1;
+        *self.senders.entry(entry.from).or_default() += 1;
         inbox.bytes += entry.size;
         inbox.messages.insert(id, entry);
         self.by_id.insert(id, core);
@@ -181,6 +188,12 @@ impl Inboxes {
             *n -= 1;
             if *n == 0 {
                 inbox.per_sender.remove(&entry.from);
+            }
+        }
+        if let Some(n) = self.senders.get_mut(&entry.from) {
+            *n -= 1;
+            if *n == 0 {
+                self.senders.remove(&entry.from);
             }
         }
         inbox.bytes -= entry.size;
@@ -204,7 +217,7 @@ impl Inboxes {
             return Err(Refused::InboxFull(message.to.to_checksum()));
         }
         writes.push(Write::Put(inbox_key(b'i', &message.to, &message.id), record.encode_to_vec()));
-        let entry = Entry { from: message.from, sent_at: message.sent_at, received_at: now_ms, size, read: false };
+        let entry = Entry { from: message.from, author: message.author, sent_at: message.sent_at, received_at: now_ms, size, read: false };
         self.insert(message.to, message.id, entry);
         Ok(Admitted::New)
     }
@@ -239,6 +252,45 @@ impl Inboxes {
         self.remove(&core, id)?;
         self.inboxes.entry(core).or_default().deleted.insert(*id, now_ms);
         Some(vec![Write::Delete(inbox_key(b'i', &core, id)), Write::Put(inbox_key(b't', &core, id), (now_ms as u64).to_be_bytes().to_vec())])
+    }
+
+    /// The sender cores of the messages held, over all inboxes.
+    pub fn sender_cores(&self) -> Vec<Address> {
+        self.senders.keys().copied().collect()
+    }
+
+    /// Whether some inbox here holds a message of sender core `core`.
+    pub fn has_sender(&self, core: &Address) -> bool {
+        self.senders.contains_key(core)
+    }
+
+    /// Removes every message of sender core `from` signed by one of `revoked` (keys its owner
+    /// revoked), in every inbox, and remembers each as deleted so that no host or replay brings
+    /// it back. Returns the removed ids and the writes. A revocation voids a key's messages
+    /// whatever time they claim: the time is the author's own word, which a stolen key can
+    /// backdate, and a message has no causal tie to the sender core that could anchor it.
+    pub fn remove_revoked(&mut self, from: &Address, revoked: &HashSet<libp2p::PeerId>, now_ms: i64) -> (Vec<MessageId>, Vec<Write>) {
+        if revoked.is_empty() || !self.has_sender(from) {
+            return (Vec::new(), Vec::new());
+        }
+        let mut gone = Vec::new();
+        for (core, inbox) in &self.inboxes {
+            for (id, entry) in &inbox.messages {
+                if entry.from == *from && revoked.contains(&entry.author) {
+                    gone.push((*core, *id));
+                }
+            }
+        }
+        let mut writes = Vec::new();
+        let mut ids = Vec::with_capacity(gone.len());
+        for (core, id) in gone {
+            self.remove(&core, &id);
+            self.inboxes.entry(core).or_default().deleted.insert(id, now_ms);
+            writes.push(Write::Delete(inbox_key(b'i', &core, &id)));
+            writes.push(Write::Put(inbox_key(b't', &core, &id), (now_ms as u64).to_be_bytes().to_vec()));
+            ids.push(id);
+        }
+        (ids, writes)
     }
 
     /// Marks a message read; returns the write (the record with `read` set).
@@ -326,4 +378,46 @@ pub fn commit(store: &Store, writes: &[Write], sync: bool) -> Result<(), StoreEr
         }
     }
     batch.commit(sync)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::PeerId;
+
+    fn message(n: u8, from: Address, to: Address, author: PeerId) -> Verified {
+        Verified { id: MessageId([n; ID_LEN]), from, to, sent_at: i64::from(n), author, envelope: Envelope::default() }
+    }
+
+    #[test]
+    fn a_revocation_removes_exactly_the_revoked_keys_messages_of_that_sender_and_they_do_not_come_back() {
+        let (alice, carol) = (Address::from_bytes([1; 20]), Address::from_bytes([3; 20]));
+        let (bob, dave) = (Address::from_bytes([2; 20]), Address::from_bytes([4; 20]));
+        let (stolen, good) = (PeerId::random(), PeerId::random());
+        let mut inboxes = Inboxes::default();
+        let config = Config::default();
+        let mut writes = Vec::new();
+        for (n, from, to, author) in [(1, alice, bob, stolen), (2, alice, dave, stolen), (3, alice, bob, good), (4, carol, bob, stolen)] {
+            assert_eq!(inboxes.admit(&message(n, from, to, author), 0, &config, &mut writes), Ok(Admitted::New));
+        }
+        assert!(inboxes.has_sender(&alice) && inboxes.has_sender(&carol));
+        // Nothing revoked, or another sender core: nothing removed.
+        assert!(inboxes.remove_revoked(&alice, &HashSet::new(), 10).0.is_empty());
+        assert!(inboxes.remove_revoked(&dave, &HashSet::from([stolen]), 10).0.is_empty());
+
+        let (mut gone, writes) = inboxes.remove_revoked(&alice, &HashSet::from([stolen]), 10);
+        gone.sort();
+        assert_eq!(gone, vec![MessageId([1; ID_LEN]), MessageId([2; ID_LEN])], "both inboxes, only alice's messages by the stolen key");
+        assert_eq!(writes.len(), 4, "a delete and a deletion record each");
+        assert_eq!(inboxes.len(), 2);
+        assert!(inboxes.entry(&MessageId([3; ID_LEN])).is_some(), "alice's other key keeps its message");
+        assert!(inboxes.entry(&MessageId([4; ID_LEN])).is_some(), "carol's core revoked nothing");
+        // Offered again (by another host, or a replay): known as deleted, not stored.
+        let mut again = Vec::new();
+        assert_eq!(inboxes.admit(&message(1, alice, bob, stolen), 20, &config, &mut again), Ok(Admitted::Known));
+        assert!(again.is_empty());
+        assert!(inboxes.knows(&bob, &MessageId([1; ID_LEN])));
+        // A second pass finds nothing more.
+        assert!(inboxes.remove_revoked(&alice, &HashSet::from([stolen]), 30).0.is_empty());
+    }
 }

@@ -28,9 +28,11 @@
 //!
 //! A replica checks each envelope off the event loop (sizes, signature, body bounds, time,
 //! delegation; see [`envelope::verify`]); then, on the event loop, that it hosts the
-//! recipient's inbox, that the owner of the sender core has not revoked the author (when this
-//! node holds the sender core; a revocation it never saw it cannot know), the sender core's
-//! rate, and the inbox bounds ([`inbox`]). Accepted messages are written (synced, many per
+//! recipient's inbox, that the owner of the sender core has not revoked the author, the sender
+//! core's rate, and the inbox bounds ([`inbox`]). A replica that does not hold the sender core
+//! follows it (as a contact) and catches it up before that verdict, for at most 5 s
+//! ([`senders`]); a revocation learnt later removes the revoked key's stored messages, so the
+//! verdict does not depend on the order in which message, sender core and revocation arrive. Accepted messages are written (synced, many per
 //! write) before the sender hears "accepted".
 //!
 //! Who hosts a core's inbox: every node that holds the core, except cores a node follows only
@@ -49,6 +51,7 @@ pub mod crypto;
 pub mod envelope;
 pub mod inbox;
 pub mod outbox;
+pub mod senders;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -107,6 +110,8 @@ pub struct Config {
     pub burst_per_sender: f64,
     /// How often hosts of an inbox compare inventories.
     pub inventory_interval: Duration,
+    /// Messages whose sender core this node does not hold wait for its catch-up (bounds).
+    pub senders: senders::Limits,
 }
 
 impl Default for Config {
@@ -120,6 +125,7 @@ impl Default for Config {
             rate_per_sender: 50.0,
             burst_per_sender: 500.0,
             inventory_interval: Duration::from_secs(60),
+            senders: senders::Limits::default(),
         }
     }
 }

@@ -87,6 +87,16 @@ pub enum NodeEvent {
         /// The recipient core.
         to: crate::core::Address,
     },
+    /// A replica of its recipient refused a message this node sent, for good (it left the
+    /// outbox).
+    MessageRefused {
+        /// The message.
+        id: crate::msg::MessageId,
+        /// The recipient core.
+        to: crate::core::Address,
+        /// Why, in the replica's words.
+        reason: String,
+    },
 }
 
 /// Who this node is and where it listens.

@@ -30,6 +30,8 @@ pub(crate) enum MsgCommand {
     Inbox { core: Address, since: Option<i64>, reply: oneshot::Sender<Result<RawMessages, MsgError>> },
     /// One message, marked read.
     Read { id: MessageId, reply: oneshot::Sender<Result<RawMessages, MsgError>> },
+    /// One message, left as it is (read or not).
+    Get { id: MessageId, reply: oneshot::Sender<Result<RawMessages, MsgError>> },
     Delete { id: MessageId, reply: oneshot::Sender<Result<(), MsgError>> },
     Outbox { reply: oneshot::Sender<Vec<OutboxEntry>> },
 }
@@ -114,6 +116,17 @@ pub enum MsgError {
         /// Whether this node just started following the core to learn its keys.
         following: bool,
     },
+    /// The owner of the sender core revoked this node's key: it cannot send as that core.
+    #[error("the owner of core {0} revoked this node's key: it cannot send as that core any more")]
+    Revoked(String),
+    /// A replica of the recipient refused the message for good (it is not kept for retries).
+    #[error("a replica of core {to} refused the message: {reason}")]
+    Refused {
+        /// The recipient core.
+        to: String,
+        /// The replica's reason.
+        reason: String,
+    },
     /// No message with this id in any inbox of this node.
     #[error("no message {0} on this node")]
     NotFound(String),
@@ -165,7 +178,7 @@ impl MsgClient<'_> {
         .map_err(|_| MsgError::Stopped)??;
         let mut events = self.0.events();
         let delivered = self.ask(|reply| MsgCommand::Queue { id, to, envelope, created_at, reply }).await?;
-        let delivered = delivered || wait_delivered(&mut events, id, wait).await;
+        let delivered = delivered || wait_delivered(&mut events, id, wait).await.map_err(|reason| MsgError::Refused { to: to.to_checksum(), reason })?;
         Ok(Sent { id: id.to_string(), to: to.to_checksum(), delivered })
     }
 
@@ -182,6 +195,12 @@ impl MsgClient<'_> {
         open_all(raw).await?.pop().ok_or_else(|| MsgError::NotFound(id.to_string()))
     }
 
+    /// One message, without marking it read (what an app's subscription shows).
+    pub async fn get(&self, id: MessageId) -> Result<InboxMessage, MsgError> {
+        let raw = self.ask(|reply| MsgCommand::Get { id, reply }).await?;
+        open_all(raw).await?.pop().ok_or_else(|| MsgError::NotFound(id.to_string()))
+    }
+
     /// Deletes a message on this node; no host brings it back.
     pub async fn delete(&self, id: MessageId) -> Result<(), MsgError> {
         self.ask(|reply| MsgCommand::Delete { id, reply }).await
@@ -193,13 +212,16 @@ impl MsgClient<'_> {
     }
 }
 
-async fn wait_delivered(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>, id: MessageId, wait: Duration) -> bool {
+/// Whether a replica took message `id` within `wait` (`Ok(false)`: not yet, it waits in the
+/// outbox); `Err` with the reason when a replica refused it for good.
+async fn wait_delivered(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>, id: MessageId, wait: Duration) -> Result<bool, String> {
     let until = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(until, events.recv()).await {
-            Ok(Ok(NodeEvent::MessageDelivered { id: got, .. })) if got == id => return true,
+            Ok(Ok(NodeEvent::MessageDelivered { id: got, .. })) if got == id => return Ok(true),
+            Ok(Ok(NodeEvent::MessageRefused { id: got, reason, .. })) if got == id => return Err(reason),
             Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(_)) | Err(_) => return false,
+            Ok(Err(_)) | Err(_) => return Ok(false),
         }
     }
 }

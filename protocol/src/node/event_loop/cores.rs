@@ -406,6 +406,8 @@ impl EventLoop {
             }
             self.cores.replicas.own(statement).map_err(storage)?;
             self.join_core(delegation.owner);
+            // A core this node writes hosts its inbox here, even if it was a contact before.
+            self.msg_core_followed(delegation.owner);
             self.msg_publish_device_key();
             tracing::info!(core = %delegation.owner, "delegation accepted: this node may write to the core");
             return Ok(SubmitOutcome { kind: StatementKind::Delegation, core: delegation.owner.to_checksum(), peer: local.to_base58() });
@@ -582,6 +584,7 @@ impl EventLoop {
         let acceptance = match outcome {
             Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
                 self.announce_applied(core, &report.applied);
+                self.msg_core_changed(core);
                 self.private_share(core);
                 MessageAcceptance::Accept
             }
@@ -659,7 +662,11 @@ impl EventLoop {
                 let response = match batch {
                     Ok(batch) => {
                         let (response, report) = self.cores.replicas.handle_verified_sync_request(request, batch, &peer);
+                        let applied_any = !report.applied.is_empty();
                         self.report_catch_up(core, peer, report);
+                        if let Some(core) = core.filter(|_| applied_any) {
+                            self.msg_core_changed(core);
+                        }
                         response
                     }
                     Err(reason) => {
@@ -685,9 +692,14 @@ impl EventLoop {
                     }
                 };
                 let applied_any = !step.report.applied.is_empty();
+                let in_sync = step.error.is_none() && step.next.is_none();
                 self.report_catch_up(core, peer, step.report);
                 if let Some(core) = core.filter(|_| applied_any) {
                     self.private_share(core);
+                    self.msg_core_changed(core);
+                }
+                if let Some(core) = core.filter(|_| in_sync) {
+                    self.msg_sender_caught_up(core);
                 }
                 if let Some(error) = &step.error {
                     tracing::debug!(%peer, "catch-up ended: {error}");

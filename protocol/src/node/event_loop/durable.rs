@@ -128,7 +128,11 @@ impl EventLoop {
         match (work, synced) {
             (AfterSync::Reply(reply), synced) => reply(synced),
             (AfterSync::Publish { core, envelope }, Ok(())) => self.publish_now(core, envelope),
-            (AfterSync::Announce(update), Ok(())) => self.announce(NodeEvent::CoreUpdated(update)),
+            (AfterSync::Announce(update), Ok(())) => {
+                let core = update.core;
+                self.announce(NodeEvent::CoreUpdated(update));
+                self.msg_core_changed(core);
+            }
             // Not on disk: neither sent nor announced (it was not acknowledged either).
             (AfterSync::Publish { .. } | AfterSync::Announce(_), Err(_)) => {}
         }

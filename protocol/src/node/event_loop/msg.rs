@@ -23,6 +23,7 @@ use crate::core::Address;
 use crate::msg::envelope::{self, MessageId, Refused, Verified};
 use crate::msg::inbox::{self, Admitted, Inboxes, OutboxRecord, Write};
 use crate::msg::outbox::{Outbox, MAX_BATCH};
+use crate::msg::senders::{Arrival, Parked, Senders};
 use crate::msg::{inbox_topic, DeviceKey, RateLimiter};
 use crate::node::client::{now_ms, MsgCommand, MsgError, NodeEvent, OutboxEntry, RawMessages, Sealer};
 use crate::store::Store;
@@ -49,6 +50,8 @@ pub(super) struct MsgState {
     inboxes: Inboxes,
     outbox: Outbox,
     limiter: RateLimiter,
+    /// Messages whose sender core is being caught up before their verdict.
+    senders: Senders,
     delegations: Delegations,
     work_tx: mpsc::Sender<MsgWork>,
     work: mpsc::Receiver<MsgWork>,
@@ -61,6 +64,10 @@ pub(super) struct MsgState {
     /// When this node last compared inventories with each host of each core.
     inventories: HashMap<(Address, PeerId), Instant>,
     last_device_check: Option<Instant>,
+    /// Whether the stored messages were checked against the revocations in the store since
+    /// start (a crash between applying a revocation and removing its messages, or messages
+    /// stored by an older version).
+    revocations_swept: bool,
 }
 
 /// Work that comes back to the event loop from blocking threads.
@@ -157,6 +164,7 @@ impl MsgState {
             }
         };
         let (work_tx, work) = mpsc::channel(MAX_VERIFYING + 16);
+        let senders = Senders::new(config.senders);
         Ok(MsgState {
             config,
             store,
@@ -164,6 +172,7 @@ impl MsgState {
             inboxes,
             outbox,
             limiter: RateLimiter::default(),
+            senders,
             delegations: Delegations::default(),
             work_tx,
             work,
@@ -174,6 +183,7 @@ impl MsgState {
             hosting: HashSet::new(),
             inventories: HashMap::new(),
             last_device_check: None,
+            revocations_swept: false,
         })
     }
 
@@ -260,7 +270,10 @@ impl EventLoop {
                 let _ = reply.send(self.msg_inbox(core, since));
             }
             MsgCommand::Read { id, reply } => {
-                let _ = reply.send(self.msg_read(id));
+                let _ = reply.send(self.msg_read(id, true));
+            }
+            MsgCommand::Get { id, reply } => {
+                let _ = reply.send(self.msg_read(id, false));
             }
             MsgCommand::Delete { id, reply } => match self.msg.inboxes.delete(&id, now_ms()) {
                 Some(writes) => self.msg.write(writes, Waiter::Done(reply)),
@@ -276,8 +289,12 @@ impl EventLoop {
     }
 
     fn msg_prepare(&mut self, from: Address, to: Address) -> Result<Sealer, MsgError> {
+        let local = *self.swarm.local_peer_id();
         let sender = self.cores.replicas.get_mut(&from).ok_or_else(|| MsgError::NotHeld(from.to_checksum()))?;
         let delegation = sender.own_delegation().cloned().ok_or_else(|| MsgError::NotWritable(from.to_checksum()))?;
+        if sender.revocations().iter().any(|r| r.peer == local) {
+            return Err(MsgError::Revoked(from.to_checksum()));
+        }
         let Some(recipient) = self.cores.replicas.get_mut(&to) else {
             // Learn the recipient's device keys: follow its core, as a contact (no inbox here).
             self.cores.replicas.follow(to).map_err(storage)?;
@@ -338,14 +355,17 @@ impl EventLoop {
         Ok(RawMessages { device: self.msg.device.clone(), messages })
     }
 
-    fn msg_read(&mut self, id: MessageId) -> Result<RawMessages, MsgError> {
+    /// One stored message; `mark` marks it read on this node.
+    fn msg_read(&mut self, id: MessageId, mark: bool) -> Result<RawMessages, MsgError> {
         let (core, mut entry) = self.msg.inboxes.entry(&id).ok_or_else(|| MsgError::NotFound(id.to_string()))?;
         let stored = self.msg.inboxes.stored(&self.store, &id).map_err(storage)?.ok_or_else(|| MsgError::NotFound(id.to_string()))?;
         let envelope = Envelope::decode(stored.envelope.as_slice()).map_err(storage)?;
-        if let Some(write) = self.msg.inboxes.mark_read(&id, &stored) {
-            self.msg.write(vec![write], Waiter::Nothing);
+        if mark {
+            if let Some(write) = self.msg.inboxes.mark_read(&id, &stored) {
+                self.msg.write(vec![write], Waiter::Nothing);
+            }
+            entry.read = true;
         }
-        entry.read = true;
         Ok(RawMessages { device: self.msg.device.clone(), messages: vec![(id, core, entry, envelope)] })
     }
 
@@ -493,8 +513,9 @@ impl EventLoop {
                                     tracing::debug!(%peer, %id, "message delivered");
                                     self.announce(NodeEvent::MessageDelivered { id, to });
                                 } else {
-                                    let reason = response.outcomes.get(i).map(|o| o.reason.as_str()).unwrap_or_default();
+                                    let reason = response.outcomes.get(i).map(|o| o.reason.clone()).unwrap_or_default();
                                     tracing::warn!(%peer, %id, "a replica refused the message for good: {reason}");
+                                    self.announce(NodeEvent::MessageRefused { id, to, reason });
                                 }
                             }
                         }
@@ -545,12 +566,12 @@ impl EventLoop {
                 // Put the early refusals back in their places.
                 let mut verified = results.into_iter();
                 let results = (0..total).map(|i| refused.remove(&i).map_or_else(|| verified.next().unwrap_or(Err(Refused::Busy)), Err)).collect();
-                let (outcomes, writes, new) = self.msg_admit(&peer, results);
+                let (outcomes, writes, new) = self.msg_admit(&peer, results, false);
                 self.msg.write(writes, Waiter::Answer { peer, channel, outcomes, new });
             }
             MsgWork::Verified { origin: Origin::Replication { peer }, results } => {
                 self.msg.verified(&peer);
-                let (_, writes, new) = self.msg_admit(&peer, results);
+                let (_, writes, new) = self.msg_admit(&peer, results, false);
                 if !new.is_empty() {
                     self.msg.write(writes, Waiter::Learned { peer, new });
                 }
@@ -566,12 +587,15 @@ impl EventLoop {
     }
 
     /// The checks that need this node's state, for verified envelopes: hosted here, sender
-    /// not revoked, the sender core's rate, the inbox bounds, duplicates.
-    fn msg_admit(&mut self, peer: &PeerId, results: Vec<Result<Verified, Refused>>) -> (Vec<Outcome>, Vec<Write>, Vec<NewMessage>) {
+    /// not revoked, the sender core's rate, the inbox bounds, duplicates. A message whose
+    /// sender core this node does not hold waits for that core's catch-up (it is parked and
+    /// the sender asked to retry), unless `decide_now` (the wait is over).
+    fn msg_admit(&mut self, peer: &PeerId, results: Vec<Result<Verified, Refused>>, decide_now: bool) -> (Vec<Outcome>, Vec<Write>, Vec<NewMessage>) {
         let now = Instant::now();
         let now_ms = now_ms();
         let mut writes = Vec::new();
         let mut new = Vec::new();
+        let mut follow = Vec::new();
         // Revoked keys of the sender cores held here, from the store when a replica is not in
         // memory (a revocation is a durable fact, never only a loaded one).
         let mut revoked: HashMap<Address, Vec<PeerId>> = HashMap::new();
@@ -592,6 +616,16 @@ impl EventLoop {
                 let admitted = result.and_then(|v| {
                     if !self.msg_hosts(&v.to) {
                         return Err(Refused::NotHeld(v.to.to_checksum()));
+                    }
+                    if !decide_now && !self.cores.replicas.holds(&v.from) {
+                        if self.msg.inboxes.knows(&v.to, &v.id) {
+                            return Ok(());
+                        }
+                        let from = v.from;
+                        if self.msg.senders.park(v, *peer, now) == (Arrival::Parked { follow: true }) {
+                            follow.push(from);
+                        }
+                        return Err(Refused::SenderPending(from.to_checksum()));
                     }
                     if revoked.get(&v.from).is_some_and(|peers| peers.contains(&v.author)) {
                         return Err(Refused::Revoked(v.author.to_base58()));
@@ -616,7 +650,77 @@ impl EventLoop {
                 outcome(admitted.as_ref().map(|_| ()))
             })
             .collect();
+        for core in follow {
+            self.msg_follow_sender(core);
+        }
         (outcomes, writes, new)
+    }
+
+    /// Follows a sender core as a contact (no inbox of it here) and starts its catch-up, so
+    /// that the verdict on its messages knows its revocations.
+    fn msg_follow_sender(&mut self, core: Address) {
+        if self.cores.replicas.holds(&core) {
+            return;
+        }
+        // The contact mark is on disk before the core is held: a crash in between must not
+        // leave this node hosting the sender's inbox (its other correspondents' messages).
+        // One synced write per new sender core, bounded by the parking limits.
+        if let Some(write) = self.msg.inboxes.set_contact(core, true) {
+            if let Err(e) = inbox::commit(&self.store, &[write], true) {
+                self.msg.inboxes.set_contact(core, false);
+                tracing::error!(%core, "cannot record the sender core as a contact: {e}; its messages are decided without it");
+                return;
+            }
+        }
+        if let Err(e) = self.cores.replicas.follow(core) {
+            tracing::error!(%core, "cannot follow the sender core: {e}; its messages are decided without it");
+            return;
+        }
+        self.join_core(core);
+        tracing::info!(%core, "catching up a sender core before deciding on its messages");
+    }
+
+    /// A catch-up session of `core` ended in sync: the messages that waited for it are decided.
+    pub(super) fn msg_sender_caught_up(&mut self, core: Address) {
+        if self.msg.senders.is_waiting(&core) {
+            let parked = self.msg.senders.caught_up(&core);
+            tracing::debug!(%core, messages = parked.len(), "sender core caught up; deciding on its messages");
+            self.msg_release(parked);
+        }
+    }
+
+    /// Decides on parked messages with what this node knows now.
+    fn msg_release(&mut self, parked: Vec<Parked>) {
+        let mut by_peer: HashMap<PeerId, Vec<Result<Verified, Refused>>> = HashMap::new();
+        for Parked { message, peer } in parked {
+            by_peer.entry(peer).or_default().push(Ok(message));
+        }
+        for (peer, results) in by_peer {
+            let (_, writes, new) = self.msg_admit(&peer, results, true);
+            if !new.is_empty() {
+                self.msg.write(writes, Waiter::Learned { peer, new });
+            }
+        }
+    }
+
+    /// Changes entered core `core`: if this node stores messages sent as that core, those
+    /// signed by a key its owner has revoked are removed (whenever the revocation arrives).
+    pub(super) fn msg_core_changed(&mut self, core: Address) {
+        if !self.msg.inboxes.has_sender(&core) {
+            return;
+        }
+        let revoked: HashSet<PeerId> = match self.cores.replicas.revocations(&core) {
+            Ok(list) => list.into_iter().map(|r| r.peer).collect(),
+            Err(e) => {
+                tracing::error!(%core, "cannot read the core's revocations: {e}");
+                return;
+            }
+        };
+        let (ids, writes) = self.msg.inboxes.remove_revoked(&core, &revoked, now_ms());
+        if !ids.is_empty() {
+            tracing::warn!(sender = %core, removed = ids.len(), "removed stored messages signed by a key the sender core's owner revoked");
+            self.msg.write(writes, Waiter::Nothing);
+        }
     }
 
     /// A group write finished: answer, announce, forward, or undo.
@@ -717,6 +821,17 @@ impl EventLoop {
     /// Time-driven messaging: the outbox, the inbox topics, inventories, device keys.
     pub(super) fn tick_msg(&mut self, now: Instant) {
         self.msg_dispatch(now);
+        if !self.msg.revocations_swept {
+            self.msg.revocations_swept = true;
+            for core in self.msg.inboxes.sender_cores() {
+                self.msg_core_changed(core);
+            }
+        }
+        let due = self.msg.senders.due(now);
+        if !due.is_empty() {
+            tracing::debug!(messages = due.len(), "no catch-up of their sender cores in time; deciding with what this node knows");
+            self.msg_release(due);
+        }
         self.msg_join_inboxes();
         self.msg_inventories(now);
         if self.msg.last_device_check.is_none_or(|t| now.duration_since(t) >= DEVICE_KEY_CHECK) {
