@@ -11,6 +11,9 @@
 // - Live: a WebSocket subscription (kb_subscribe) brings every change to the namespace, made
 //   here, by another app, or on another device's node.
 //
+// - Offline start: a service worker (sw.js) keeps a copy of the app's files, so the page also
+//   opens while the node is away.
+//
 // Plain JavaScript, no build step, no dependencies: the node serves this file as is.
 'use strict';
 
@@ -47,6 +50,8 @@ const app = {
   session: null,
   /** id → note, as the node last told us. */
   remote: new Map(),
+  /** Counts the updates of `remote`: a read that was overtaken by one is not applied. */
+  remoteVersion: 0,
   /** [{seq, id, note}], oldest first: edits the node has not taken yet. */
   outbox: [],
   nextSeq: 1,
@@ -127,6 +132,7 @@ function currentNotes() {
 
 function setRemote(value) {
   app.remote = asNotes(value);
+  app.remoteVersion += 1;
   saveLocal();
   render();
 }
@@ -242,6 +248,7 @@ async function sendOutbox() {
       const edit = app.outbox[0];
       await rpc('kb_setData', [NAMESPACE, edit.id, edit.note]);
       app.remote.set(edit.id, edit.note);
+      app.remoteVersion += 1;
       // Typing may have replaced it meanwhile: only this edit is done.
       app.outbox = app.outbox.filter((queued) => queued.seq !== edit.seq);
       app.problem = '';
@@ -336,10 +343,13 @@ function subscriptionEnded(socket, error) {
   else socket.close();
 }
 
+/** Reads the whole namespace; a notification or a write that came meanwhile is newer, and the
+ * read is then dropped (the notifications keep the page up to date). */
 async function refresh() {
+  const before = app.remoteVersion;
   try {
     const { value } = await rpc('kb_getData', [NAMESPACE]);
-    setRemote(value);
+    if (app.remoteVersion === before) setRemote(value);
   } catch (error) {
     failed(error);
   }
@@ -436,6 +446,10 @@ function renderEditor(notes) {
 }
 
 function start() {
+  // The app's files stay in the browser, so that it opens while the node is away (sw.js).
+  if ('serviceWorker' in navigator) {
+    navigator.serviceWorker.register('sw.js').catch((error) => console.warn('notes: no offline copy of the app', error));
+  }
   $('sign-in').addEventListener('click', signIn);
   $('sign-out').addEventListener('click', signOut);
   $('new-note').addEventListener('click', newNote);

@@ -135,6 +135,7 @@ mod tests {
             ("/apps/notes/index.html", "text/html; charset=utf-8"),
             ("/apps/notes/app.js", "text/javascript; charset=utf-8"),
             ("/apps/notes/style.css", "text/css; charset=utf-8"),
+            ("/apps/notes/sw.js", "text/javascript; charset=utf-8"),
         ] {
             match lookup(path) {
                 Lookup::File { bytes, content_type } => {

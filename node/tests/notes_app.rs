@@ -61,6 +61,7 @@ fn the_app_endpoint_serves_the_embedded_apps_and_refuses_paths_that_could_escape
         ("/apps/notes/index.html", "notes/index.html", "text/html; charset=utf-8"),
         ("/apps/notes/app.js", "notes/app.js", "text/javascript; charset=utf-8"),
         ("/apps/notes/style.css", "notes/style.css", "text/css; charset=utf-8"),
+        ("/apps/notes/sw.js", "notes/sw.js", "text/javascript; charset=utf-8"),
     ] {
         let (status, head, body) = raw_get(&app, path)?;
         assert_eq!(status, 200, "{path}: {head}");
@@ -257,7 +258,9 @@ fn two_browsers_on_two_nodes_see_each_others_notes_live_and_edits_made_offline_a
     browsers.run(json!({"cmd": "wait_note", "browser": "one", "id": weekend, "title": "Weekend", "body": "Bike to the lake, bring a map", "timeout": 60}), long)?;
     browsers.run(json!({"cmd": "wait_note", "browser": "one", "id": groceries, "title": "Groceries", "body": "Milk, eggs, coffee", "timeout": 60}), long)?;
 
-    // Node A goes away: the first browser says so and keeps the edits made meanwhile.
+    // Node A goes away: the first browser says so and keeps the edits made meanwhile, also
+    // across a reload (its service worker keeps the app's files; localStorage the queue).
+    browsers.run(json!({"cmd": "offline_ready", "browser": "one", "timeout": 30}), short)?;
     a.stop()?;
     browsers.run(json!({"cmd": "wait_status", "browser": "one", "state": "offline", "timeout": 30}), short)?;
     browsers.run(json!({"cmd": "edit_note", "browser": "one", "id": groceries, "body": "Milk, eggs, coffee, bread"}), short)?;
@@ -268,6 +271,9 @@ fn two_browsers_on_two_nodes_see_each_others_notes_live_and_edits_made_offline_a
     let status = browsers.run(json!({"cmd": "status", "browser": "one"}), short)?;
     assert_eq!((&status["state"], &status["queued"]), (&json!("offline"), &json!(2)), "the queued edits must wait for the node: {status}");
     assert_eq!(note_in(&b, &address, &groceries)?["body"], "Milk, eggs, coffee", "nothing reached the other node");
+    browsers.run(json!({"cmd": "reload", "browser": "one"}), short)?;
+    browsers.run(json!({"cmd": "wait_status", "browser": "one", "state": "offline", "queued": 2, "timeout": 10}), short)?;
+    browsers.run(json!({"cmd": "wait_note", "browser": "one", "id": groceries, "title": "Groceries", "body": "Milk, eggs, coffee, bread", "timeout": 10}), short)?;
 
     // Node A comes back on the same ports: the page reconnects by itself and sends the queue.
     a = TestNode::start_with(&repo_a, "a", &["--listen", &listen_a], &["--owner", &address, "--app-api", &app_a, "--peer", &b.tcp_addr()])?;

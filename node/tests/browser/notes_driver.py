@@ -21,6 +21,8 @@ Commands (`browser` names a browser; the first command naming it starts it):
   wait_status {browser, state, queued?, timeout} → {state, queued, text}
   status {browser}                         → {state, queued, text}
   call {browser, method, params}           → the JSON-RPC reply of a fetch from the page
+  offline_ready {browser, timeout}         → {} once the service worker controls the page
+  reload {browser}                         → {} (the page reloaded, even with its node away)
   screenshot {browser, path}               → {bytes}
   quit                                     → {} (also on end of input)
 
@@ -40,7 +42,7 @@ from urllib.parse import urlsplit
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -96,7 +98,10 @@ PROVIDER = """
 """
 
 
-COMMANDS = {"wallet", "open", "sign_in", "new_note", "edit_note", "wait_note", "wait_status", "status", "call", "screenshot", "quit"}
+COMMANDS = {
+    "wallet", "open", "sign_in", "new_note", "edit_note", "wait_note", "wait_status", "status", "call",
+    "offline_ready", "reload", "screenshot", "quit",
+}
 
 
 class Failure(Exception):
@@ -116,7 +121,7 @@ def wait_for(what, timeout, check, interval=0.1):
             result = check()
             if result:
                 return result
-        except StaleElementReferenceException as error:  # the list re-rendered under us
+        except (StaleElementReferenceException, NoSuchElementException) as error:  # the list re-rendered under us
             last_error = error
         if time.monotonic() > deadline:
             raise Failure(f"timed out after {timeout}s waiting for {what}" + (f" (last: {last_error})" if last_error else ""))
@@ -144,7 +149,7 @@ class Browser:
             "--disable-extensions",
             "--no-proxy-server",
             # Loopback only: no name resolves (the pages are on 127.0.0.1).
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--window-size=1200,760",
             f"--user-data-dir={self.profile}",
         ]:
@@ -249,8 +254,7 @@ class Driver:
     def new_note(self, command):
         browser = self.browser(command)
         browser.element("#new-note").click()
-        selected = wait_for("the new note to be selected", 10, lambda: browser.driver.find_elements(By.CSS_SELECTOR, "#note-list li[aria-selected='true']"))
-        note_id = selected[0].get_attribute("data-id")
+        note_id = wait_for("the new note to be selected", 10, lambda: browser.element("#note-list li[aria-selected='true']").get_attribute("data-id"))
         browser.type_into("#note-title", command["title"])
         browser.type_into("#note-body", command["body"])
         return {"id": note_id}
@@ -266,8 +270,14 @@ class Driver:
 
     def select(self, browser, note_id):
         item = f"#note-list li[data-id='{note_id}']"
-        wait_for(f"note {note_id} in the list", 10, lambda: browser.driver.find_elements(By.CSS_SELECTOR, item))
-        browser.element(item).click()
+
+        def click():
+            # The app re-renders its list on every change: find and click in one go, again if
+            # the element was replaced in between.
+            browser.element(item).click()
+            return True
+
+        wait_for(f"note {note_id} in the list", 10, click)
         wait_for(f"note {note_id} to be selected", 10, lambda: browser.element(item).get_attribute("aria-selected") == "true")
 
     def wait_note(self, command):
@@ -316,6 +326,18 @@ class Driver:
         """
         return self.browser(command).driver.execute_async_script(script, command["method"], command.get("params"))
 
+    def offline_ready(self, command):
+        browser = self.browser(command)
+        script = "return !!(navigator.serviceWorker && navigator.serviceWorker.controller)"
+        wait_for("the app's service worker to control the page", command.get("timeout", 30), lambda: browser.driver.execute_script(script))
+        return {}
+
+    def reload(self, command):
+        browser = self.browser(command)
+        browser.driver.refresh()
+        wait_for("the reloaded page to start", 10, lambda: browser.element("#status").get_attribute("data-state") != "signed-out" or browser.element("#sign-in").is_displayed())
+        return {}
+
     def screenshot(self, command):
         browser = self.browser(command)
         os.makedirs(os.path.dirname(os.path.abspath(command["path"])), exist_ok=True)
@@ -347,7 +369,9 @@ class Driver:
                 reply = {"ok": getattr(self, name)(command)}
             except Exception as error:
                 traceback.print_exc(file=sys.stderr)
-                reply = {"error": f"{type(error).__name__}: {error}{self.report(command)}"}
+                # Selenium's messages end in the driver's native stack trace: not worth reading.
+                text = error.msg if isinstance(error, WebDriverException) and error.msg else str(error)
+                reply = {"error": f"{type(error).__name__}: {text}{self.report(command)}"}
             replies.write(json.dumps(reply) + "\n")
             replies.flush()
             if name == "quit":
