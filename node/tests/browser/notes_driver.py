@@ -47,6 +47,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+# The test writes nothing into the source tree (no __pycache__ next to this file).
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eip4361  # noqa: E402  (next to this file)
 
