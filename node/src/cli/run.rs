@@ -103,6 +103,9 @@ pub fn run(repo: &Repo, args: RunArgs) -> anyhow::Result<()> {
         println!("API: {api_url} (secret in {})", repo.cookie_path().display());
         println!("gateway: {gateway_url}ipfs/<cid>");
         println!("app API: {}", local_url(app_addr));
+        for name in crate::apps::names() {
+            println!("example app: {}apps/{name}/", local_url(app_addr));
+        }
         if config.network.bootstrap {
             println!("bootstrap mode: other nodes can join with --peer <one of the addresses above>");
         }

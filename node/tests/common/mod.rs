@@ -196,7 +196,9 @@ impl TestNode {
             .arg(repo)
             .arg("run")
             .args(listen)
-            .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0", "--app-api", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0"])
+            // A test that restarts a node whose app a browser has open keeps its app port.
+            .args(if extra.contains(&"--app-api") { &[][..] } else { &["--app-api", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())

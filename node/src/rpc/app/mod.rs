@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use libp2p::identity::Keypair;
 use tokio_util::sync::CancellationToken;
@@ -223,7 +223,8 @@ fn origin_domain(headers: &HeaderMap) -> Option<String> {
     kubelt_protocol::core::delegation::is_valid_app_domain(&domain).then_some(domain)
 }
 
-/// The router of the app API: JSON-RPC on `/` and `/@<core>`, CORS as configured.
+/// The router of the app API: JSON-RPC on `/` and `/@<core>`, the example apps under
+/// `/apps/` ([`crate::apps`]), CORS as configured.
 pub fn router(state: ApiState) -> Router {
     let cors = match &state.gate {
         Gate::App(app) => cors(&app.settings.cors_origins),
@@ -232,6 +233,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", post(http::post).get(ws::upgrade))
         .route("/@{core}", post(http::post).get(ws::upgrade))
+        .route("/apps/{*path}", get(crate::apps::serve))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(cors)
@@ -254,7 +256,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "not found: the app API serves POST / (JSON-RPC) and GET / (JSON-RPC over WebSocket)\n")
+    (StatusCode::NOT_FOUND, "not found: the app API serves POST / (JSON-RPC), GET / (JSON-RPC over WebSocket) and its example apps at /apps/<name>/\n")
 }
 
 /// The state of the app endpoint.
