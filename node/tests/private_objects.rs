@@ -91,6 +91,7 @@ fn a_private_object_is_read_by_the_owners_devices_and_is_only_ciphertext_on_a_ho
     // The hosting node keeps the blocks but has no key.
     kubelt_ok(&c.repo, &["pin", "add", &cid])?;
     kubelt_ok(&c.repo, &["pin", "add", &plain_cid])?;
+    kubelt_ok(&b.repo, &["pin", "add", &plain_cid])?;
     let out = kubelt(&c.repo, &["cat", "--core", &address, &cid])?;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("encrypted"), "cat --core on C: {}", describe(&out));
     let refused = c.call("content_cat", json!({ "path": cid, "core": address }));
@@ -110,7 +111,7 @@ fn a_private_object_is_read_by_the_owners_devices_and_is_only_ciphertext_on_a_ho
     assert_eq!(gateway_bytes(&c, &plain_cid)?, control, "the gateway serves plain files as they are");
 
     // Neither the hosting node nor the device that decrypted stored the plaintext; the search
-    // finds the plain control file, so it would find a leak.
+    // finds the plain control file (both pinned it), so it would find a leak.
     let needle = b"kubelt-private-object-secret line 000042";
     for node in [&mut c, &mut b] {
         node.stop()?;
