@@ -9,6 +9,7 @@
 //! -32016 (encrypted). The gateway is not involved: it serves the ciphertext like any content
 //! and never decrypts.
 
+use std::io::Read;
 use std::path::Path;
 use std::pin::Pin;
 
@@ -57,10 +58,80 @@ pub fn parse_core(text: &str) -> Result<Address, RpcError> {
     Address::parse(text).map_err(|e| RpcError::invalid_params(format!("invalid core address '{text}': {e}")))
 }
 
+/// Chunks of ciphertext the encrypting thread may run ahead of the importer (256 KiB each).
+const PIPELINE_CHUNKS: usize = 8;
+
 /// Imports `reader`'s bytes encrypted under `key` as one UnixFS file (not pinned). Blocking;
-/// constant memory whatever the size.
-pub fn add_encrypted(store: &Store, reader: impl std::io::Read, key: &ObjectKey, opts: &ImportOptions) -> Result<Imported, UnixfsError> {
-    unixfs::add_file(store, EncryptingReader::new(reader, key), opts, &mut |_| {})
+/// constant memory whatever the size. The encryption runs on a thread of its own, a few
+/// chunks ahead of the importer, so that it overlaps the hashing instead of adding to it.
+pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, opts: &ImportOptions) -> Result<Imported, UnixfsError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PIPELINE_CHUNKS);
+    std::thread::scope(|scope| {
+        let encrypting = std::thread::Builder::new().name("kbobj1-encrypt".into()).spawn_scoped(scope, move || {
+            let mut encrypting = EncryptingReader::new(reader, key);
+            loop {
+                let mut chunk = vec![0u8; 256 << 10];
+                let sent = match read_full(&mut encrypting, &mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        tx.send(Ok(chunk))
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                };
+                // The importer stopped (it failed): nothing more to do.
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        if let Err(e) = encrypting {
+            return Err(UnixfsError::Source(format!("cannot start the encrypting thread: {e}")));
+        }
+        unixfs::add_file(store, ChannelReader { rx, current: Vec::new(), at: 0 }, opts, &mut |_| {})
+    })
+}
+
+/// Reads until `buf` is full or the end; returns how much was read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A [`Read`] of the chunks another thread sends; the end when it stops sending.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Adds the file at `path` for `content_add` with a `core`.
