@@ -24,7 +24,7 @@ use kubelt_protocol::core::private::object::{Decryptor, EncryptingReader, Header
 use kubelt_protocol::core::Address;
 use kubelt_protocol::node::{Client, CoreCommandError};
 use kubelt_protocol::store::{PinKind, Store};
-use kubelt_protocol::unixfs::{self, ImportOptions, Imported, UnixfsError};
+use kubelt_protocol::unixfs::{self, ImportOptions, Imported};
 
 use super::{code, ApiState, Gate, RpcError};
 
@@ -64,7 +64,7 @@ const PIPELINE_CHUNKS: usize = 8;
 /// Imports `reader`'s bytes encrypted under `key` as one UnixFS file (not pinned). Blocking;
 /// constant memory whatever the size. The encryption runs on a thread of its own, a few
 /// chunks ahead of the importer, so that it overlaps the hashing instead of adding to it.
-pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, opts: &ImportOptions) -> Result<Imported, UnixfsError> {
+pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, opts: &ImportOptions) -> anyhow::Result<Imported> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PIPELINE_CHUNKS);
     std::thread::scope(|scope| {
         let encrypting = std::thread::Builder::new().name("kbobj1-encrypt".into()).spawn_scoped(scope, move || {
@@ -89,9 +89,9 @@ pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, o
             }
         });
         if let Err(e) = encrypting {
-            return Err(UnixfsError::Source(format!("cannot start the encrypting thread: {e}")));
+            anyhow::bail!("cannot start the encrypting thread: {e}");
         }
-        unixfs::add_file(store, ChannelReader { rx, current: Vec::new(), at: 0 }, opts, &mut |_| {})
+        Ok(unixfs::add_file(store, ChannelReader { rx, current: Vec::new(), at: 0 }, opts, &mut |_| {})?)
     })
 }
 
