@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use kubelt_protocol::core::private::object::{Decryptor, EncryptingReader, Header, ObjectError, ObjectKey, HEADER_LEN};
+use kubelt_protocol::core::private::object::{encrypt_chunks, Decryptor, Header, ObjectError, ObjectKey, HEADER_LEN};
 use kubelt_protocol::core::Address;
 use kubelt_protocol::node::{Client, CoreCommandError};
 use kubelt_protocol::store::{PinKind, Store};
@@ -58,8 +58,8 @@ pub fn parse_core(text: &str) -> Result<Address, RpcError> {
     Address::parse(text).map_err(|e| RpcError::invalid_params(format!("invalid core address '{text}': {e}")))
 }
 
-/// Chunks of ciphertext the encrypting thread may run ahead of the importer (256 KiB each).
-const PIPELINE_CHUNKS: usize = 8;
+/// Chunks of ciphertext (64 KiB each) the encrypting thread may run ahead of the importer.
+const PIPELINE_CHUNKS: usize = 32;
 
 /// Imports `reader`'s bytes encrypted under `key` as one UnixFS file (not pinned). Blocking;
 /// constant memory whatever the size. The encryption runs on a thread of its own, a few
@@ -68,24 +68,9 @@ pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, o
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PIPELINE_CHUNKS);
     std::thread::scope(|scope| {
         let encrypting = std::thread::Builder::new().name("kbobj1-encrypt".into()).spawn_scoped(scope, move || {
-            let mut encrypting = EncryptingReader::new(reader, key);
-            loop {
-                let mut chunk = vec![0u8; 256 << 10];
-                let sent = match read_full(&mut encrypting, &mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        chunk.truncate(n);
-                        tx.send(Ok(chunk))
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        break;
-                    }
-                };
-                // The importer stopped (it failed): nothing more to do.
-                if sent.is_err() {
-                    break;
-                }
+            // The importer stopped (it failed) when a send fails: nothing more to do.
+            if let Err(e) = encrypt_chunks(reader, key, |piece| tx.send(Ok(piece)).is_ok()) {
+                let _ = tx.send(Err(e));
             }
         });
         if let Err(e) = encrypting {
@@ -93,20 +78,6 @@ pub fn add_encrypted(store: &Store, reader: impl Read + Send, key: &ObjectKey, o
         }
         Ok(unixfs::add_file(store, ChannelReader { rx, current: Vec::new(), at: 0 }, opts, &mut |_| {})?)
     })
-}
-
-/// Reads until `buf` is full or the end; returns how much was read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// A [`Read`] of the chunks another thread sends; the end when it stops sending.
@@ -142,7 +113,8 @@ pub fn add_file(store: &Store, path: &Path, key: &ObjectKey, opts: &ImportOption
         anyhow::bail!("{} is not a file: a private add takes one file (put a directory in an archive first)", path.display());
     }
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let imported = add_encrypted(store, std::io::BufReader::with_capacity(1 << 20, file), key, opts)?;
+    // No buffering: the encryption reads 64 KiB at a time.
+    let imported = add_encrypted(store, file, key, opts)?;
     if pin {
         store.pin(&imported.cid, PinKind::Recursive)?;
     } else {

@@ -27,7 +27,9 @@
 //!
 //! [`Encryptor`] and [`Decryptor`] are push-based and do no I/O: they hold at most one chunk,
 //! so a file of any size is encrypted or decrypted in constant memory. [`EncryptingReader`]
-//! wraps a [`std::io::Read`] for the UnixFS importer.
+//! wraps a [`std::io::Read`] for the UnixFS importer; [`encrypt_chunks`] hands out sealed
+//! chunks encrypted where they were read, for a pipeline (the node encrypts a private add on a
+//! thread of its own while the importer hashes).
 //!
 //! What is *not* hidden: the object's size (the ciphertext is 34 + 16 per 64 KiB bytes longer),
 //! when it was added, and the id of the data key (so whoever holds the core's document can tell
@@ -217,14 +219,47 @@ impl Encryptor {
     }
 
     fn seal(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), ObjectError> {
-        let nonce = self.header.nonce(self.position, last);
         let start = out.len();
         out.extend_from_slice(&self.pending);
         self.pending.clear();
-        let tag = self.cipher.encrypt_in_place_detached(&nonce, &self.header.raw, &mut out[start..]).map_err(|_| ObjectError::TooLarge)?;
-        out.extend_from_slice(&tag);
+        self.seal_at(out, start, last)
+    }
+
+    /// Encrypts `buf[start..]` in place as the next chunk and appends its tag.
+    fn seal_at(&mut self, buf: &mut Vec<u8>, start: usize, last: bool) -> Result<(), ObjectError> {
+        let nonce = self.header.nonce(self.position, last);
+        let tag = self.cipher.encrypt_in_place_detached(&nonce, &self.header.raw, &mut buf[start..]).map_err(|_| ObjectError::TooLarge)?;
+        buf.extend_from_slice(&tag);
         self.position = self.position.checked_add(1).ok_or(ObjectError::TooLarge)?;
         Ok(())
+    }
+}
+
+/// Encrypts what `reader` reads under `key` and hands the object to `emit` piece by piece:
+/// the header, then each sealed chunk, encrypted where it was read (no copy). `emit` returns
+/// `false` to stop early. For a pipeline that encrypts on one thread while another consumes.
+pub fn encrypt_chunks(mut reader: impl Read, key: &ObjectKey, mut emit: impl FnMut(Vec<u8>) -> bool) -> std::io::Result<()> {
+    let invalid = |e: ObjectError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut encryptor = Encryptor::new(key);
+    encryptor.header_written = true;
+    if !emit(encryptor.header.raw.to_vec()) {
+        return Ok(());
+    }
+    let mut read_chunk = || -> std::io::Result<Vec<u8>> {
+        let mut chunk = Vec::with_capacity(SEALED_CHUNK);
+        reader.by_ref().take(CHUNK as u64).read_to_end(&mut chunk)?;
+        Ok(chunk)
+    };
+    let mut chunk = read_chunk()?;
+    loop {
+        // A full chunk is the last one only if nothing follows it.
+        let next = if chunk.len() == CHUNK { read_chunk()? } else { Vec::new() };
+        let last = next.is_empty();
+        encryptor.seal_at(&mut chunk, 0, last).map_err(invalid)?;
+        if !emit(chunk) || last {
+            return Ok(());
+        }
+        chunk = next;
     }
 }
 

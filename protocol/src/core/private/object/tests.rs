@@ -72,6 +72,21 @@ fn the_reader_gives_the_same_object_as_the_encryptor_would() -> std::io::Result<
 }
 
 #[test]
+fn encrypting_in_chunks_gives_an_object_that_opens() -> std::io::Result<()> {
+    for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK] {
+        let data = plain(len, 5);
+        let mut sealed = Vec::new();
+        encrypt_chunks(&data[..], &key(3), |piece| {
+            sealed.extend_from_slice(&piece);
+            true
+        })?;
+        assert_eq!(sealed.len() as u64, sealed_len(len as u64), "{len}");
+        assert_eq!(open_with(&sealed, &key(3)).map_err(std::io::Error::other)?, data, "{len}");
+    }
+    Ok(())
+}
+
+#[test]
 fn the_same_file_encrypts_differently_each_time() -> Result<(), ObjectError> {
     let data = plain(1000, 0);
     assert_ne!(seal(&key(1), &data)?, seal(&key(1), &data)?, "a fresh nonce prefix per object");
