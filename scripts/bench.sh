@@ -25,7 +25,10 @@
 #          one recipient (protocol/benches/msg.rs); kb_sendMessage from 16 app clients to another
 #          node, messages/s and p50/p99 (node/tests/app_api.rs).
 # private: core set/get on a private namespace vs a plain one, same run, alternating rounds
-#          (goal: private < 10% slower; protocol/benches/private.rs).
+#          (goal: private < 10% slower; protocol/benches/private.rs); then through a node
+#          process: 100 MiB `add` plain vs private (encrypted), alternating, median of 3 (goal:
+#          private >= 0.8x plain's speed), and kb_setData/kb_getData private vs plain
+#          (node/tests/private_objects.rs; KUBELT_BENCH_MIB, KUBELT_BENCH_ROUNDS, KUBELT_BENCH_OPS).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
@@ -78,4 +81,6 @@ if [ "$what" = all ] || [ "$what" = private ]; then
   cd "$KUBELT_ROOT"
   cargo build --release --locked -p kubelt-protocol --benches
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench private' 2>&1 | grep -E "private:|rror"
+  log "private: 100 MiB add and kb_setData/kb_getData, private vs plain, through a node"
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test private_objects -- --ignored --nocapture bench_private' 2>&1 | grep -E "private |rror|panicked"
 fi

@@ -48,6 +48,20 @@ impl ApiClient {
         }
     }
 
+    /// Streams `GET /private/<core>/<cid>` from the API: a private object, decrypted by the
+    /// node; an HTTP error becomes an error with the node's message.
+    pub fn private_get(&self, core: &str, cid: &str) -> anyhow::Result<Box<dyn std::io::Read + Send + Sync + 'static>> {
+        let url = format!("{}/private/{core}/{cid}", self.url.trim_end_matches('/'));
+        match self.agent.get(&url).set("Authorization", &format!("Bearer {}", self.secret)).call() {
+            Ok(response) => Ok(response.into_reader()),
+            Err(ureq::Error::Status(_, response)) => bail!("{}", response.into_string().unwrap_or_default().trim()),
+            Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::ConnectionFailed => {
+                bail!("no kubelt node is running on repo {} (start one with `kubelt run`)", self.repo_display)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Calls a method and returns its result, or the node's error message.
     pub fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
         let request = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });

@@ -35,6 +35,10 @@ pub struct AddRequest {
     pub hidden: bool,
     #[serde(default = "yes")]
     pub pin: bool,
+    /// Encrypt the file under this core's data key (a private object, `kbobj1`): the CID is the
+    /// ciphertext's. Needs a running node that writes the core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core: Option<String>,
 }
 
 fn yes() -> bool {

@@ -4,7 +4,9 @@
 //! from the first bytes); directories serve their `index.html` or a listing. `?format=car` (or
 //! `Accept: application/vnd.ipld.car`) returns the DAG as a CAR v1 stream and `?format=raw` the
 //! root block, as in the trustless gateway spec. No API secret is needed: the gateway only
-//! reads content addressed by hash. Missing blocks are fetched over bitswap.
+//! reads content addressed by hash. Missing blocks are fetched over bitswap. Private objects
+//! (`kubelt add --private`, `kb_putObject` with `visibility: "private"`) are served as what
+//! they are stored as, ciphertext: the gateway holds no key and never decrypts.
 //!
 //! Anyone can publish what the gateway serves, HTML and scripts included, so it never shares
 //! an origin with anything that holds authority: it has its own listener (`[gateway] listen`,
@@ -207,6 +209,8 @@ fn content_type(name: &str, head: &[u8]) -> &'static str {
 
 fn sniff(head: &[u8]) -> &'static str {
     const SIGNATURES: &[(&[u8], &str)] = &[
+        // A private object (`kbobj1`): ciphertext, which the gateway serves as is.
+        (b"kbobj1", "application/octet-stream"),
         (b"\x89PNG\r\n\x1a\n", "image/png"),
         (b"\xff\xd8\xff", "image/jpeg"),
         (b"GIF8", "image/gif"),

@@ -3,6 +3,8 @@
 //! rounds so both see the same machine. The writer has a second device connected (two device
 //! keys, changes gossiped to it), as an owner with a laptop and a phone would.
 //!
+//! First, the private object format (`kbobj1`) alone: seal and open 100 MiB in memory.
+//!
 //! `scripts/bench.sh private`, or `cargo test --release -p kubelt-protocol --bench private`
 //! (env: `PRIVATE_BENCH_OPS` = 2000 writes and reads per kind).
 
@@ -82,7 +84,26 @@ async fn run(ops: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `kbobj1` format alone, in memory: MiB/s sealing and opening `mib` MiB (the ceiling of a
+/// private add, whose other costs are the plain add's).
+fn object_format(mib: usize) -> anyhow::Result<()> {
+    use kubelt_protocol::core::private::object::{open, seal, ObjectKey};
+    let data = kubelt_protocol::testing::pseudo_random(mib << 20, 7);
+    let key = ObjectKey::new([1; 8], [7; 32]);
+    let t0 = Instant::now();
+    let sealed = seal(&key, &data)?;
+    let sealing = t0.elapsed();
+    let t0 = Instant::now();
+    let opened = open(&sealed, |_| Ok::<_, kubelt_protocol::core::private::object::ObjectError>(key.clone()))?;
+    let opening = t0.elapsed();
+    anyhow::ensure!(opened == data, "round trip");
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    println!("private: kbobj1 format, {mib} MiB in memory: seal {:.0} MiB/s, open {:.0} MiB/s", rate(sealing), rate(opening));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    object_format(100)?;
     let ops = std::env::var("PRIVATE_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(ops))
 }

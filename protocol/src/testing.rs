@@ -19,6 +19,38 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Whether the store at `dir` holds `needle`: in any file as stored (the write-ahead log, a
+/// block) or in any key or value as the database returns it (SST blocks are LZ4-compressed,
+/// so a plain grep of the files alone proves nothing once the memtable was flushed). The
+/// store must not be open elsewhere (stop its node first).
+pub fn store_contains(dir: &std::path::Path, needle: &[u8]) -> Result<bool, crate::store::StoreError> {
+    if files_contain(dir, needle) {
+        return Ok(true);
+    }
+    let store = crate::store::Store::open(dir)?;
+    let has = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for column in crate::store::Column::ALL {
+        for entry in store.iter(column) {
+            let (key, value) = entry?;
+            if has(&key) || has(&value) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+fn files_contain(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            files_contain(&path, needle)
+        } else {
+            std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
 /// A directory DAG that a hostile peer could serve and the importer never makes: an entry
 /// `evil` that is a symlink to `target`, then a second entry `evil` that is a directory
 /// holding the file `pwned` (content `pwned\n`). An exporter that writes the symlink and then

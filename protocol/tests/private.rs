@@ -14,6 +14,7 @@ use kubelt_protocol::core::private::unlock_message;
 use kubelt_protocol::core::{Address, DevWallet};
 use kubelt_protocol::node::{Config, CoreCommandError, Node};
 use kubelt_protocol::store::Store;
+use kubelt_protocol::testing::store_contains;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use serde_json::{json, Value};
@@ -101,37 +102,6 @@ impl TestNode {
 }
 
 /// Whether any file under `dir` contains `needle`.
-/// Whether the store at `dir` holds `needle`: in any file as stored (the write-ahead log, a
-/// block) or in any key or value as the database returns it (SST blocks are LZ4-compressed,
-/// so a plain grep of the files alone proves nothing once the memtable was flushed).
-fn store_contains(dir: &Path, needle: &[u8]) -> anyhow::Result<bool> {
-    if files_contain(dir, needle) {
-        return Ok(true);
-    }
-    let store = Store::open(dir)?;
-    let has = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    for column in kubelt_protocol::store::Column::ALL {
-        for entry in store.iter(column) {
-            let (key, value) = entry?;
-            if has(&key) || has(&value) {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
-}
-
-fn files_contain(dir: &Path, needle: &[u8]) -> bool {
-    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
-        let path = entry.path();
-        if path.is_dir() {
-            files_contain(&path, needle)
-        } else {
-            std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_values_are_read_by_devices_and_unlocked_nodes_only_and_rotate_after_a_revocation() -> anyhow::Result<()> {
     init_tracing();

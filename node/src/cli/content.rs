@@ -69,13 +69,33 @@ pub struct AddArgs {
     /// Do not pin the root.
     #[arg(long)]
     pub no_pin: bool,
+    /// Encrypt the file under the core's data key first (a private object): only the owner's
+    /// devices, and nodes the owner unlocked, can read it; the CID is the ciphertext's. Needs
+    /// `--core` and a running node that writes that core.
+    #[arg(long, requires = "core")]
+    pub private: bool,
+    /// The core whose key encrypts a `--private` file.
+    #[arg(long, value_name = "0xOWNER", requires = "private")]
+    pub core: Option<String>,
+}
+
+/// Private objects need the node's keys, which live in the running node.
+fn needs_running_node(repo: &Repo) -> anyhow::Result<ApiClient> {
+    match Backend::open(repo)? {
+        Backend::Online(api) => Ok(api),
+        Backend::Offline(_) => anyhow::bail!("private objects are encrypted with keys the running node holds: start it with `kubelt run` first"),
+    }
 }
 
 pub fn add(repo: &Repo, args: AddArgs) -> anyhow::Result<()> {
     let path = absolute(&args.path)?;
     std::fs::symlink_metadata(&path).with_context(|| format!("cannot add {}", args.path.display()))?;
-    let request = AddRequest { path: path.clone(), recursive: args.recursive, cid_version: args.cid_version, hidden: args.hidden, pin: !args.no_pin };
-    let added: content::Added = match Backend::open(repo)? {
+    let request = AddRequest { path: path.clone(), recursive: args.recursive, cid_version: args.cid_version, hidden: args.hidden, pin: !args.no_pin, core: args.core.clone() };
+    let backend = match args.core {
+        Some(_) => Backend::Online(needs_running_node(repo)?),
+        None => Backend::open(repo)?,
+    };
+    let added: content::Added = match backend {
         Backend::Online(api) => {
             let spinner = ProgressBar::new_spinner().with_message(format!("adding {}", args.path.display()));
             spinner.enable_steady_tick(Duration::from_millis(120));
@@ -148,21 +168,40 @@ pub fn cat(repo: &Repo, path: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `cat --core`: the private object, decrypted by the running node and streamed from its API.
+pub fn cat_private(repo: &Repo, path: &str, core: &str) -> anyhow::Result<()> {
+    let cid = content::parse_cid(path)?;
+    let api = needs_running_node(repo)?;
+    let mut reader = api.private_get(core, &cid.to_string())?;
+    let mut stdout = std::io::stdout().lock();
+    std::io::copy(&mut reader, &mut stdout).context("cannot read the private object or write it to stdout")?;
+    stdout.flush()?;
+    Ok(())
+}
+
 /// Refuses a path whose CID does not parse, before anything else happens.
 fn check_path(path: &str) -> anyhow::Result<()> {
     let first = path.trim_start_matches("/ipfs/").split('/').next().unwrap_or("");
     content::parse_cid(first).map(|_| ())
 }
 
-pub fn get(repo: &Repo, path: &str, output: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn get(repo: &Repo, path: &str, output: Option<PathBuf>, core: Option<&str>) -> anyhow::Result<()> {
     check_path(path)?;
     let default_name = path.trim_start_matches("/ipfs/").trim_end_matches('/').rsplit('/').next().unwrap_or("out").to_string();
     let output = absolute(&output.unwrap_or_else(|| PathBuf::from(default_name)))?;
-    let report = match Backend::open(repo)? {
+    let backend = match core {
+        Some(_) => Backend::Online(needs_running_node(repo)?),
+        None => Backend::open(repo)?,
+    };
+    let report = match backend {
         Backend::Online(api) => {
             let spinner = ProgressBar::new_spinner().with_message(format!("fetching {path}"));
             spinner.enable_steady_tick(Duration::from_millis(120));
-            let result = api.call("content_get", json!({ "path": path, "output": output }));
+            let mut params = json!({ "path": path, "output": output });
+            if let Some(core) = core {
+                params["core"] = json!(core);
+            }
+            let result = api.call("content_get", params);
             spinner.finish_and_clear();
             result?
         }

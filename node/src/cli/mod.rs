@@ -56,6 +56,10 @@ pub enum Command {
     Cat {
         /// CID or CID/path.
         path: String,
+        /// A private object of this core (`add --private`): decrypt it. Needs the running
+        /// node to hold the core's key.
+        #[arg(long, value_name = "0xOWNER")]
+        core: Option<String>,
     },
     /// Write a file or directory tree to disk, fetching missing blocks from the network.
     Get {
@@ -64,6 +68,10 @@ pub enum Command {
         /// Where to write it (default: the last path segment, in the current directory).
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// A private object of this core (`add --private`): write it decrypted. Needs the
+        /// running node to hold the core's key.
+        #[arg(long, value_name = "0xOWNER")]
+        core: Option<String>,
     },
     /// Pins keep content from garbage collection.
     Pin {
@@ -131,8 +139,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Swarm { command: SwarmCommand::Connect { addr, json } } => query::swarm_connect(&repo, addr, json),
         Command::Status { json } => query::status(&repo, json),
         Command::Add(args) => content::add(&repo, args),
-        Command::Cat { path } => content::cat(&repo, &path),
-        Command::Get { path, output } => content::get(&repo, &path, output),
+        Command::Cat { path, core: None } => content::cat(&repo, &path),
+        Command::Cat { path, core: Some(core) } => content::cat_private(&repo, &path, &core),
+        Command::Get { path, output, core } => content::get(&repo, &path, output, core.as_deref()),
         Command::Pin { command } => content::pin(&repo, command),
         Command::Repo { command: RepoCommand::Gc } => content::gc(&repo),
         Command::Dag { command } => content::dag(&repo, command),

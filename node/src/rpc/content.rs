@@ -78,6 +78,7 @@ pub static NAMESPACE: Namespace = Namespace {
                 Param { name: "cid_version", schema: INT, required: false, summary: "0 (default, Qm...) or 1 (bafy..., raw leaves)" },
                 Param { name: "hidden", schema: BOOL, required: false, summary: "include files whose name starts with '.'" },
                 Param { name: "pin", schema: BOOL, required: false, summary: "pin the root (default true)" },
+                Param { name: "core", schema: STRING, required: false, summary: "a private object: encrypt the file under this core's data key first (the CID is the ciphertext's; this node must write the core)" },
             ],
             result: r#"{"type":"object","properties":{"cid":{"type":"string"},"size":{"type":"integer"},"name":{"type":"string"}}}"#,
             auth: Auth::Admin,
@@ -87,7 +88,10 @@ pub static NAMESPACE: Namespace = Namespace {
         Method {
             name: "content_cat",
             summary: "A file's bytes, base64-encoded (at most 16 MiB; stream bigger files from the gateway, GET /ipfs/<cid>).",
-            params: &[Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" }],
+            params: &[
+                Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" },
+                Param { name: "core", schema: STRING, required: false, summary: "a private object of this core: decrypt it (-32016 without the key)" },
+            ],
             result: r#"{"type":"object","properties":{"data_base64":{"type":"string"},"size":{"type":"integer"}}}"#,
             auth: Auth::Admin,
             kind: Kind::Call,
@@ -99,6 +103,7 @@ pub static NAMESPACE: Namespace = Namespace {
             params: &[
                 Param { name: "path", schema: STRING, required: true, summary: "CID or CID/path" },
                 Param { name: "output", schema: STRING, required: true, summary: "where to write it" },
+                Param { name: "core", schema: STRING, required: false, summary: "a private object of this core: write it decrypted (-32016 without the key)" },
             ],
             result: r#"{"type":"object"}"#,
             auth: Auth::Admin,
@@ -208,10 +213,19 @@ async fn add(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     if !request.path.is_absolute() {
         return Err(RpcError::invalid_params("path must be absolute (the node may run in another directory)"));
     }
-    request.import_options().map_err(|e| RpcError::invalid_params(e.to_string()))?;
+    let opts = request.import_options().map_err(|e| RpcError::invalid_params(e.to_string()))?;
+    let key = match &request.core {
+        Some(core) if request.recursive => return Err(RpcError::invalid_params(format!("a private add (core {core}) takes one file, not a tree"))),
+        Some(core) => Some(state.client.cores().object_key(super::private::parse_core(core)?).await.map_err(RpcError::core)?),
+        None => None,
+    };
     let _guard = state.gc_lock.read().await;
     let store = state.store.clone();
-    let added = blocking(move || content::add(&store, &request, &mut |_| {})).await?;
+    let added = blocking(move || match key {
+        Some(key) => super::private::add_file(&store, &request.path, &key, &opts, request.pin),
+        None => content::add(&store, &request, &mut |_| {}),
+    })
+    .await?;
     if let Ok(root) = content::parse_cid(&added.cid) {
         let _ = state.client.content().blocks_added(vec![root]).await;
         let _ = state.client.content().provide(root).await;
@@ -221,6 +235,10 @@ async fn add(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
 
 async fn cat(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     let (path, source, cid) = resolved(&ctx.state, &p).await?;
+    if let Some(core) = p.get("core").and_then(Value::as_str) {
+        let data = super::private::read_all(&ctx.state, super::private::parse_core(core)?, cid, MAX_INLINE_CAT).await?;
+        return Ok(json!({ "size": data.len(), "data_base64": base64::engine::general_purpose::STANDARD.encode(&data) }));
+    }
     let stat = unixfs::stat(&source, cid).await.map_err(RpcError::node)?;
     if stat.size > MAX_INLINE_CAT {
         return Err(RpcError::node(format!(
@@ -239,6 +257,10 @@ async fn cat(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
 async fn get(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     let output = absolute_param(&p, "output")?;
     let (_, source, cid) = resolved(&ctx.state, &p).await?;
+    if let Some(core) = p.get("core").and_then(Value::as_str) {
+        let bytes = super::private::write_to(&ctx.state, super::private::parse_core(core)?, cid, &output).await?;
+        return Ok(json!({ "cid": cid.to_string(), "files": 1, "directories": 0, "symlinks": 0, "bytes": bytes }));
+    }
     let report = unixfs::get(&source, cid, &output).await.map_err(RpcError::node)?;
     Ok(json!({ "cid": cid.to_string(), "files": report.files, "directories": report.directories, "symlinks": report.symlinks, "bytes": report.bytes }))
 }

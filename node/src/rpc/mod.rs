@@ -13,7 +13,9 @@
 //! The pieces: [`registry`] holds every method as one row of its namespace's table (name,
 //! docs, auth kind, handler) and builds `rpc.discover` from them; [`jsonrpc`] parses request
 //! bodies and runs them through a registry; [`http`] and [`ws`] are the two transports;
-//! `node.rs`, `content.rs` and `core.rs` are the tables and their handlers.
+//! `node.rs`, `content.rs` and `core.rs` are the tables and their handlers; `private.rs`
+//! adds and reads private objects (and serves `GET /private/<core>/<cid>`, decrypted, with the
+//! secret).
 //!
 //! Errors follow JSON-RPC 2.0 and every code is listed in [`code::ALL`] (and in
 //! `rpc.discover`'s `components.errors`).
@@ -53,6 +55,7 @@ mod kb;
 mod kb_msg;
 mod node;
 mod objects;
+mod private;
 pub mod registry;
 pub mod ws;
 mod msg;
@@ -262,6 +265,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/", post(http::post).get(ws::upgrade))
         .route("/rpc", post(http::post).get(ws::upgrade))
         .route("/metrics", axum::routing::get(crate::metrics::metrics))
+        .route("/private/{core}/{cid}", axum::routing::get(private::get_private))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(axum::middleware::from_fn_with_state(allowed_hosts, host::check_host))
@@ -271,7 +275,7 @@ pub fn router(state: ApiState) -> Router {
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "not found: the API serves POST / (JSON-RPC), GET / (JSON-RPC over WebSocket) and GET /metrics; content is on the gateway\n",
+        "not found: the API serves POST / (JSON-RPC), GET / (JSON-RPC over WebSocket), GET /metrics and GET /private/<core>/<cid> (a private object, decrypted); content is on the gateway\n",
     )
 }
 

@@ -8,9 +8,14 @@
 //! blocks stay pinned). The record is an ordinary value of the core, so it replicates and
 //! other replicas fetch the bytes over bitswap by CID.
 //!
-//! `visibility: "private"` only keeps the node from announcing the CID in the DHT; the blocks
-//! are not encrypted, and any peer that knows the CID can ask for them. Encrypting private
-//! objects is not done yet.
+//! `visibility: "private"` encrypts the bytes under the core's current data key before they
+//! become blocks (the `kbobj1` format of `kubelt_protocol::core::private::object`), so the CID
+//! is the ciphertext's and every replica, bitswap peer and gateway sees only ciphertext; the
+//! record names the key (`keyId`), and the node does not announce the CID in the DHT.
+//! `kb_getObject` decrypts on a node that holds that key (a device of the owner, or a node the
+//! owner unlocked) and answers -32016 (encrypted) elsewhere, -32017 for a tampered object. The
+//! record itself (CID, size, type, key id) is a value of the namespace: plain unless the
+//! namespace is private too.
 
 use base64::Engine;
 use futures::StreamExt;
@@ -56,11 +61,19 @@ pub async fn put(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
             return Err(super::app::core_full(&core, used, limit));
         }
     }
+    let key = match visibility {
+        "private" => Some(cores.object_key(core).await.map_err(RpcError::core)?),
+        _ => None,
+    };
+    let key_id = key.as_ref().map(|k| hex::encode(k.id));
     let root = {
         let _guard = ctx.state.gc_lock.read().await;
         let store = ctx.state.store.clone();
         super::content::blocking(move || {
-            let imported = unixfs::add_file(&store, &data[..], &ImportOptions::cid_v1(), &mut |_| {})?;
+            let imported = match key {
+                Some(key) => super::private::add_encrypted(&store, &data[..], &key, &ImportOptions::cid_v1())?,
+                None => unixfs::add_file(&store, &data[..], &ImportOptions::cid_v1(), &mut |_| {})?,
+            };
             store.pin(&imported.cid, PinKind::Recursive)?;
             Ok(imported.cid)
         })
@@ -74,7 +87,10 @@ pub async fn put(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
         let _ = ctx.state.client.content().provide(root).await;
     }
     let version = versions.len() as u64 + 1;
-    let entry = json!({ "version": version, "cid": root.to_string(), "size": size, "contentType": content_type, "visibility": visibility });
+    let mut entry = json!({ "version": version, "cid": root.to_string(), "size": size, "contentType": content_type, "visibility": visibility });
+    if let Some(id) = key_id {
+        entry["keyId"] = json!(id);
+    }
     versions.push(entry.clone());
     let mut record = entry;
     record["kind"] = json!("object");
@@ -100,6 +116,16 @@ pub async fn get(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     };
     let cid_text = entry["cid"].as_str().unwrap_or_default();
     let cid = crate::content::parse_cid(cid_text).map_err(|e| RpcError::node(format!("the record's CID is invalid: {e}")))?;
+    if entry.get("keyId").is_some() {
+        // Ciphertext is at most 34 + 16 per 64 KiB bytes longer; the limit is the plaintext's.
+        let data = super::private::read_all(&ctx.state, core, cid, MAX_OBJECT).await?;
+        return Ok(json!({
+            "data": base64::engine::general_purpose::STANDARD.encode(&data),
+            "version": entry["version"],
+            "cid": cid_text,
+            "contentType": entry["contentType"],
+        }));
+    }
     let source = super::content::network(&ctx.state).await?;
     let mut data = Vec::new();
     let mut stream = Box::pin(unixfs::cat(source, cid));

@@ -1,6 +1,7 @@
 //! Helpers for tests that run real `kubelt` processes on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod kubo;
 pub mod netns;
 

@@ -64,6 +64,12 @@
 //! unlocked; and a device that was *given the signature* keeps the wallet key, so revoking it
 //! does not stop it reading keys wrapped to the wallet later (revocation protects against
 //! devices that only ever held wrapped keys).
+//!
+//! # Objects
+//!
+//! Private objects (files) are encrypted with the same data keys, in the streaming format of
+//! [`object`]; [`object_key`] gives the key a new object uses and [`Keyring::object_key`] the
+//! key an object's header names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -598,6 +604,29 @@ pub fn get(replica: &Replica, keyring: &mut Keyring, namespace: &str, path: &str
     }
     Ok(None)
 }
+
+/// The data key the next private object is encrypted with: the key the next private value
+/// would use ([`set`]), made and wrapped first when none is fresh. Returns the changes made on
+/// the way (publish them, and have them on disk, before anything is encrypted with the key:
+/// an object whose key's wraps were lost can never be read).
+pub fn object_key(replica: &mut Replica, keyring: &mut Keyring, keypair: &Keypair, delegation: &OwnerStatement) -> Result<(object::ObjectKey, Vec<SignedChange>), PrivateError> {
+    let (id, key, changes) = current_key(replica, keyring, keypair, delegation)?;
+    Ok((object::ObjectKey::new(id, key), changes))
+}
+
+impl Keyring {
+    /// The data key `id` (named by a private object's header), unwrapping the keys wrapped
+    /// to this node first if it is not held yet. [`PrivateError::Encrypted`] if this node
+    /// holds no such key.
+    pub fn object_key(&mut self, replica: &Replica, id: &KeyId) -> Result<object::ObjectKey, PrivateError> {
+        if !self.keys.contains_key(id) {
+            self.refresh(replica);
+        }
+        self.keys.get(id).map(|key| object::ObjectKey::new(*id, *key)).ok_or_else(|| PrivateError::Encrypted { core: self.core.to_checksum() })
+    }
+}
+
+pub mod object;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Client, Command, NodeError};
+use crate::core::private::object::ObjectKey;
+use crate::core::private::KeyId;
 use crate::core::Address;
 
 /// A request to the event loop's cores part.
@@ -35,6 +37,8 @@ pub(crate) enum CoreCommand {
     RevocationMessage { core: Address, peer: PeerId, reply: oneshot::Sender<Result<String, CoreCommandError>> },
     Private { core: Address, namespace: String, reply: oneshot::Sender<Result<CoreSummary, CoreCommandError>> },
     Unlock { core: Address, signature: Vec<u8>, reply: oneshot::Sender<Result<UnlockOutcome, CoreCommandError>> },
+    /// The data key for a new private object (`id: None`) or the one an object names.
+    ObjectKey { core: Address, id: Option<KeyId>, reply: oneshot::Sender<Result<ObjectKey, CoreCommandError>> },
 }
 
 /// A core held by this node, as `kubelt core ls` shows it.
@@ -235,6 +239,19 @@ impl CoresClient<'_> {
     /// [`crate::core::private::unlock_message`].
     pub async fn unlock(&self, core: Address, signature: Vec<u8>) -> Result<UnlockOutcome, CoreCommandError> {
         self.ask(|reply| CoreCommand::Unlock { core, signature, reply }).await
+    }
+
+    /// The data key to encrypt a new private object of `core` with (see
+    /// [`crate::core::private::object`]): this node must write the core. A new key is made
+    /// (and its wraps are on disk) first when none is fresh.
+    pub async fn object_key(&self, core: Address) -> Result<ObjectKey, CoreCommandError> {
+        self.ask(|reply| CoreCommand::ObjectKey { core, id: None, reply }).await
+    }
+
+    /// The data key `id` of `core`, named by a private object's header, to decrypt it:
+    /// [`CoreCommandError::Encrypted`] when this node holds no such key.
+    pub async fn object_key_by_id(&self, core: Address, id: KeyId) -> Result<ObjectKey, CoreCommandError> {
+        self.ask(|reply| CoreCommand::ObjectKey { core, id: Some(id), reply }).await
     }
 
     /// One core held, as [`CoresClient::list`] shows it.

@@ -288,6 +288,14 @@ impl EventLoop {
                 let result = self.core_unlock(core, &signature);
                 self.reply_after_sync(reply, result);
             }
+            // A new key's wraps must be on disk before anything is encrypted with it.
+            CoreCommand::ObjectKey { core, id: None, reply } => {
+                let result = self.core_object_key(core);
+                self.reply_after_sync(reply, result);
+            }
+            CoreCommand::ObjectKey { core, id: Some(id), reply } => {
+                let _ = reply.send(self.core_object_key_by_id(core, &id));
+            }
         }
     }
 

@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 
-use crate::core::private::{self, Keyring, PrivateError, UNLOCK_STORE_PREFIX};
+use crate::core::private::object::ObjectKey;
+use crate::core::private::{self, KeyId, Keyring, PrivateError, UNLOCK_STORE_PREFIX};
 use crate::core::Address;
 use crate::node::client::{CoreCommandError, CoreSummary, UnlockOutcome};
 use crate::store::Column;
@@ -89,6 +90,32 @@ impl EventLoop {
             self.publish(core, envelope);
         }
         Ok(())
+    }
+
+    /// The data key a new private object is encrypted with, maybe after making a new one.
+    pub(super) fn core_object_key(&mut self, core: Address) -> Result<ObjectKey, CoreCommandError> {
+        let keypair = self.cores.keypair.clone();
+        self.keyring(core);
+        let keyring = self.private.keyrings.get_mut(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
+        let replica = super::cores::held(&mut self.cores.replicas, &core)?;
+        let delegation = replica.own_delegation().cloned().ok_or_else(|| CoreCommandError::NotWritable(core.to_checksum()))?;
+        let (key, changes) = private::object_key(replica, keyring, &keypair, &delegation).map_err(|e| private_error(&core, e))?;
+        if !changes.is_empty() {
+            let heads = replica.heads();
+            self.announce_local(core, &heads);
+        }
+        for envelope in changes {
+            self.publish(core, envelope);
+        }
+        Ok(key)
+    }
+
+    /// The data key `id` of `core`, to decrypt a private object.
+    pub(super) fn core_object_key_by_id(&mut self, core: Address, id: &KeyId) -> Result<ObjectKey, CoreCommandError> {
+        self.keyring(core);
+        let keyring = self.private.keyrings.get_mut(&core).ok_or_else(|| CoreCommandError::NotHeld(core.to_checksum()))?;
+        let replica = super::cores::held(&mut self.cores.replicas, &core)?;
+        keyring.object_key(replica, id).map_err(|e| private_error(&core, e))
     }
 
     /// A read that decrypts private values (a plain read elsewhere).
