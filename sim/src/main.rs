@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "nodes {}: lookups {:.0}% found, hops p50 {} p99 {}; propagation p50 {:.0} ms p99 {:.0} ms max {:.0} ms, converged {}; \
          gossip {:.0} B per replica per change, {} B at non-replicas; after churn ({} left, {} joined): lookups {:.0}% found, converged {}; \
-         {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
+         {:.1} connections per node, {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
         report.nodes,
         report.lookup_success_rate * 100.0,
         report.lookup_hops_p50,
@@ -116,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         report.churn_joined,
         report.churn_lookup_success_rate * 100.0,
         report.churn_replicas_converged,
+        report.connections_per_node,
         report.cost.memory_per_node_kib,
         report.cost.peak_rss_mib,
         report.cost.cpu_per_second_idle,

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use futures::future::join_all;
 use futures::StreamExt;
 use kubelt_protocol::core::{Address, DevWallet};
@@ -123,6 +123,9 @@ pub(crate) struct Report {
     pub(crate) churn_lookup_hops_p50: f64,
     pub(crate) churn_propagation_p99_ms: f64,
     pub(crate) churn_replicas_converged: bool,
+    /// Open connections and Kademlia routing-table entries per node, on average, while idle.
+    pub(crate) connections_per_node: f64,
+    pub(crate) routing_table_per_node: f64,
     #[serde(flatten)]
     pub(crate) cost: Cost,
 }
@@ -152,7 +155,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
         sim.start(i).await?;
     }
     let all: Vec<usize> = (0..n).collect();
-    sim.wait_bootstrapped(&all, Duration::from_secs(30 + n as u64 / 10)).await?;
+    sim.wait_bootstrapped(&all, Duration::from_secs(60 + n as u64 / 5)).await?;
     let join_ms = t.elapsed().as_millis() as u64;
     eprintln!("sim: {n} nodes joined in {join_ms} ms");
 
@@ -167,6 +170,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     let cpu_idle = stats::cpu_time();
     tokio::time::sleep(IDLE_WINDOW).await;
     let idle_cpu = stats::cpu_time() - cpu_idle;
+    let (connections, routing) = sim.tables().await?;
 
     let mut before = Phase::default();
     sim.lookups(&sim.plan.lookups.clone(), &mut before).await;
@@ -191,7 +195,9 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
 
     let wall = started.elapsed();
     let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, IDLE_WINDOW, stats::cpu_time() - cpu_start, wall);
-    let report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
+    let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
+    report.connections_per_node = connections;
+    report.routing_table_per_node = routing;
     for node in sim.nodes.iter_mut().filter_map(Option::take) {
         node.stop().await;
     }
@@ -218,7 +224,6 @@ impl Sim {
         let mut config = Config {
             listen: vec![Multiaddr::empty().with(Protocol::Memory(0))],
             bootstrap_peers: if bootstrap { Vec::new() } else { self.bootstraps.clone() },
-            maintenance_interval: Duration::from_secs(2),
             ..Config::default()
         };
         if bootstrap {
@@ -240,9 +245,11 @@ impl Sim {
         let deadline = Instant::now() + within;
         loop {
             let mut waiting = 0;
+            let mut table = 0;
             for &i in nodes {
                 let Some(node) = self.node(i) else { continue };
                 let status = node.client.status().await?;
+                table += status.routing_table_peers;
                 let done = if self.plan.is_bootstrap(i) { status.routing_table_peers > 0 } else { status.bootstraps_completed > 0 };
                 if !done {
                     waiting += 1;
@@ -252,7 +259,13 @@ impl Sim {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{waiting} of {} nodes did not finish a DHT bootstrap within {within:?}", nodes.len());
+                // Measured anyway: what lookups and propagation do then is the finding.
+                eprintln!(
+                    "sim: {waiting} of {} nodes did not finish a DHT bootstrap within {within:?} (routing tables hold {:.1} peers on average)",
+                    nodes.len(),
+                    table as f64 / nodes.len().max(1) as f64
+                );
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -260,6 +273,19 @@ impl Sim {
 
     fn address(&self, core: usize) -> Address {
         self.wallets[core].address()
+    }
+
+    /// Open connections and routing-table entries per running node, on average.
+    async fn tables(&self) -> anyhow::Result<(f64, f64)> {
+        let (mut connections, mut routing, mut nodes) = (0, 0, 0u32);
+        for (_, node) in self.running() {
+            let status = node.client.status().await?;
+            connections += status.connected_peers;
+            routing += status.routing_table_peers;
+            nodes += 1;
+        }
+        let nodes = f64::from(nodes.max(1));
+        Ok((connections as f64 / nodes, routing as f64 / nodes))
     }
 
     /// The running replicas of a core.
@@ -443,6 +469,8 @@ impl Sim {
             churn_lookup_hops_p50: stats::percentile(&after_found, 50.0),
             churn_propagation_p99_ms: stats::percentile(&after_latencies, 99.0),
             churn_replicas_converged: !after.changes.is_empty() && after.changes.iter().all(|c| c.converged),
+            connections_per_node: 0.0,
+            routing_table_per_node: 0.0,
             cost,
         }
     }
