@@ -136,11 +136,14 @@ enum Backend {
 /// over several columns is applied at once, as RocksDB applies it.
 #[derive(Default)]
 struct MemoryDb {
-    columns: RwLock<[BTreeMap<Box<[u8]>, Box<[u8]>>; Column::ALL.len()]>,
+    columns: RwLock<MemoryColumns>,
 }
 
+/// The ordered maps of the in-memory backend, indexed by `Column as usize`.
+type MemoryColumns = [BTreeMap<Box<[u8]>, Box<[u8]>>; Column::ALL.len()];
+
 impl MemoryDb {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, [BTreeMap<Box<[u8]>, Box<[u8]>>; Column::ALL.len()]> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, MemoryColumns> {
         // A writer that panicked left whole writes only (each is applied under the lock).
         self.columns.read().unwrap_or_else(|e| e.into_inner())
     }
