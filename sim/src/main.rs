@@ -60,6 +60,9 @@ struct Args {
     /// Where a sweep writes sim.json and sim.png.
     #[arg(long, default_value = "docs")]
     out: PathBuf,
+    /// Draw the chart of an earlier sweep's sim.json into <out>/sim.png, and run nothing.
+    #[arg(long)]
+    chart_from: Option<PathBuf>,
     /// Worker threads of the runtime (default: the machine's cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -86,6 +89,12 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(json) = &args.chart_from {
+        let sweep: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        let runs = sweep.get("runs").and_then(Value::as_array).context("no \"runs\" array")?;
+        std::fs::create_dir_all(&args.out)?;
+        return chart::draw(runs, &args.out.join("sim.png"));
+    }
     if !args.sweep.is_empty() {
         return sweep(&args);
     }
