@@ -30,6 +30,8 @@ use crate::sync;
 
 /// Kademlia protocol id of the Kubelt DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kubelt/kad/1.0.0");
+/// How many requests a Kademlia query keeps in flight (α).
+pub const KAD_PARALLELISM: usize = 3;
 /// Identify protocol id (the standard one, so Kubo peers can identify us).
 pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
@@ -143,7 +145,7 @@ mod behaviour {
         /// `/ipfs/bitswap/1.2.0` (and older): blocks, with Kubo.
         pub bitswap: bitswap::Behaviour,
         /// Gossipsub v1.1: core changes on `kubelt/core/<address>`.
-        pub gossipsub: gossipsub::Behaviour,
+        pub gossipsub: gossipsub::Behaviour<sync::CountingTransform>,
         /// `/kubelt/core-sync/1.0.0`: catch-up.
         pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
         /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
@@ -181,6 +183,11 @@ pub enum BuildError {
 /// Builds the swarm for `keypair` with the given settings. Listening and dialing are the
 /// caller's job (see [`crate::node`]).
 pub fn build(keypair: Keypair, config: &Config, store: Store) -> Result<Swarm<Behaviour>, BuildError> {
+    build_counted(keypair, config, store, sync::GossipCounters::default())
+}
+
+/// [`build`], with gossipsub counting what it receives and publishes into `gossip`.
+pub fn build_counted(keypair: Keypair, config: &Config, store: Store, gossip: sync::GossipCounters) -> Result<Swarm<Behaviour>, BuildError> {
     let config = config.clone();
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -205,7 +212,7 @@ pub fn build(keypair: Keypair, config: &Config, store: Store) -> Result<Swarm<Be
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_relay_client(noise::Config::new, yamux_config)?
         .with_behaviour(|key, relay_client| {
-            new_behaviour(key, &config, store, relay_client).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            new_behaviour(key, &config, store, relay_client, gossip).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
@@ -220,7 +227,7 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
-fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: relay::client::Behaviour) -> Result<Behaviour, BuildError> {
+fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: relay::client::Behaviour, gossip: sync::GossipCounters) -> Result<Behaviour, BuildError> {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -238,7 +245,7 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
     kad_config
         .set_query_timeout(config.kad_query_timeout)
         .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
-        .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
+        .set_parallelism(NonZeroUsize::new(KAD_PARALLELISM).unwrap_or(NonZeroUsize::MIN));
     let mut kad = kad::Behaviour::with_config(peer_id, DhtStore::new(peer_id, dht_store::Limits::default()), kad_config);
     // `Auto` starts as a server and follows AutoNAT's verdict (the event loop switches it).
     kad.set_mode(Some(match config.dht_mode {
@@ -264,7 +271,7 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5))),
         kad,
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
-        gossipsub: sync::gossipsub(key)?,
+        gossipsub: sync::gossipsub(key, gossip)?,
         core_sync: sync::core_sync(),
         msg: crate::msg::behaviour(),
         autonat: autonat::Behaviour::new(peer_id, config.nat.autonat_config()),

@@ -13,7 +13,7 @@ mod peers;
 
 pub use client::{
     BitswapStatus, Client, ConnectError, ContentClient, CoreCommandError, CoreSummary, CoreUpdate, CoresClient, Holding, NetClient, NodeError, NodeEvent, NodeInfo,
-    NodeStatus, PeerInfo, StatementKind, SubmitOutcome, UnlockOutcome,
+    NodeStatus, PeerInfo, ProviderLookup, StatementKind, SubmitOutcome, UnlockOutcome,
 };
 pub use client::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
 pub use client::{NatStatus, RelayServerStatus};
@@ -101,6 +101,7 @@ pub struct Node {
     shutdown: CancellationToken,
     /// Cancels `shutdown` when the node is dropped, so no task outlives its node.
     guard: tokio_util::sync::DropGuard,
+    gossip: crate::sync::GossipCounters,
 }
 
 impl Node {
@@ -113,7 +114,8 @@ impl Node {
         let mut core_config = config.cores.clone();
         core_config.sync_local_writes = false;
         let cores = crate::core::Cores::load(store.clone(), core_config)?;
-        let mut swarm = swarm::build(keypair.clone(), &config.swarm, store.clone())?;
+        let gossip = crate::sync::GossipCounters::default();
+        let mut swarm = swarm::build_counted(keypair.clone(), &config.swarm, store.clone(), gossip.clone())?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
@@ -129,7 +131,13 @@ impl Node {
         let short_id = peer_id.to_base58().chars().rev().take(6).collect::<String>().chars().rev().collect::<String>();
         let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), tracing::info_span!("node", id = %short_id)));
         let guard = shutdown.clone().drop_guard();
-        Ok(Node { client: Client::new(command_tx, events), peer_id, task, shutdown, guard })
+        Ok(Node { client: Client::new(command_tx, events), peer_id, task, shutdown, guard, gossip })
+    }
+
+    /// The gossip this node received and published so far (see
+    /// [`GossipCounters`](crate::sync::GossipCounters)): read without asking the event loop.
+    pub fn gossip(&self) -> crate::sync::GossipCount {
+        self.gossip.get()
     }
 
     /// A token that stops the node when cancelled.

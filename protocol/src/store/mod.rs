@@ -9,6 +9,11 @@
 //! blob file), which halves import and transfer speed. Until it is pinned a block is a cache
 //! entry that a crash may lose (it can be fetched again); [`Store::pin`] flushes the blocks
 //! column to disk before it writes the pin, so a pinned DAG is always on disk.
+//!
+//! [`Store::in_memory`] keeps the same columns in ordered maps instead, for simulations of
+//! many nodes in one process (`kubelt-sim`), where a RocksDB per node would cost more than
+//! the node. It survives nothing: every sync is a no-op, and the group commit's counters
+//! count as if each sync had reached a disk.
 
 mod blocks;
 mod pins;
@@ -16,9 +21,10 @@ mod pins;
 pub use blocks::{verify_hash, Block, BlockStore};
 pub use pins::{PinKind, PinRecord};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
@@ -108,12 +114,93 @@ pub enum StoreError {
 const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
-/// A handle to the node database. Cheap to clone; every clone shares one RocksDB instance.
+/// A handle to the node database. Cheap to clone; every clone shares one RocksDB instance
+/// (or one in-memory database, see [`Store::in_memory`]).
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<DB>,
+    backend: Backend,
     path: PathBuf,
     wal: Arc<WalCounters>,
+}
+
+/// Where the records live.
+#[derive(Clone)]
+enum Backend {
+    /// RocksDB on disk: what nodes run on.
+    Rocks(Arc<DB>),
+    /// Ordered maps in memory, one per column: for simulations.
+    Memory(Arc<MemoryDb>),
+}
+
+/// The in-memory backend: one ordered map per [`Column`], behind one lock so that a batch
+/// over several columns is applied at once, as RocksDB applies it.
+#[derive(Default)]
+struct MemoryDb {
+    columns: RwLock<MemoryColumns>,
+}
+
+/// The ordered maps of the in-memory backend, indexed by `Column as usize`.
+type MemoryColumns = [BTreeMap<Box<[u8]>, Box<[u8]>>; Column::ALL.len()];
+
+impl MemoryDb {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, MemoryColumns> {
+        // A writer that panicked left whole writes only (each is applied under the lock).
+        self.columns.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, ops: Vec<MemoryOp>) {
+        let mut columns = self.columns.write().unwrap_or_else(|e| e.into_inner());
+        for (column, key, value) in ops {
+            let map = &mut columns[column as usize];
+            match value {
+                Some(value) => {
+                    map.insert(key, value);
+                }
+                None => {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Copies of the entries of a column from `start` on while `keep` holds (the iterators
+    /// of the store do not hold the lock).
+    fn entries(&self, column: Column, start: &[u8], keep: impl Fn(&[u8]) -> bool) -> Vec<KeyValue> {
+        let columns = self.read();
+        columns[column as usize]
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// One write of a batch to the in-memory backend: a put, or a delete (`None`).
+type MemoryOp = (Column, Box<[u8]>, Option<Box<[u8]>>);
+
+/// A value read with [`Store::get_pinned`]: in RocksDB's block cache, or a copy.
+pub enum PinnedValue<'a> {
+    /// Pinned in RocksDB.
+    Rocks(rocksdb::DBPinnableSlice<'a>),
+    /// Copied out of the in-memory backend.
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for PinnedValue<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            PinnedValue::Rocks(slice) => slice,
+            PinnedValue::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for PinnedValue<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
 }
 
 /// Logged writes that were not synced, counted so that a group commit knows what one sync of
@@ -153,9 +240,23 @@ impl Store {
                 StoreError::Db(e)
             }
         })?;
-        let store = Store { db: Arc::new(db), path, wal: Arc::default() };
+        let store = Store { backend: Backend::Rocks(Arc::new(db)), path, wal: Arc::default() };
         store.check_schema()?;
         Ok(store)
+    }
+
+    /// A store that lives in memory only (see the module doc): for simulations of many
+    /// nodes in one process. Its [`path`](Self::path) is `:memory:`.
+    pub fn in_memory() -> Self {
+        let store = Store { backend: Backend::Memory(Arc::default()), path: PathBuf::from(":memory:"), wal: Arc::default() };
+        // A fresh map has no schema record to be wrong about: this write cannot fail.
+        let _ = store.check_schema();
+        store
+    }
+
+    /// Whether this store lives in memory only ([`Store::in_memory`]).
+    pub fn is_in_memory(&self) -> bool {
+        matches!(self.backend, Backend::Memory(_))
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -174,29 +275,36 @@ impl Store {
         &self.path
     }
 
-    fn cf(&self, column: Column) -> &rocksdb::ColumnFamily {
-        // Every column family is created in `open`, so it is always there.
-        self.db.cf_handle(column.name()).expect("column family created at open")
-    }
-
     /// Reads one value.
     pub fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(column), key)?)
+        match &self.backend {
+            Backend::Rocks(db) => Ok(db.get_cf(cf(db, column), key)?),
+            Backend::Memory(db) => Ok(db.read()[column as usize].get(key).map(|v| v.to_vec())),
+        }
     }
 
     /// Reads one value without copying it out of RocksDB's block cache more than once.
-    pub fn get_pinned(&self, column: Column, key: &[u8]) -> Result<Option<rocksdb::DBPinnableSlice<'_>>, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(column), key)?)
+    pub fn get_pinned(&self, column: Column, key: &[u8]) -> Result<Option<PinnedValue<'_>>, StoreError> {
+        match &self.backend {
+            Backend::Rocks(db) => Ok(db.get_pinned_cf(cf(db, column), key)?.map(PinnedValue::Rocks)),
+            Backend::Memory(_) => Ok(self.get(column, key)?.map(PinnedValue::Owned)),
+        }
     }
 
     /// Whether a key exists.
     pub fn contains(&self, column: Column, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(column), key)?.is_some())
+        match &self.backend {
+            Backend::Rocks(db) => Ok(db.get_pinned_cf(cf(db, column), key)?.is_some()),
+            Backend::Memory(db) => Ok(db.read()[column as usize].contains_key(key)),
+        }
     }
 
     /// Writes one value; not synced (a crash may lose it).
     pub fn put(&self, column: Column, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.db.put_cf(self.cf(column), key, value)?;
+        match &self.backend {
+            Backend::Rocks(db) => db.put_cf(cf(db, column), key, value)?,
+            Backend::Memory(db) => db.apply(vec![(column, key.into(), Some(value.into()))]),
+        }
         self.wal.logged.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -217,36 +325,49 @@ impl Store {
     /// began after their write. Safe to call from any thread while others write.
     pub fn sync_wal(&self) -> Result<u64, StoreError> {
         let covered = self.logged();
-        self.db.flush_wal(true)?;
+        if let Backend::Rocks(db) = &self.backend {
+            db.flush_wal(true)?;
+        }
         self.wal.synced.fetch_max(covered, Ordering::SeqCst);
         Ok(covered)
     }
 
     /// Writes one value and waits until it is on disk.
     pub fn put_sync(&self, column: Column, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(column), key, value);
-        self.write(batch, true)
+        let mut batch = self.batch();
+        batch.put(column, key, value);
+        batch.commit(true)
     }
 
     /// Deletes one key, synced.
     pub fn delete_sync(&self, column: Column, key: &[u8]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(column), key);
-        self.write(batch, true)
+        let mut batch = self.batch();
+        batch.delete(column, key);
+        batch.commit(true)
     }
 
     /// Starts a batch of writes over any columns.
     pub fn batch(&self) -> StoreBatch<'_> {
-        StoreBatch { store: self, batch: WriteBatch::default() }
+        let batch = match &self.backend {
+            Backend::Rocks(_) => Batch::Rocks(WriteBatch::default()),
+            Backend::Memory(_) => Batch::Memory(Vec::new()),
+        };
+        StoreBatch { store: self, batch }
     }
 
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
         // A synced write syncs the log up to itself: it covers every write logged before it.
         let before = self.logged();
-        self.db.write_opt(batch, &opts)?;
+        match (&self.backend, batch) {
+            (Backend::Rocks(db), Batch::Rocks(batch)) => {
+                let mut opts = WriteOptions::default();
+                opts.set_sync(sync);
+                db.write_opt(batch, &opts)?;
+            }
+            (Backend::Memory(db), Batch::Memory(ops)) => db.apply(ops),
+            // A batch is made by `batch()` of the same store.
+            _ => unreachable!("a batch of one backend written to the other"),
+        }
         if sync {
             self.wal.synced.fetch_max(before, Ordering::SeqCst);
         } else {
@@ -256,22 +377,36 @@ impl Store {
     }
 
     /// Writes a batch of blocks without the write-ahead log (see the module doc).
-    fn write_unlogged(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        Ok(self.db.write_opt(batch, &opts)?)
+    fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
+        match (&self.backend, batch) {
+            (Backend::Rocks(db), Batch::Rocks(batch)) => {
+                let mut opts = WriteOptions::default();
+                opts.disable_wal(true);
+                Ok(db.write_opt(batch, &opts)?)
+            }
+            (Backend::Memory(db), Batch::Memory(ops)) => {
+                db.apply(ops);
+                Ok(())
+            }
+            _ => unreachable!("a batch of one backend written to the other"),
+        }
     }
 
     /// Makes every block written so far durable (blocks skip the write-ahead log).
     pub fn flush_blocks(&self) -> Result<(), StoreError> {
-        Ok(self.db.flush_cf(self.cf(Column::Blocks))?)
+        match &self.backend {
+            Backend::Rocks(db) => Ok(db.flush_cf(cf(db, Column::Blocks))?),
+            Backend::Memory(_) => Ok(()),
+        }
     }
 
-    /// Iterates over every key and value of a column, in key order.
-    pub fn iter(&self, column: Column) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
-        self.db
-            .iterator_cf(self.cf(column), rocksdb::IteratorMode::Start)
-            .map(|r| r.map_err(StoreError::from))
+    /// Iterates over every key and value of a column, in key order. (In memory: over a copy
+    /// of the column taken when called.)
+    pub fn iter(&self, column: Column) -> Box<dyn Iterator<Item = Result<KeyValue, StoreError>> + '_> {
+        match &self.backend {
+            Backend::Rocks(db) => Box::new(db.iterator_cf(cf(db, column), rocksdb::IteratorMode::Start).map(|r| r.map_err(StoreError::from))),
+            Backend::Memory(db) => Box::new(db.entries(column, &[], |_| true).into_iter().map(Ok)),
+        }
     }
 
     /// Iterates over the keys and values of a column that start with `prefix`.
@@ -279,59 +414,93 @@ impl Store {
         &'a self,
         column: Column,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 'a {
-        self.db
-            .iterator_cf(self.cf(column), rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
-            .map(|r| r.map_err(StoreError::from))
-            .take_while(move |r| match r {
-                Ok((k, _)) => k.starts_with(prefix),
-                Err(_) => true,
-            })
+    ) -> Box<dyn Iterator<Item = Result<KeyValue, StoreError>> + 'a> {
+        match &self.backend {
+            Backend::Rocks(db) => Box::new(
+                db.iterator_cf(cf(db, column), rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
+                    .map(|r| r.map_err(StoreError::from))
+                    .take_while(move |r| match r {
+                        Ok((k, _)) => k.starts_with(prefix),
+                        Err(_) => true,
+                    }),
+            ),
+            Backend::Memory(db) => Box::new(db.entries(column, prefix, |k| k.starts_with(prefix)).into_iter().map(Ok)),
+        }
     }
 
     /// Flushes memtables and the WAL to disk; called on shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
-        for column in Column::ALL {
-            self.db.flush_cf(self.cf(column))?;
+        if let Backend::Rocks(db) = &self.backend {
+            db.flush_wal(true)?;
+            for column in Column::ALL {
+                db.flush_cf(cf(db, column))?;
+            }
         }
         Ok(())
     }
 
-    /// Approximate size in bytes of a column on disk (SST and blob files).
+    /// Approximate size in bytes of a column on disk (SST and blob files); in memory, the
+    /// bytes of its keys and values.
     pub fn approximate_size(&self, column: Column) -> u64 {
-        let cf = self.cf(column);
-        let sst = self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
-        let blob = self.db.property_int_value_cf(cf, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
-        sst + blob
+        match &self.backend {
+            Backend::Rocks(db) => {
+                let cf = cf(db, column);
+                let sst = db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
+                let blob = db.property_int_value_cf(cf, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
+                sst + blob
+            }
+            Backend::Memory(db) => db.read()[column as usize].iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
+        }
     }
+}
+
+fn cf(db: &DB, column: Column) -> &rocksdb::ColumnFamily {
+    // Every column family is created in `open`, so it is always there.
+    db.cf_handle(column.name()).expect("column family created at open")
+}
+
+/// The writes of a batch, in the form its store's backend takes them.
+enum Batch {
+    Rocks(WriteBatch),
+    Memory(Vec<MemoryOp>),
 }
 
 /// A set of writes applied atomically by [`StoreBatch::commit`].
 pub struct StoreBatch<'a> {
     store: &'a Store,
-    batch: WriteBatch,
+    batch: Batch,
 }
 
 impl StoreBatch<'_> {
     /// Adds a write.
     pub fn put(&mut self, column: Column, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(self.store.cf(column), key, value);
+        match (&mut self.batch, &self.store.backend) {
+            (Batch::Rocks(batch), Backend::Rocks(db)) => batch.put_cf(cf(db, column), key, value),
+            (Batch::Memory(ops), _) => ops.push((column, key.into(), Some(value.into()))),
+            _ => unreachable!("a batch is made by its own store"),
+        }
     }
 
     /// Adds a delete.
     pub fn delete(&mut self, column: Column, key: &[u8]) {
-        self.batch.delete_cf(self.store.cf(column), key);
+        match (&mut self.batch, &self.store.backend) {
+            (Batch::Rocks(batch), Backend::Rocks(db)) => batch.delete_cf(cf(db, column), key),
+            (Batch::Memory(ops), _) => ops.push((column, key.into(), None)),
+            _ => unreachable!("a batch is made by its own store"),
+        }
     }
 
     /// Number of writes in the batch.
     pub fn len(&self) -> usize {
-        self.batch.len()
+        match &self.batch {
+            Batch::Rocks(batch) => batch.len(),
+            Batch::Memory(ops) => ops.len(),
+        }
     }
 
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.len() == 0
     }
 
     /// Applies every write at once; with `sync` waits until they are on disk.
@@ -383,6 +552,37 @@ mod tests {
         store.put(Column::Meta, b"k", b"v")?;
         store.put_sync(Column::Meta, b"k2", b"v")?;
         assert_eq!(store.synced(), 4.max(base));
+        Ok(())
+    }
+
+    #[test]
+    fn the_memory_backend_reads_writes_batches_and_iterates_as_rocksdb_does() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        for store in [Store::open(dir.path())?, Store::in_memory()] {
+            let mut batch = store.batch();
+            for key in [&b"b1"[..], b"a2", b"a1", b"c"] {
+                batch.put(Column::Cores, key, key);
+            }
+            batch.delete(Column::Cores, b"c");
+            assert_eq!(batch.len(), 5);
+            batch.commit(false)?;
+            store.put(Column::Meta, b"k", b"v")?;
+            assert_eq!(store.get(Column::Meta, b"k")?.as_deref(), Some(&b"v"[..]));
+            assert_eq!(store.get_pinned(Column::Cores, b"a1")?.as_deref(), Some(&b"a1"[..]));
+            assert!(!store.contains(Column::Cores, b"c")?);
+            assert!(!store.contains(Column::Blocks, b"a1")?, "columns are apart");
+            let all: Vec<_> = store.iter(Column::Cores).map(|r| r.map(|(k, _)| k)).collect::<Result<_, _>>()?;
+            assert_eq!(all, vec![b"a1"[..].into(), b"a2"[..].into(), b"b1"[..].into()], "{:?}", store.path());
+            let a: Vec<_> = store.iter_prefix(Column::Cores, b"a").map(|r| r.map(|(k, _)| k)).collect::<Result<_, _>>()?;
+            assert_eq!(a.len(), 2);
+            store.delete_sync(Column::Cores, b"a1")?;
+            assert_eq!(store.get(Column::Cores, b"a1")?, None);
+            // The group commit's counters: one sync covers what was logged before it.
+            let logged = store.logged();
+            assert_eq!(store.sync_wal()?, logged);
+            assert_eq!(store.synced(), logged);
+        }
+        assert!(Store::in_memory().is_in_memory());
         Ok(())
     }
 

@@ -10,6 +10,7 @@ mod codec;
 
 pub use codec::{CoreSyncCodec, MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
@@ -41,7 +42,7 @@ pub enum SyncSetupError {
 
 /// Gossipsub for core changes: strict signing, app-level validation before forwarding,
 /// a quick heartbeat so meshes form fast on small networks.
-pub fn gossipsub(keypair: &Keypair) -> Result<gossipsub::Behaviour, SyncSetupError> {
+pub fn gossipsub(keypair: &Keypair, counters: GossipCounters) -> Result<gossipsub::Behaviour<CountingTransform>, SyncSetupError> {
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
@@ -50,10 +51,84 @@ pub fn gossipsub(keypair: &Keypair) -> Result<gossipsub::Behaviour, SyncSetupErr
         .duplicate_cache_time(Duration::from_secs(120))
         .build()
         .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;
-    let mut behaviour = gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), config)
+    let mut behaviour = gossipsub::Behaviour::new_with_transform(MessageAuthenticity::Signed(keypair.clone()), config, CountingTransform(counters))
         .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;
     behaviour.with_peer_score(peer_score_params(), peer_score_thresholds()).map_err(SyncSetupError::Gossipsub)?;
     Ok(behaviour)
+}
+
+/// Gossip a node received and published, counted where gossipsub hands every message it
+/// receives to its data transform: before the duplicate check and before the check that the
+/// node is subscribed to the topic, so a node that holds no replica of a core and still gets
+/// its gossip shows it. Cheap to clone; clones share the counts. Simulations read them per node
+/// ([`crate::node::Node::gossip`]) to show which nodes carry a core's changes.
+#[derive(Debug, Clone, Default)]
+pub struct GossipCounters(std::sync::Arc<GossipTally>);
+
+#[derive(Debug, Default)]
+struct GossipTally {
+    received: AtomicU64,
+    received_bytes: AtomicU64,
+    published: AtomicU64,
+    published_bytes: AtomicU64,
+}
+
+/// The counts of a [`GossipCounters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GossipCount {
+    /// Messages received, duplicates and topics not subscribed to included.
+    pub received: u64,
+    /// Their data bytes.
+    pub received_bytes: u64,
+    /// Messages this node published.
+    pub published: u64,
+    /// Their data bytes.
+    pub published_bytes: u64,
+}
+
+impl GossipCount {
+    /// What was counted since `earlier` (counts only grow).
+    pub fn since(&self, earlier: &GossipCount) -> GossipCount {
+        GossipCount {
+            received: self.received.saturating_sub(earlier.received),
+            received_bytes: self.received_bytes.saturating_sub(earlier.received_bytes),
+            published: self.published.saturating_sub(earlier.published),
+            published_bytes: self.published_bytes.saturating_sub(earlier.published_bytes),
+        }
+    }
+}
+
+impl GossipCounters {
+    /// The counts now.
+    pub fn get(&self) -> GossipCount {
+        let t = &self.0;
+        GossipCount {
+            received: t.received.load(Ordering::Relaxed),
+            received_bytes: t.received_bytes.load(Ordering::Relaxed),
+            published: t.published.load(Ordering::Relaxed),
+            published_bytes: t.published_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Gossipsub's identity transform, counting what passes through it (see [`GossipCounters`]).
+#[derive(Debug, Clone, Default)]
+pub struct CountingTransform(GossipCounters);
+
+impl gossipsub::DataTransform for CountingTransform {
+    fn inbound_transform(&self, raw: gossipsub::RawMessage) -> Result<gossipsub::Message, std::io::Error> {
+        let tally = &(self.0).0;
+        tally.received.fetch_add(1, Ordering::Relaxed);
+        tally.received_bytes.fetch_add(raw.data.len() as u64, Ordering::Relaxed);
+        gossipsub::IdentityTransform.inbound_transform(raw)
+    }
+
+    fn outbound_transform(&self, topic: &gossipsub::TopicHash, data: Vec<u8>) -> Result<Vec<u8>, std::io::Error> {
+        let tally = &(self.0).0;
+        tally.published.fetch_add(1, Ordering::Relaxed);
+        tally.published_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        gossipsub::IdentityTransform.outbound_transform(topic, data)
+    }
 }
 
 /// Peer scoring (gossipsub v1.1): a peer that sends changes our validation rejects loses score

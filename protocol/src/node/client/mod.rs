@@ -20,7 +20,7 @@ pub use content::ContentClient;
 pub(crate) use content::ContentCommand;
 pub use cores::{CoreCommandError, CoreSummary, CoreUpdate, CoresClient, Holding, StatementKind, SubmitOutcome, UnlockOutcome};
 pub(crate) use cores::CoreCommand;
-pub use net::{ConnectError, NatStatus, NetClient, PeerInfo, RelayServerStatus};
+pub use net::{ConnectError, NatStatus, NetClient, PeerInfo, ProviderLookup, RelayServerStatus};
 pub use msg::{InboxMessage, MsgClient, MsgError, OutboxEntry, Sent};
 pub(crate) use msg::{now_ms, MsgCommand, RawMessages, Sealer};
 pub(crate) use net::NetCommand;

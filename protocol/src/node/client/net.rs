@@ -15,6 +15,25 @@ pub(crate) enum NetCommand {
     Connect { addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, ConnectError>> },
     /// Close every connection with the peer and refuse new ones (`blocked: false` lifts it).
     Block { peer: PeerId, blocked: bool, reply: oneshot::Sender<()> },
+    FindProviders { key: Vec<u8>, reply: oneshot::Sender<ProviderLookup> },
+}
+
+/// What a DHT lookup of providers found ([`NetClient::find_providers`]), and what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProviderLookup {
+    /// The providers of the first answer that named any (empty: none found before the query
+    /// ended or timed out).
+    pub providers: Vec<PeerId>,
+    /// Rounds of the iterative lookup until that answer, estimated from Kademlia's counts:
+    /// the successful requests so far over the query's parallelism α, rounded up (libp2p
+    /// reports counts, not the path). 0: this node stores a provider record of the key.
+    pub hops: u32,
+    /// DHT requests sent until then.
+    pub requests: u32,
+    /// Of those, the ones answered.
+    pub successes: u32,
+    /// Time from the start of the query until then.
+    pub elapsed: std::time::Duration,
 }
 
 /// A peer as seen by this node.
@@ -126,5 +145,12 @@ impl NetClient<'_> {
     /// and catch-up runs once the peer is back.
     pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), NodeError> {
         self.ask(|reply| NetCommand::Block { peer, blocked: false, reply }).await
+    }
+
+    /// Looks up the providers of a DHT key (a core's [`dht_key`](crate::core::Address::dht_key),
+    /// a block's multihash) and answers with the first providers found, and how many rounds
+    /// and requests that took; the query stops there. What simulations measure lookups with.
+    pub async fn find_providers(&self, key: Vec<u8>) -> Result<ProviderLookup, NodeError> {
+        self.ask(|reply| NetCommand::FindProviders { key, reply }).await
     }
 }

@@ -12,7 +12,7 @@ use libp2p::{identify, kad, ping, Multiaddr, PeerId};
 use tokio::sync::oneshot;
 
 use super::EventLoop;
-use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo};
+use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo, ProviderLookup};
 use crate::nat;
 use crate::node::peers::{PeerBook, MAX_KNOWN_PEERS};
 use crate::store::Store;
@@ -62,6 +62,8 @@ pub(super) struct Net {
     bootstraps_completed: u64,
     connections_established: u64,
     connections_closed: u64,
+    /// `find_providers` calls waiting for their query's first providers.
+    lookups: HashMap<kad::QueryId, (oneshot::Sender<ProviderLookup>, Instant)>,
 }
 
 impl Net {
@@ -78,6 +80,7 @@ impl Net {
             bootstraps_completed: 0,
             connections_established: 0,
             connections_closed: 0,
+            lookups: HashMap::new(),
         }
     }
 
@@ -163,7 +166,38 @@ impl EventLoop {
                 }
                 let _ = reply.send(());
             }
+            NetCommand::FindProviders { key, reply } => {
+                let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
+                self.net.lookups.insert(query, (reply, Instant::now()));
+            }
         }
+    }
+
+    /// A step of a `find_providers` query: the first providers answer it (and end the query),
+    /// as does the query's end without any.
+    fn on_lookup_progressed(&mut self, id: kad::QueryId, result: kad::QueryResult, stats: &kad::QueryStats, last: bool) {
+        let providers = match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => providers.into_iter().collect(),
+            _ => Vec::new(),
+        };
+        if providers.is_empty() && !last {
+            return;
+        }
+        let Some((reply, started)) = self.net.lookups.remove(&id) else { return };
+        if !last {
+            if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                query.finish();
+            }
+        }
+        let successes = stats.num_successes();
+        let lookup = ProviderLookup {
+            providers,
+            hops: successes.div_ceil(swarm::KAD_PARALLELISM as u32),
+            requests: stats.num_requests(),
+            successes,
+            elapsed: started.elapsed(),
+        };
+        let _ = reply.send(lookup);
     }
 
     /// Closes every listener. Dropping the swarm closes sockets anyway, but gives a memory
@@ -508,6 +542,9 @@ impl EventLoop {
 
     pub(super) fn on_kad_event(&mut self, event: kad::Event) {
         match event {
+            kad::Event::OutboundQueryProgressed { id, result, step, stats } if self.net.lookups.contains_key(&id) => {
+                self.on_lookup_progressed(id, result, &stats, step.last)
+            }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => self.on_query_progressed(id, result, step.last),
             kad::Event::RoutingUpdated { peer, is_new_peer: true, .. } => {
                 tracing::debug!(%peer, "added to the routing table");

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# A seeded simulation of many nodes in one process (issue 17): the real kubelt-protocol swarm
+# on libp2p's memory transport, each node with an in-memory store.
+#   scripts/sim.sh --nodes N [--seed S] [--replicas R] [--writes W] [--cores C] [--lookups L]
+#   scripts/sim.sh --sweep 50,100,200 [--out docs]   # each size in its own process, then
+#                                                     # docs/sim.json and the chart docs/sim.png
+# The last stdout line is one JSON object (nodes, lookup_hops_p50, lookup_success_rate,
+# propagation_p99_ms, replicas_converged, gossip_bytes_per_node_per_change, ...).
+# Everything runs on the machine's cores: use `nice` on a shared machine. RUST_LOG=warn shows
+# the nodes' warnings on stderr.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+log "building kubelt-sim (release; target dir $CARGO_TARGET_DIR)"
+(cd "$KUBELT_ROOT" && cargo build --release --locked -p kubelt-sim --bin kubelt-sim)
+cd "$KUBELT_ROOT"
+exec "$CARGO_TARGET_DIR/release/kubelt-sim" "$@"

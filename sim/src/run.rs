@@ -1,0 +1,522 @@
+//! A run: the nodes of a [`Plan`] on libp2p's memory transport, each a real
+//! `kubelt_protocol::node::Node` (swarm, event loop, core logic) with an in-memory store, and
+//! the measurements of the issue: DHT lookups, propagation of changes, gossip per node, churn,
+//! memory and CPU.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::join_all;
+use futures::StreamExt;
+use kubelt_protocol::core::{Address, DevWallet};
+use kubelt_protocol::node::{Config, Node, NodeEvent};
+use kubelt_protocol::store::Store;
+use kubelt_protocol::swarm;
+use kubelt_protocol::sync::GossipCount;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{broadcast, watch};
+
+use crate::plan::{Lookup, Plan};
+use crate::stats::{self, Cost};
+
+/// The namespace the changes are written in.
+const NAMESPACE: &str = "app";
+/// How long the owner's delegation to a writer lasts.
+const DELEGATION: Duration = Duration::from_secs(24 * 3600);
+/// How long a change may take to reach every replica before it counts as not converged.
+const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long gossip may still move after the last replica got a change (duplicates, IWANT
+/// answers after the next heartbeats) before its messages are counted.
+const GOSSIP_SETTLE: Duration = Duration::from_millis(1500);
+/// Lookups in flight at once.
+const LOOKUP_CONCURRENCY: usize = 8;
+/// Longest wait for one lookup (Kademlia's own query timeout is 30 s).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(35);
+/// Followers that follow a core at once: a wave finds the replicas of the waves before it in
+/// the DHT and dials them.
+const FOLLOW_WAVE: usize = 10;
+/// How long the run stays idle to measure what the nodes cost doing nothing.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
+
+/// One lookup's outcome.
+#[derive(Debug, Clone, Copy)]
+struct LookupOutcome {
+    /// A provider named in the first answer is a running replica of the core.
+    found: bool,
+    hops: u32,
+    requests: u32,
+    elapsed: Duration,
+}
+
+/// One change's outcome.
+#[derive(Debug, Clone)]
+struct ChangeOutcome {
+    /// Time until each other running replica applied it (those that did, in time).
+    latencies: Vec<Duration>,
+    /// Every running replica applied it within [`PROPAGATION_TIMEOUT`].
+    converged: bool,
+    /// Gossip received by the running replicas of the core, summed.
+    replica_gossip: GossipCount,
+    /// Running replicas of the core.
+    replicas: usize,
+    /// Gossip received by the running nodes that do not hold the core, summed.
+    other_gossip: GossipCount,
+    /// Bytes the writer published.
+    published_bytes: u64,
+}
+
+/// What a phase (before or after the churn) measured.
+#[derive(Debug, Default)]
+struct Phase {
+    lookups: Vec<LookupOutcome>,
+    changes: Vec<ChangeOutcome>,
+}
+
+/// The figures of a run: its last stdout line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Report {
+    pub(crate) nodes: usize,
+    pub(crate) seed: u64,
+    pub(crate) replicas: usize,
+    pub(crate) cores: usize,
+    pub(crate) bootstraps: usize,
+    /// Time to start every node and let their first Kademlia bootstrap finish.
+    pub(crate) join_ms: u64,
+    /// Time for the replicas of every core to find each other.
+    pub(crate) replica_setup_ms: u64,
+    /// Lookups over both phases.
+    pub(crate) lookups: usize,
+    pub(crate) lookup_success_rate: f64,
+    pub(crate) lookup_hops_p50: f64,
+    pub(crate) lookup_hops_p99: f64,
+    pub(crate) lookup_hops_max: f64,
+    pub(crate) lookup_requests_p50: f64,
+    pub(crate) lookup_ms_p50: f64,
+    pub(crate) lookup_ms_p99: f64,
+    /// Changes written over both phases.
+    pub(crate) changes: usize,
+    /// Time from a write until each other replica applied it, over every change and replica.
+    pub(crate) propagation_p50_ms: f64,
+    pub(crate) propagation_p99_ms: f64,
+    pub(crate) propagation_max_ms: f64,
+    /// Every change reached every running replica of its core in time.
+    pub(crate) replicas_converged: bool,
+    pub(crate) changes_converged: usize,
+    /// Gossip messages a replica of the written core received per change (duplicates included).
+    pub(crate) gossip_messages_per_node_per_change: f64,
+    /// Their bytes: what one node that holds the core carries per change.
+    pub(crate) gossip_bytes_per_node_per_change: f64,
+    /// The same traffic spread over every node of the network.
+    pub(crate) gossip_bytes_per_network_node_per_change: f64,
+    /// Bytes of one published change (the envelope).
+    pub(crate) change_bytes: f64,
+    /// Core gossip received by nodes that do not hold the core (should be 0).
+    pub(crate) non_replica_gossip_messages: u64,
+    pub(crate) non_replica_gossip_bytes: u64,
+    /// After the churn: nodes that left and joined, and what was measured then.
+    pub(crate) churn_left: usize,
+    pub(crate) churn_joined: usize,
+    pub(crate) churn_lookup_success_rate: f64,
+    pub(crate) churn_lookup_hops_p50: f64,
+    pub(crate) churn_propagation_p99_ms: f64,
+    pub(crate) churn_replicas_converged: bool,
+    /// Open connections and Kademlia routing-table entries per node, on average, while idle.
+    pub(crate) connections_per_node: f64,
+    pub(crate) routing_table_per_node: f64,
+    #[serde(flatten)]
+    pub(crate) cost: Cost,
+}
+
+/// Nodes by plan index; `None` once stopped (or before started).
+struct Sim {
+    plan: Plan,
+    nodes: Vec<Option<Node>>,
+    peer_ids: Vec<PeerId>,
+    bootstraps: Vec<Multiaddr>,
+    wallets: Vec<DevWallet>,
+}
+
+/// Runs the plan and reports (see the module doc).
+pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let cpu_start = stats::cpu_time();
+    let rss_start = stats::rss_bytes();
+    let wallets = plan.cores.iter().map(|c| DevWallet::from_hex(&c.wallet_hex).context("a core's owner key")).collect::<anyhow::Result<Vec<_>>>()?;
+    let peer_ids = plan.keys.iter().map(|k| Ok(keypair(k)?.public().to_peer_id())).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut sim = Sim { nodes: (0..plan.keys.len()).map(|_| None).collect(), plan, peer_ids, bootstraps: Vec::new(), wallets };
+    let n = sim.plan.nodes();
+
+    // Join: bootstraps first, then everyone else through them.
+    let t = Instant::now();
+    for i in 0..n {
+        sim.start(i).await?;
+    }
+    let all: Vec<usize> = (0..n).collect();
+    sim.wait_bootstrapped(&all, Duration::from_secs(60 + n as u64 / 5)).await?;
+    let join_ms = t.elapsed().as_millis() as u64;
+    eprintln!("sim: {n} nodes joined in {join_ms} ms");
+
+    // Replicas.
+    let t = Instant::now();
+    sim.place_replicas().await?;
+    let replica_setup_ms = t.elapsed().as_millis() as u64;
+    eprintln!("sim: replicas of {} cores placed in {replica_setup_ms} ms", sim.plan.cores.len());
+
+    // Cost while idle, with every node and replica in place.
+    let rss_nodes = stats::rss_bytes();
+    let cpu_idle = stats::cpu_time();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_cpu = stats::cpu_time() - cpu_idle;
+    let (connections, routing) = sim.tables().await?;
+
+    let mut before = Phase::default();
+    sim.lookups(&sim.plan.lookups.clone(), &mut before).await;
+    sim.writes(&mut before, 0).await?;
+    eprintln!("sim: before churn: {} lookups, {} changes", before.lookups.len(), before.changes.len());
+
+    // Churn: some leave, as many join, then everything again.
+    for &i in &sim.plan.leave.clone() {
+        if let Some(node) = sim.nodes[i].take() {
+            node.stop().await;
+        }
+    }
+    let joiners: Vec<usize> = (n..n + sim.plan.joiners()).collect();
+    for &i in &joiners {
+        sim.start(i).await?;
+    }
+    sim.wait_bootstrapped(&joiners, Duration::from_secs(30)).await?;
+    let mut after = Phase::default();
+    sim.lookups(&sim.plan.lookups_after.clone(), &mut after).await;
+    sim.writes(&mut after, sim.plan.params.writes).await?;
+    eprintln!("sim: after churn: {} lookups, {} changes", after.lookups.len(), after.changes.len());
+
+    let wall = started.elapsed();
+    let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, IDLE_WINDOW, stats::cpu_time() - cpu_start, wall);
+    let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
+    report.connections_per_node = connections;
+    report.routing_table_per_node = routing;
+    for node in sim.nodes.iter_mut().filter_map(Option::take) {
+        node.stop().await;
+    }
+    Ok(report)
+}
+
+fn keypair(secret: &[u8; 32]) -> anyhow::Result<Keypair> {
+    Ok(Keypair::ed25519_from_bytes(*secret)?)
+}
+
+impl Sim {
+    fn node(&self, i: usize) -> Option<&Node> {
+        self.nodes[i].as_ref()
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes.iter().enumerate().filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
+    }
+
+    /// Starts node `i`: a bootstrap listens and waits; any other node joins through the
+    /// bootstraps.
+    async fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let bootstrap = self.plan.is_bootstrap(i);
+        let mut config = Config {
+            listen: vec![Multiaddr::empty().with(Protocol::Memory(0))],
+            bootstrap_peers: if bootstrap { Vec::new() } else { self.bootstraps.clone() },
+            ..Config::default()
+        };
+        if bootstrap {
+            config.swarm = swarm::Config::bootstrap();
+        }
+        let node = Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))?;
+        if bootstrap {
+            let info = node.client.info().await?;
+            let addr = info.addresses.first().context("a bootstrap without an address")?.parse()?;
+            self.bootstraps.push(addr);
+        }
+        self.nodes[i] = Some(node);
+        Ok(())
+    }
+
+    /// Waits until each of `nodes` finished a Kademlia bootstrap (the bootstraps themselves
+    /// have no one to ask at first: they count once they have peers in their table).
+    async fn wait_bootstrapped(&self, nodes: &[usize], within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut waiting = 0;
+            let mut table = 0;
+            for &i in nodes {
+                let Some(node) = self.node(i) else { continue };
+                let status = node.client.status().await?;
+                table += status.routing_table_peers;
+                let done = if self.plan.is_bootstrap(i) { status.routing_table_peers > 0 } else { status.bootstraps_completed > 0 };
+                if !done {
+                    waiting += 1;
+                }
+            }
+            if waiting == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                // Measured anyway: what lookups and propagation do then is the finding.
+                eprintln!(
+                    "sim: {waiting} of {} nodes did not finish a DHT bootstrap within {within:?} (routing tables hold {:.1} peers on average)",
+                    nodes.len(),
+                    table as f64 / nodes.len().max(1) as f64
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn address(&self, core: usize) -> Address {
+        self.wallets[core].address()
+    }
+
+    /// Open connections and routing-table entries per running node, on average.
+    async fn tables(&self) -> anyhow::Result<(f64, f64)> {
+        let (mut connections, mut routing, mut nodes) = (0, 0, 0u32);
+        for (_, node) in self.running() {
+            let status = node.client.status().await?;
+            connections += status.connected_peers;
+            routing += status.routing_table_peers;
+            nodes += 1;
+        }
+        let nodes = f64::from(nodes.max(1));
+        Ok((connections as f64 / nodes, routing as f64 / nodes))
+    }
+
+    /// The running replicas of a core.
+    fn live_replicas(&self, core: usize) -> Vec<usize> {
+        self.plan.cores[core].replicas.iter().copied().filter(|&r| self.node(r).is_some()).collect()
+    }
+
+    /// Gives each core's writer the owner's delegation, then lets the followers follow in
+    /// waves, and waits until every replica sees another one.
+    async fn place_replicas(&self) -> anyhow::Result<()> {
+        for (c, core) in self.plan.cores.iter().enumerate() {
+            let Some(&writer) = core.replicas.first() else { continue };
+            let statement = self.wallets[c].delegate(&self.peer_ids[writer], &["*"], DELEGATION, time::OffsetDateTime::now_utc())?;
+            self.node(writer).context("writer stopped")?.client.cores().submit(statement).await?;
+        }
+        let longest = self.plan.cores.iter().map(|c| c.replicas.len()).max().unwrap_or(0);
+        let mut rank = 1;
+        while rank < longest {
+            for (c, core) in self.plan.cores.iter().enumerate() {
+                for &r in core.replicas.iter().skip(rank).take(FOLLOW_WAVE) {
+                    self.node(r).context("replica stopped")?.client.cores().follow(self.address(c)).await?;
+                }
+            }
+            rank += FOLLOW_WAVE;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut alone = 0;
+            for (c, core) in self.plan.cores.iter().enumerate() {
+                if core.replicas.len() < 2 {
+                    continue;
+                }
+                for &r in &core.replicas {
+                    let summary = self.node(r).context("replica stopped")?.client.cores().summary(self.address(c)).await?;
+                    if summary.replicas == 0 {
+                        alone += 1;
+                    }
+                }
+            }
+            if alone == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("sim: {alone} replicas still see no other replica; measuring anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Gossipsub grafts its meshes on its heartbeat (500 ms).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(())
+    }
+
+    /// Runs lookups, [`LOOKUP_CONCURRENCY`] at a time.
+    async fn lookups(&self, lookups: &[Lookup], phase: &mut Phase) {
+        let outcomes = futures::stream::iter(lookups.iter().map(|l| self.lookup(*l))).buffer_unordered(LOOKUP_CONCURRENCY).collect::<Vec<_>>().await;
+        phase.lookups.extend(outcomes);
+    }
+
+    async fn lookup(&self, lookup: Lookup) -> LookupOutcome {
+        let failed = LookupOutcome { found: false, hops: 0, requests: 0, elapsed: LOOKUP_TIMEOUT };
+        let Some(node) = self.node(lookup.from) else { return failed };
+        let key = self.address(lookup.core).dht_key().to_vec();
+        let live: HashSet<PeerId> = self.live_replicas(lookup.core).into_iter().map(|r| self.peer_ids[r]).collect();
+        match tokio::time::timeout(LOOKUP_TIMEOUT, node.client.net().find_providers(key)).await {
+            Ok(Ok(found)) => LookupOutcome {
+                found: found.providers.iter().any(|p| live.contains(p)),
+                hops: found.hops,
+                requests: found.requests,
+                elapsed: found.elapsed,
+            },
+            _ => failed,
+        }
+    }
+
+    /// Writes `params.writes` changes, one at a time, cycling over the cores; `first` is the
+    /// number of the first (each change sets its own key).
+    async fn writes(&self, phase: &mut Phase, first: usize) -> anyhow::Result<()> {
+        if self.plan.cores.is_empty() {
+            return Ok(());
+        }
+        for seq in first..first + self.plan.params.writes {
+            let outcome = self.write(seq % self.plan.cores.len(), seq).await?;
+            phase.changes.push(outcome);
+        }
+        Ok(())
+    }
+
+    /// Writes one change on the core's writer and follows it to every running replica; counts
+    /// the gossip every running node received meanwhile.
+    async fn write(&self, core: usize, seq: usize) -> anyhow::Result<ChangeOutcome> {
+        let address = self.address(core);
+        let replicas = self.live_replicas(core);
+        let writer = replicas.first().copied().context("the writer stopped")?;
+        let gossip_before: Vec<(usize, GossipCount)> = self.running().map(|(i, n)| (i, n.gossip())).collect();
+        let (target_tx, target) = watch::channel(None::<String>);
+        let start = Instant::now();
+        let waiters: Vec<_> = replicas[1..]
+            .iter()
+            .map(|&r| {
+                let events = self.node(r).map(|n| n.client.events());
+                let target = target.clone();
+                tokio::spawn(async move {
+                    match events {
+                        Some(events) => applied_at(events, address, target, start, PROPAGATION_TIMEOUT).await,
+                        None => None,
+                    }
+                })
+            })
+            .collect();
+        let value = serde_json::json!({ "seq": seq, "padding": "x".repeat(64) });
+        let writer_node = self.node(writer).context("the writer stopped")?;
+        let summary = writer_node.client.cores().set(address, NAMESPACE.into(), format!("k{seq}"), value).await?;
+        let head = summary.heads.first().cloned().context("a write left no head")?;
+        let _ = target_tx.send(Some(head));
+        let latencies: Vec<Option<Duration>> = join_all(waiters).await.into_iter().map(|r| r.ok().flatten()).collect();
+        let converged = latencies.iter().all(Option::is_some);
+        tokio::time::sleep(GOSSIP_SETTLE).await;
+        let mut replica_gossip = GossipCount::default();
+        let mut other_gossip = GossipCount::default();
+        let mut published_bytes = 0;
+        for (i, before) in gossip_before {
+            let Some(node) = self.node(i) else { continue };
+            let delta = node.gossip().since(&before);
+            if i == writer {
+                published_bytes = delta.published_bytes;
+            }
+            let sum = if replicas.contains(&i) { &mut replica_gossip } else { &mut other_gossip };
+            sum.received += delta.received;
+            sum.received_bytes += delta.received_bytes;
+            sum.published += delta.published;
+            sum.published_bytes += delta.published_bytes;
+        }
+        Ok(ChangeOutcome { latencies: latencies.into_iter().flatten().collect(), converged, replica_gossip, replicas: replicas.len(), other_gossip, published_bytes })
+    }
+
+    fn report(&self, join_ms: u64, replica_setup_ms: u64, before: &Phase, after: &Phase, cost: Cost) -> Report {
+        let lookups: Vec<&LookupOutcome> = before.lookups.iter().chain(&after.lookups).collect();
+        let changes: Vec<&ChangeOutcome> = before.changes.iter().chain(&after.changes).collect();
+        let found: Vec<&&LookupOutcome> = lookups.iter().filter(|l| l.found).collect();
+        let hops: Vec<f64> = found.iter().map(|l| l.hops as f64).collect();
+        let requests: Vec<f64> = found.iter().map(|l| l.requests as f64).collect();
+        let lookup_ms: Vec<f64> = found.iter().map(|l| ms(l.elapsed)).collect();
+        let latencies: Vec<f64> = changes.iter().flat_map(|c| c.latencies.iter().map(|d| ms(*d))).collect();
+        let per_change = |f: &dyn Fn(&ChangeOutcome) -> f64| if changes.is_empty() { 0.0 } else { changes.iter().map(|c| f(c)).sum::<f64>() / changes.len() as f64 };
+        let network = self.running().count().max(1) as f64;
+        let after_found: Vec<f64> = after.lookups.iter().filter(|l| l.found).map(|l| l.hops as f64).collect();
+        let after_latencies: Vec<f64> = after.changes.iter().flat_map(|c| c.latencies.iter().map(|d| ms(*d))).collect();
+        Report {
+            nodes: self.plan.nodes(),
+            seed: self.plan.params.seed,
+            replicas: self.plan.params.replicas,
+            cores: self.plan.cores.len(),
+            bootstraps: self.plan.params.bootstraps,
+            join_ms,
+            replica_setup_ms,
+            lookups: lookups.len(),
+            lookup_success_rate: rate(found.len(), lookups.len()),
+            lookup_hops_p50: stats::percentile(&hops, 50.0),
+            lookup_hops_p99: stats::percentile(&hops, 99.0),
+            lookup_hops_max: stats::percentile(&hops, 100.0),
+            lookup_requests_p50: stats::percentile(&requests, 50.0),
+            lookup_ms_p50: stats::percentile(&lookup_ms, 50.0),
+            lookup_ms_p99: stats::percentile(&lookup_ms, 99.0),
+            changes: changes.len(),
+            propagation_p50_ms: stats::percentile(&latencies, 50.0),
+            propagation_p99_ms: stats::percentile(&latencies, 99.0),
+            propagation_max_ms: stats::percentile(&latencies, 100.0),
+            replicas_converged: !changes.is_empty() && changes.iter().all(|c| c.converged),
+            changes_converged: changes.iter().filter(|c| c.converged).count(),
+            gossip_messages_per_node_per_change: per_change(&|c| c.replica_gossip.received as f64 / c.replicas.max(1) as f64),
+            gossip_bytes_per_node_per_change: per_change(&|c| c.replica_gossip.received_bytes as f64 / c.replicas.max(1) as f64),
+            gossip_bytes_per_network_node_per_change: per_change(&|c| (c.replica_gossip.received_bytes + c.other_gossip.received_bytes) as f64 / network),
+            change_bytes: per_change(&|c| c.published_bytes as f64),
+            non_replica_gossip_messages: changes.iter().map(|c| c.other_gossip.received).sum(),
+            non_replica_gossip_bytes: changes.iter().map(|c| c.other_gossip.received_bytes).sum(),
+            churn_left: self.plan.leave.len(),
+            churn_joined: self.plan.joiners(),
+            churn_lookup_success_rate: rate(after.lookups.iter().filter(|l| l.found).count(), after.lookups.len()),
+            churn_lookup_hops_p50: stats::percentile(&after_found, 50.0),
+            churn_propagation_p99_ms: stats::percentile(&after_latencies, 99.0),
+            churn_replicas_converged: !after.changes.is_empty() && after.changes.iter().all(|c| c.converged),
+            connections_per_node: 0.0,
+            routing_table_per_node: 0.0,
+            cost,
+        }
+    }
+}
+
+/// When a node's events show that it applied the change `target` names (known once the
+/// write returns; events before that are kept).
+async fn applied_at(mut events: broadcast::Receiver<NodeEvent>, core: Address, mut target: watch::Receiver<Option<String>>, start: Instant, within: Duration) -> Option<Duration> {
+    let deadline = tokio::time::Instant::from_std(start + within);
+    let mut seen: Vec<(String, Duration)> = Vec::new();
+    let mut writer_done = false;
+    loop {
+        if let Some(head) = target.borrow().as_ref() {
+            if let Some((_, at)) = seen.iter().find(|(h, _)| h == head) {
+                return Some(*at);
+            }
+        }
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(NodeEvent::CoreUpdated(update)) if update.core == core => {
+                    let at = start.elapsed();
+                    seen.extend(update.applied.into_iter().map(|h| (h, at)));
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+            changed = target.changed(), if !writer_done => if changed.is_err() {
+                // The write failed (or returned): what `target` holds now is final.
+                writer_done = true;
+                if target.borrow().is_none() {
+                    return None;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rate(part: usize, all: usize) -> f64 {
+    if all == 0 {
+        0.0
+    } else {
+        part as f64 / all as f64
+    }
+}
