@@ -265,6 +265,44 @@ fn two_app_logins_on_one_node_both_keep_writing_their_namespaces() -> anyhow::Re
     Ok(())
 }
 
+/// A person with no software of their own: a node that only follows (or hosts) their core
+/// holds the private values as ciphertext until the person's wallet, through an app, unlocks
+/// them there with `kb_unlock`; their apps then read the plain values on that node.
+#[test]
+fn an_app_unlocks_private_data_on_a_node_that_holds_only_ciphertext() -> anyhow::Result<()> {
+    const ENCRYPTED: i64 = -32016;
+    let dir = tempfile::tempdir()?;
+    let owner = DevWallet::random();
+    let address = owner.address().to_checksum();
+    let a = TestNode::start(dir.path(), "a", &["--owner", &address])?;
+    let b = TestNode::start(dir.path(), "b", &["--owner", &address, "--peer", &a.tcp_addr()])?;
+    let writer = token_of(&login(&a, &owner, json!({"diary": ["read", "write"]}))?)?;
+    a.call("core_private", json!({"address": address, "namespace": "diary"}))?;
+    // The device that writes shares the data key with the wallet once the wallet unlocks it.
+    let message = ok(&a, Some(&writer), "kb_getUnlockMessage", Value::Null)?["message"].as_str().context("no message")?.to_string();
+    assert!(message.contains(&address), "{message}");
+    let signature = hex_sig(&owner, &message)?;
+    ok(&a, Some(&writer), "kb_unlock", json!([signature]))?;
+    ok(&a, Some(&writer), "kb_setData", json!(["diary", "today", "app-secret"]))?;
+    assert_eq!(ok(&a, Some(&writer), "kb_getData", json!(["diary", "today"]))?["value"], "app-secret");
+
+    // B follows the core for a read-only app: it gets the change, but only ciphertext.
+    let reader = token_of(&login(&b, &owner, json!({"diary": ["read"]}))?)?;
+    wait_until("B to hold the private value, encrypted", Duration::from_secs(60), || {
+        Ok(call(&b, Some(&reader), "kb_getData", json!(["diary", "today"]))?["error"]["code"] == ENCRYPTED)
+    })?;
+    // A bad signature unlocks nothing.
+    let wrong = hex_sig(&DevWallet::random(), &message)?;
+    assert!(call(&b, Some(&reader), "kb_unlock", json!([wrong]))?.get("error").is_some(), "a stranger's signature must not unlock");
+    assert_eq!(code_of(&call(&b, Some(&reader), "kb_getData", json!(["diary", "today"]))?), ENCRYPTED);
+    // The wallet's signature, through the app, does.
+    wait_until("B, unlocked by the app, to read the value", Duration::from_secs(30), || {
+        ok(&b, Some(&reader), "kb_unlock", json!({"signature": signature}))?;
+        Ok(call(&b, Some(&reader), "kb_getData", json!(["diary", "today"]))?["result"]["value"] == "app-secret")
+    })?;
+    Ok(())
+}
+
 #[test]
 fn a_change_written_on_another_replica_reaches_a_subscriber_and_tokens_stay_with_their_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -17,6 +17,7 @@ use kubelt_protocol::msg::envelope;
 use kubelt_protocol::node::{Config, InboxMessage, Node, NodeEvent};
 use kubelt_protocol::store::Store;
 use kubelt_protocol::swarm::{self, Behaviour, BehaviourEvent};
+use kubelt_protocol::testing::store_contains;
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{request_response, Multiaddr, PeerId, Swarm};
@@ -202,8 +203,8 @@ async fn a_follower_keeps_the_message_while_the_only_device_is_offline_and_the_d
     // is a control that must be found.
     follower.stop().await;
     let id_bytes = hex::decode(&sent.id)?;
-    assert!(database_contains(&follower.path, &id_bytes)?, "the follower's database does not hold the message at all");
-    assert!(!database_contains(&follower.path, text.as_bytes())?, "the plaintext is in the follower's database");
+    assert!(store_contains(&follower.path, &id_bytes)?, "the follower's database does not hold the message at all");
+    assert!(!store_contains(&follower.path, text.as_bytes())?, "the plaintext is in the follower's database");
     follower.restart().await?;
 
     // The device comes back, meets the follower, and reads the message.
@@ -247,21 +248,6 @@ async fn the_outbox_survives_a_restart_and_delivers_when_a_replica_appears() -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
-}
-
-/// Whether any key or value of the store at `dir` (not running) contains `needle`.
-fn database_contains(dir: &Path, needle: &[u8]) -> anyhow::Result<bool> {
-    let store = Store::open(dir)?;
-    let has = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    for column in kubelt_protocol::store::Column::ALL {
-        for entry in store.iter(column) {
-            let (key, value) = entry?;
-            if has(&key) || has(&value) {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
 }
 
 /// Files under `dir` that contain `needle`.

@@ -5,11 +5,12 @@
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::{json, Value};
 
+use kubelt_protocol::core::private::unlock_message;
 use kubelt_protocol::core::{delegation, login_message, owner_statement, Address, DelegationError, Login, LoginRequest};
 use kubelt_protocol::node::Client;
 
 use super::app::{self, code as app_code, App, AppCaller};
-use super::registry::{string, Auth, Capability, Caller, Ctx, Kind, Method, Namespace, Param, Params};
+use super::registry::{string, to_value, Auth, Capability, Caller, Ctx, Kind, Method, Namespace, Param, Params};
 use super::{code, Gate, RpcError};
 
 const STRING: &str = r#"{"type":"string"}"#;
@@ -130,7 +131,7 @@ pub static NAMESPACE: Namespace = Namespace {
                     name: "options",
                     schema: r#"{"type":"object","properties":{"visibility":{"enum":["public","private"]},"contentType":{"type":"string"}}}"#,
                     required: false,
-                    summary: "visibility (private: not announced in the DHT; not encrypted) and contentType",
+                    summary: "visibility (private: encrypted with the core's data key before it becomes blocks, kbobj1) and contentType",
                 },
             ],
             result: r#"{"type":"object","properties":{"version":{"type":"integer"},"size":{"type":"integer"},"cid":{"type":"string"}}}"#,
@@ -150,6 +151,33 @@ pub static NAMESPACE: Namespace = Namespace {
             auth: Auth::App(Capability::Read),
             kind: Kind::Call,
             handler: |ctx, p| Box::pin(super::objects::get(ctx, p)),
+        },
+        Method {
+            name: "kb_getUnlockMessage",
+            summary: "The text the signed-in wallet signs (personal_sign) to unlock its core's private data on this node \
+                      (the same as core_unlockMessage); wallets sign it deterministically.",
+            params: &[],
+            result: r#"{"type":"object","properties":{"message":{"type":"string"}}}"#,
+            auth: Auth::App(Capability::Read),
+            kind: Kind::Call,
+            handler: |ctx, _| Box::pin(async move { Ok(json!({ "message": unlock_message(&ctx.grant()?.core) })) }),
+        },
+        Method {
+            name: "kb_unlock",
+            summary: "Unlocks the signed-in core's private data on this node with the wallet's signature of \
+                      kb_getUnlockMessage (remembered across restarts): a hosting node can then serve the person's \
+                      private values and objects to their apps; a node never given it cannot.",
+            params: &[Param { name: "signature", schema: STRING, required: true, summary: "0x-hex personal_sign signature (65 bytes)" }],
+            result: r#"{"type":"object","properties":{"core":{"type":"string"},"keys":{"type":"integer"}}}"#,
+            auth: Auth::App(Capability::Read),
+            kind: Kind::Call,
+            handler: |ctx, p| {
+                Box::pin(async move {
+                    let core = ctx.grant()?.core;
+                    let signature = delegation::parse_signature(string(&p, "signature")?).map_err(|e| RpcError::invalid_params(e.to_string()))?;
+                    to_value(ctx.state.client.cores().unlock(core, signature).await.map_err(RpcError::core)?)
+                })
+            },
         },
         Method {
             name: "kb_subscribe",
