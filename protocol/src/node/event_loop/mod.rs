@@ -159,6 +159,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     self.provides.tick();
                     self.start_provides();
+                    self.close_silent_connections(Instant::now());
                     self.tick_cores(Instant::now());
                     self.tick_msg(Instant::now());
                     self.tick_relay_handovers(Instant::now());

@@ -30,6 +30,9 @@ const RELAY_HANDOVER: Duration = Duration::from_secs(2);
 /// Redials of one lost replica pending at once (each second's redial starts a new one while
 /// the earlier ones still wait for an answer).
 const MAX_PENDING_REDIALS: usize = 2;
+/// How long a connection that answered pings may stay silent before it is closed: the ping
+/// interval and timeout (5 s each, `swarm.rs`) and 2 s of slack.
+const PING_SILENCE: Duration = Duration::from_secs(12);
 
 /// One open connection.
 struct Conn {
@@ -49,6 +52,8 @@ pub(super) struct Net {
     pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
     /// Redials of lost replicas still pending, per peer (at most [`MAX_PENDING_REDIALS`]).
     pending_redials: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// When each connection last answered a ping (connections that answered at least once).
+    last_pong: HashMap<ConnectionId, Instant>,
     /// Open connections per peer.
     connections: HashMap<PeerId, Vec<Conn>>,
     /// Agent versions learned over identify (connected peers only).
@@ -72,6 +77,7 @@ impl Net {
             peer_book: PeerBook::new(store),
             pending_connects: HashMap::new(),
             pending_redials: HashMap::new(),
+            last_pong: HashMap::new(),
             connections: HashMap::new(),
             agents: HashMap::new(),
             listeners: HashSet::new(),
@@ -474,6 +480,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 self.net.connections_closed += 1;
+                self.net.last_pong.remove(&connection_id);
                 if let Some(conns) = self.net.connections.get_mut(&peer_id) {
                     conns.retain(|c| c.id != connection_id);
                 }
@@ -531,11 +538,36 @@ impl EventLoop {
     }
 
     pub(super) fn on_ping_event(&mut self, event: ping::Event) {
-        if let ping::Event { peer, connection, result: Err(error) } = event {
-            // A connection that no longer answers pings is dead (the peer vanished, or a
-            // partition): close it, so the peer counts are true and reconnecting, which
-            // triggers catch-up, can happen.
-            tracing::info!(%peer, "closing a connection that stopped answering pings: {error}");
+        match event {
+            ping::Event { connection, result: Ok(_), .. } => {
+                self.net.last_pong.insert(connection, Instant::now());
+            }
+            ping::Event { connection, result: Err(ping::Failure::Unsupported), .. } => {
+                self.net.last_pong.remove(&connection);
+            }
+            ping::Event { peer, connection, result: Err(error) } => {
+                // A connection that no longer answers pings is dead (the peer vanished, or a
+                // partition): close it, so the peer counts are true and reconnecting, which
+                // triggers catch-up, can happen.
+                tracing::info!(%peer, "closing a connection that stopped answering pings: {error}");
+                self.swarm.close_connection(connection);
+            }
+        }
+    }
+
+    /// Closes connections that answered pings before and have not answered for
+    /// [`PING_SILENCE`]. libp2p's ping reports only the second failure in a row, and the second
+    /// attempt opens a new stream whose negotiation waits out a 10 s upgrade timeout, so a
+    /// connection cut by a partition was reported only after ~25 s; a partition shorter than
+    /// that healed on the old TCP connection, after TCP's retransmission backoff (up to ~7 s in
+    /// the testnet). Closed at once, the lost replica is redialed every second and catch-up
+    /// runs on a fresh connection right after the heal.
+    pub(super) fn close_silent_connections(&mut self, now: Instant) {
+        let silent: Vec<ConnectionId> =
+            self.net.last_pong.iter().filter(|(_, at)| now.saturating_duration_since(**at) > PING_SILENCE).map(|(id, _)| *id).collect();
+        for connection in silent {
+            self.net.last_pong.remove(&connection);
+            tracing::info!(?connection, "closing a connection silent for {PING_SILENCE:?} (no ping answered)");
             self.swarm.close_connection(connection);
         }
     }
