@@ -295,14 +295,22 @@ fn a_request_over_two_mebibytes_is_refused_with_a_reason() -> anyhow::Result<()>
     let mut client = Client::open(&node)?;
     client.socket.send(Message::text(call_of_size(limit)))?;
     assert_eq!(client.receive()?["error"]["code"], -32602);
-    client.socket.send(Message::text(call_of_size(limit + 1)))?;
-    let close = match client.socket.read() {
-        Ok(Message::Close(frame)) => frame.context("a close frame with a reason")?,
-        Ok(other) => bail!("an oversized message was answered: {other:?}"),
-        Err(e) => bail!("the connection broke without a close frame: {e}"),
-    };
-    assert_eq!(close.code, CloseCode::Size);
-    assert!(close.reason.contains("too large"), "{close:?}");
+    match client.socket.send(Message::text(call_of_size(limit + 1))) {
+        Ok(()) => {
+            let close = match client.socket.read() {
+                Ok(Message::Close(frame)) => frame.context("a close frame with a reason")?,
+                Ok(other) => bail!("an oversized message was answered: {other:?}"),
+                Err(e) => bail!("the connection broke without a close frame: {e}"),
+            };
+            assert_eq!(close.code, CloseCode::Size);
+            assert!(close.reason.contains("too large"), "{close:?}");
+        }
+        // The node refused the message while it was still being sent: it closes the socket
+        // with the rest unread, and the kernel's reset can reach the client before the close
+        // frame does (a known limit, docs/design-notes.md). The refusal itself happened.
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => bail!("sending the oversized message failed otherwise: {e}"),
+    }
     // The node goes on serving.
     assert_eq!(node.call("node_id", Value::Null)?["peer_id"], node.peer_id.as_str());
     Ok(())
