@@ -11,7 +11,6 @@
 //! devices, i.e. that some login (or `kubelt core submit`) let write the core; with only
 //! `["read"]` logins a node lists messages with `text: null`.
 
-use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::Value;
@@ -28,9 +27,6 @@ use super::{code, RpcError};
 /// The capability (and namespace) that grants messaging to an app.
 pub const CAPABILITY: &str = "messages";
 
-/// How long `kb_sendMessage` waits for a replica of the recipient before it answers with
-/// `delivered: false` (the message then waits in the outbox).
-const SEND_WAIT: Duration = Duration::from_secs(5);
 
 
 /// The app's messaging methods (a second table of the `kb` namespace).
@@ -98,17 +94,14 @@ async fn send(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     if text.len() > MAX_TEXT {
         return Err(RpcError::new(code::MSG_TOO_LARGE, format!("the text is {} bytes; a message holds at most {MAX_TEXT}", text.len())));
     }
-    to_value(ctx.state.client.msg().send(from, to, text, SEND_WAIT).await.map_err(super::msg::error)?)
+    to_value(ctx.state.client.msg().send(from, to, text, super::msg::SEND_WAIT).await.map_err(super::msg::error)?)
 }
 
 async fn list(ctx: Ctx, p: Params) -> Result<Value, RpcError> {
     let core = messages_grant(&ctx, Capability::Read)?;
     let since = match p.get("options") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(options)) => match options.get("since") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_i64().ok_or_else(|| RpcError::invalid_params("options.since must be an integer (unix ms)"))?),
-        },
+        Some(Value::Object(options)) => super::msg::since_value(options.get("since"), "options.since")?,
         Some(_) => return Err(RpcError::invalid_params("param 'options' must be an object: {since?}")),
     };
     to_value(ctx.state.client.msg().inbox(core, since).await.map_err(super::msg::error)?)

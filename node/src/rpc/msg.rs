@@ -18,8 +18,9 @@ const MESSAGE: &str = r#"{"type":"object","properties":{"id":{"type":"string"},"
 
 const MESSAGES: &str = r#"{"type":"array","items":{"type":"object","properties":{"id":{"type":"string"},"from":{"type":"string"},"to":{"type":"string"},"sent_at":{"type":"integer"},"received_at":{"type":"integer"},"text":{"type":["string","null"]},"read":{"type":"boolean"}}}}"#;
 
-/// How long `msg_send` waits for a replica to take the message before it answers "queued".
-const SEND_WAIT: Duration = Duration::from_secs(5);
+/// How long `msg_send` and `kb_sendMessage` wait for a replica to take the message before they
+/// answer "queued" (the message then waits in the outbox).
+pub(super) const SEND_WAIT: Duration = Duration::from_secs(5);
 
 /// The messaging methods.
 pub static NAMESPACE: Namespace = Namespace {
@@ -111,9 +112,14 @@ pub static NAMESPACE: Namespace = Namespace {
 
 /// The optional `since` param (unix ms).
 fn since(p: &Params) -> Result<Option<i64>, RpcError> {
-    match p.get("since") {
+    since_value(p.get("since"), "param 'since'")
+}
+
+/// An optional `since` (unix ms) named `name` in refusals; shared with `kb_listMessages`.
+pub(super) fn since_value(value: Option<&Value>, name: &str) -> Result<Option<i64>, RpcError> {
+    match value {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| RpcError::invalid_params("param 'since' must be an integer (unix ms)")),
+        Some(v) => v.as_i64().map(Some).ok_or_else(|| RpcError::invalid_params(format!("{name} must be an integer (unix ms)"))),
     }
 }
 
