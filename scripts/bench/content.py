@@ -2,10 +2,12 @@
 network namespace by bench.sh).
 
 add:       100 MiB `kubelt add` (offline, fresh repo) vs Kubo `add`.
-transfer:  100 MiB kubelt->kubelt over QUIC and over TCP, Kubo->Kubo, Kubo->kubelt, kubelt->Kubo.
+transfer:  100 MiB kubelt->kubelt over QUIC and over TCP, Kubo->Kubo, Kubo->kubelt, kubelt->Kubo;
+           iroh's sendme and rust-libp2p's perf protocol (`libp2p-perf`: bare noise+yamux or QUIC,
+           no content addressing) on the same loopback, where installed.
 memory:    peak RSS of a kubelt node fetching 1 GiB from another kubelt node.
 """
-import os, shutil, subprocess, sys, tempfile, time
+import json, os, shutil, subprocess, sys, tempfile, time
 from kubelt_nodes import Node, BIN
 from kubo import Kubo
 
@@ -56,6 +58,34 @@ def sendme(data, root):
     return imported, transferred
 
 
+# rust-libp2p's perf binary (`cargo install --root /opt/libp2p-perf libp2p-perf`: its binary is
+# called `perf`, so it is kept off the PATH where Linux's perf lives). LIBP2P_PERF overrides.
+LIBP2P_PERF = os.environ.get("LIBP2P_PERF", "/opt/libp2p-perf/bin/perf")
+
+
+def libp2p_perf(transport, port):
+    """Seconds for rust-libp2p's perf client to download SIZE bytes over `transport` (tcp or
+    quic-v1) from its server on loopback, or None where libp2p-perf is not installed."""
+    if not os.access(LIBP2P_PERF, os.X_OK):
+        return None
+    server = subprocess.Popen([LIBP2P_PERF, "--run-server", "--server-address", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        out = subprocess.run([LIBP2P_PERF, "--server-address", f"127.0.0.1:{port}", "--transport", transport,
+                              "--upload-bytes", "0", "--download-bytes", str(SIZE)],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    finally:
+        server.kill()
+        server.wait()
+    # The client prints one JSON object per line; the last one is the whole run.
+    result = json.loads(out.strip().splitlines()[-1])
+    seconds = result.get("timeSeconds") or result.get("downloadSeconds") or result.get("DownloadSeconds")
+    if seconds is None:
+        raise RuntimeError(f"unexpected libp2p-perf output: {out[-500:]}")
+    return float(seconds)
+
+
 def kubelt_cat(node, cid):
     start = time.monotonic()
     subprocess.run([BIN, "--repo", node.repo, "cat", cid], stdout=subprocess.DEVNULL, check=True)
@@ -68,17 +98,24 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
     subprocess.run(["cat", data], stdout=subprocess.DEVNULL)  # warm the page cache for both
 
     if "add" in what:
-        print(f"-- add {SIZE // MIB} MiB")
-        kubo = Kubo()
-        start = time.monotonic(); kubo_cid = kubo.add(data); kubo_s = time.monotonic() - start
-        kubo.quit()
-        repo = os.path.join(root, "add-repo")
-        subprocess.run([BIN, "--repo", repo, "init"], check=True, capture_output=True)
-        start = time.monotonic()
-        cid = subprocess.run([BIN, "--repo", repo, "add", "-q", data], check=True, capture_output=True, text=True).stdout.strip()
-        ours_s = time.monotonic() - start
-        base = report("Kubo add", kubo_s, SIZE)
-        report("kubelt add (process, fresh repo)", ours_s, SIZE, base)
+        rounds = int(os.environ.get("KUBELT_BENCH_ROUNDS", "3"))
+        print(f"-- add {SIZE // MIB} MiB, median of {rounds} alternating rounds")
+        kubo_times, our_times = [], []
+        for i in range(rounds):
+            kubo = Kubo()
+            start = time.monotonic(); kubo_cid = kubo.add(data); kubo_times.append(time.monotonic() - start)
+            kubo.quit()
+            repo = os.path.join(root, f"add-repo-{i}")
+            subprocess.run([BIN, "--repo", repo, "init"], check=True, capture_output=True)
+            start = time.monotonic()
+            cid = subprocess.run([BIN, "--repo", repo, "add", "-q", data], check=True, capture_output=True, text=True).stdout.strip()
+            our_times.append(time.monotonic() - start)
+            shutil.rmtree(repo)
+        median = lambda xs: sorted(xs)[len(xs) // 2]
+        base = report("Kubo add", median(kubo_times), SIZE)
+        report("kubelt add (process, fresh repo)", median(our_times), SIZE, base)
+        print(f"   (goal >= 3x Kubo; every round: Kubo {', '.join(f'{t:.3f}' for t in kubo_times)} s, "
+              f"kubelt {', '.join(f'{t:.3f}' for t in our_times)} s)")
         print(f"same CID: {cid == kubo_cid} ({cid})")
         iroh = sendme(data, root)
         if iroh:
@@ -99,11 +136,18 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
 
         a = Node(root, "a")
         subprocess.run([BIN, "--repo", a.repo, "add", "-q", data], check=True, capture_output=True)
-        for transport in ["/quic-v1", "/tcp/"]:
-            b = Node(root, f"b{transport.strip('/').replace('/', '')}")
+        for transport, perf_transport, port in [("/quic-v1", "quic-v1", 4931), ("/tcp/", "tcp", 4932)]:
+            name = transport.strip('/')
+            perf = libp2p_perf(perf_transport, port)
+            perf_rate = report(f"libp2p-perf ({name})", perf, SIZE, base) if perf else None
+            b = Node(root, f"b{name.replace('/', '')}")
             b.call("swarm_connect", {"addr": next(x for x in a.addresses if transport in x)})
-            report(f"kubelt -> kubelt ({transport.strip('/')})", kubelt_cat(b, kcid), SIZE, base)
+            rate = report(f"kubelt -> kubelt ({name})", kubelt_cat(b, kcid), SIZE, base)
             b.stop()
+            if perf_rate:
+                print(f"   kubelt/libp2p-perf over {name}: {rate / perf_rate:.2f}x (goal >= 0.8x)")
+            if iroh:
+                print(f"   kubelt/sendme over {name}: {rate / (SIZE / iroh[1] / 1e6):.2f}x (goal >= 1.3x)")
 
         c = Node(root, "c")
         c.call("swarm_connect", {"addr": k1.addr()})
