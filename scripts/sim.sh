@@ -2,7 +2,9 @@
 # A seeded simulation of many nodes in one process (issue 17): the real kubelt-protocol swarm
 # on libp2p's memory transport, each node with an in-memory store.
 #   scripts/sim.sh --nodes N [--seed S] [--replicas R] [--writes W] [--cores C] [--lookups L]
-#   scripts/sim.sh --sweep 50,100,200 [--out docs]   # each size in its own process, then
+#                  [--settle SECONDS]   # idle wait before counting connections (default: the
+#                                       # swarm's idle timeout + 5 s, so unkept ones closed)
+#   scripts/sim.sh --sweep 100,300,1000 [--out docs]  # each size in its own process, then
 #                                                     # docs/sim.json and the chart docs/sim.png
 # The last stdout line is one JSON object (nodes, lookup_hops_p50, lookup_success_rate,
 # propagation_p99_ms, replicas_converged, gossip_bytes_per_node_per_change, ...).

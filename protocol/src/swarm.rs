@@ -18,7 +18,7 @@ use libp2p::kad;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, noise, ping, relay, request_response, yamux, StreamProtocol, Swarm,
+    allow_block_list, autonat, connection_limits, dcutr, identify, noise, ping, relay, request_response, yamux, StreamProtocol, Swarm,
     SwarmBuilder,
 };
 
@@ -86,8 +86,14 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Most connections still being negotiated.
     pub max_pending: u32,
-    /// How long a connection with no open streams stays up.
+    /// How long a connection stays up once idle: no request or transfer open, and not kept
+    /// (see [`sync::Gossip`]: connections to replicas of a core this node holds are kept, and
+    /// so are the first [`Config::keep_peers`] others).
     pub idle_connection_timeout: Duration,
+    /// Connections kept open although idle, replicas included (a low water mark, as Kubo's
+    /// connection manager has): a node with few peers keeps them. The node sets it to its
+    /// `target_peers`.
+    pub keep_peers: usize,
     /// Timeout of one DHT query.
     pub kad_query_timeout: Duration,
     /// Bitswap tuning.
@@ -104,7 +110,10 @@ impl Default for Config {
             max_connections: 256,
             max_connections_per_peer: 8,
             max_pending: 64,
-            idle_connection_timeout: Duration::from_secs(600),
+            // Peers met through DHT queries: Kademlia dials every peer a query asks, so with a
+            // long timeout every node ends up connected to most of the network.
+            idle_connection_timeout: Duration::from_secs(30),
+            keep_peers: 16,
             kad_query_timeout: Duration::from_secs(30),
             bitswap: bitswap::Config::default(),
             nat: nat::Config::default(),
@@ -144,8 +153,9 @@ mod behaviour {
         pub kad: kad::Behaviour<DhtStore>,
         /// `/ipfs/bitswap/1.2.0` (and older): blocks, with Kubo.
         pub bitswap: bitswap::Behaviour,
-        /// Gossipsub v1.1: core changes on `kubelt/core/<address>`.
-        pub gossipsub: gossipsub::Behaviour<sync::CountingTransform>,
+        /// Gossipsub v1.1: core changes on `kubelt/core/<address>`; it also decides which idle
+        /// connections stay open ([`sync::Gossip`]).
+        pub gossipsub: sync::Gossip,
         /// `/kubelt/core-sync/1.0.0`: catch-up.
         pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
         /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
@@ -271,7 +281,7 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5))),
         kad,
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
-        gossipsub: sync::gossipsub(key, gossip)?,
+        gossipsub: sync::Gossip::new(sync::gossipsub(key, gossip)?, config.keep_peers),
         core_sync: sync::core_sync(),
         msg: crate::msg::behaviour(),
         autonat: autonat::Behaviour::new(peer_id, config.nat.autonat_config()),

@@ -30,3 +30,56 @@ async fn twenty_in_process_nodes_find_each_other_through_the_dht() -> anyhow::Re
     cluster.shutdown().await;
     Ok(())
 }
+
+/// Connections stay open while they carry something: to a replica of a core the node holds,
+/// and to the first `target_peers` peers; any other closes once idle for the swarm's idle
+/// timeout. Before, gossipsub's long-lived streams (opened on connect as soon as either side
+/// subscribes to a topic) kept every connection a replica ever had open, and Kademlia dials
+/// every peer a query asks: nodes ended up connected to nearly every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_unless_they_reach_a_replica_or_a_kept_peer() -> anyhow::Result<()> {
+    let idle = |target_peers: usize| {
+        move |config: &mut kubelt_protocol::node::Config| {
+            config.swarm.idle_connection_timeout = Duration::from_secs(1);
+            config.target_peers = target_peers;
+        }
+    };
+    let mut cluster = Cluster::empty()?;
+    // 0 and 1 will hold the core, 2 holds nothing; none keeps a peer for the low water mark.
+    for _ in 0..3 {
+        cluster.add(idle(0)).await?;
+    }
+    // 3 and 4 hold nothing and keep one peer each.
+    for _ in 0..2 {
+        cluster.add(idle(1)).await?;
+    }
+    cluster.delegate(0).await?;
+    cluster.follow(1).await?;
+    for (from, to) in [(0, 1), (0, 2), (1, 2), (3, 4)] {
+        cluster.connect(from, to).await?;
+    }
+    cluster.replicas(&[0, 1], 1, Duration::from_secs(10)).await?;
+    let peers = |ids: &[usize]| ids.iter().map(|&i| cluster.peer_id(i)).collect::<HashSet<_>>();
+    let want = [peers(&[1]), peers(&[0]), peers(&[]), peers(&[4]), peers(&[3])];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut settled_at = None;
+    loop {
+        let mut now = Vec::new();
+        for i in 0..5 {
+            now.push(cluster.connected(i).await?);
+        }
+        if now == want {
+            // The kept connections must stay past several idle timeouts.
+            let at = *settled_at.get_or_insert_with(tokio::time::Instant::now);
+            if at.elapsed() >= Duration::from_secs(4) {
+                break;
+            }
+        } else {
+            anyhow::ensure!(settled_at.is_none(), "a kept connection closed: connected {now:?}, expected {want:?}");
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "idle connections stayed open: connected {now:?}, expected {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -21,7 +21,7 @@ struct Panel {
     series: &'static [(&'static str, &'static str)],
 }
 
-const PANELS: [Panel; 6] = [
+const PANELS: [Panel; 7] = [
     Panel { title: "DHT lookup hops", series: &[("p50", "lookup_hops_p50"), ("p99", "lookup_hops_p99")] },
     Panel { title: "DHT lookup time (ms)", series: &[("p50", "lookup_ms_p50"), ("p99", "lookup_ms_p99")] },
     Panel { title: "Propagation to every replica (ms)", series: &[("p50", "propagation_p50_ms"), ("p99", "propagation_p99_ms"), ("max", "propagation_max_ms")] },
@@ -29,6 +29,7 @@ const PANELS: [Panel; 6] = [
         title: "Gossip bytes per change",
         series: &[("per replica", "gossip_bytes_per_node_per_change"), ("per node of the network", "gossip_bytes_per_network_node_per_change"), ("non-replicas, total", "non_replica_gossip_bytes")],
     },
+    Panel { title: "Connections per node (idle)", series: &[("mean", "connections_per_node"), ("most", "connections_max"), ("routing table", "routing_table_per_node")] },
     Panel { title: "Memory per node (KiB)", series: &[("RSS delta / node", "memory_per_node_kib")] },
     Panel { title: "CPU ms per node per second (idle)", series: &[("idle", "cpu_ms_per_node_per_second_idle")] },
 ];
@@ -50,7 +51,7 @@ fn field(run: &Value, name: &str) -> Option<f64> {
 /// Draws `runs` (reports of runs of different sizes) into a PNG at `path`.
 pub(crate) fn draw(runs: &[Value], path: &Path) -> anyhow::Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, font()?).map_err(|_| anyhow!("the chart's font is not a valid TTF"))?;
-    let root = BitMapBackend::new(path, (1500, 900)).into_drawing_area();
+    let root = BitMapBackend::new(path, (2000, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let (title, body) = root.split_vertically(40);
     let seed = runs.first().and_then(|r| r.get("seed")).and_then(Value::as_u64).unwrap_or(0);
@@ -58,7 +59,7 @@ pub(crate) fn draw(runs: &[Value], path: &Path) -> anyhow::Result<()> {
     let sizes: Vec<f64> = runs.iter().filter_map(|r| field(r, "nodes")).collect();
     let (x_min, x_max) = (sizes.iter().copied().fold(f64::MAX, f64::min), sizes.iter().copied().fold(0.0, f64::max));
     let colors = [BLUE, RED, RGBColor(0, 150, 0), MAGENTA];
-    for (area, panel) in body.split_evenly((2, 3)).iter().zip(PANELS.iter()) {
+    for (area, panel) in body.split_evenly((2, 4)).iter().zip(PANELS.iter()) {
         let points: Vec<Vec<(f64, f64)>> = panel.series.iter().map(|(_, key)| runs.iter().filter_map(|r| Some((field(r, "nodes")?, field(r, key)?))).collect()).collect();
         let y_max = points.iter().flatten().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.15;
         let mut chart = ChartBuilder::on(area)

@@ -63,6 +63,10 @@ struct Args {
     /// Draw the chart of an earlier sweep's sim.json into <out>/sim.png, and run nothing.
     #[arg(long)]
     chart_from: Option<PathBuf>,
+    /// Seconds to wait idle before counting connections and measuring idle cost (default: the
+    /// swarm's idle timeout and 5 s).
+    #[arg(long)]
+    settle: Option<u64>,
     /// Worker threads of the runtime (default: the machine's cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -79,6 +83,7 @@ impl Args {
             lookups: self.lookups,
             bootstraps: self.bootstraps,
             churn: self.churn,
+            settle_s: self.settle.unwrap_or_else(plan::default_settle_s),
         }
     }
 }
@@ -110,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "nodes {}: lookups {:.0}% found, hops p50 {} p99 {}; propagation p50 {:.0} ms p99 {:.0} ms max {:.0} ms, converged {}; \
          gossip {:.0} B per replica per change, {} B at non-replicas; after churn ({} left, {} joined): lookups {:.0}% found, converged {}; \
-         {:.1} connections per node, {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
+         {:.1} connections per node (most {}), {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
         report.nodes,
         report.lookup_success_rate * 100.0,
         report.lookup_hops_p50,
@@ -126,6 +131,7 @@ fn main() -> anyhow::Result<()> {
         report.churn_lookup_success_rate * 100.0,
         report.churn_replicas_converged,
         report.connections_per_node,
+        report.connections_max,
         report.cost.memory_per_node_kib,
         report.cost.peak_rss_mib,
         report.cost.cpu_per_second_idle,
@@ -146,6 +152,9 @@ fn sweep(args: &Args) -> anyhow::Result<()> {
         child.args(["--bootstraps", &args.bootstraps.to_string(), "--churn", &args.churn.to_string()]);
         if let Some(threads) = args.threads {
             child.args(["--threads", &threads.to_string()]);
+        }
+        if let Some(settle) = args.settle {
+            child.args(["--settle", &settle.to_string()]);
         }
         let output = child.stderr(Stdio::inherit()).output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -176,7 +185,7 @@ mod tests {
     /// core's replicas received any of it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fifty_nodes_find_every_core_and_only_replicas_carry_its_gossip() -> anyhow::Result<()> {
-        let params = Params { nodes: 50, seed: 17, replicas: 10, cores: 2, writes: 3, lookups: 20, bootstraps: 3, churn: 0.1 };
+        let params = Params { nodes: 50, seed: 17, replicas: 10, cores: 2, writes: 3, lookups: 20, bootstraps: 3, churn: 0.1, settle_s: 0 };
         let plan = Plan::new(&params);
         assert_eq!(plan, Plan::new(&params), "the same seed draws the same topology");
         let report = run::run(plan).await?;

@@ -27,11 +27,20 @@ pub(crate) struct Params {
     pub(crate) bootstraps: usize,
     /// Share of the nodes that leave mid-run (as many new ones join).
     pub(crate) churn: f64,
+    /// Seconds the run waits idle before it counts connections and measures memory and idle
+    /// CPU: by default the swarm's idle timeout and a margin, so that the connections nobody
+    /// keeps (peers met through DHT queries) have closed.
+    pub(crate) settle_s: u64,
+}
+
+/// The default of [`Params::settle_s`].
+pub(crate) fn default_settle_s() -> u64 {
+    kubelt_protocol::swarm::Config::default().idle_connection_timeout.as_secs() + 5
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { nodes: 100, seed: 1, replicas: 50, cores: 4, writes: 5, lookups: 100, bootstraps: 3, churn: 0.1 }
+        Params { nodes: 100, seed: 1, replicas: 50, cores: 4, writes: 5, lookups: 100, bootstraps: 3, churn: 0.1, settle_s: default_settle_s() }
     }
 }
 

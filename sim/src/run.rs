@@ -13,6 +13,7 @@ use kubelt_protocol::core::{Address, DevWallet};
 use kubelt_protocol::node::{Config, Node, NodeEvent};
 use kubelt_protocol::store::Store;
 use kubelt_protocol::swarm;
+use kubelt_protocol::sync;
 use kubelt_protocol::sync::GossipCount;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -41,6 +42,7 @@ const FOLLOW_WAVE: usize = 10;
 /// How long the run stays idle to measure what the nodes cost doing nothing.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
+
 /// One lookup's outcome.
 #[derive(Debug, Clone, Copy)]
 struct LookupOutcome {
@@ -58,11 +60,11 @@ struct ChangeOutcome {
     latencies: Vec<Duration>,
     /// Every running replica applied it within [`PROPAGATION_TIMEOUT`].
     converged: bool,
-    /// Gossip received by the running replicas of the core, summed.
+    /// Gossip on the core's topic received by its running replicas, summed.
     replica_gossip: GossipCount,
     /// Running replicas of the core.
     replicas: usize,
-    /// Gossip received by the running nodes that do not hold the core, summed.
+    /// Gossip on the core's topic received by the running nodes that do not hold it, summed.
     other_gossip: GossipCount,
     /// Bytes the writer published.
     published_bytes: u64,
@@ -113,7 +115,8 @@ pub(crate) struct Report {
     pub(crate) gossip_bytes_per_network_node_per_change: f64,
     /// Bytes of one published change (the envelope).
     pub(crate) change_bytes: f64,
-    /// Core gossip received by nodes that do not hold the core (should be 0).
+    /// Gossip on a core's topic received by nodes that do not hold the core (should be 0),
+    /// over every change.
     pub(crate) non_replica_gossip_messages: u64,
     pub(crate) non_replica_gossip_bytes: u64,
     /// After the churn: nodes that left and joined, and what was measured then.
@@ -123,9 +126,13 @@ pub(crate) struct Report {
     pub(crate) churn_lookup_hops_p50: f64,
     pub(crate) churn_propagation_p99_ms: f64,
     pub(crate) churn_replicas_converged: bool,
-    /// Open connections and Kademlia routing-table entries per node, on average, while idle.
+    /// Open connections and Kademlia routing-table entries per node, on average, while idle
+    /// (once the idle timeout closed what nobody keeps), and the most connections of a node.
     pub(crate) connections_per_node: f64,
+    pub(crate) connections_max: usize,
     pub(crate) routing_table_per_node: f64,
+    /// Seconds the run waited idle before measuring connections and cost.
+    pub(crate) idle_settle_s: f64,
     #[serde(flatten)]
     pub(crate) cost: Cost,
 }
@@ -165,12 +172,15 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     let replica_setup_ms = t.elapsed().as_millis() as u64;
     eprintln!("sim: replicas of {} cores placed in {replica_setup_ms} ms", sim.plan.cores.len());
 
-    // Cost while idle, with every node and replica in place.
+    // Cost while idle, with every node and replica in place and the connections nobody keeps
+    // closed.
+    tokio::time::sleep(Duration::from_secs(sim.plan.params.settle_s)).await;
     let rss_nodes = stats::rss_bytes();
     let cpu_idle = stats::cpu_time();
     tokio::time::sleep(IDLE_WINDOW).await;
     let idle_cpu = stats::cpu_time() - cpu_idle;
-    let (connections, routing) = sim.tables().await?;
+    let (connections, connections_max, routing) = sim.tables().await?;
+    eprintln!("sim: idle: {connections:.1} connections per node (most {connections_max}), {routing:.1} in routing tables, RSS {} MiB", rss_nodes >> 20);
 
     let mut before = Phase::default();
     sim.lookups(&sim.plan.lookups.clone(), &mut before).await;
@@ -197,6 +207,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, IDLE_WINDOW, stats::cpu_time() - cpu_start, wall);
     let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
     report.connections_per_node = connections;
+    report.connections_max = connections_max;
     report.routing_table_per_node = routing;
     for node in sim.nodes.iter_mut().filter_map(Option::take) {
         node.stop().await;
@@ -275,17 +286,19 @@ impl Sim {
         self.wallets[core].address()
     }
 
-    /// Open connections and routing-table entries per running node, on average.
-    async fn tables(&self) -> anyhow::Result<(f64, f64)> {
-        let (mut connections, mut routing, mut nodes) = (0, 0, 0u32);
+    /// Open connections and routing-table entries per running node, on average, and the most
+    /// connections of one node.
+    async fn tables(&self) -> anyhow::Result<(f64, usize, f64)> {
+        let (mut connections, mut most, mut routing, mut nodes) = (0, 0, 0, 0u32);
         for (_, node) in self.running() {
             let status = node.client.status().await?;
             connections += status.connected_peers;
+            most = most.max(status.connected_peers);
             routing += status.routing_table_peers;
             nodes += 1;
         }
         let nodes = f64::from(nodes.max(1));
-        Ok((connections as f64 / nodes, routing as f64 / nodes))
+        Ok((connections as f64 / nodes, most, routing as f64 / nodes))
     }
 
     /// The running replicas of a core.
@@ -376,12 +389,13 @@ impl Sim {
     }
 
     /// Writes one change on the core's writer and follows it to every running replica; counts
-    /// the gossip every running node received meanwhile.
+    /// the gossip on the core's topic every running node received meanwhile.
     async fn write(&self, core: usize, seq: usize) -> anyhow::Result<ChangeOutcome> {
         let address = self.address(core);
+        let topic = sync::topic(&address).hash();
         let replicas = self.live_replicas(core);
         let writer = replicas.first().copied().context("the writer stopped")?;
-        let gossip_before: Vec<(usize, GossipCount)> = self.running().map(|(i, n)| (i, n.gossip())).collect();
+        let gossip_before: Vec<(usize, GossipCount)> = self.running().map(|(i, n)| (i, n.gossip_on(&topic))).collect();
         let (target_tx, target) = watch::channel(None::<String>);
         let start = Instant::now();
         let waiters: Vec<_> = replicas[1..]
@@ -410,7 +424,7 @@ impl Sim {
         let mut published_bytes = 0;
         for (i, before) in gossip_before {
             let Some(node) = self.node(i) else { continue };
-            let delta = node.gossip().since(&before);
+            let delta = node.gossip_on(&topic).since(&before);
             if i == writer {
                 published_bytes = delta.published_bytes;
             }
@@ -470,7 +484,9 @@ impl Sim {
             churn_propagation_p99_ms: stats::percentile(&after_latencies, 99.0),
             churn_replicas_converged: !after.changes.is_empty() && after.changes.iter().all(|c| c.converged),
             connections_per_node: 0.0,
+            connections_max: 0,
             routing_table_per_node: 0.0,
+            idle_settle_s: self.plan.params.settle_s as f64,
             cost,
         }
     }

@@ -115,7 +115,9 @@ impl Node {
         core_config.sync_local_writes = false;
         let cores = crate::core::Cores::load(store.clone(), core_config)?;
         let gossip = crate::sync::GossipCounters::default();
-        let mut swarm = swarm::build_counted(keypair.clone(), &config.swarm, store.clone(), gossip.clone())?;
+        // The connections the node dials for keep open although idle.
+        let swarm_config = swarm::Config { keep_peers: config.target_peers, ..config.swarm.clone() };
+        let mut swarm = swarm::build_counted(keypair.clone(), &swarm_config, store.clone(), gossip.clone())?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
@@ -138,6 +140,12 @@ impl Node {
     /// [`GossipCounters`](crate::sync::GossipCounters)): read without asking the event loop.
     pub fn gossip(&self) -> crate::sync::GossipCount {
         self.gossip.get()
+    }
+
+    /// The gossip of one topic (a core's: [`crate::sync::topic`]) this node received and
+    /// published, subscribed to it or not.
+    pub fn gossip_on(&self, topic: &libp2p::gossipsub::TopicHash) -> crate::sync::GossipCount {
+        self.gossip.on(topic)
     }
 
     /// A token that stops the node when cancelled.

@@ -7,8 +7,10 @@
 //! bytes.
 
 mod codec;
+mod keep_alive;
 
 pub use codec::{CoreSyncCodec, MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE};
+pub use keep_alive::{Gossip, Keep};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -60,10 +62,15 @@ pub fn gossipsub(keypair: &Keypair, counters: GossipCounters) -> Result<gossipsu
 /// Gossip a node received and published, counted where gossipsub hands every message it
 /// receives to its data transform: before the duplicate check and before the check that the
 /// node is subscribed to the topic, so a node that holds no replica of a core and still gets
-/// its gossip shows it. Cheap to clone; clones share the counts. Simulations read them per node
-/// ([`crate::node::Node::gossip`]) to show which nodes carry a core's changes.
+/// its gossip shows it. Counted in all and per topic (the first [`MAX_COUNTED_TOPICS`] topics
+/// seen; later ones count in all only). Cheap to clone; clones share the counts. Simulations
+/// read them per node ([`crate::node::Node::gossip`], [`crate::node::Node::gossip_on`]) to
+/// show which nodes carry a core's changes.
 #[derive(Debug, Clone, Default)]
 pub struct GossipCounters(std::sync::Arc<GossipTally>);
+
+/// Most topics counted apart: a peer sending on made-up topics grows the map no further.
+pub const MAX_COUNTED_TOPICS: usize = 4096;
 
 #[derive(Debug, Default)]
 struct GossipTally {
@@ -71,6 +78,7 @@ struct GossipTally {
     received_bytes: AtomicU64,
     published: AtomicU64,
     published_bytes: AtomicU64,
+    topics: std::sync::Mutex<std::collections::HashMap<gossipsub::TopicHash, GossipCount>>,
 }
 
 /// The counts of a [`GossipCounters`] at one moment.
@@ -99,7 +107,7 @@ impl GossipCount {
 }
 
 impl GossipCounters {
-    /// The counts now.
+    /// The counts now, over every topic.
     pub fn get(&self) -> GossipCount {
         let t = &self.0;
         GossipCount {
@@ -107,6 +115,38 @@ impl GossipCounters {
             received_bytes: t.received_bytes.load(Ordering::Relaxed),
             published: t.published.load(Ordering::Relaxed),
             published_bytes: t.published_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The counts now on one topic (zero for a topic never seen, or seen past
+    /// [`MAX_COUNTED_TOPICS`]).
+    pub fn on(&self, topic: &gossipsub::TopicHash) -> GossipCount {
+        self.0.topics.lock().map(|t| t.get(topic).copied().unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn count(&self, topic: &gossipsub::TopicHash, bytes: usize, received: bool) {
+        let t = &self.0;
+        let bytes = bytes as u64;
+        if received {
+            t.received.fetch_add(1, Ordering::Relaxed);
+            t.received_bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            t.published.fetch_add(1, Ordering::Relaxed);
+            t.published_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        let Ok(mut topics) = t.topics.lock() else { return };
+        let full = topics.len() >= MAX_COUNTED_TOPICS;
+        let entry = match topics.get_mut(topic) {
+            Some(entry) => entry,
+            None if full => return,
+            None => topics.entry(topic.clone()).or_default(),
+        };
+        if received {
+            entry.received += 1;
+            entry.received_bytes += bytes;
+        } else {
+            entry.published += 1;
+            entry.published_bytes += bytes;
         }
     }
 }
@@ -117,16 +157,12 @@ pub struct CountingTransform(GossipCounters);
 
 impl gossipsub::DataTransform for CountingTransform {
     fn inbound_transform(&self, raw: gossipsub::RawMessage) -> Result<gossipsub::Message, std::io::Error> {
-        let tally = &(self.0).0;
-        tally.received.fetch_add(1, Ordering::Relaxed);
-        tally.received_bytes.fetch_add(raw.data.len() as u64, Ordering::Relaxed);
+        self.0.count(&raw.topic, raw.data.len(), true);
         gossipsub::IdentityTransform.inbound_transform(raw)
     }
 
     fn outbound_transform(&self, topic: &gossipsub::TopicHash, data: Vec<u8>) -> Result<Vec<u8>, std::io::Error> {
-        let tally = &(self.0).0;
-        tally.published.fetch_add(1, Ordering::Relaxed);
-        tally.published_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.0.count(topic, data.len(), false);
         gossipsub::IdentityTransform.outbound_transform(topic, data)
     }
 }
@@ -179,4 +215,44 @@ pub fn core_sync() -> request_response::Behaviour<CoreSyncCodec> {
             .with_request_timeout(Duration::from_secs(60))
             .with_max_concurrent_streams(64),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::gossipsub::{DataTransform, RawMessage, TopicHash};
+
+    use super::*;
+
+    fn raw(topic: &TopicHash, data: &[u8]) -> RawMessage {
+        RawMessage { source: None, data: data.to_vec(), sequence_number: None, topic: topic.clone(), signature: None, key: None, validated: false }
+    }
+
+    #[test]
+    fn gossip_is_counted_in_all_and_per_topic() -> Result<(), std::io::Error> {
+        let counters = GossipCounters::default();
+        let transform = CountingTransform(counters.clone());
+        let (a, b) = (TopicHash::from_raw("kubelt/core/a"), TopicHash::from_raw("kubelt/core/b"));
+        transform.inbound_transform(raw(&a, b"12345"))?;
+        transform.inbound_transform(raw(&a, b"123"))?;
+        transform.inbound_transform(raw(&b, b"1"))?;
+        transform.outbound_transform(&b, b"1234".to_vec())?;
+        assert_eq!(counters.get(), GossipCount { received: 3, received_bytes: 9, published: 1, published_bytes: 4 });
+        assert_eq!(counters.on(&a), GossipCount { received: 2, received_bytes: 8, published: 0, published_bytes: 0 });
+        assert_eq!(counters.on(&b), GossipCount { received: 1, received_bytes: 1, published: 1, published_bytes: 4 });
+        assert_eq!(counters.on(&TopicHash::from_raw("kubelt/core/c")), GossipCount::default());
+        Ok(())
+    }
+
+    #[test]
+    fn topics_past_the_cap_count_in_all_only() -> Result<(), std::io::Error> {
+        let counters = GossipCounters::default();
+        let transform = CountingTransform(counters.clone());
+        for i in 0..MAX_COUNTED_TOPICS + 1 {
+            transform.inbound_transform(raw(&TopicHash::from_raw(format!("t{i}")), b"x"))?;
+        }
+        assert_eq!(counters.get().received, MAX_COUNTED_TOPICS as u64 + 1);
+        assert_eq!(counters.on(&TopicHash::from_raw("t0")).received, 1);
+        assert_eq!(counters.on(&TopicHash::from_raw(format!("t{MAX_COUNTED_TOPICS}"))).received, 0);
+        Ok(())
+    }
 }

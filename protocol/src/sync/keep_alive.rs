@@ -1,0 +1,546 @@
+//! Which connections stay open: gossipsub, wrapped so that its streams no longer decide.
+//!
+//! libp2p closes a connection once no handler asks to keep it and it has had no open stream
+//! for the swarm's idle timeout (`swarm::Config::idle_connection_timeout`). Gossipsub opens
+//! one long-lived stream each way to every peer as soon as either side subscribes to anything
+//! (it sends its subscriptions on connect), and libp2p counts those streams as open: every
+//! connection a node holding one core ever had stayed open, whatever the timeout. Kademlia
+//! dials the peers a query asks, so after a few lookups every node of a small network was
+//! connected to nearly every other (the simulation measured N − 1 connections per node).
+//!
+//! [`Gossip`] hides gossipsub's streams from that count (as ping does with its own) and keeps a
+//! connection open while:
+//! - the peer shares a topic with this node: a replica of a core it holds (or a shared inbox):
+//!   the core's gossip and catch-up go over it, and the catch-up scheduler would dial a lost
+//!   replica again at once;
+//! - gossipsub has the peer in a mesh (gossipsub's own rule, unchanged);
+//! - the peer is among the first [`Keep::low_water`] peers this node counts (replicas
+//!   included), as Kubo's connection manager keeps its low water mark: a node with few peers
+//!   keeps them, and the node's `target_peers` are not dialed again every idle timeout.
+//!
+//! Any other connection (peers met through DHT queries, mostly) closes once idle for the
+//! timeout. The other protocols keep their own rules (bitswap for a minute after a block, a
+//! relay reservation, a request in flight). Either side closes a connection it does not keep:
+//! a low-water peer is kept only while the other side keeps it too, which replicas always do.
+//!
+//! [`Keep`] decides, without I/O; the behaviour only tells each connection's handler.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::{Deref, DerefMut};
+use std::task::{Context, Poll, Waker};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::upgrade::{InboundUpgrade, OutboundUpgrade, UpgradeInfo};
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::gossipsub::{self, Hasher, SubscriptionError, Topic, TopicHash};
+use libp2p::swarm::handler::{
+    ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound, InboundUpgradeSend, ListenUpgradeError, OutboundUpgradeSend,
+    UpgradeInfoSend,
+};
+// libp2p's own `Either` (the one its handlers and the derive use).
+use libp2p::swarm::derive_prelude::Either;
+use libp2p::swarm::{
+    ConnectionClosed, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, Stream,
+    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::PeerId;
+
+use super::CountingTransform;
+
+/// Which connected peers this node keeps connections to (see the module doc). Fed with what
+/// happened; each call answers the peers whose verdict changed.
+#[derive(Debug, Default)]
+pub struct Keep {
+    /// Peers kept although they share no topic, at most this many minus the peers that do.
+    low_water: usize,
+    /// The topics this node subscribes to.
+    ours: HashSet<TopicHash>,
+    /// Connected peers in the order they connected.
+    peers: HashMap<PeerId, Peer>,
+    /// Order of the next peer to connect.
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    /// When it connected, in the order of [`Keep::next`]: the oldest are kept first.
+    order: u64,
+    /// Topics of ours it subscribes to.
+    shared: HashSet<TopicHash>,
+    /// Kept for the low water mark.
+    low: bool,
+}
+
+impl Peer {
+    fn kept(&self) -> bool {
+        self.low || !self.shared.is_empty()
+    }
+}
+
+impl Keep {
+    /// Keeps up to `low_water` peers that share no topic, fewer as more do.
+    pub fn new(low_water: usize) -> Self {
+        Keep { low_water, ..Keep::default() }
+    }
+
+    /// The low water mark.
+    pub fn low_water(&self) -> usize {
+        self.low_water
+    }
+
+    /// Whether the connections to `peer` are kept.
+    pub fn is_kept(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(Peer::kept)
+    }
+
+    /// Connected peers that are kept.
+    pub fn kept(&self) -> usize {
+        self.peers.values().filter(|p| p.kept()).count()
+    }
+
+    /// The first connection to `peer` opened (its subscriptions come after).
+    pub fn connected(&mut self, peer: PeerId) -> Vec<(PeerId, bool)> {
+        if self.peers.contains_key(&peer) {
+            return Vec::new();
+        }
+        self.peers.insert(peer, Peer { order: self.next, shared: HashSet::new(), low: false });
+        self.next += 1;
+        self.rebalance()
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn disconnected(&mut self, peer: &PeerId) -> Vec<(PeerId, bool)> {
+        match self.peers.remove(peer) {
+            Some(gone) if gone.kept() => self.rebalance(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `peer` subscribed to `topic`.
+    pub fn peer_subscribed(&mut self, peer: PeerId, topic: &TopicHash) -> Vec<(PeerId, bool)> {
+        if !self.ours.contains(topic) {
+            return Vec::new();
+        }
+        self.share(peer, topic)
+    }
+
+    /// `peer` unsubscribed from `topic`.
+    pub fn peer_unsubscribed(&mut self, peer: PeerId, topic: &TopicHash) -> Vec<(PeerId, bool)> {
+        self.unshare(peer, topic)
+    }
+
+    /// This node subscribed to `topic`; `peers` are the connected peers subscribed to it.
+    pub fn subscribed(&mut self, topic: TopicHash, peers: impl IntoIterator<Item = PeerId>) -> Vec<(PeerId, bool)> {
+        self.ours.insert(topic.clone());
+        let mut changed = Vec::new();
+        for peer in peers {
+            changed.extend(self.share(peer, &topic));
+        }
+        dedup_last(changed)
+    }
+
+    /// This node unsubscribed from `topic`.
+    pub fn unsubscribed(&mut self, topic: &TopicHash) -> Vec<(PeerId, bool)> {
+        if !self.ours.remove(topic) {
+            return Vec::new();
+        }
+        let sharing: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.shared.contains(topic)).map(|(id, _)| *id).collect();
+        let mut changed = Vec::new();
+        for peer in sharing {
+            changed.extend(self.unshare(peer, topic));
+        }
+        dedup_last(changed)
+    }
+
+    fn share(&mut self, peer: PeerId, topic: &TopicHash) -> Vec<(PeerId, bool)> {
+        let Some(p) = self.peers.get_mut(&peer) else { return Vec::new() };
+        let was_shared = !p.shared.is_empty();
+        p.shared.insert(topic.clone());
+        if was_shared {
+            return Vec::new();
+        }
+        let was_kept = p.low;
+        // A replica needs no low-water slot: its slot goes to the next peer in line.
+        p.low = false;
+        let mut changed = if was_kept { Vec::new() } else { vec![(peer, true)] };
+        changed.extend(self.rebalance());
+        dedup_last(changed)
+    }
+
+    fn unshare(&mut self, peer: PeerId, topic: &TopicHash) -> Vec<(PeerId, bool)> {
+        let Some(p) = self.peers.get_mut(&peer) else { return Vec::new() };
+        if !p.shared.remove(topic) || !p.shared.is_empty() {
+            return Vec::new();
+        }
+        // No longer a replica: kept only if a low-water slot is free, as any peer.
+        let mut changed = vec![(peer, false)];
+        changed.extend(self.rebalance());
+        dedup_last(changed)
+    }
+
+    /// Gives the low-water slots to the peers that connected first among those sharing no
+    /// topic; answers the peers whose verdict changed.
+    fn rebalance(&mut self) -> Vec<(PeerId, bool)> {
+        let sharing = self.peers.values().filter(|p| !p.shared.is_empty()).count();
+        let slots = self.low_water.saturating_sub(sharing);
+        let mut others: Vec<(u64, PeerId)> = self.peers.iter().filter(|(_, p)| p.shared.is_empty()).map(|(id, p)| (p.order, *id)).collect();
+        others.sort_unstable();
+        let mut changed = Vec::new();
+        for (rank, (_, id)) in others.into_iter().enumerate() {
+            let Some(p) = self.peers.get_mut(&id) else { continue };
+            let low = rank < slots;
+            if p.low != low {
+                p.low = low;
+                changed.push((id, low));
+            }
+        }
+        changed
+    }
+}
+
+/// The last verdict of each peer, in the order of first mention.
+fn dedup_last(changes: Vec<(PeerId, bool)>) -> Vec<(PeerId, bool)> {
+    let mut out: Vec<(PeerId, bool)> = Vec::with_capacity(changes.len());
+    for (peer, keep) in changes {
+        match out.iter_mut().find(|(p, _)| *p == peer) {
+            Some(entry) => entry.1 = keep,
+            None => out.push((peer, keep)),
+        }
+    }
+    out
+}
+
+/// The gossipsub of a Kubelt node.
+pub(crate) type Inner = gossipsub::Behaviour<CountingTransform>;
+
+/// Gossipsub whose streams do not keep connections open, with [`Keep`] deciding which do.
+/// Dereferences to gossipsub; [`Gossip::subscribe`] and [`Gossip::unsubscribe`] replace
+/// gossipsub's own so that the verdicts follow this node's topics.
+pub struct Gossip {
+    inner: Inner,
+    keep: Keep,
+    /// Open connections per connected peer.
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Verdicts to hand to connection handlers.
+    pending: VecDeque<(PeerId, ConnectionId, bool)>,
+    waker: Option<Waker>,
+}
+
+impl Gossip {
+    /// Wraps `inner`, keeping up to `low_water` connections besides those to replicas.
+    pub fn new(inner: Inner, low_water: usize) -> Self {
+        Gossip { inner, keep: Keep::new(low_water), connections: HashMap::new(), pending: VecDeque::new(), waker: None }
+    }
+
+    /// What decides which connections are kept.
+    pub fn keep(&self) -> &Keep {
+        &self.keep
+    }
+
+    /// Gossipsub's `subscribe`; connections to peers already on the topic are kept from now on.
+    pub fn subscribe<H: Hasher>(&mut self, topic: &Topic<H>) -> Result<bool, SubscriptionError> {
+        let subscribed = self.inner.subscribe(topic)?;
+        let hash = topic.hash();
+        let peers: Vec<PeerId> = self.inner.all_peers().filter(|(_, topics)| topics.contains(&&hash)).map(|(p, _)| *p).collect();
+        let changed = self.keep.subscribed(hash, peers);
+        self.tell(changed);
+        Ok(subscribed)
+    }
+
+    /// Gossipsub's `unsubscribe`; connections kept only for this topic are no longer kept.
+    pub fn unsubscribe<H: Hasher>(&mut self, topic: &Topic<H>) -> bool {
+        let was = self.inner.unsubscribe(topic);
+        let changed = self.keep.unsubscribed(&topic.hash());
+        self.tell(changed);
+        was
+    }
+
+    fn tell(&mut self, changed: Vec<(PeerId, bool)>) {
+        if changed.is_empty() {
+            return;
+        }
+        for (peer, keep) in changed {
+            for id in self.connections.get(&peer).into_iter().flatten() {
+                self.pending.push_back((peer, *id, keep));
+            }
+        }
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn handler(&self, peer: &PeerId, inner: THandler<Inner>) -> Handler<THandler<Inner>> {
+        Handler { inner, keep: self.keep.is_kept(peer) }
+    }
+}
+
+impl Deref for Gossip {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl DerefMut for Gossip {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl NetworkBehaviour for Gossip {
+    type ConnectionHandler = Handler<THandler<Inner>>;
+    type ToSwarm = gossipsub::Event;
+
+    fn handle_pending_inbound_connection(&mut self, connection_id: ConnectionId, local_addr: &Multiaddr, remote_addr: &Multiaddr) -> Result<(), ConnectionDenied> {
+        self.inner.handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let inner = self.inner.handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
+        Ok(self.handler(&peer, inner))
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.inner.handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let inner = self.inner.handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)?;
+        Ok(self.handler(&peer, inner))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        self.inner.on_swarm_event(event);
+        match event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.connections.entry(e.peer_id).or_default().push(e.connection_id);
+                let changed = self.keep.connected(e.peer_id);
+                self.tell(changed);
+            }
+            FromSwarm::ConnectionClosed(ConnectionClosed { peer_id, connection_id, remaining_established, .. }) => {
+                if let Some(ids) = self.connections.get_mut(&peer_id) {
+                    ids.retain(|id| *id != connection_id);
+                }
+                self.pending.retain(|(_, id, _)| *id != connection_id);
+                if remaining_established == 0 {
+                    self.connections.remove(&peer_id);
+                    let changed = self.keep.disconnected(&peer_id);
+                    self.tell(changed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, peer_id: PeerId, connection_id: ConnectionId, event: THandlerOutEvent<Self>) {
+        self.inner.on_connection_handler_event(peer_id, connection_id, event);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        if let Some((peer_id, id, keep)) = self.pending.pop_front() {
+            return Poll::Ready(ToSwarm::NotifyHandler { peer_id, handler: NotifyHandler::One(id), event: Either::Right(keep) });
+        }
+        match self.inner.poll(cx) {
+            Poll::Ready(event) => {
+                match &event {
+                    ToSwarm::GenerateEvent(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
+                        let changed = self.keep.peer_subscribed(*peer_id, topic);
+                        self.tell(changed);
+                    }
+                    ToSwarm::GenerateEvent(gossipsub::Event::Unsubscribed { peer_id, topic }) => {
+                        let changed = self.keep.peer_unsubscribed(*peer_id, topic);
+                        self.tell(changed);
+                    }
+                    _ => {}
+                }
+                Poll::Ready(event.map_in(Either::Left))
+            }
+            Poll::Pending => {
+                self.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A connection handler whose streams do not keep the connection open; it keeps it while the
+/// behaviour says so (`Either::Right`) or the inner handler asks.
+pub struct Handler<H> {
+    inner: H,
+    keep: bool,
+}
+
+impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
+    type FromBehaviour = Either<H::FromBehaviour, bool>;
+    type ToBehaviour = H::ToBehaviour;
+    type InboundProtocol = Quiet<H::InboundProtocol>;
+    type OutboundProtocol = Quiet<H::OutboundProtocol>;
+    type InboundOpenInfo = H::InboundOpenInfo;
+    type OutboundOpenInfo = H::OutboundOpenInfo;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
+        self.inner.listen_protocol().map_upgrade(Quiet)
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        self.keep || self.inner.connection_keep_alive()
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+        self.inner.poll(cx).map(|event| event.map_protocol(Quiet))
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
+        self.inner.poll_close(cx)
+    }
+
+    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
+        match event {
+            Either::Left(event) => self.inner.on_behaviour_event(event),
+            Either::Right(keep) => self.keep = keep,
+        }
+    }
+
+    fn on_connection_event(&mut self, event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, Self::InboundOpenInfo, Self::OutboundOpenInfo>) {
+        let event = match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info }) => {
+                ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info })
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol, info }) => {
+                ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol, info })
+            }
+            ConnectionEvent::AddressChange(change) => ConnectionEvent::AddressChange(change),
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }),
+            ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error }) => ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error }),
+            ConnectionEvent::LocalProtocolsChange(change) => ConnectionEvent::LocalProtocolsChange(change),
+            ConnectionEvent::RemoteProtocolsChange(change) => ConnectionEvent::RemoteProtocolsChange(change),
+            // `ConnectionEvent` is non-exhaustive; libp2p 0.57 has no other variant.
+            _ => return,
+        };
+        self.inner.on_connection_event(event);
+    }
+}
+
+/// An upgrade whose stream is left out of the connection's keep-alive count
+/// ([`Stream::ignore_for_keep_alive`]), as ping leaves out its own.
+#[derive(Debug, Clone)]
+pub struct Quiet<U>(U);
+
+impl<U: UpgradeInfoSend> UpgradeInfo for Quiet<U> {
+    type Info = U::Info;
+    type InfoIter = U::InfoIter;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.0.protocol_info()
+    }
+}
+
+impl<U: InboundUpgradeSend> InboundUpgrade<Stream> for Quiet<U> {
+    type Output = U::Output;
+    type Error = U::Error;
+    type Future = U::Future;
+
+    fn upgrade_inbound(self, mut socket: Stream, info: Self::Info) -> Self::Future {
+        socket.ignore_for_keep_alive();
+        self.0.upgrade_inbound(socket, info)
+    }
+}
+
+impl<U: OutboundUpgradeSend> OutboundUpgrade<Stream> for Quiet<U> {
+    type Output = U::Output;
+    type Error = U::Error;
+    type Future = U::Future;
+
+    fn upgrade_outbound(self, mut socket: Stream, info: Self::Info) -> Self::Future {
+        socket.ignore_for_keep_alive();
+        self.0.upgrade_outbound(socket, info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    fn topic(name: &str) -> TopicHash {
+        TopicHash::from_raw(name)
+    }
+
+    #[test]
+    fn the_first_peers_are_kept_up_to_the_low_water_mark_and_the_next_in_line_replaces_one_that_leaves() {
+        let mut keep = Keep::new(2);
+        let p = peers(4);
+        assert_eq!(keep.connected(p[0]), vec![(p[0], true)]);
+        assert_eq!(keep.connected(p[1]), vec![(p[1], true)]);
+        assert!(keep.connected(p[2]).is_empty(), "past the low water mark a peer met through the DHT is not kept");
+        assert!(keep.connected(p[3]).is_empty());
+        assert_eq!(keep.kept(), 2);
+        assert_eq!(keep.disconnected(&p[0]), vec![(p[2], true)], "the oldest peer not kept takes the slot");
+        assert!(keep.disconnected(&p[3]).is_empty(), "a peer not kept leaves no slot");
+        assert!(keep.is_kept(&p[1]) && keep.is_kept(&p[2]) && !keep.is_kept(&p[3]));
+    }
+
+    #[test]
+    fn peers_sharing_a_topic_are_kept_beyond_the_low_water_mark_and_take_its_slots() {
+        let mut keep = Keep::new(2);
+        let p = peers(5);
+        for peer in &p {
+            keep.connected(*peer);
+        }
+        let core = topic("kubelt/core/a");
+        // A peer subscribing to a topic this node does not hold changes nothing.
+        assert!(keep.peer_subscribed(p[4], &core).is_empty());
+        // This node subscribes; p[4] is already on the topic: a replica, kept; it needs no
+        // slot, and the replicas count toward the low water mark, so the newest kept peer
+        // (p[1]) gives its slot up.
+        assert_eq!(keep.subscribed(core.clone(), [p[4]]), vec![(p[4], true), (p[1], false)]);
+        // Two more replicas: no slot left for peers that share nothing.
+        assert_eq!(keep.peer_subscribed(p[3], &core), vec![(p[3], true), (p[0], false)]);
+        assert_eq!(keep.peer_subscribed(p[2], &core), vec![(p[2], true)]);
+        assert_eq!(keep.kept(), 3);
+        assert!(!keep.is_kept(&p[0]) && !keep.is_kept(&p[1]));
+        // A replica that leaves the topic is back in line with the others; the slots it and the
+        // departed replica free go to the oldest.
+        assert_eq!(keep.peer_unsubscribed(p[2], &core), vec![(p[2], false)]);
+        assert_eq!(keep.disconnected(&p[3]), vec![(p[0], true)]);
+        // This node leaves the topic: nobody is a replica, the two oldest are kept.
+        assert_eq!(keep.unsubscribed(&core), vec![(p[4], false), (p[1], true)]);
+        assert!(keep.is_kept(&p[0]) && keep.is_kept(&p[1]) && !keep.is_kept(&p[2]) && !keep.is_kept(&p[4]));
+    }
+
+    #[test]
+    fn a_replica_is_kept_with_a_low_water_mark_of_zero() {
+        let mut keep = Keep::new(0);
+        let p = peers(2);
+        assert!(keep.connected(p[0]).is_empty());
+        let core = topic("kubelt/core/b");
+        assert!(keep.subscribed(core.clone(), []).is_empty());
+        assert!(keep.connected(p[1]).is_empty());
+        assert_eq!(keep.peer_subscribed(p[1], &core), vec![(p[1], true)]);
+        assert!(keep.peer_subscribed(p[1], &topic("kubelt/core/other")).is_empty());
+        assert_eq!(keep.disconnected(&p[1]), Vec::new(), "a replica that left frees no slot when there are none");
+        assert_eq!(keep.kept(), 0);
+    }
+}
