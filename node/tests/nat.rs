@@ -240,6 +240,24 @@ fn cone_nats_end_in_a_direct_connection_that_carries_content_and_core_changes() 
     Ok(())
 }
 
+/// Waits until both homes are private and hold a relay reservation; then A writes `greeting`
+/// to a new core and B, knowing only the core's address, follows it until it reads it. Returns
+/// the core and when B followed (seconds of the day, as in the logs).
+fn follow_through_the_dht(dir: &Path, a: &NsNode, b: &NsNode, greeting: &str) -> anyhow::Result<(String, f64)> {
+    for home in [a, b] {
+        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
+    }
+    wait_relay_address(a, Duration::from_secs(60))?;
+    wait_relay_address(b, Duration::from_secs(60))?;
+    let (key, core) = wallet(dir)?;
+    delegate(a, &core, &key)?;
+    a.cli_ok(&["core", "set", &core, "app", "greeting", &format!("\"{greeting}\"")])?;
+    let followed = secs_of_day(std::time::SystemTime::now());
+    b.cli_ok(&["core", "follow", &core])?;
+    wait_value(b, &core, "greeting", greeting, Duration::from_secs(90))?;
+    Ok((core, followed))
+}
+
 #[test]
 fn symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content() -> anyhow::Result<()> {
     let Some(dir) = test_dir("symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content")? else { return Ok(()) };
@@ -248,17 +266,7 @@ fn symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content() -> an
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
     // B gives up on a block after 10 s (60 s by default).
     let b = start_home_with(&topology, dir.path(), 1, 0, &boot, &[("fetch_timeout_secs = 60", "fetch_timeout_secs = 10")])?;
-    for home in [&a, &b] {
-        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
-    }
-    wait_relay_address(&a, Duration::from_secs(60))?;
-    wait_relay_address(&b, Duration::from_secs(60))?;
-
-    let (key, core) = wallet(dir.path())?;
-    delegate(&a, &core, &key)?;
-    a.cli_ok(&["core", "set", &core, "app", "greeting", "\"through the relay\""])?;
-    b.cli_ok(&["core", "follow", &core])?;
-    wait_value(&b, &core, "greeting", "through the relay", Duration::from_secs(90))?;
+    let (core, _) = follow_through_the_dht(dir.path(), &a, &b, "through the relay")?;
     assert_eq!(link(&b, &a)?, Some(true), "only relayed: hole punching cannot pass symmetric NATs");
     let started = Instant::now();
     a.cli_ok(&["core", "set", &core, "app", "greeting", "\"still relayed\""])?;
@@ -323,16 +331,7 @@ fn the_relay_ends_circuits_at_their_time_and_byte_limits_and_the_home_node_says_
     let boot = start_bootstrap(&topology, dir.path(), &limits)?;
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
     let b = start_home(&topology, dir.path(), 1, 0, &boot)?;
-    for home in [&a, &b] {
-        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
-    }
-    wait_relay_address(&a, Duration::from_secs(60))?;
-    wait_relay_address(&b, Duration::from_secs(60))?;
-    let (key, core) = wallet(dir.path())?;
-    delegate(&a, &core, &key)?;
-    a.cli_ok(&["core", "set", &core, "app", "greeting", "\"small enough\""])?;
-    b.cli_ok(&["core", "follow", &core])?;
-    wait_value(&b, &core, "greeting", "small enough", Duration::from_secs(90))?;
+    let (core, _) = follow_through_the_dht(dir.path(), &a, &b, "small enough")?;
     assert_eq!(link(&b, &a)?, Some(true), "relayed only");
 
     // Time: the relay ends each circuit after 8 s; B says which limit ended it (and B, which
@@ -398,17 +397,7 @@ fn nat_run(dir: &Path, nats: [Nat; 2]) -> anyhow::Result<NatRun> {
     let boot = start_bootstrap(&topology, dir, &[])?;
     let a = start_home(&topology, dir, 0, 0, &boot)?;
     let b = start_home(&topology, dir, 1, 0, &boot)?;
-    for home in [&a, &b] {
-        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
-    }
-    wait_relay_address(&a, Duration::from_secs(60))?;
-    wait_relay_address(&b, Duration::from_secs(60))?;
-    let (key, core) = wallet(dir)?;
-    delegate(&a, &core, &key)?;
-    a.cli_ok(&["core", "set", &core, "app", "greeting", "\"0\""])?;
-    let followed = secs_of_day(std::time::SystemTime::now());
-    b.cli_ok(&["core", "follow", &core])?;
-    wait_value(&b, &core, "greeting", "0", Duration::from_secs(90))?;
+    let (core, followed) = follow_through_the_dht(dir, &a, &b, "0")?;
     let direct = wait_until("a direct connection", DIRECT_WAIT, || Ok(link(&b, &a)? == Some(false))).is_ok();
     let polled = secs_of_day(std::time::SystemTime::now());
     let (mut first, mut punched) = (f64::MAX, f64::MAX);
