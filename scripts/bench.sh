@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, each side by side with its baseline where there is one. Run on a quiet machine:
 # the benchmarks compete for the 2 cores with anything else.
-#   scripts/bench.sh [network|content|cores|healing|msg|app|hosted|private] (default: all)
+#   scripts/bench.sh [network|content|cores|healing|msg|app|hosted|private|nat] (default: all)
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
@@ -29,6 +29,11 @@
 #          process: 100 MiB `add` plain vs private (encrypted), alternating, median of 3 (goal:
 #          private >= 0.8x plain's speed), and kb_setData/kb_getData private vs plain
 #          (node/tests/private_objects.rs; KUBELT_BENCH_MIB, KUBELT_BENCH_ROUNDS, KUBELT_BENCH_OPS).
+# nat:     nodes at home behind real NATs (network namespaces, nftables masquerade; needs root and
+#          nft): per pairing cone/cone, cone/symmetric, symmetric/symmetric, KUBELT_BENCH_NAT_RUNS
+#          runs (default 20) of: time to a direct connection p50/p99 (from `core follow`, from the
+#          relayed connection, from start), share of runs ending direct, core change latency A->B
+#          p50/p99, and relayed vs direct latency (goal < 2x; node/tests/nat.rs, ~35 s per run).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test
@@ -83,4 +88,10 @@ if [ "$what" = all ] || [ "$what" = private ]; then
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench private' 2>&1 | grep -E "private:|rror"
   log "private: 100 MiB add and kb_setData/kb_getData, private vs plain, through a node"
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test private_objects -- --ignored --nocapture bench_private' 2>&1 | grep -E "private |rror|panicked"
+fi
+if [ "$what" = all ] || [ "$what" = nat ]; then
+  log "nat: two homes behind NATs and a relay: time to a direct connection, share direct, change latency"
+  cd "$KUBELT_ROOT"
+  # The test builds its own namespaces (routers, homes, the "internet") inside this one.
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test nat -- --ignored --nocapture bench_nat_traversal' 2>&1 | grep -E "^NAT |rror|panicked"
 fi

@@ -240,6 +240,24 @@ fn cone_nats_end_in_a_direct_connection_that_carries_content_and_core_changes() 
     Ok(())
 }
 
+/// Waits until both homes are private and hold a relay reservation; then A writes `greeting`
+/// to a new core and B, knowing only the core's address, follows it until it reads it. Returns
+/// the core and when B followed (seconds of the day, as in the logs).
+fn follow_through_the_dht(dir: &Path, a: &NsNode, b: &NsNode, greeting: &str) -> anyhow::Result<(String, f64)> {
+    for home in [a, b] {
+        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
+    }
+    wait_relay_address(a, Duration::from_secs(60))?;
+    wait_relay_address(b, Duration::from_secs(60))?;
+    let (key, core) = wallet(dir)?;
+    delegate(a, &core, &key)?;
+    a.cli_ok(&["core", "set", &core, "app", "greeting", &format!("\"{greeting}\"")])?;
+    let followed = secs_of_day(std::time::SystemTime::now());
+    b.cli_ok(&["core", "follow", &core])?;
+    wait_value(b, &core, "greeting", greeting, Duration::from_secs(90))?;
+    Ok((core, followed))
+}
+
 #[test]
 fn symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content() -> anyhow::Result<()> {
     let Some(dir) = test_dir("symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content")? else { return Ok(()) };
@@ -248,17 +266,7 @@ fn symmetric_nats_sync_core_changes_through_the_relay_and_refuse_content() -> an
     let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
     // B gives up on a block after 10 s (60 s by default).
     let b = start_home_with(&topology, dir.path(), 1, 0, &boot, &[("fetch_timeout_secs = 60", "fetch_timeout_secs = 10")])?;
-    for home in [&a, &b] {
-        wait_status(home, "reachability", "private", Duration::from_secs(60))?;
-    }
-    wait_relay_address(&a, Duration::from_secs(60))?;
-    wait_relay_address(&b, Duration::from_secs(60))?;
-
-    let (key, core) = wallet(dir.path())?;
-    delegate(&a, &core, &key)?;
-    a.cli_ok(&["core", "set", &core, "app", "greeting", "\"through the relay\""])?;
-    b.cli_ok(&["core", "follow", &core])?;
-    wait_value(&b, &core, "greeting", "through the relay", Duration::from_secs(90))?;
+    let (core, _) = follow_through_the_dht(dir.path(), &a, &b, "through the relay")?;
     assert_eq!(link(&b, &a)?, Some(true), "only relayed: hole punching cannot pass symmetric NATs");
     let started = Instant::now();
     a.cli_ok(&["core", "set", &core, "app", "greeting", "\"still relayed\""])?;
@@ -310,5 +318,199 @@ fn autonat_follows_a_port_forward_and_the_relay_refuses_reservations_past_its_li
     let external = field(&a, "external_addresses")?;
     assert!(external.to_string().contains(&topology.homes[0].public_ip), "A's confirmed address is the router's: {external}");
     assert_eq!(field(&c, "reachability")?, "private", "C has no port forwarded");
+    Ok(())
+}
+
+#[test]
+fn the_relay_ends_circuits_at_their_time_and_byte_limits_and_the_home_node_says_why() -> anyhow::Result<()> {
+    let Some(dir) = test_dir("the_relay_ends_circuits_at_their_time_and_byte_limits_and_the_home_node_says_why")? else { return Ok(()) };
+    // Symmetric NATs: no hole punch, the connection stays relayed. The relay allows 64 KiB and
+    // 8 s per circuit.
+    let topology = Topology::build(&[(Nat::Symmetric, 1), (Nat::Symmetric, 1)])?;
+    let limits = [("relay_circuit_bytes = 1048576", "relay_circuit_bytes = 65536"), ("relay_circuit_duration_secs = 120", "relay_circuit_duration_secs = 8")];
+    let boot = start_bootstrap(&topology, dir.path(), &limits)?;
+    let a = start_home(&topology, dir.path(), 0, 0, &boot)?;
+    let b = start_home(&topology, dir.path(), 1, 0, &boot)?;
+    let (core, _) = follow_through_the_dht(dir.path(), &a, &b, "small enough")?;
+    assert_eq!(link(&b, &a)?, Some(true), "relayed only");
+
+    // Time: the relay ends each circuit after 8 s; B says which limit ended it (and B, which
+    // follows A's core, connects again through a new circuit).
+    let relay_counter = |name: &str| -> anyhow::Result<u64> { Ok(field(&boot, "relay_server")?[name].as_u64().unwrap_or(0)) };
+    wait_until("the relay to end a circuit at its time limit", Duration::from_secs(40), || Ok(relay_counter("circuits_closed_at_time_limit")? >= 1))
+        .map_err(|e| anyhow::anyhow!("{e}\nrelay: {}", boot.log_tail(40)))?;
+    let said = |node: &NsNode| -> anyhow::Result<String> { Ok(field(node, "last_relay_cut")?.as_str().unwrap_or_default().to_string()) };
+    wait_until("B to say the relay's time limit ended the circuit", Duration::from_secs(20), || Ok(said(&b)?.contains("time limit of 8 s per circuit")))
+        .map_err(|e| anyhow::anyhow!("{e}\nB said: {:?}\n{}", said(&b).ok(), b.log_tail(60)))?;
+    let text = b.cli_ok(&["status"])?;
+    assert!(text.contains("relayed cut:") && text.contains("time limit of 8 s"), "{text}");
+    wait_until("B to reach A through the relay again", Duration::from_secs(20), || Ok(link(&b, &a)? == Some(true)))?;
+
+    // Bytes: a 100 KiB value (one argument stays under Linux's 128 KiB) cannot cross a 64 KiB
+    // circuit. The relay ends the circuit at its byte limit (every new one too, as catch-up
+    // tries again), B says so, and the value waits for a direct connection.
+    let big = format!("\"{}\"", "x".repeat(100 << 10));
+    a.cli_ok(&["core", "set", &core, "app", "big", &big])?;
+    wait_until("the relay to end a circuit at its byte limit", Duration::from_secs(30), || Ok(relay_counter("circuits_closed_at_byte_limit")? >= 1))
+        .map_err(|e| anyhow::anyhow!("{e}\nrelay: {}", boot.log_tail(40)))?;
+    wait_until("B to say the relay's byte limit most likely ended the circuit", Duration::from_secs(30), || {
+        Ok(said(&b)?.contains("limit of 64 KiB per circuit ("))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nB said: {:?}\n{}", said(&b).ok(), b.log_tail(60)))?;
+    let message = said(&b)?;
+    assert!(message.contains(&boot.peer_id) && message.contains(&a.peer_id), "names the relay and the peer: {message}");
+    assert!(message.contains("never content"), "{message}");
+    let got = b.cli(&["core", "get", &core, "app", "big"])?;
+    assert!(!(got.status.success() && got.stdout.len() > 64 << 10), "100 KiB crossed a 64 KiB circuit");
+    Ok(())
+}
+
+/// One run of the NAT benchmark: what it measured.
+struct NatRun {
+    /// From starting the nodes to the direct connection.
+    start_to_direct: Option<Duration>,
+    /// From B's `core follow` (B knows only the core's address) to the direct connection.
+    follow_to_direct: Option<Duration>,
+    /// From the first (relayed) connection between A and B to the direct one.
+    relayed_to_direct: Option<Duration>,
+    /// Core changes A→B: from A's publish to B's apply, and whether the connection was direct.
+    latencies: Vec<Duration>,
+    direct: bool,
+}
+
+/// Seconds of the day (UTC) of `t`, as log lines give them.
+fn secs_of_day(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() % 86_400.0).unwrap_or(0.0)
+}
+
+/// The times of the log lines of `node` containing every one of `needles`.
+fn log_times(node: &NsNode, needles: &[&str]) -> Vec<f64> {
+    node.log().lines().filter(|l| needles.iter().all(|n| l.contains(n))).filter_map(log_time).collect()
+}
+
+/// How long a hole-punched connection is given to come up before a run counts as relayed.
+const DIRECT_WAIT: Duration = Duration::from_secs(10);
+
+fn nat_run(dir: &Path, nats: [Nat; 2]) -> anyhow::Result<NatRun> {
+    let topology = Topology::build(&[(nats[0], 1), (nats[1], 1)])?;
+    let start = secs_of_day(std::time::SystemTime::now());
+    let boot = start_bootstrap(&topology, dir, &[])?;
+    let a = start_home(&topology, dir, 0, 0, &boot)?;
+    let b = start_home(&topology, dir, 1, 0, &boot)?;
+    let (core, followed) = follow_through_the_dht(dir, &a, &b, "0")?;
+    let direct = wait_until("a direct connection", DIRECT_WAIT, || Ok(link(&b, &a)? == Some(false))).is_ok();
+    let polled = secs_of_day(std::time::SystemTime::now());
+    let (mut first, mut punched) = (f64::MAX, f64::MAX);
+    for (node, other) in [(&a, &b), (&b, &a)] {
+        first = log_times(node, &["peer connected", &other.peer_id]).into_iter().fold(first, f64::min);
+        punched = log_times(node, &["hole punching: direct connection", &other.peer_id]).into_iter().fold(punched, f64::min);
+    }
+    let at = if !direct {
+        None
+    } else if punched < f64::MAX {
+        Some(punched)
+    } else {
+        Some(polled)
+    };
+    let since = |from: f64| at.map(|t| Duration::from_secs_f64((t - from).max(0.0)));
+    let relayed_to_direct = if first < f64::MAX { since(first) } else { None };
+    if direct {
+        // The relayed connection closes 2 s after the direct one is up (the handover).
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let mut latencies = Vec::new();
+    for i in 1..=5 {
+        let value = format!("{i}");
+        let (published, applied) = (log_times(&a, &["published a change"]).len(), log_times(&b, &["applied a change from gossip"]).len());
+        a.cli_ok(&["core", "set", &core, "app", "greeting", &format!("\"{value}\"")])?;
+        wait_value(&b, &core, "greeting", &value, Duration::from_secs(30))?;
+        let (p, q) = (log_times(&a, &["published a change"]), log_times(&b, &["applied a change from gossip"]));
+        // Only changes that went by gossip (not by a catch-up) are timed.
+        if p.len() == published + 1 && q.len() == applied + 1 {
+            latencies.push(Duration::from_secs_f64((q[applied] - p[published]).max(0.0)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let still_direct = link(&b, &a)? == Some(false);
+    Ok(NatRun { start_to_direct: since(start), follow_to_direct: since(followed), relayed_to_direct, latencies, direct: direct && still_direct })
+}
+
+/// The `q` quantile of `values` (nearest rank), in seconds; NaN when empty.
+fn quantile(values: &[Duration], q: f64) -> f64 {
+    let mut v: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// NAT traversal (`scripts/bench.sh nat`): KUBELT_BENCH_NAT_RUNS runs (20 by default) per
+/// pairing of NATs, each with a fresh topology and fresh nodes. A run starts the relay and two
+/// homes, waits for their verdicts and reservations, lets A write a core and B follow it, and
+/// counts as direct if a direct connection is up within [`DIRECT_WAIT`]. Then five core changes
+/// A→B are timed from A's publish to B's apply (their logs, one clock). One line per pairing,
+/// then the relayed/direct latency ratio (goal < 2).
+#[test]
+#[ignore]
+fn bench_nat_traversal() -> anyhow::Result<()> {
+    let Some(dir) = test_dir("bench_nat_traversal")? else { return Ok(()) };
+    let runs: usize = std::env::var("KUBELT_BENCH_NAT_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let pairings = [("cone/cone", [Nat::Cone, Nat::Cone]), ("cone/symmetric", [Nat::Cone, Nat::Symmetric]), ("symmetric/symmetric", [Nat::Symmetric, Nat::Symmetric])];
+    let (mut relayed_latency, mut direct_latency) = (Vec::new(), Vec::new());
+    for (label, nats) in pairings {
+        let mut done = Vec::new();
+        let mut failed = 0;
+        for run in 0..runs {
+            let run_dir = dir.path().join(format!("{}-{run}", label.replace('/', "-")));
+            match nat_run(&run_dir, nats) {
+                Ok(r) => done.push(r),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("NAT {label} run {run} failed: {e:#}");
+                }
+            }
+        }
+        let direct: Vec<&NatRun> = done.iter().filter(|r| r.direct).collect();
+        let of = |f: fn(&NatRun) -> Option<Duration>| -> Vec<Duration> { direct.iter().filter_map(|r| f(r)).collect() };
+        let (start, follow, relayed) = (of(|r| r.start_to_direct), of(|r| r.follow_to_direct), of(|r| r.relayed_to_direct));
+        let mut latency = Vec::new();
+        for r in &done {
+            latency.extend(r.latencies.iter().copied());
+            if r.direct { &mut direct_latency } else { &mut relayed_latency }.extend(r.latencies.iter().copied());
+        }
+        let kind = match (direct.len(), done.len()) {
+            (0, _) => "relayed",
+            (d, n) if d == n => "direct",
+            _ => "mixed",
+        };
+        println!(
+            "NAT {label}: {} runs ({failed} failed), direct in {}/{} ({:.0}%); to direct: from follow p50 {:.2} s p99 {:.2} s, \
+             from the relayed connection p50 {:.2} s p99 {:.2} s, from start p50 {:.1} s p99 {:.1} s; \
+             core change A→B ({kind}) p50 {:.1} ms p99 {:.1} ms ({} changes)",
+            done.len(),
+            direct.len(),
+            done.len(),
+            100.0 * direct.len() as f64 / done.len().max(1) as f64,
+            quantile(&follow, 0.5),
+            quantile(&follow, 0.99),
+            quantile(&relayed, 0.5),
+            quantile(&relayed, 0.99),
+            quantile(&start, 0.5),
+            quantile(&start, 0.99),
+            quantile(&latency, 0.5) * 1e3,
+            quantile(&latency, 0.99) * 1e3,
+            latency.len(),
+        );
+    }
+    let (r, d) = (quantile(&relayed_latency, 0.5), quantile(&direct_latency, 0.5));
+    println!(
+        "NAT core change A→B: relayed p50 {:.1} ms ({} changes), direct p50 {:.1} ms ({} changes): relayed/direct {:.2} (goal < 2)",
+        r * 1e3,
+        relayed_latency.len(),
+        d * 1e3,
+        direct_latency.len(),
+        r / d
+    );
     Ok(())
 }

@@ -299,6 +299,88 @@ impl RelayPlan {
     }
 }
 
+/// The limits a relay announced for the circuits through it (in reservations and circuits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CircuitLimit {
+    /// How long a circuit may stay open.
+    pub duration: Option<Duration>,
+    /// Bytes a circuit may carry (both directions together).
+    pub bytes: Option<u64>,
+}
+
+/// Why a relay server ended a circuit, from the error libp2p's relay reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitEnd {
+    /// It carried more than `max_circuit_bytes`.
+    ByteLimit,
+    /// It was open for `max_circuit_duration`.
+    TimeLimit,
+    /// Closed by one side, or failed.
+    Other,
+}
+
+impl CircuitEnd {
+    /// libp2p-relay 0.22 ends a circuit at its byte limit with an `Other` error saying "Max
+    /// circuit bytes reached." and at its time limit with `TimedOut` (`copy_future.rs`).
+    pub fn of(error: Option<&std::io::Error>) -> CircuitEnd {
+        match error {
+            Some(e) if e.kind() == std::io::ErrorKind::TimedOut => CircuitEnd::TimeLimit,
+            Some(e) if e.to_string().contains("Max circuit bytes") => CircuitEnd::ByteLimit,
+            _ => CircuitEnd::Other,
+        }
+    }
+}
+
+/// The relay in a `/p2p-circuit` address: the peer id just before `/p2p-circuit`.
+pub fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(peer) => relay = Some(peer),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What a node at home is told when a relay closes a relayed connection that it did not close
+/// itself and that was its only connection to `peer`. The relay does not say why; its
+/// announced limits and the connection's age do: open as long as the time limit, it was that;
+/// shorter, it was the byte limit, or the relay or the peer going away.
+pub fn describe_relay_cut(peer: &PeerId, relay: &PeerId, lived: Duration, limit: Option<CircuitLimit>) -> String {
+    let secs = lived.as_secs_f64();
+    let head = format!("the relayed connection to {peer} through {relay} was closed after {secs:.1} s");
+    let Some(limit) = limit else {
+        return format!("{head} (the relay announced no limits): the relay or the peer went away");
+    };
+    let bytes = limit.bytes.map(human_bytes);
+    let duration = limit.duration.map(|d| format!("{} s", d.as_secs()));
+    let limits = [bytes.clone(), duration.clone()].into_iter().flatten().collect::<Vec<_>>().join(" and ");
+    let reached_time = limit.duration.is_some_and(|d| lived + Duration::from_millis(500) >= d);
+    let why = if reached_time {
+        format!("the relay's time limit of {} per circuit", duration.unwrap_or_default())
+    } else if let Some(bytes) = bytes {
+        format!("most likely the relay's limit of {bytes} per circuit (or the relay or the peer went away)")
+    } else {
+        "the relay or the peer went away".to_string()
+    };
+    format!(
+        "{head}: {why}. A relay ({limits} per circuit) carries core changes and small messages, \
+         never content; large transfers wait for a direct connection (hole punching)"
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// The address to reserve on `relay` through, reached at `addr`: `<addr>/p2p/<relay>/p2p-circuit`.
 pub fn circuit_listen_address(relay: PeerId, addr: &Multiaddr) -> Multiaddr {
     let mut addr = addr.clone();
@@ -371,6 +453,37 @@ mod tests {
         assert_eq!(plan.circuit_addresses(), vec![circuit.clone()]);
         assert!(is_relayed(&circuit));
         assert!(!is_relayed(&relay_addr(1)));
+    }
+
+    #[test]
+    fn a_relay_cut_names_the_limit_it_most_likely_hit() {
+        let (peer, relay) = (PeerId::random(), PeerId::random());
+        let limit = CircuitLimit { duration: Some(Duration::from_secs(10)), bytes: Some(64 << 10) };
+        let at_time = describe_relay_cut(&peer, &relay, Duration::from_secs_f64(9.8), Some(limit));
+        assert!(at_time.contains("time limit of 10 s per circuit"), "{at_time}");
+        let early = describe_relay_cut(&peer, &relay, Duration::from_secs(2), Some(limit));
+        assert!(early.contains("limit of 64 KiB per circuit"), "{early}");
+        assert!(early.contains("never content"), "{early}");
+        assert!(describe_relay_cut(&peer, &relay, Duration::from_secs(2), None).contains("no limits"));
+        assert_eq!(human_bytes(1 << 20), "1 MiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+
+    #[test]
+    fn the_relay_of_a_circuit_address_is_the_peer_before_p2p_circuit() {
+        let (relay, peer) = (PeerId::random(), PeerId::random());
+        let addr = circuit_listen_address(relay, &relay_addr(1)).with(Protocol::P2p(peer));
+        assert_eq!(relay_of(&addr), Some(relay));
+        assert_eq!(relay_of(&relay_addr(1).with(Protocol::P2p(peer))), None);
+    }
+
+    #[test]
+    fn a_circuit_end_is_read_from_the_relay_s_error() {
+        let bytes = std::io::Error::other("Max circuit bytes reached.");
+        assert_eq!(CircuitEnd::of(Some(&bytes)), CircuitEnd::ByteLimit);
+        assert_eq!(CircuitEnd::of(Some(&std::io::ErrorKind::TimedOut.into())), CircuitEnd::TimeLimit);
+        assert_eq!(CircuitEnd::of(Some(&std::io::ErrorKind::BrokenPipe.into())), CircuitEnd::Other);
+        assert_eq!(CircuitEnd::of(None), CircuitEnd::Other);
     }
 
     #[test]

@@ -248,7 +248,13 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
             .with_agent_version(agent_version())
-            .with_interval(Duration::from_secs(300)),
+            .with_interval(Duration::from_secs(300))
+            // No cache of peers' announced addresses: it hands every dial of a peer all of
+            // them, loopback included, and a peer at home dialing "its" 127.0.0.1 reaches
+            // itself and fails the whole dial on the wrong peer id, the relay circuit with it
+            // (a lost replica behind NAT was never redialed). The peer book and Kademlia keep
+            // the addresses worth dialing (`dialable_addresses`).
+            .with_cache_size(0),
     );
 
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);

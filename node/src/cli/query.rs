@@ -84,9 +84,17 @@ pub fn status(repo: &Repo, json: bool) -> anyhow::Result<()> {
     }
     if let Some(relay) = status.get("relay_server").filter(|r| r.is_object()) {
         println!(
-            "relay server:     {} reservations, {} circuits ({} reservations and {} circuits refused)",
-            relay["reservations"], relay["circuits"], relay["reservations_denied"], relay["circuits_denied"]
+            "relay server:     {} reservations, {} circuits ({} reservations and {} circuits refused; {} circuits ended at the byte limit, {} at the time limit)",
+            relay["reservations"],
+            relay["circuits"],
+            relay["reservations_denied"],
+            relay["circuits_denied"],
+            relay["circuits_closed_at_byte_limit"],
+            relay["circuits_closed_at_time_limit"]
         );
+    }
+    if let Some(cut) = status["last_relay_cut"].as_str() {
+        println!("relayed cut:      {} since start; last: {cut}", field("relayed_connections_cut"));
     }
     println!("hole punching:    {} direct, {} failed", field("hole_punches_succeeded"), field("hole_punches_failed"));
     println!("known peers:      {}", field("known_peers"));

@@ -235,6 +235,11 @@ impl Topology {
     }
 }
 
+/// What the nodes log (KUBELT_TEST_LOG overrides it): hole punching and the relay, and the
+/// event loop's dials, lookups and gossip (the NAT benchmark reads change latencies there).
+const DEFAULT_LOG: &str = "info,libp2p_dcutr=debug,libp2p_relay=debug,\
+                           kubelt_protocol::node::event_loop::net=debug,kubelt_protocol::node::event_loop::cores=debug";
+
 /// The swarm port every node in these tests listens on (TCP and QUIC), each in its namespace.
 pub const SWARM_PORT: u16 = 4001;
 
@@ -272,7 +277,7 @@ impl NsNode {
             .args(["--listen", &format!("/ip4/0.0.0.0/tcp/{SWARM_PORT}"), "--listen", &format!("/ip4/0.0.0.0/udp/{SWARM_PORT}/quic-v1")])
             .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0", "--app-api", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| "info,libp2p_dcutr=debug,libp2p_relay=debug".into()))
+            .env("RUST_LOG", std::env::var("KUBELT_TEST_LOG").unwrap_or_else(|_| DEFAULT_LOG.into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -68,6 +68,10 @@ pub struct RelayServerStatus {
     pub reservations_denied: u64,
     /// Circuits refused since start (limits reached, no reservation).
     pub circuits_denied: u64,
+    /// Circuits ended since start because they carried more than the byte limit.
+    pub circuits_closed_at_byte_limit: u64,
+    /// Circuits ended since start because they were open for the time limit.
+    pub circuits_closed_at_time_limit: u64,
 }
 
 /// What this node knows about its own reachability, for `kubelt status`.
@@ -89,6 +93,12 @@ pub struct NatStatus {
     pub hole_punches_succeeded: u64,
     /// Hole punches that failed since start.
     pub hole_punches_failed: u64,
+    /// Relayed connections that closed under this node since start (the relay ended the
+    /// circuit at its limits, or the relay or the peer went away).
+    pub relayed_connections_cut: u64,
+    /// The last of them, and the relay's limits that most likely ended it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_relay_cut: Option<String>,
 }
 
 /// Why a `connect` failed.

@@ -347,6 +347,7 @@ impl EventLoop {
                 },
                 CatchUpAction::FindReplicas(core) => {
                     let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&core.dht_key()));
+                    tracing::debug!(%core, ?query, "looking for replicas of the core in the DHT");
                     self.queries.insert(query, QueryPurpose::CoreReplicas(core));
                 }
                 CatchUpAction::Redial(peer) => {
@@ -382,16 +383,22 @@ impl EventLoop {
     /// subscription may have been missed (gossipsub tells a peer its topics once, on the first
     /// connection, and a peer that saw us disconnect and reconnect does not hear them again).
     pub(super) fn on_replicas_found(&mut self, core: Address, result: kad::GetProvidersResult) {
-        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
-            let connected: Vec<PeerId> = providers.iter().filter(|p| self.swarm.is_connected(p)).copied().collect();
-            for peer in connected {
-                let actions = self.cores.schedule.replica_joined(core, peer);
-                self.catch_up(actions);
+        let providers = match result {
+            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+            other => {
+                tracing::debug!(%core, ?other, "lookup of the core's replicas: no more providers");
+                return;
             }
-            let dialed = self.dial_found(providers);
-            if dialed > 0 {
-                tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
-            }
+        };
+        tracing::debug!(%core, ?providers, "the DHT named replicas of the core");
+        let connected: Vec<PeerId> = providers.iter().filter(|p| self.swarm.is_connected(p)).copied().collect();
+        for peer in connected {
+            let actions = self.cores.schedule.replica_joined(core, peer);
+            self.catch_up(actions);
+        }
+        let dialed = self.dial_found(providers);
+        if dialed > 0 {
+            tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
         }
     }
 
@@ -538,7 +545,7 @@ impl EventLoop {
             return;
         }
         match self.swarm.behaviour_mut().gossipsub.publish(topic, envelope.encode_to_vec()) {
-            Ok(_) => {}
+            Ok(_) => tracing::debug!(%core, "published a change"),
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
                 tracing::debug!(%core, "no replica online; the change will travel by catch-up");
             }
@@ -591,6 +598,7 @@ impl EventLoop {
         };
         let acceptance = match outcome {
             Ok(Accepted::Applied(report)) | Ok(Accepted::Evidence(report)) => {
+                tracing::debug!(%core, peer = %source, "applied a change from gossip");
                 self.announce_applied(core, &report.applied);
                 self.msg_core_changed(core);
                 self.private_share(core);

@@ -2,14 +2,14 @@
 //! reservations of a private node, the relay server's counters, and hole punching (see
 //! [`crate::nat`] for the protocols and the choices).
 
-use std::collections::BTreeSet;
-use std::time::Instant;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::{autonat, dcutr, kad, relay, Multiaddr, PeerId};
 use super::EventLoop;
 use crate::node::client::{NatStatus, RelayServerStatus};
-use crate::nat::{self, Reachability, RelayAction, RelayPlan};
+use crate::nat::{self, CircuitEnd, CircuitLimit, Reachability, RelayAction, RelayPlan};
 use crate::swarm::DhtMode;
 
 /// The event loop's NAT state.
@@ -21,6 +21,13 @@ pub(super) struct NatState {
     relay_server: Option<RelayServerStatus>,
     punched: u64,
     punch_failed: u64,
+    /// The circuit limits each relay announced (relays this node reserved or dialed through,
+    /// or was reached through), to explain a relayed connection the relay closed.
+    circuit_limits: HashMap<PeerId, CircuitLimit>,
+    /// Relayed connections closed under this node (by the relay, at its limits) since start.
+    relay_cuts: u64,
+    /// What the last one was, for `kubelt status`.
+    last_relay_cut: Option<String>,
 }
 
 impl NatState {
@@ -39,6 +46,8 @@ impl EventLoop {
             relay_server: self.nat.relay_server.clone(),
             hole_punches_succeeded: self.nat.punched,
             hole_punches_failed: self.nat.punch_failed,
+            relayed_connections_cut: self.nat.relay_cuts,
+            last_relay_cut: self.nat.last_relay_cut.clone(),
         }
     }
 
@@ -185,7 +194,17 @@ impl EventLoop {
             }
             relay::Event::CircuitClosed { src_peer_id, dst_peer_id, error } => {
                 status.circuits = status.circuits.saturating_sub(1);
-                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit closed ({error:?})");
+                match CircuitEnd::of(error.as_ref()) {
+                    CircuitEnd::ByteLimit => {
+                        status.circuits_closed_at_byte_limit += 1;
+                        tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit closed at its byte limit");
+                    }
+                    CircuitEnd::TimeLimit => {
+                        status.circuits_closed_at_time_limit += 1;
+                        tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit closed at its time limit");
+                    }
+                    CircuitEnd::Other => tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit closed ({error:?})"),
+                }
             }
             other => tracing::debug!(?other, "relay server"),
         }
@@ -193,6 +212,27 @@ impl EventLoop {
 
     pub(super) fn on_relay_client_event(&mut self, event: relay::client::Event) {
         tracing::debug!(?event, "relay client");
+        // The relay says its limits when it accepts a reservation (ours, as the destination of
+        // circuits) and in every circuit (as their source). The inbound event names the source,
+        // not the relay: the reservations' limits stand for those.
+        let (relay, limit) = match &event {
+            relay::client::Event::ReservationReqAccepted { relay_peer_id, limit, .. }
+            | relay::client::Event::OutboundCircuitEstablished { relay_peer_id, limit } => (*relay_peer_id, limit),
+            relay::client::Event::InboundCircuitEstablished { .. } => return,
+        };
+        if let Some(limit) = limit {
+            self.nat.circuit_limits.insert(relay, CircuitLimit { duration: limit.duration(), bytes: limit.data_in_bytes() });
+        }
+    }
+
+    /// A relayed connection to `peer` closed under this node (an error, not our close) and the
+    /// peer has no direct connection left: most likely the relay ended the circuit at its
+    /// limits. Said in the log and in `kubelt status`.
+    pub(super) fn on_relayed_connection_cut(&mut self, peer: PeerId, relay: PeerId, lived: Duration, error: &str) {
+        let text = nat::describe_relay_cut(&peer, &relay, lived, self.nat.circuit_limits.get(&relay).copied());
+        tracing::info!(%peer, %relay, "{text} ({error})");
+        self.nat.relay_cuts += 1;
+        self.nat.last_relay_cut = Some(text);
     }
 
     pub(super) fn on_dcutr_event(&mut self, event: dcutr::Event) {

@@ -43,6 +43,11 @@ struct Conn {
     relayed: bool,
     /// We dialed it (so `remote` is an address that works from here).
     dialer: bool,
+    /// When it came up.
+    opened: Instant,
+    /// The relay, for a relayed connection (named by the remote address when we dialed
+    /// through it, by the local one when the circuit came in).
+    relay: Option<PeerId>,
 }
 
 /// What the event loop knows about peers and connections.
@@ -310,6 +315,7 @@ impl EventLoop {
         };
         let mut started = Vec::new();
         for (addresses, condition) in dials {
+            tracing::debug!(%peer_id, ?addresses, "dialing (and at the addresses the behaviours know)");
             let opts = DialOpts::peer_id(peer_id).addresses(addresses).extend_addresses_through_behaviour().condition(condition).build();
             let id = opts.connection_id();
             match self.swarm.dial(opts) {
@@ -451,13 +457,21 @@ impl EventLoop {
     pub(super) fn on_connection_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { listener_id, address } => self.on_new_listen_addr(listener_id, address),
-            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, concurrent_dial_errors, .. } => {
+                if let Some(errors) = concurrent_dial_errors.filter(|e| !e.is_empty()) {
+                    let failed: Vec<String> = errors.iter().map(|(addr, e)| format!("{addr}: {e}")).collect();
+                    tracing::debug!(%peer_id, remote = %endpoint.get_remote_address(), ?failed, "connected; other addresses of the dial failed");
+                }
                 self.net.connections_established += 1;
                 self.dial_ended(Some(peer_id), connection_id);
                 let remote = endpoint.get_remote_address().clone();
                 let relayed = endpoint.is_relayed() || nat::is_relayed(&remote);
                 let conns = self.net.connections.entry(peer_id).or_default();
-                conns.push(Conn { id: connection_id, remote: remote.clone(), relayed, dialer: endpoint.is_dialer() });
+                let relay = match &endpoint {
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } => nat::relay_of(local_addr),
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => nat::relay_of(address),
+                };
+                conns.push(Conn { id: connection_id, remote: remote.clone(), relayed, dialer: endpoint.is_dialer(), opened: Instant::now(), relay });
                 // Once a direct connection exists, relayed ones go (after the handover pause):
                 // everything moves to it.
                 let both = conns.iter().any(|c| !c.relayed) && conns.iter().any(|c| c.relayed);
@@ -481,8 +495,20 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 self.net.connections_closed += 1;
                 self.net.last_pong.remove(&connection_id);
+                let mut cut = None;
                 if let Some(conns) = self.net.connections.get_mut(&peer_id) {
-                    conns.retain(|c| c.id != connection_id);
+                    let closed = conns.iter().position(|c| c.id == connection_id).map(|i| conns.remove(i));
+                    // A relayed connection that ends in an error while no direct one is left
+                    // was closed under us, not handed over: by the relay, most likely at its
+                    // limits (the peer's close of a handed-over circuit leaves the direct one).
+                    if let (Some(conn), Some(error)) = (closed, &cause) {
+                        if conn.relayed && conns.iter().all(|c| c.relayed) {
+                            cut = conn.relay.map(|relay| (relay, conn.opened.elapsed(), error.to_string()));
+                        }
+                    }
+                }
+                if let Some((relay, lived, error)) = cut {
+                    self.on_relayed_connection_cut(peer_id, relay, lived, &error);
                 }
                 if num_established == 0 {
                     self.net.connections.remove(&peer_id);
@@ -529,6 +555,13 @@ impl EventLoop {
             for addr in &addrs {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
             }
+        } else if self.swarm.behaviour_mut().kad.remove_peer(&peer_id).is_some() {
+            // A peer that stopped serving the DHT (a node at home that AutoNAT found private
+            // turns client, and identify pushes its new protocols) leaves the routing table.
+            // Left there, it was handed out as a closer peer at its LAN address, and every
+            // query through this node, a provider announcement's included, waited for the
+            // dial of that address to time out (5 s over QUIC) before finishing.
+            tracing::debug!(%peer_id, "no longer a DHT server: removed from the routing table");
         }
         if info.agent_version.starts_with("kubelt/") && !addrs.is_empty() {
             if let Err(e) = self.net.peer_book.remember(peer_id, addrs) {
