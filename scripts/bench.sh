@@ -8,7 +8,7 @@
 #          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize.
 #          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline.
 # cores:   change propagation p50/p99 over 1,000 changes and catch-up of 10,000 changes, with 2
-#          and 20 nodes (protocol/benches/core_sync.rs).
+#          and 20 nodes; propagation with 50 replicas of one core (protocol/benches/core_sync.rs).
 # healing: a 15 s partition of 6 nodes in one process, 10 times: time from the heal to every node
 #          holding every write (goal < 3 s every time; protocol/benches/healing.rs;
 #          HEAL_BENCH_RUNS, HEAL_BENCH_PARTITION_SECS). The docker testnet's `partition` scenario
@@ -51,7 +51,7 @@ if [ "$what" = all ] || [ "$what" = content ]; then
   unshare -n -- sh -c 'ip link set lo up && exec python3 content.py "$@"' sh "${@:2}"
 fi
 if [ "$what" = all ] || [ "$what" = cores ]; then
-  log "cores: propagation and catch-up, 2 and 20 nodes"
+  log "cores: propagation and catch-up, 2 and 20 nodes; propagation, 50 replicas"
   cd "$KUBELT_ROOT"
   # `cargo test --release --bench` runs the (harness-less) benchmark from the release build that
   # the tests share; `cargo bench` would build every dependency again in the bench profile.

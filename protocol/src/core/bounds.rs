@@ -29,8 +29,8 @@ pub(crate) const MAX_BLOOM_BITS_PER_ENTRY: u32 = 64;
 /// Largest Bloom filter bit array (bytes).
 pub(crate) const MAX_BLOOM_BYTES: usize = 4 << 20;
 
-const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-const CHUNK_TYPE_CHANGE: u8 = 1;
+pub(super) const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+pub(super) const CHUNK_TYPE_CHANGE: u8 = 1;
 /// Column spec of the action column (id 4, type integer) and of the predecessor group (id 7,
 /// type group); bit 3 marks a DEFLATE-compressed column.
 const ACTION_COLUMN: u64 = (4 << 4) | 2;

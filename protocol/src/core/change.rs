@@ -414,6 +414,19 @@ pub(crate) fn check_envelope(
     check_delegated(core, check_signed(core, envelope, max_size)?, delegations)
 }
 
+/// The hash Automerge gives the change in `bytes`, computed without decoding them: SHA-256 over
+/// an uncompressed change chunk after its magic bytes and checksum (chunk type, length, body),
+/// which is how Automerge hashes a change. `None` for bytes not framed as a change chunk.
+///
+/// Only ever used to recognise a change already held (equal hashes mean equal bytes), never
+/// to trust one: whatever it does not recognise goes through [`check_envelope`].
+pub(crate) fn raw_change_hash(bytes: &[u8]) -> Option<ChangeHash> {
+    if bytes.len() <= 9 || bytes[..4] != super::bounds::CHUNK_MAGIC || bytes[8] != super::bounds::CHUNK_TYPE_CHANGE {
+        return None;
+    }
+    Some(ChangeHash(Sha256::digest(&bytes[8..]).into()))
+}
+
 /// Fills in delegations omitted from a batch: an envelope without one uses the delegation of
 /// the last earlier envelope by the same author.
 pub(crate) fn inflate_batch(envelopes: &mut [SignedChange]) {

@@ -1,10 +1,10 @@
-//! Group commit of local core writes: many writes, one fsync, and nothing acknowledged or sent
-//! before it is on disk.
+//! Group commit of local core writes: many writes, one fsync, and nothing acknowledged before
+//! it is on disk.
 //!
 //! A local write (`core set`, `kb_setData`, a revocation, a device key) makes its change in
 //! memory and logs it to RocksDB's write-ahead log without waiting for fsync
 //! ([`crate::core::Config::sync_local_writes`] is off in a node). What must wait for the disk —
-//! the reply to the caller, the gossip message, the announcement to subscribers — is queued
+//! the reply to the caller and the announcement to subscribers — is queued
 //! here with the log position it needs. One blocking task at a time syncs the log
 //! ([`Store::sync_wal`]); writes that arrive while it runs queue up and are covered by the next
 //! sync, so under load one fsync acknowledges every write that came in during the previous one,
@@ -12,18 +12,16 @@
 //!
 //! Acknowledged writes are exactly as durable as before (the reply leaves after an fsync that
 //! began after the write was logged); what changed is that a change is readable on this node
-//! (and may be offered in a catch-up answer) from the moment it is logged, up to one fsync
-//! before it is acknowledged. If the machine fails in that window the write was never
-//! acknowledged; a peer that received it in a catch-up answer hands it back (it is signed and
-//! valid), and this node writes under a new actor after a restart, so nothing equivocates.
+//! (and leaves it, on its gossip topic and in catch-up answers) from the moment it is logged,
+//! up to one fsync before it is acknowledged. If the machine fails in that window the write was
+//! never acknowledged; a peer that received it hands it back (it is signed and valid), and this
+//! node writes under a new actor after a restart, so nothing equivocates.
 
 use std::collections::VecDeque;
 
-use kubelt_proto::core::SignedChange;
 use tokio::sync::{mpsc, oneshot};
 
 use super::EventLoop;
-use crate::core::Address;
 use crate::node::client::{CoreCommandError, CoreUpdate, NodeEvent};
 use crate::store::Store;
 
@@ -31,8 +29,6 @@ use crate::store::Store;
 pub(super) enum AfterSync {
     /// Answer the caller (with the storage error instead, should the sync fail).
     Reply(Box<dyn FnOnce(Result<(), String>) + Send>),
-    /// Send a local change on the core's topic.
-    Publish { core: Address, envelope: SignedChange },
     /// Tell subscribers about a local change.
     Announce(CoreUpdate),
 }
@@ -127,14 +123,13 @@ impl EventLoop {
     fn run_after_sync(&mut self, work: AfterSync, synced: Result<(), String>) {
         match (work, synced) {
             (AfterSync::Reply(reply), synced) => reply(synced),
-            (AfterSync::Publish { core, envelope }, Ok(())) => self.publish_now(core, envelope),
             (AfterSync::Announce(update), Ok(())) => {
                 let core = update.core;
                 self.announce(NodeEvent::CoreUpdated(update));
                 self.msg_core_changed(core);
             }
-            // Not on disk: neither sent nor announced (it was not acknowledged either).
-            (AfterSync::Publish { .. } | AfterSync::Announce(_), Err(_)) => {}
+            // Not on disk: not announced (it was not acknowledged either).
+            (AfterSync::Announce(_), Err(_)) => {}
         }
     }
 }

@@ -153,7 +153,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(verdict) = self.cores.gossip.next_verdict() => self.on_gossip_verified(verdict),
-                Some(work) = self.cores.sync_work.next() => self.on_sync_verified(work),
+                Some((work, claimed)) = self.cores.sync_work.next() => self.on_sync_verified(work, claimed),
                 Some(work) = self.msg.next_work() => self.on_msg_work(work),
                 Some(synced) = self.durable.next_synced() => self.on_synced(synced),
                 _ = tick.tick() => {
