@@ -372,9 +372,9 @@ pub fn describe_relay_cut(peer: &PeerId, relay: &PeerId, lived: Duration, limit:
 }
 
 fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes & ((1 << 20) - 1) == 0 {
         format!("{} MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes & ((1 << 10) - 1) == 0 {
         format!("{} KiB", bytes >> 10)
     } else {
         format!("{bytes} bytes")
