@@ -29,7 +29,7 @@ class Node:
         self.proc = subprocess.Popen(
             [BIN, "--repo", self.repo, "run", "--listen", "/ip4/127.0.0.1/tcp/0",
              "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0",
-             "--gateway", "127.0.0.1:0", *extra],
+             "--gateway", "127.0.0.1:0", "--app-api", "127.0.0.1:0", *extra],
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 30
         while not os.path.exists(api):
