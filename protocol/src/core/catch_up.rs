@@ -74,6 +74,9 @@ pub struct ScheduleConfig {
     pub retry_backoff: Duration,
     /// Failures in a row after which a session waits for the next round.
     pub max_retries: u32,
+    /// How many times a core added just now is looked up again when its lookup found no
+    /// connected replica, [`retry_backoff`](Self::retry_backoff) apart at first and doubling.
+    pub lookup_retries: u32,
 }
 
 impl Default for ScheduleConfig {
@@ -89,6 +92,7 @@ impl Default for ScheduleConfig {
             max_lookups_per_tick: 4,
             retry_backoff: Duration::from_secs(1),
             max_retries: 3,
+            lookup_retries: 5,
         }
     }
 }
@@ -157,6 +161,9 @@ pub struct Scheduler {
     looking: BTreeSet<Address>,
     /// Sessions whose request failed with the peer still connected.
     retries: BTreeMap<(Address, PeerId), Retry>,
+    /// Cores added just now and not yet seen with a replica: their lookups so far, and when to
+    /// look again (`None` while a lookup runs).
+    lookup_retries: BTreeMap<Address, Retry>,
     next_round: Instant,
 }
 
@@ -175,6 +182,7 @@ impl Scheduler {
             lookups: VecDeque::new(),
             looking: BTreeSet::new(),
             retries: BTreeMap::new(),
+            lookup_retries: BTreeMap::new(),
             next_round,
         }
     }
@@ -216,6 +224,9 @@ impl Scheduler {
     /// A core was just followed or delegated: catch up with every connected peer (any of them
     /// may hold it before its subscription is known), and look for replicas.
     pub fn core_added(&mut self, core: Address) -> Vec<Action> {
+        if self.config.lookup_retries > 0 {
+            self.lookup_retries.insert(core, Retry { failures: 0, due: None });
+        }
         let mut actions = vec![Action::FindReplicas(core)];
         for peer in self.connected.clone() {
             actions.extend(self.want(core, peer));
@@ -263,7 +274,22 @@ impl Scheduler {
             return vec![];
         }
         self.replicas.entry(core).or_default().insert(peer);
+        self.lookup_retries.remove(&core);
         self.want(core, peer)
+    }
+
+    /// A DHT lookup of `core`'s replicas ended. A core added just now with no connected
+    /// replica yet is looked up again after a pause that doubles each time (the providers it
+    /// named, if any, are being dialed meanwhile; one that connects ends the retries).
+    pub fn lookup_finished(&mut self, core: Address, now: Instant) {
+        let known = self.replicas(&core) > 0;
+        let Some(retry) = self.lookup_retries.get_mut(&core) else { return };
+        if known || retry.failures >= self.config.lookup_retries {
+            self.lookup_retries.remove(&core);
+            return;
+        }
+        retry.due = Some(now + self.config.retry_backoff.saturating_mul(1 << retry.failures.min(16)));
+        retry.failures += 1;
     }
 
     /// `peer` no longer holds `core`.
@@ -403,6 +429,18 @@ impl Scheduler {
             .collect();
         for (core, peer) in retries {
             actions.extend(self.want(core, peer));
+        }
+        let lookups: Vec<Address> = self
+            .lookup_retries
+            .iter_mut()
+            .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
+            .map(|(core, retry)| {
+                retry.due = None;
+                *core
+            })
+            .collect();
+        for core in lookups {
+            self.queue_lookup(core);
         }
         if now >= self.next_round {
             self.next_round = now + self.config.round_interval;
@@ -598,6 +636,56 @@ mod tests {
         let mut all = p.clone();
         all.sort();
         assert_eq!(seen, all);
+    }
+
+    /// Lookups of `c` among `actions`.
+    fn lookups_of(c: Address, actions: &[Action]) -> usize {
+        actions.iter().filter(|a| **a == Action::FindReplicas(c)).count()
+    }
+
+    #[test]
+    fn a_followed_core_whose_lookup_finds_nobody_is_looked_up_again_after_a_doubling_pause() {
+        let (mut s, _, now) = setup(0);
+        let c = core(1);
+        assert_eq!(lookups_of(c, &s.core_added(c)), 1);
+        // Each empty lookup waits 1 s, 2 s, 4 s, 8 s, 16 s before the next; then only the
+        // round looks again (it lists no core here).
+        let mut t = now;
+        let mut gaps = Vec::new();
+        let mut since = t;
+        s.lookup_finished(c, t);
+        while t < now + Duration::from_secs(64) {
+            t += Duration::from_millis(250);
+            if lookups_of(c, &s.tick(t, Vec::new, |_| false)) == 1 {
+                gaps.push((t - since).as_millis());
+                since = t;
+                s.lookup_finished(c, t);
+            }
+        }
+        assert_eq!(gaps, vec![1000, 2000, 4000, 8000, 16000]);
+    }
+
+    #[test]
+    fn a_replica_that_joins_ends_the_quick_lookups_and_cores_held_at_start_have_none() {
+        let (mut s, p, now) = setup(1);
+        let c = core(1);
+        s.core_added(c);
+        s.lookup_finished(c, now);
+        s.replica_joined(c, p[0]);
+        let later: usize = (1..=40).map(|i| lookups_of(c, &s.tick(now + Duration::from_millis(250 * i), Vec::new, |_| false))).sum();
+        assert_eq!(later, 0, "a core with a replica waits for the round");
+        // A lookup that found a connected replica does not start the retries either.
+        let d = core(2);
+        s.core_added(d);
+        s.replica_joined(d, p[0]);
+        s.lookup_finished(d, now);
+        // Cores held at start are looked up by the queue and the round only.
+        let e = core(3);
+        s.core_held_at_start(e);
+        s.lookup_finished(e, now);
+        let t = now + Duration::from_secs(1);
+        let actions: Vec<Action> = (1..=40).flat_map(|i| s.tick(t + Duration::from_millis(250 * i), Vec::new, |_| false)).collect();
+        assert_eq!((lookups_of(d, &actions), lookups_of(e, &actions)), (0, 1), "{actions:?}");
     }
 
     #[test]

@@ -428,6 +428,12 @@ impl EventLoop {
         self.catch_up(actions);
     }
 
+    /// A DHT lookup of the core's replicas ended (a core followed just now and still alone is
+    /// looked up again soon: see the scheduler).
+    pub(super) fn core_lookup_finished(&mut self, core: Address) {
+        self.cores.schedule.lookup_finished(core, Instant::now());
+    }
+
     pub(super) fn core_peer_connected(&mut self, peer: PeerId) {
         self.cores.schedule.peer_connected(peer);
     }

@@ -223,7 +223,12 @@ impl EventLoop {
         let purpose = if last { self.queries.remove(&id) } else { self.queries.get(&id).copied() };
         match (purpose, result) {
             (Some(QueryPurpose::BlockProviders(cid)), kad::QueryResult::GetProviders(result)) => self.on_block_providers(cid, result),
-            (Some(QueryPurpose::CoreReplicas(core)), kad::QueryResult::GetProviders(result)) => self.on_replicas_found(core, result),
+            (Some(QueryPurpose::CoreReplicas(core)), kad::QueryResult::GetProviders(result)) => {
+                self.on_replicas_found(core, result);
+                if last {
+                    self.core_lookup_finished(core);
+                }
+            }
             (_, kad::QueryResult::Bootstrap(result)) => self.on_bootstrap_progressed(result, last),
             _ => {}
         }
