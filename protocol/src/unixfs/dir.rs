@@ -145,7 +145,7 @@ impl Walker<'_, '_> {
 
     fn add_file(&mut self, path: &Path) -> Result<Imported, UnixfsError> {
         let mut file = fs::File::open(path).map_err(|e| UnixfsError::io(path, e))?;
-        let mut importer = FileImporter::with_pool(self.opts.clone(), self.sink.pool())?;
+        let mut importer = FileImporter::new(self.opts.clone())?;
         import_reader(&mut importer, &mut file, self.sink, self.done, self.progress).map_err(|e| match e {
             UnixfsError::Read(source) => UnixfsError::io(path, source),
             other => other,

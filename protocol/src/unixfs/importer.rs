@@ -20,9 +20,7 @@
 //! Speed: a leaf's bytes are read straight into a buffer that has room for the dag-pb header
 //! in front, so a chunk is never copied after it is read; leaves are hashed with `sha2`
 //! (SHA-NI when the CPU has it) on every core, [`HASH_BATCH_BYTES`] at a time, and written to
-//! RocksDB by a second thread in large batches. That thread hands the chunk buffers back once
-//! RocksDB has copied them ([`ChunkPool`]), so an import reuses a few batches' worth of warm
-//! memory instead of faulting in fresh pages for every chunk.
+//! RocksDB by a second thread in large batches.
 
 use std::io::Read;
 
@@ -220,21 +218,20 @@ pub struct FileImporter {
     pending_bytes: usize,
     tree: BalancedTree,
     size: u64,
-    /// Where chunk buffers come from (and, with a store writer, return to).
-    pool: ChunkPool,
 }
 
 impl FileImporter {
     /// A new importer; fails on invalid options.
     pub fn new(opts: ImportOptions) -> Result<Self, UnixfsError> {
-        Self::with_pool(opts, ChunkPool::default())
+        opts.validate()?;
+        let chunk = Self::fresh_chunk(&opts);
+        Ok(FileImporter { opts, chunk, filled: 0, pending: Vec::new(), pending_bytes: 0, tree: BalancedTree::new(), size: 0 })
     }
 
-    /// A new importer taking its chunk buffers from `pool` (see [`BlockSink::pool`]).
-    pub(crate) fn with_pool(opts: ImportOptions, pool: ChunkPool) -> Result<Self, UnixfsError> {
-        opts.validate()?;
-        let chunk = pool.take(opts.chunk_size);
-        Ok(FileImporter { opts, chunk, filled: 0, pending: Vec::new(), pending_bytes: 0, tree: BalancedTree::new(), size: 0, pool })
+    fn fresh_chunk(opts: &ImportOptions) -> BytesMut {
+        let mut chunk = BytesMut::with_capacity(LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM);
+        chunk.resize(LEAF_HEADER_ROOM + opts.chunk_size, 0);
+        chunk
     }
 
     /// The part of the chunk buffer still to fill.
@@ -290,7 +287,7 @@ impl FileImporter {
 
     /// Queues the filled chunk as a leaf; hashes the queue once it holds [`HASH_BATCH_BYTES`].
     fn emit_leaf(&mut self, out: &mut impl Extend<Block>) {
-        let mut chunk = std::mem::replace(&mut self.chunk, self.pool.take(self.opts.chunk_size));
+        let mut chunk = std::mem::replace(&mut self.chunk, Self::fresh_chunk(&self.opts));
         chunk.truncate(LEAF_HEADER_ROOM + self.filled);
         self.filled = 0;
         self.pending_bytes += chunk.len();
@@ -382,56 +379,6 @@ fn make_leaves(opts: &ImportOptions, chunks: Vec<BytesMut>) -> Vec<(Block, u64)>
         .collect()
 }
 
-/// Chunk buffers handed back by the store writer once RocksDB has copied their blocks, for
-/// the importer to read the next chunks into. Without it every 256 KiB chunk was a fresh
-/// allocation: glibc maps chunks that size anew, so each one cost 64 page faults and the
-/// kernel zeroing its pages (~12 % of `add`, measured).
-///
-/// Holds at most [`ChunkPool::MAX_BUFFERS`]; a buffer still shared (a block kept elsewhere)
-/// is never taken back.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ChunkPool(std::sync::Arc<std::sync::Mutex<Vec<BytesMut>>>);
-
-impl ChunkPool {
-    /// Buffers kept: a little more than what an import has in flight (a hash batch, the
-    /// sink's batch and the writer's queue, [`BATCH_BYTES`] each).
-    const MAX_BUFFERS: usize = (QUEUED_BATCHES + 3) * BATCH_BYTES / DEFAULT_CHUNK_SIZE;
-
-    /// A chunk buffer: `LEAF_HEADER_ROOM` spare bytes then `chunk_size` bytes to fill (zeroed:
-    /// cheap on memory already faulted in), with room for a dag-pb trailer behind.
-    fn take(&self, chunk_size: usize) -> BytesMut {
-        let len = LEAF_HEADER_ROOM + chunk_size;
-        let capacity = len + LEAF_TRAILER_ROOM;
-        // Buffers of tree nodes (small) are passed over and dropped.
-        let reused = self.0.lock().ok().and_then(|mut pool| std::iter::from_fn(|| pool.pop()).find(|b| b.capacity() >= chunk_size));
-        let mut chunk = match reused {
-            // Empty and the only owner: `reserve` moves the view back to the allocation's start
-            // (no copy) when the room is there, and allocates anew only when it is not.
-            Some(mut chunk) => {
-                chunk.reserve(capacity);
-                chunk
-            }
-            None => BytesMut::with_capacity(capacity),
-        };
-        chunk.resize(len, 0);
-        chunk
-    }
-
-    /// Takes back the buffers of blocks nobody else holds.
-    fn give_back(&self, blocks: Vec<Block>) {
-        let Ok(mut pool) = self.0.lock() else { return };
-        for block in blocks {
-            if pool.len() >= Self::MAX_BUFFERS {
-                return;
-            }
-            if let Ok(mut buffer) = block.data.try_into_mut() {
-                buffer.clear();
-                pool.push(buffer);
-            }
-        }
-    }
-}
-
 /// Imports bytes held in memory; returns the root and every block (children first).
 pub fn add_bytes(data: &[u8], opts: &ImportOptions) -> Result<(Imported, Vec<Block>), UnixfsError> {
     let mut blocks = Vec::new();
@@ -453,8 +400,8 @@ pub fn add_file(
     opts: &ImportOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Imported, UnixfsError> {
+    let mut importer = FileImporter::new(opts.clone())?;
     with_store_writer(store, |sink| {
-        let mut importer = FileImporter::with_pool(opts.clone(), sink.pool())?;
         import_reader(&mut importer, &mut reader, sink, 0, progress)?;
         Ok(importer.finish(sink))
     })
@@ -495,8 +442,6 @@ pub(crate) struct BlockSink {
     tx: Option<std::sync::mpsc::SyncSender<Vec<Block>>>,
     /// Set when the writer thread is gone (it failed); the error comes from its join.
     writer_gone: bool,
-    /// Where the writer returns chunk buffers.
-    pool: ChunkPool,
 }
 
 impl Extend<Block> for BlockSink {
@@ -525,12 +470,6 @@ impl BlockSink {
         }
     }
 
-    /// The pool the writer returns chunk buffers to: give it to every [`FileImporter`] that
-    /// writes into this sink.
-    pub(crate) fn pool(&self) -> ChunkPool {
-        self.pool.clone()
-    }
-
     /// Fails fast when the writer thread has stopped.
     pub(crate) fn check(&self) -> Result<(), UnixfsError> {
         if self.writer_gone {
@@ -547,20 +486,17 @@ pub(crate) fn with_store_writer<T>(
     work: impl FnOnce(&mut BlockSink) -> Result<T, UnixfsError>,
 ) -> Result<T, UnixfsError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Block>>(QUEUED_BATCHES);
-    let pool = ChunkPool::default();
-    let returns = pool.clone();
     std::thread::scope(|scope| {
         let writer = std::thread::Builder::new()
             .name("unixfs-writer".into())
             .spawn_scoped(scope, move || -> Result<(), UnixfsError> {
                 for batch in rx {
                     store.put_blocks(&batch)?;
-                    returns.give_back(batch);
                 }
                 Ok(())
             })
             .map_err(|e| UnixfsError::Source(format!("cannot start the block writer: {e}")))?;
-        let mut sink = BlockSink { batch: Vec::new(), bytes: 0, tx: Some(tx), writer_gone: false, pool };
+        let mut sink = BlockSink { batch: Vec::new(), bytes: 0, tx: Some(tx), writer_gone: false };
         let result = work(&mut sink);
         if result.is_ok() {
             sink.flush();
@@ -647,30 +583,6 @@ pub(crate) mod tests {
         let (single, _) = add_bytes(&data[..10], &ImportOptions::cid_v1())?;
         assert_eq!(single.cid, ImportOptions::cid_v1().block(RAW, Bytes::copy_from_slice(&data[..10])).cid);
         Ok(())
-    }
-
-    #[test]
-    fn chunk_buffers_come_back_once_nobody_else_holds_them_and_are_reused() {
-        for opts in [ImportOptions::default(), ImportOptions::cid_v1()] {
-            let pool = ChunkPool::default();
-            let mut chunk = pool.take(opts.chunk_size);
-            let allocation = chunk.as_ptr();
-            chunk[LEAF_HEADER_ROOM..].fill(7);
-            let (block, _) = make_leaf(&opts, chunk);
-            let cid = block.cid;
-            // A block still held elsewhere keeps its buffer.
-            pool.give_back(vec![block.clone()]);
-            assert_eq!(pool.0.lock().unwrap().len(), 0);
-            pool.give_back(vec![block]);
-            let again = pool.take(opts.chunk_size);
-            assert_eq!(again.as_ptr(), allocation, "the same memory, from its start");
-            assert_eq!(again.len(), LEAF_HEADER_ROOM + opts.chunk_size);
-            assert!(again.capacity() >= LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM);
-            // Filled anew, it makes the same block: nothing of the old view leaks into it.
-            let mut again = again;
-            again[LEAF_HEADER_ROOM..].fill(7);
-            assert_eq!(make_leaf(&opts, again).0.cid, cid);
-        }
     }
 
     #[test]
