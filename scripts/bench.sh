@@ -34,6 +34,7 @@
 #          runs (default 20) of: time to a direct connection p50/p99 (from `core follow`, from the
 #          relayed connection, from start), share of runs ending direct, core change latency A->B
 #          p50/p99, and relayed vs direct latency (goal < 2x; node/tests/nat.rs, ~35 s per run).
+#          KUBELT_BENCH_NAT_PAIRINGS=cone/cone (comma-separated) runs only those pairings.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 "$KUBELT_ROOT/scripts/setup.sh" --test

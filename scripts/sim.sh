@@ -4,6 +4,9 @@
 #   scripts/sim.sh --nodes N [--seed S] [--replicas R] [--writes W] [--cores C] [--lookups L]
 #                  [--settle SECONDS]   # idle wait before counting connections (default: the
 #                                       # swarm's idle timeout + 5 s, so unkept ones closed)
+#                  [--ping-interval SECONDS] [--heartbeat MS]  # the nodes' ping interval and
+#                                       # gossipsub heartbeat (default: the node's, 5 s and
+#                                       # 500 ms); longer ones cut what idle nodes cost
 #   scripts/sim.sh --sweep 100,300,1000 [--out docs]  # each size in its own process, then
 #                                                     # docs/sim.json and the chart docs/sim.png
 # The last stdout line is one JSON object (nodes, lookup_hops_p50, lookup_success_rate,

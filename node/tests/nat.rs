@@ -456,7 +456,11 @@ fn quantile(values: &[Duration], q: f64) -> f64 {
 fn bench_nat_traversal() -> anyhow::Result<()> {
     let Some(dir) = test_dir("bench_nat_traversal")? else { return Ok(()) };
     let runs: usize = std::env::var("KUBELT_BENCH_NAT_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-    let pairings = [("cone/cone", [Nat::Cone, Nat::Cone]), ("cone/symmetric", [Nat::Cone, Nat::Symmetric]), ("symmetric/symmetric", [Nat::Symmetric, Nat::Symmetric])];
+    // KUBELT_BENCH_NAT_PAIRINGS=cone/cone,... runs only those.
+    let only = std::env::var("KUBELT_BENCH_NAT_PAIRINGS").ok();
+    let pairings = [("cone/cone", [Nat::Cone, Nat::Cone]), ("cone/symmetric", [Nat::Cone, Nat::Symmetric]), ("symmetric/symmetric", [Nat::Symmetric, Nat::Symmetric])]
+        .into_iter()
+        .filter(|(label, _)| only.as_deref().is_none_or(|only| only.split(',').any(|l| l.trim() == *label)));
     let (mut relayed_latency, mut direct_latency) = (Vec::new(), Vec::new());
     for (label, nats) in pairings {
         let mut done = Vec::new();

@@ -96,6 +96,11 @@ pub struct Config {
     pub keep_peers: usize,
     /// Timeout of one DHT query.
     pub kad_query_timeout: Duration,
+    /// How often every connection is pinged; one silent for two intervals and 2 s is closed
+    /// (see [`Config::ping_silence`]). 5 s notices a partition within ~12 s.
+    pub ping_interval: Duration,
+    /// Gossipsub's heartbeat: how often meshes are repaired and lazy gossip (IHAVE) is sent.
+    pub gossip_heartbeat: Duration,
     /// Bitswap tuning.
     pub bitswap: bitswap::Config,
     /// AutoNAT and relay settings.
@@ -115,6 +120,8 @@ impl Default for Config {
             idle_connection_timeout: Duration::from_secs(30),
             keep_peers: 16,
             kad_query_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(5),
+            gossip_heartbeat: Duration::from_millis(500),
             bitswap: bitswap::Config::default(),
             nat: nat::Config::default(),
         }
@@ -126,6 +133,12 @@ impl Config {
     pub fn bootstrap() -> Self {
         let nat = nat::Config { relay_server: Some(nat::RelayLimits::default()), ..nat::Config::default() };
         Config { dht_mode: DhtMode::Server, max_connections: 2048, max_pending: 256, nat, ..Config::default() }
+    }
+
+    /// How long a connection that answered pings may stay silent before the node closes it:
+    /// the ping interval, the ping's timeout (as long as the interval) and 2 s of slack.
+    pub fn ping_silence(&self) -> Duration {
+        self.ping_interval.saturating_mul(2) + Duration::from_secs(2)
     }
 }
 
@@ -279,15 +292,15 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         blocked: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         identify,
-        // A ping every 5 s with a 5 s timeout: a dead connection (a cut cable drops packets and
-        // tells nobody) is noticed and closed within ~10 s, and the catch-up scheduler dials
-        // the replica again every second, so a partition heals within about a second of the
-        // network coming back instead of waiting out TCP's retransmission backoff on the old
-        // connection (10 s and more after a 15 s cut).
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5))),
+        // A ping every 5 s (by default) with as long a timeout: a dead connection (a cut cable
+        // drops packets and tells nobody) is noticed and closed within ~12 s, and the catch-up
+        // scheduler dials the replica again every second, so a partition heals within about a
+        // second of the network coming back instead of waiting out TCP's retransmission
+        // backoff on the old connection (10 s and more after a 15 s cut).
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_interval)),
         kad,
         bitswap: bitswap::Behaviour::new(store, config.bitswap.clone()),
-        gossipsub: sync::Gossip::new(sync::gossipsub(key, gossip)?, config.keep_peers),
+        gossipsub: sync::Gossip::new(sync::gossipsub(key, gossip, config.gossip_heartbeat)?, config.keep_peers),
         core_sync: sync::core_sync(),
         msg: crate::msg::behaviour(),
         autonat: autonat::Behaviour::new(peer_id, config.nat.autonat_config()),

@@ -284,7 +284,7 @@ impl GossipPeer {
                 let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MemoryTransport::default().upgrade(Version::V1).authenticate(noise).multiplex(yamux::Config::default()))
             })?
-            .with_behaviour(|key| Ok(GossipOnly { gossipsub: sync::gossipsub(key, sync::GossipCounters::default())?, ping: ping::Behaviour::default() }))?
+            .with_behaviour(|key| Ok(GossipOnly { gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500))?, ping: ping::Behaviour::default() }))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
             .build();
         swarm.behaviour_mut().gossipsub.subscribe(&topic)?;

@@ -70,10 +70,18 @@ struct Args {
     /// Worker threads of the runtime (default: the machine's cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Seconds between two pings of a connection (default: the node's, 5). Pings are most of
+    /// what an idle node costs; a longer interval lets more nodes share the machine's cores.
+    #[arg(long)]
+    ping_interval: Option<u64>,
+    /// Gossipsub heartbeat in milliseconds (default: the node's, 500).
+    #[arg(long)]
+    heartbeat: Option<u64>,
 }
 
 impl Args {
     fn params(&self, nodes: usize) -> Params {
+        let defaults = Params::default();
         Params {
             nodes,
             seed: self.seed,
@@ -84,6 +92,8 @@ impl Args {
             bootstraps: self.bootstraps,
             churn: self.churn,
             settle_s: self.settle.unwrap_or_else(plan::default_settle_s),
+            ping_s: self.ping_interval.unwrap_or(defaults.ping_s),
+            heartbeat_ms: self.heartbeat.unwrap_or(defaults.heartbeat_ms),
         }
     }
 }
@@ -153,8 +163,10 @@ fn sweep(args: &Args) -> anyhow::Result<()> {
         if let Some(threads) = args.threads {
             child.args(["--threads", &threads.to_string()]);
         }
-        if let Some(settle) = args.settle {
-            child.args(["--settle", &settle.to_string()]);
+        for (flag, value) in [("--settle", args.settle), ("--ping-interval", args.ping_interval), ("--heartbeat", args.heartbeat)] {
+            if let Some(value) = value {
+                child.args([flag, &value.to_string()]);
+            }
         }
         let output = child.stderr(Stdio::inherit()).output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -185,7 +197,7 @@ mod tests {
     /// core's replicas received any of it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fifty_nodes_find_every_core_and_only_replicas_carry_its_gossip() -> anyhow::Result<()> {
-        let params = Params { nodes: 50, seed: 17, replicas: 10, cores: 2, writes: 3, lookups: 20, bootstraps: 3, churn: 0.1, settle_s: 0 };
+        let params = Params { nodes: 50, seed: 17, replicas: 10, cores: 2, writes: 3, lookups: 20, bootstraps: 3, churn: 0.1, settle_s: 0, ..Params::default() };
         let plan = Plan::new(&params);
         assert_eq!(plan, Plan::new(&params), "the same seed draws the same topology");
         let report = run::run(plan).await?;

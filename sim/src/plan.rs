@@ -31,6 +31,10 @@ pub(crate) struct Params {
     /// CPU: by default the swarm's idle timeout and a margin, so that the connections nobody
     /// keeps (peers met through DHT queries) have closed.
     pub(crate) settle_s: u64,
+    /// Seconds between two pings of a connection (the node's default: 5).
+    pub(crate) ping_s: u64,
+    /// Gossipsub heartbeat in milliseconds (the node's default: 500).
+    pub(crate) heartbeat_ms: u64,
 }
 
 /// The default of [`Params::settle_s`].
@@ -40,7 +44,20 @@ pub(crate) fn default_settle_s() -> u64 {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { nodes: 100, seed: 1, replicas: 50, cores: 4, writes: 5, lookups: 100, bootstraps: 3, churn: 0.1, settle_s: default_settle_s() }
+        let swarm = kubelt_protocol::swarm::Config::default();
+        Params {
+            nodes: 100,
+            seed: 1,
+            replicas: 50,
+            cores: 4,
+            writes: 5,
+            lookups: 100,
+            bootstraps: 3,
+            churn: 0.1,
+            settle_s: default_settle_s(),
+            ping_s: swarm.ping_interval.as_secs(),
+            heartbeat_ms: swarm.gossip_heartbeat.as_millis() as u64,
+        }
     }
 }
 

@@ -39,7 +39,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(35);
 /// Followers that follow a core at once: a wave finds the replicas of the waves before it in
 /// the DHT and dials them.
 const FOLLOW_WAVE: usize = 10;
-/// How long the run stays idle to measure what the nodes cost doing nothing.
+/// How long the run stays idle to measure what the nodes cost doing nothing, at least: the
+/// window also spans two ping intervals, so that every connection's pings fall into it.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
 
@@ -133,6 +134,9 @@ pub(crate) struct Report {
     pub(crate) routing_table_per_node: f64,
     /// Seconds the run waited idle before measuring connections and cost.
     pub(crate) idle_settle_s: f64,
+    /// The ping interval (s) and gossipsub heartbeat (ms) the nodes ran with.
+    pub(crate) ping_s: u64,
+    pub(crate) heartbeat_ms: u64,
     #[serde(flatten)]
     pub(crate) cost: Cost,
 }
@@ -177,7 +181,8 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(sim.plan.params.settle_s)).await;
     let rss_nodes = stats::rss_bytes();
     let cpu_idle = stats::cpu_time();
-    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_window = IDLE_WINDOW.max(Duration::from_secs(2 * sim.plan.params.ping_s));
+    tokio::time::sleep(idle_window).await;
     let idle_cpu = stats::cpu_time() - cpu_idle;
     let (connections, connections_max, routing) = sim.tables().await?;
     eprintln!("sim: idle: {connections:.1} connections per node (most {connections_max}), {routing:.1} in routing tables, RSS {} MiB", rss_nodes >> 20);
@@ -204,7 +209,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     eprintln!("sim: after churn: {} lookups, {} changes", after.lookups.len(), after.changes.len());
 
     let wall = started.elapsed();
-    let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, IDLE_WINDOW, stats::cpu_time() - cpu_start, wall);
+    let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, idle_window, stats::cpu_time() - cpu_start, wall);
     let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
     report.connections_per_node = connections;
     report.connections_max = connections_max;
@@ -240,6 +245,8 @@ impl Sim {
         if bootstrap {
             config.swarm = swarm::Config::bootstrap();
         }
+        config.swarm.ping_interval = Duration::from_secs(self.plan.params.ping_s.max(1));
+        config.swarm.gossip_heartbeat = Duration::from_millis(self.plan.params.heartbeat_ms.max(50));
         let node = Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))?;
         if bootstrap {
             let info = node.client.info().await?;
@@ -487,6 +494,8 @@ impl Sim {
             connections_max: 0,
             routing_table_per_node: 0.0,
             idle_settle_s: self.plan.params.settle_s as f64,
+            ping_s: self.plan.params.ping_s,
+            heartbeat_ms: self.plan.params.heartbeat_ms,
             cost,
         }
     }

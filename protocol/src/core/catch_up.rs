@@ -20,6 +20,11 @@
 //! for a periodic round or a DHT lookup. Catch-up itself starts when the reconnected peer's
 //! subscriptions arrive ([`Scheduler::replica_joined`]).
 //!
+//! A core followed just now whose DHT lookup ends without a connected replica is looked up
+//! again after 250 ms, 500 ms, 1 s… ([`ScheduleConfig::lookup_retries`] times): the lookup may
+//! have raced the owner's announcement (its provider record not stored yet), and the periodic
+//! round would otherwise leave the follower alone for its whole interval.
+//!
 //! A request that fails while the peer stays connected (the connection it went over closed —
 //! a relayed connection replaced by a direct one —, or it timed out) is retried a few times,
 //! with a growing pause: nothing else would restart the session until the next round.
@@ -75,8 +80,11 @@ pub struct ScheduleConfig {
     /// Failures in a row after which a session waits for the next round.
     pub max_retries: u32,
     /// How many times a core added just now is looked up again when its lookup found no
-    /// connected replica, [`retry_backoff`](Self::retry_backoff) apart at first and doubling.
+    /// connected replica, [`lookup_retry_after`](Self::lookup_retry_after) apart at first and
+    /// doubling.
     pub lookup_retries: u32,
+    /// The pause before the first of those lookups.
+    pub lookup_retry_after: Duration,
 }
 
 impl Default for ScheduleConfig {
@@ -92,7 +100,8 @@ impl Default for ScheduleConfig {
             max_lookups_per_tick: 4,
             retry_backoff: Duration::from_secs(1),
             max_retries: 3,
-            lookup_retries: 5,
+            lookup_retries: 7,
+            lookup_retry_after: Duration::from_millis(250),
         }
     }
 }
@@ -288,7 +297,7 @@ impl Scheduler {
             self.lookup_retries.remove(&core);
             return;
         }
-        retry.due = Some(now + self.config.retry_backoff.saturating_mul(1 << retry.failures.min(16)));
+        retry.due = Some(now + self.config.lookup_retry_after.saturating_mul(1 << retry.failures.min(16)));
         retry.failures += 1;
     }
 
@@ -648,7 +657,7 @@ mod tests {
         let (mut s, _, now) = setup(0);
         let c = core(1);
         assert_eq!(lookups_of(c, &s.core_added(c)), 1);
-        // Each empty lookup waits 1 s, 2 s, 4 s, 8 s, 16 s before the next; then only the
+        // Each empty lookup waits 0.25 s, 0.5 s, 1 s… 16 s before the next; then only the
         // round looks again (it lists no core here).
         let mut t = now;
         let mut gaps = Vec::new();
@@ -662,7 +671,7 @@ mod tests {
                 s.lookup_finished(c, t);
             }
         }
-        assert_eq!(gaps, vec![1000, 2000, 4000, 8000, 16000]);
+        assert_eq!(gaps, vec![250, 500, 1000, 2000, 4000, 8000, 16000]);
     }
 
     #[test]

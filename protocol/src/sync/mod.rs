@@ -42,14 +42,14 @@ pub enum SyncSetupError {
     Gossipsub(String),
 }
 
-/// Gossipsub for core changes: strict signing, app-level validation before forwarding,
-/// a quick heartbeat so meshes form fast on small networks.
-pub fn gossipsub(keypair: &Keypair, counters: GossipCounters) -> Result<gossipsub::Behaviour<CountingTransform>, SyncSetupError> {
+/// Gossipsub for core changes: strict signing, app-level validation before forwarding; the
+/// node's heartbeat is quicker than libp2p's 1 s so that meshes form fast on small networks.
+pub fn gossipsub(keypair: &Keypair, counters: GossipCounters, heartbeat: Duration) -> Result<gossipsub::Behaviour<CountingTransform>, SyncSetupError> {
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
         .max_transmit_size(MAX_GOSSIP_MESSAGE)
-        .heartbeat_interval(Duration::from_millis(500))
+        .heartbeat_interval(heartbeat)
         .duplicate_cache_time(Duration::from_secs(120))
         .build()
         .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;

@@ -30,9 +30,6 @@ const RELAY_HANDOVER: Duration = Duration::from_secs(2);
 /// Redials of one lost replica pending at once (each second's redial starts a new one while
 /// the earlier ones still wait for an answer).
 const MAX_PENDING_REDIALS: usize = 2;
-/// How long a connection that answered pings may stay silent before it is closed: the ping
-/// interval and timeout (5 s each, `swarm.rs`) and 2 s of slack.
-const PING_SILENCE: Duration = Duration::from_secs(12);
 
 /// One open connection.
 struct Conn {
@@ -589,18 +586,20 @@ impl EventLoop {
     }
 
     /// Closes connections that answered pings before and have not answered for
-    /// [`PING_SILENCE`]. libp2p's ping reports only the second failure in a row, and the second
-    /// attempt opens a new stream whose negotiation waits out a 10 s upgrade timeout, so a
+    /// [`crate::swarm::Config::ping_silence`] (12 s by default). libp2p's ping reports only the
+    /// second failure in a row, and the second attempt opens a new stream whose negotiation
+    /// waits out a 10 s upgrade timeout, so a
     /// connection cut by a partition was reported only after ~25 s; a partition shorter than
     /// that healed on the old TCP connection, after TCP's retransmission backoff (up to ~7 s in
     /// the testnet). Closed at once, the lost replica is redialed every second and catch-up
     /// runs on a fresh connection right after the heal.
     pub(super) fn close_silent_connections(&mut self, now: Instant) {
+        let limit = self.config.swarm.ping_silence();
         let silent: Vec<ConnectionId> =
-            self.net.last_pong.iter().filter(|(_, at)| now.saturating_duration_since(**at) > PING_SILENCE).map(|(id, _)| *id).collect();
+            self.net.last_pong.iter().filter(|(_, at)| now.saturating_duration_since(**at) > limit).map(|(id, _)| *id).collect();
         for connection in silent {
             self.net.last_pong.remove(&connection);
-            tracing::info!(?connection, "closing a connection silent for {PING_SILENCE:?} (no ping answered)");
+            tracing::info!(?connection, "closing a connection silent for {limit:?} (no ping answered)");
             self.swarm.close_connection(connection);
         }
     }
