@@ -287,6 +287,12 @@ impl Scheduler {
         self.want(core, peer)
     }
 
+    /// Whether `core` was added just now and has no replica yet: its lookups are retried
+    /// quickly (see [`Scheduler::lookup_finished`]).
+    pub fn lookup_retrying(&self, core: &Address) -> bool {
+        self.lookup_retries.contains_key(core)
+    }
+
     /// A DHT lookup of `core`'s replicas ended. A core added just now with no connected
     /// replica yet is looked up again after a pause that doubles each time (the providers it
     /// named, if any, are being dialed meanwhile; one that connects ends the retries).
@@ -680,7 +686,9 @@ mod tests {
         let c = core(1);
         s.core_added(c);
         s.lookup_finished(c, now);
+        assert!(s.lookup_retrying(&c));
         s.replica_joined(c, p[0]);
+        assert!(!s.lookup_retrying(&c));
         let later: usize = (1..=40).map(|i| lookups_of(c, &s.tick(now + Duration::from_millis(250 * i), Vec::new, |_| false))).sum();
         assert_eq!(later, 0, "a core with a replica waits for the round");
         // A lookup that found a connected replica does not start the retries either.

@@ -434,6 +434,11 @@ impl EventLoop {
         self.cores.schedule.lookup_finished(core, Instant::now());
     }
 
+    /// Whether the core is in its quick re-lookups (followed just now, no replica yet).
+    pub(super) fn core_lookup_is_quick(&self, core: Address) -> bool {
+        self.cores.schedule.lookup_retrying(&core)
+    }
+
     pub(super) fn core_peer_connected(&mut self, peer: PeerId) {
         self.cores.schedule.peer_connected(peer);
     }
