@@ -433,28 +433,10 @@ impl Scheduler {
             }
         }
         actions.extend(self.redials(now));
-        let retries: Vec<(Address, PeerId)> = self
-            .retries
-            .iter_mut()
-            .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
-            .map(|(key, retry)| {
-                retry.due = None;
-                *key
-            })
-            .collect();
-        for (core, peer) in retries {
+        for (core, peer) in take_due(&mut self.retries, now) {
             actions.extend(self.want(core, peer));
         }
-        let lookups: Vec<Address> = self
-            .lookup_retries
-            .iter_mut()
-            .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
-            .map(|(core, retry)| {
-                retry.due = None;
-                *core
-            })
-            .collect();
-        for core in lookups {
+        for core in take_due(&mut self.lookup_retries, now) {
             self.queue_lookup(core);
         }
         if now >= self.next_round {
@@ -499,6 +481,18 @@ impl Scheduler {
         }
         actions
     }
+}
+
+/// The keys of `retries` due at `now`, each marked as no longer waiting.
+fn take_due<K: Copy + Ord>(retries: &mut BTreeMap<K, Retry>, now: Instant) -> Vec<K> {
+    retries
+        .iter_mut()
+        .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
+        .map(|(key, retry)| {
+            retry.due = None;
+            *key
+        })
+        .collect()
 }
 
 #[cfg(test)]
