@@ -6,7 +6,10 @@
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
 #          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize.
-#          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline.
+#          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline;
+#          with rust-libp2p's perf client/server at /opt/libp2p-perf/bin/perf or $LIBP2P_PERF
+#          (cargo install --root /opt/libp2p-perf libp2p-perf; not --locked: its lock file no
+#          longer builds on current Rust) also the bare transport's ceiling.
 # cores:   change propagation p50/p99 over 1,000 changes and catch-up of 10,000 changes, with 2
 #          and 20 nodes; propagation with 50 replicas of one core (protocol/benches/core_sync.rs).
 # healing: a 15 s partition of 6 nodes in one process, 10 times: time from the heal to every node
