@@ -428,17 +428,6 @@ impl EventLoop {
         self.catch_up(actions);
     }
 
-    /// A DHT lookup of the core's replicas ended (a core followed just now and still alone is
-    /// looked up again soon: see the scheduler).
-    pub(super) fn core_lookup_finished(&mut self, core: Address) {
-        self.cores.schedule.lookup_finished(core, Instant::now());
-    }
-
-    /// Whether the core is in its quick re-lookups (followed just now, no replica yet).
-    pub(super) fn core_lookup_is_quick(&self, core: Address) -> bool {
-        self.cores.schedule.lookup_retrying(&core)
-    }
-
     pub(super) fn core_peer_connected(&mut self, peer: PeerId) {
         self.cores.schedule.peer_connected(peer);
     }
@@ -454,23 +443,38 @@ impl EventLoop {
     /// A provider already connected holds the core as surely as a subscription says so: its
     /// subscription may have been missed (gossipsub tells a peer its topics once, on the first
     /// connection, and a peer that saw us disconnect and reconnect does not hear them again).
-    pub(super) fn on_replicas_found(&mut self, core: Address, result: kad::GetProvidersResult) {
-        let providers = match result {
-            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
-            other => {
-                tracing::debug!(%core, ?other, "lookup of the core's replicas: no more providers");
-                return;
+    ///
+    /// A core followed just now and still alone is looked up again soon (see the scheduler);
+    /// its lookup ends at the first answer naming another replica, so that if the dial fails
+    /// (the record named addresses from before the owner had a relay address) the next lookup
+    /// comes after the short pause, not after the query has waited out its slowest peers (2 s
+    /// and more, measured).
+    pub(super) fn on_replicas_found(&mut self, core: Address, query: kad::QueryId, result: kad::GetProvidersResult, last: bool) {
+        match result {
+            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                tracing::debug!(%core, ?providers, "the DHT named replicas of the core");
+                let connected: Vec<PeerId> = providers.iter().filter(|p| self.swarm.is_connected(p)).copied().collect();
+                for peer in connected {
+                    let actions = self.cores.schedule.replica_joined(core, peer);
+                    self.catch_up(actions);
+                }
+                // Our own provider record comes first, from the local store: not an answer.
+                let local = *self.swarm.local_peer_id();
+                let named_another = providers.iter().any(|p| *p != local);
+                let dialed = self.dial_found(providers);
+                if dialed > 0 {
+                    tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
+                }
+                if !last && named_another && self.cores.schedule.lookup_retrying(&core) {
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&query) {
+                        query.finish();
+                    }
+                }
             }
-        };
-        tracing::debug!(%core, ?providers, "the DHT named replicas of the core");
-        let connected: Vec<PeerId> = providers.iter().filter(|p| self.swarm.is_connected(p)).copied().collect();
-        for peer in connected {
-            let actions = self.cores.schedule.replica_joined(core, peer);
-            self.catch_up(actions);
+            other => tracing::debug!(%core, ?other, "lookup of the core's replicas: no more providers"),
         }
-        let dialed = self.dial_found(providers);
-        if dialed > 0 {
-            tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
+        if last {
+            self.cores.schedule.lookup_finished(core, Instant::now());
         }
     }
 

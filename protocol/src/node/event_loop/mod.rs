@@ -223,23 +223,7 @@ impl EventLoop {
         let purpose = if last { self.queries.remove(&id) } else { self.queries.get(&id).copied() };
         match (purpose, result) {
             (Some(QueryPurpose::BlockProviders(cid)), kad::QueryResult::GetProviders(result)) => self.on_block_providers(cid, result),
-            (Some(QueryPurpose::CoreReplicas(core)), kad::QueryResult::GetProviders(result)) => {
-                // Our own provider record comes first, from the local store: not an answer.
-                let local = *self.swarm.local_peer_id();
-                let found = matches!(&result, Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) if providers.iter().any(|p| *p != local));
-                self.on_replicas_found(core, result);
-                if last {
-                    self.core_lookup_finished(core);
-                } else if found && self.core_lookup_is_quick(core) {
-                    // Another replica is named: end the query now, so that if the dial fails (the
-                    // provider record named addresses from before the owner had a relay
-                    // address) the next lookup comes after the short pause, not after the
-                    // query has waited out its slowest peers (2 s and more, measured).
-                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                        query.finish();
-                    }
-                }
-            }
+            (Some(QueryPurpose::CoreReplicas(core)), kad::QueryResult::GetProviders(result)) => self.on_replicas_found(core, id, result, last),
             (_, kad::QueryResult::Bootstrap(result)) => self.on_bootstrap_progressed(result, last),
             _ => {}
         }
