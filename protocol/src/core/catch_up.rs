@@ -38,7 +38,9 @@
 //! keeps its replica in memory; the others wait in line), and DHT lookups of replicas go
 //! through one queue drained at [`ScheduleConfig::max_lookups_per_tick`]: the periodic round
 //! and a node's start queue a lookup per core, a core followed just now is looked up at once.
-//! The round itself visits only the cores that have a connected replica.
+//! The round's sessions visit only the cores that have a connected replica, and such a core is
+//! looked up only one round in [`ScheduleConfig::connected_lookup_rounds`]; a core alone is
+//! looked up every round.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -50,9 +52,15 @@ use super::Address;
 /// Timing of the scheduler.
 #[derive(Debug, Clone)]
 pub struct ScheduleConfig {
-    /// How often every core catches up with every replica it is connected to, and looks for
-    /// replicas in the DHT: the safety net under gossip.
+    /// How often every core catches up with every replica it is connected to, and a core with
+    /// no connected replica looks for replicas in the DHT: the safety net under gossip.
     pub round_interval: Duration,
+    /// A core that has a connected replica looks for more in the DHT only every this many
+    /// rounds (5 minutes by default), each core in its own round: gossip reaches the replicas
+    /// it is not connected to through the ones it is, and a hosted node holding thousands of
+    /// cores would otherwise always be looking one up (a DHT query opens connections and runs
+    /// handshakes: most of an idle node's work, profiled).
+    pub connected_lookup_rounds: u32,
     /// How long changes held back for missing dependencies may wait for them to arrive by
     /// gossip (messages take different paths, so parents often follow a moment later) before
     /// a session asks the peer that sent one.
@@ -91,6 +99,7 @@ impl Default for ScheduleConfig {
     fn default() -> Self {
         ScheduleConfig {
             round_interval: Duration::from_secs(30),
+            connected_lookup_rounds: 10,
             missing_deps_grace: Duration::from_secs(1),
             redial_interval: Duration::from_secs(1),
             redial_fast_for: Duration::from_secs(60),
@@ -174,6 +183,8 @@ pub struct Scheduler {
     /// look again (`None` while a lookup runs).
     lookup_retries: BTreeMap<Address, Retry>,
     next_round: Instant,
+    /// Periodic rounds so far: whose turn it is to look up a core that has a replica.
+    rounds: u64,
 }
 
 impl Scheduler {
@@ -193,6 +204,7 @@ impl Scheduler {
             retries: BTreeMap::new(),
             lookup_retries: BTreeMap::new(),
             next_round,
+            rounds: 0,
         }
     }
 
@@ -448,12 +460,24 @@ impl Scheduler {
                     actions.extend(self.want(core, peer));
                 }
             }
+            self.rounds += 1;
             for core in held() {
-                self.queue_lookup(core);
+                if self.replicas(&core) == 0 || self.lookup_turn(&core) {
+                    self.queue_lookup(core);
+                }
             }
         }
         actions.extend(self.next_lookups());
         actions
+    }
+
+    /// Whether this round looks up `core` although it has a connected replica: one round in
+    /// [`ScheduleConfig::connected_lookup_rounds`], a different one for different cores so
+    /// that their lookups spread over the rounds.
+    fn lookup_turn(&self, core: &Address) -> bool {
+        let every = u64::from(self.config.connected_lookup_rounds.max(1));
+        let offset = core.as_bytes().iter().fold(0u64, |acc, b| acc.wrapping_mul(31).wrapping_add(u64::from(*b)));
+        self.rounds.wrapping_add(offset) % every == 0
     }
 
     /// Connected peers known to hold `core`.
@@ -582,11 +606,45 @@ mod tests {
         let before = s.tick(now + Duration::from_secs(29), || vec![c, d], |_| false);
         assert_eq!(before, vec![]);
         let round = s.tick(now + Duration::from_secs(30), || vec![c, d], |_| false);
-        assert_eq!(round, vec![Action::Sync { core: c, peer: p[0] }, Action::FindReplicas(c), Action::FindReplicas(d)]);
+        assert_eq!(round[0], Action::Sync { core: c, peer: p[0] });
+        assert_eq!(lookups_of(d, &round), 1, "a core without a connected replica is looked up every round: {round:?}");
         // The next round is one interval later.
         s.session_ended(Some(c), &p[0]);
         assert_eq!(s.tick(now + Duration::from_secs(59), || vec![c], |_| false), vec![]);
-        assert_eq!(s.tick(now + Duration::from_secs(60), || vec![c], |_| false).len(), 2);
+        let next = s.tick(now + Duration::from_secs(60), || vec![c, d], |_| false);
+        assert!(next.contains(&Action::Sync { core: c, peer: p[0] }) && lookups_of(d, &next) == 1, "{next:?}");
+    }
+
+    #[test]
+    fn a_core_with_a_connected_replica_is_looked_up_once_in_ten_rounds_each_in_its_own() {
+        let (mut s, p, now) = setup(1);
+        let with_replica: Vec<Address> = (1..=20).map(core).collect();
+        let alone = core(100);
+        for c in &with_replica {
+            s.replica_joined(*c, p[0]);
+            s.session_ended(Some(*c), &p[0]);
+        }
+        let mut held = with_replica.clone();
+        held.push(alone);
+        // Lookups are drained a few per tick: tick often enough to see each round's all.
+        let mut per_round = Vec::new();
+        for round in 1..=10u64 {
+            let at = now + Duration::from_secs(30 * round);
+            let mut actions = s.tick(at, || held.clone(), |_| false);
+            for i in 1..=20 {
+                actions.extend(s.tick(at + Duration::from_millis(i), Vec::new, |_| false));
+            }
+            for c in &with_replica {
+                s.session_ended(Some(*c), &p[0]);
+            }
+            for c in &held {
+                s.lookup_finished(*c, at);
+            }
+            assert_eq!(lookups_of(alone, &actions), 1, "round {round}: the core alone is looked up every round");
+            per_round.push(with_replica.iter().filter(|c| lookups_of(**c, &actions) == 1).count());
+        }
+        assert_eq!(per_round.iter().sum::<usize>(), 20, "each core with a replica once in ten rounds: {per_round:?}");
+        assert!(per_round.iter().all(|n| *n < 20), "spread over the rounds, not all in one: {per_round:?}");
     }
 
     #[test]
