@@ -7,6 +7,8 @@
 #                  [--ping-interval SECONDS] [--heartbeat MS]  # the nodes' ping interval and
 #                                       # gossipsub heartbeat (default: the node's, 5 s and
 #                                       # 500 ms); longer ones cut what idle nodes cost
+#                  [--idle-timeout SECONDS]  # how long connections nobody keeps (DHT peers) stay
+#                                       # open idle (default: the node's, 30 s); ~150 KB each
 #   scripts/sim.sh --sweep 100,300,1000 [--out docs]  # each size in its own process, then
 #                                                     # docs/sim.json and the chart docs/sim.png
 # The last stdout line is one JSON object (nodes, lookup_hops_p50, lookup_success_rate,

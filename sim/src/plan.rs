@@ -35,11 +35,13 @@ pub(crate) struct Params {
     pub(crate) ping_s: u64,
     /// Gossipsub heartbeat in milliseconds (the node's default: 500).
     pub(crate) heartbeat_ms: u64,
+    /// Seconds a connection nobody keeps stays open idle (the node's default: 30).
+    pub(crate) idle_timeout_s: u64,
 }
 
-/// The default of [`Params::settle_s`].
-pub(crate) fn default_settle_s() -> u64 {
-    kubelt_protocol::swarm::Config::default().idle_connection_timeout.as_secs() + 5
+/// The default of [`Params::settle_s`] for connections idle for `idle_timeout_s` to close.
+pub(crate) fn default_settle_s(idle_timeout_s: u64) -> u64 {
+    idle_timeout_s + 5
 }
 
 impl Default for Params {
@@ -54,9 +56,10 @@ impl Default for Params {
             lookups: 100,
             bootstraps: 3,
             churn: 0.1,
-            settle_s: default_settle_s(),
+            settle_s: default_settle_s(swarm.idle_connection_timeout.as_secs()),
             ping_s: swarm.ping_interval.as_secs(),
             heartbeat_ms: swarm.gossip_heartbeat.as_millis() as u64,
+            idle_timeout_s: swarm.idle_connection_timeout.as_secs(),
         }
     }
 }

@@ -134,9 +134,11 @@ pub(crate) struct Report {
     pub(crate) routing_table_per_node: f64,
     /// Seconds the run waited idle before measuring connections and cost.
     pub(crate) idle_settle_s: f64,
-    /// The ping interval (s) and gossipsub heartbeat (ms) the nodes ran with.
+    /// The ping interval (s), gossipsub heartbeat (ms) and idle connection timeout (s) the
+    /// nodes ran with.
     pub(crate) ping_s: u64,
     pub(crate) heartbeat_ms: u64,
+    pub(crate) idle_timeout_s: u64,
     #[serde(flatten)]
     pub(crate) cost: Cost,
 }
@@ -247,6 +249,10 @@ impl Sim {
         }
         config.swarm.ping_interval = Duration::from_secs(self.plan.params.ping_s.max(1));
         config.swarm.gossip_heartbeat = Duration::from_millis(self.plan.params.heartbeat_ms.max(50));
+        config.swarm.idle_connection_timeout = Duration::from_secs(self.plan.params.idle_timeout_s.max(1));
+        // Thousands of nodes share the process: the buffer of events nobody reads but the
+        // sim's propagation waits (a few events a change) need not hold 4,096 (~800 KB).
+        config.event_buffer = 256;
         let node = Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))?;
         if bootstrap {
             let info = node.client.info().await?;
@@ -496,6 +502,7 @@ impl Sim {
             idle_settle_s: self.plan.params.settle_s as f64,
             ping_s: self.plan.params.ping_s,
             heartbeat_ms: self.plan.params.heartbeat_ms,
+            idle_timeout_s: self.plan.params.idle_timeout_s,
             cost,
         }
     }

@@ -49,6 +49,10 @@ pub struct Config {
     pub msg: crate::msg::Config,
     /// How often replicas run catch-up with every peer that holds the same core.
     pub core_sync_interval: Duration,
+    /// Node events kept for subscribers that fall behind (the API's subscriptions); one
+    /// further behind gets `Lagged`. The buffer (~200 bytes an event) is allocated at start:
+    /// a simulation of many nodes in one process keeps it small.
+    pub event_buffer: usize,
 }
 
 impl Default for Config {
@@ -62,6 +66,7 @@ impl Default for Config {
             cores: crate::core::Config::default(),
             msg: crate::msg::Config::default(),
             core_sync_interval: Duration::from_secs(30),
+            event_buffer: 4096,
         }
     }
 }
@@ -122,7 +127,7 @@ impl Node {
             swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         }
         let (command_tx, command_rx) = mpsc::channel(256);
-        let (events, _) = tokio::sync::broadcast::channel(4096);
+        let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
         let shutdown = CancellationToken::new();
         let mut event_loop =
             event_loop::EventLoop::new(swarm, keypair, store, cores, config, command_rx, events.clone(), shutdown.clone())?;
