@@ -468,7 +468,18 @@ fn bench_nat_traversal() -> anyhow::Result<()> {
         for run in 0..runs {
             let run_dir = dir.path().join(format!("{}-{run}", label.replace('/', "-")));
             match nat_run(&run_dir, nats) {
-                Ok(r) => done.push(r),
+                Ok(r) => {
+                    // One line per run: progress through a long benchmark, and the outliers.
+                    let secs = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+                    let changes: Vec<String> = r.latencies.iter().map(|l| format!("{:.1}", l.as_secs_f64() * 1e3)).collect();
+                    println!(
+                        "NAT {label} run {run}: {}, follow → direct {}, changes A→B [{}] ms",
+                        if r.direct { "direct" } else { "relayed" },
+                        secs(r.follow_to_direct),
+                        changes.join(", ")
+                    );
+                    done.push(r)
+                }
                 Err(e) => {
                     failed += 1;
                     eprintln!("NAT {label} run {run} failed: {e:#}");
