@@ -404,7 +404,7 @@ impl NetworkBehaviour for Gossip {
 /// the peer's shared send queue holds a message, and it registers to be woken by that queue
 /// only once it has the stream. Without it, a message queued after the peer's first
 /// connection closed sat there until something else woke this connection (measured: the first
-/// change after a relayed connection gave way to a direct one took 0.7–2.5 s, the phase of the
+/// change after a relayed connection gave way to a direct one took 0.5–2.5 s, the phase of the
 /// next 5 s ping, where the others took 1–2 ms).
 pub struct Handler<H: ConnectionHandler> {
     inner: H,

@@ -52,7 +52,8 @@ pub(super) struct Net {
     peer_book: PeerBook,
     /// `connect` calls waiting for their dial to finish.
     pending_connects: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, ConnectError>>)>,
-    /// Redials of lost replicas still pending, per peer (at most [`MAX_PENDING_REDIALS`]).
+    /// Dials still pending that were started alongside another dial of the peer (redials of
+    /// lost replicas, peers a lookup found), per peer (at most [`MAX_PENDING_REDIALS`]).
     pending_redials: HashMap<PeerId, HashSet<ConnectionId>>,
     /// When each connection last answered a ping (connections that answered at least once).
     last_pong: HashMap<ConnectionId, Instant>,
@@ -324,7 +325,13 @@ impl EventLoop {
     }
 
     /// Dials peers found by a lookup (providers of a block, replicas of a core) that are not
-    /// connected yet.
+    /// connected yet, even while another dial of the peer is pending ([`Self::redial_known`]):
+    /// that one may be the connection maintenance's or Kademlia's, at addresses from the
+    /// routing table that no longer answer. Seen behind NATs: a home node that was a DHT server
+    /// for its first seconds stays in the other home's routing table with its LAN addresses;
+    /// the maintenance tick dialed it there (a QUIC handshake waits 2 s to time out), and the
+    /// follower's dial at the relay address the provider record names was refused as a
+    /// duplicate until then.
     pub(super) fn dial_found(&mut self, found: impl IntoIterator<Item = PeerId>) -> usize {
         let local = *self.swarm.local_peer_id();
         let mut dialed = 0;
@@ -333,7 +340,7 @@ impl EventLoop {
                 continue;
             }
             let addresses = self.net.known_addresses(&peer);
-            self.dial_known(peer, addresses);
+            self.redial_known(peer, addresses);
             dialed += 1;
         }
         dialed
