@@ -620,16 +620,17 @@ mod tests {
         let topic = gossipsub::IdentTopic::new("kubelt/test/handover");
         a.behaviour_mut().subscribe(&topic).expect("subscribing");
         b.behaviour_mut().subscribe(&topic).expect("subscribing");
-        // Two connections from B to A, as a relayed one and a hole-punched one are; both sides
-        // learn of the other's subscription over the first.
-        // The connections as A (the publisher) counts them: its handler on the first holds the
-        // outbound stream. The second comes once the first is quiet, as a hole-punched one
-        // comes after the relayed one.
+        // Two connections from B to A, as a relayed one and a hole-punched one are, counted as A
+        // (the publisher) sees them: its handler on the first holds the outbound stream, and A
+        // learns of B's subscription over it. The second comes once the first is quiet (300 ms
+        // after it is up and the subscription known), as a hole-punched one comes after the
+        // relayed one.
         let mut connections = Vec::new();
         let mut subscribed = false;
         for round in 0..2 {
             b.dial(addr.clone()).expect("dialing");
             let mut quiet = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+            let mut armed = false;
             let setup = async {
                 loop {
                     tokio::select! {
@@ -641,7 +642,8 @@ mod tests {
                         _ = b.select_next_some() => {}
                         _ = &mut quiet => return,
                     }
-                    if connections.len() > round && subscribed && quiet.deadline() > tokio::time::Instant::now() + Duration::from_secs(60) {
+                    if !armed && connections.len() > round && subscribed {
+                        armed = true;
                         quiet.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(300));
                     }
                 }

@@ -44,8 +44,8 @@ pub(crate) enum Command {
 }
 
 /// What happened in the node without anyone asking: for API subscriptions, tests and
-/// benchmarks. A subscriber that falls more than a few thousand events behind gets `Lagged`
-/// and should re-read what it follows.
+/// benchmarks. A subscriber that falls more than [`crate::node::Config::event_buffer`] events
+/// behind (4,096 by default) gets `Lagged` and should re-read what it follows.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum NodeEvent {

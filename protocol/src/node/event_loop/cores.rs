@@ -446,9 +446,8 @@ impl EventLoop {
     ///
     /// A core followed just now and still alone is looked up again soon (see the scheduler);
     /// its lookup ends at the first answer naming another replica, so that if the dial fails
-    /// (the record named addresses from before the owner had a relay address) the next lookup
-    /// comes after the short pause, not after the query has waited out its slowest peers (2 s
-    /// and more, measured).
+    /// the next lookup comes after the short pause, not after the query has waited out its
+    /// slowest peers (2 s and more, measured).
     pub(super) fn on_replicas_found(&mut self, core: Address, query: kad::QueryId, result: kad::GetProvidersResult, last: bool) {
         match result {
             Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
