@@ -21,7 +21,7 @@ struct Panel {
     series: &'static [(&'static str, &'static str)],
 }
 
-const PANELS: [Panel; 7] = [
+const PANELS: [Panel; 8] = [
     Panel { title: "DHT lookup hops", series: &[("p50", "lookup_hops_p50"), ("p99", "lookup_hops_p99")] },
     Panel { title: "DHT lookup time (ms)", series: &[("p50", "lookup_ms_p50"), ("p99", "lookup_ms_p99")] },
     Panel { title: "Propagation to every replica (ms)", series: &[("p50", "propagation_p50_ms"), ("p99", "propagation_p99_ms"), ("max", "propagation_max_ms")] },
@@ -32,6 +32,7 @@ const PANELS: [Panel; 7] = [
     Panel { title: "Connections per node (idle)", series: &[("mean", "connections_per_node"), ("most", "connections_max"), ("routing table", "routing_table_per_node")] },
     Panel { title: "Memory per node (KiB)", series: &[("RSS delta / node", "memory_per_node_kib")] },
     Panel { title: "CPU ms per node per second (idle)", series: &[("idle", "cpu_ms_per_node_per_second_idle")] },
+    Panel { title: "Connections opened per node per second (idle)", series: &[("opened", "connections_opened_per_node_per_s_idle")] },
 ];
 
 fn font() -> anyhow::Result<&'static [u8]> {

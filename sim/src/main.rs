@@ -82,6 +82,10 @@ struct Args {
     /// what memory runs out on.
     #[arg(long)]
     idle_timeout: Option<u64>,
+    /// Seconds between two Kademlia bootstraps (random walks) of each node (default: the
+    /// node's, 300). Each one queries ~20 peers, most of them new connections.
+    #[arg(long)]
+    bootstrap_interval: Option<u64>,
 }
 
 impl Args {
@@ -101,6 +105,7 @@ impl Args {
             ping_s: self.ping_interval.unwrap_or(defaults.ping_s),
             heartbeat_ms: self.heartbeat.unwrap_or(defaults.heartbeat_ms),
             idle_timeout_s,
+            bootstrap_interval_s: self.bootstrap_interval.unwrap_or(defaults.bootstrap_interval_s),
         }
     }
 }
@@ -132,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "nodes {}: lookups {:.0}% found, hops p50 {} p99 {}; propagation p50 {:.0} ms p99 {:.0} ms max {:.0} ms, converged {}; \
          gossip {:.0} B per replica per change, {} B at non-replicas; after churn ({} left, {} joined): lookups {:.0}% found, converged {}; \
-         {:.1} connections per node (most {}), {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
+         {:.1} connections per node (most {}), {:.2} opened per node per s idle, {:.0} KiB per node, peak RSS {:.0} MiB, idle CPU {:.2} s/s",
         report.nodes,
         report.lookup_success_rate * 100.0,
         report.lookup_hops_p50,
@@ -149,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         report.churn_replicas_converged,
         report.connections_per_node,
         report.connections_max,
+        report.connections_opened_per_node_per_s_idle,
         report.cost.memory_per_node_kib,
         report.cost.peak_rss_mib,
         report.cost.cpu_per_second_idle,
@@ -170,7 +176,7 @@ fn sweep(args: &Args) -> anyhow::Result<()> {
         if let Some(threads) = args.threads {
             child.args(["--threads", &threads.to_string()]);
         }
-        for (flag, value) in [("--settle", args.settle), ("--ping-interval", args.ping_interval), ("--heartbeat", args.heartbeat), ("--idle-timeout", args.idle_timeout)] {
+        for (flag, value) in [("--settle", args.settle), ("--ping-interval", args.ping_interval), ("--heartbeat", args.heartbeat), ("--idle-timeout", args.idle_timeout), ("--bootstrap-interval", args.bootstrap_interval)] {
             if let Some(value) = value {
                 child.args([flag, &value.to_string()]);
             }

@@ -37,6 +37,9 @@ pub(crate) struct Params {
     pub(crate) heartbeat_ms: u64,
     /// Seconds a connection nobody keeps stays open idle (the node's default: 30).
     pub(crate) idle_timeout_s: u64,
+    /// Seconds between two Kademlia bootstraps (random walks) of a node (the node's default:
+    /// 300).
+    pub(crate) bootstrap_interval_s: u64,
 }
 
 /// The default of [`Params::settle_s`] for connections idle for `idle_timeout_s` to close.
@@ -60,6 +63,7 @@ impl Default for Params {
             ping_s: swarm.ping_interval.as_secs(),
             heartbeat_ms: swarm.gossip_heartbeat.as_millis() as u64,
             idle_timeout_s: swarm.idle_connection_timeout.as_secs(),
+            bootstrap_interval_s: swarm.bootstrap_interval.as_secs(),
         }
     }
 }

@@ -42,7 +42,22 @@ const FOLLOW_WAVE: usize = 10;
 /// How long the run stays idle to measure what the nodes cost doing nothing, at least: the
 /// window also spans two ping intervals, so that every connection's pings fall into it.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
+/// Nodes started at once (after the bootstraps): each start waits for its listener, which on
+/// a busy machine takes a while.
+const START_CONCURRENCY: usize = 16;
 
+
+/// Connections and routing tables of the running nodes (see [`Sim::tables`]).
+struct Tables {
+    /// Open connections per node, on average.
+    connections: f64,
+    /// The most open connections of one node.
+    most: usize,
+    /// Routing-table entries per node, on average.
+    routing: f64,
+    /// Connections every node opened since it started, summed.
+    opened: u64,
+}
 
 /// One lookup's outcome.
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +147,9 @@ pub(crate) struct Report {
     pub(crate) connections_per_node: f64,
     pub(crate) connections_max: usize,
     pub(crate) routing_table_per_node: f64,
+    /// Connections opened per node per second while idle: DHT upkeep, AutoNAT probes, and
+    /// peers dialed again after the idle timeout closed them (each a Noise handshake).
+    pub(crate) connections_opened_per_node_per_s_idle: f64,
     /// Seconds the run waited idle before measuring connections and cost.
     pub(crate) idle_settle_s: f64,
     /// The ping interval (s), gossipsub heartbeat (ms) and idle connection timeout (s) the
@@ -139,6 +157,8 @@ pub(crate) struct Report {
     pub(crate) ping_s: u64,
     pub(crate) heartbeat_ms: u64,
     pub(crate) idle_timeout_s: u64,
+    /// Seconds between two Kademlia bootstraps of a node.
+    pub(crate) bootstrap_interval_s: u64,
     #[serde(flatten)]
     pub(crate) cost: Cost,
 }
@@ -164,11 +184,9 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
 
     // Join: bootstraps first, then everyone else through them.
     let t = Instant::now();
-    for i in 0..n {
-        sim.start(i).await?;
-    }
     let all: Vec<usize> = (0..n).collect();
-    sim.wait_bootstrapped(&all, Duration::from_secs(60 + n as u64 / 5)).await?;
+    sim.start_all(&all).await?;
+    sim.wait_bootstrapped(&all, Duration::from_secs(120 + n as u64 / 2)).await?;
     let join_ms = t.elapsed().as_millis() as u64;
     eprintln!("sim: {n} nodes joined in {join_ms} ms");
 
@@ -182,12 +200,20 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     // closed.
     tokio::time::sleep(Duration::from_secs(sim.plan.params.settle_s)).await;
     let rss_nodes = stats::rss_bytes();
+    let opened_before = sim.tables().await?.opened;
     let cpu_idle = stats::cpu_time();
     let idle_window = IDLE_WINDOW.max(Duration::from_secs(2 * sim.plan.params.ping_s));
     tokio::time::sleep(idle_window).await;
     let idle_cpu = stats::cpu_time() - cpu_idle;
-    let (connections, connections_max, routing) = sim.tables().await?;
-    eprintln!("sim: idle: {connections:.1} connections per node (most {connections_max}), {routing:.1} in routing tables, RSS {} MiB", rss_nodes >> 20);
+    let tables = sim.tables().await?;
+    let opened_per_node_per_s = tables.opened.saturating_sub(opened_before) as f64 / n.max(1) as f64 / idle_window.as_secs_f64();
+    eprintln!(
+        "sim: idle: {:.1} connections per node (most {}), {opened_per_node_per_s:.2} opened per node per s, {:.1} in routing tables, RSS {} MiB",
+        tables.connections,
+        tables.most,
+        tables.routing,
+        rss_nodes >> 20
+    );
 
     let mut before = Phase::default();
     sim.lookups(&sim.plan.lookups.clone(), &mut before).await;
@@ -201,9 +227,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
         }
     }
     let joiners: Vec<usize> = (n..n + sim.plan.joiners()).collect();
-    for &i in &joiners {
-        sim.start(i).await?;
-    }
+    sim.start_all(&joiners).await?;
     sim.wait_bootstrapped(&joiners, Duration::from_secs(30)).await?;
     let mut after = Phase::default();
     sim.lookups(&sim.plan.lookups_after.clone(), &mut after).await;
@@ -213,9 +237,10 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     let wall = started.elapsed();
     let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, idle_window, stats::cpu_time() - cpu_start, wall);
     let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
-    report.connections_per_node = connections;
-    report.connections_max = connections_max;
-    report.routing_table_per_node = routing;
+    report.connections_per_node = tables.connections;
+    report.connections_max = tables.most;
+    report.routing_table_per_node = tables.routing;
+    report.connections_opened_per_node_per_s_idle = opened_per_node_per_s;
     for node in sim.nodes.iter_mut().filter_map(Option::take) {
         node.stop().await;
     }
@@ -235,9 +260,28 @@ impl Sim {
         self.nodes.iter().enumerate().filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
     }
 
+    /// Starts `nodes`: the bootstraps among them one by one (the others need their
+    /// addresses), then the others [`START_CONCURRENCY`] at a time.
+    async fn start_all(&mut self, nodes: &[usize]) -> anyhow::Result<()> {
+        let (bootstraps, others): (Vec<usize>, Vec<usize>) = nodes.iter().partition(|&&i| self.plan.is_bootstrap(i));
+        for i in bootstraps {
+            let node = self.start(i).await?;
+            let info = node.client.info().await?;
+            let addr = info.addresses.first().context("a bootstrap without an address")?.parse()?;
+            self.bootstraps.push(addr);
+            self.nodes[i] = Some(node);
+        }
+        let this = &*self;
+        let started: Vec<(usize, anyhow::Result<Node>)> = futures::stream::iter(others.into_iter().map(|i| async move { (i, this.start(i).await) })).buffer_unordered(START_CONCURRENCY).collect().await;
+        for (i, node) in started {
+            self.nodes[i] = Some(node?);
+        }
+        Ok(())
+    }
+
     /// Starts node `i`: a bootstrap listens and waits; any other node joins through the
     /// bootstraps.
-    async fn start(&mut self, i: usize) -> anyhow::Result<()> {
+    async fn start(&self, i: usize) -> anyhow::Result<Node> {
         let bootstrap = self.plan.is_bootstrap(i);
         let mut config = Config {
             listen: vec![Multiaddr::empty().with(Protocol::Memory(0))],
@@ -253,14 +297,12 @@ impl Sim {
         // Thousands of nodes share the process: the buffer of events nobody reads but the
         // sim's propagation waits (a few events a change) need not hold 4,096 (~800 KB).
         config.event_buffer = 256;
-        let node = Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))?;
-        if bootstrap {
-            let info = node.client.info().await?;
-            let addr = info.addresses.first().context("a bootstrap without an address")?.parse()?;
-            self.bootstraps.push(addr);
-        }
-        self.nodes[i] = Some(node);
-        Ok(())
+        config.swarm.bootstrap_interval = Duration::from_secs(self.plan.params.bootstrap_interval_s.max(1));
+        // No AutoNAT: memory addresses have no IP to judge, and identify reports a new
+        // observed address (an ephemeral memory port) for every connection, each of which
+        // AutoNAT v2 would test with a dial-back.
+        config.swarm.nat.autonat = false;
+        Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))
     }
 
     /// Waits until each of `nodes` finished a Kademlia bootstrap (the bootstraps themselves
@@ -299,19 +341,20 @@ impl Sim {
         self.wallets[core].address()
     }
 
-    /// Open connections and routing-table entries per running node, on average, and the most
-    /// connections of one node.
-    async fn tables(&self) -> anyhow::Result<(f64, usize, f64)> {
-        let (mut connections, mut most, mut routing, mut nodes) = (0, 0, 0, 0u32);
+    /// Open connections and routing-table entries per running node, on average, the most
+    /// connections of one node, and the connections every node opened so far.
+    async fn tables(&self) -> anyhow::Result<Tables> {
+        let (mut connections, mut most, mut routing, mut opened, mut nodes) = (0, 0, 0, 0, 0u32);
         for (_, node) in self.running() {
             let status = node.client.status().await?;
             connections += status.connected_peers;
             most = most.max(status.connected_peers);
             routing += status.routing_table_peers;
+            opened += status.connections_established;
             nodes += 1;
         }
         let nodes = f64::from(nodes.max(1));
-        Ok((connections as f64 / nodes, most, routing as f64 / nodes))
+        Ok(Tables { connections: connections as f64 / nodes, most, routing: routing as f64 / nodes, opened })
     }
 
     /// The running replicas of a core.
@@ -499,10 +542,12 @@ impl Sim {
             connections_per_node: 0.0,
             connections_max: 0,
             routing_table_per_node: 0.0,
+            connections_opened_per_node_per_s_idle: 0.0,
             idle_settle_s: self.plan.params.settle_s as f64,
             ping_s: self.plan.params.ping_s,
             heartbeat_ms: self.plan.params.heartbeat_ms,
             idle_timeout_s: self.plan.params.idle_timeout_s,
+            bootstrap_interval_s: self.plan.params.bootstrap_interval_s,
             cost,
         }
     }
