@@ -218,6 +218,7 @@ impl Config {
         swarm.idle_connection_timeout = Duration::from_secs(net.idle_connection_timeout_secs);
         swarm.bootstrap_interval = Duration::from_secs(net.bootstrap_interval_secs.max(1));
         swarm.nat = kubelt_protocol::nat::Config {
+            autonat: true,
             autonat_interval: Duration::from_secs(net.autonat_interval_secs.max(1)),
             autonat_private_addresses: net.autonat_private_addresses,
             relay_server: (net.bootstrap || net.relay).then(|| kubelt_protocol::nat::RelayLimits {

@@ -113,6 +113,11 @@ impl RelayLimits {
 /// NAT-related settings of the swarm.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Run AutoNAT (v1 and v2, as client and server). Off only where no address has an IP:
+    /// on libp2p's memory transport (the simulation) identify reports a new observed address
+    /// for every connection, an ephemeral memory port, and AutoNAT v2 tested every one (up to
+    /// ten every 5 s, each with a dial-back) with nothing to learn.
+    pub autonat: bool,
     /// How often AutoNAT asks for a dial-back while unsure (ten times slower once sure).
     pub autonat_interval: Duration,
     /// Trust dial-backs to, and answer for, private and loopback addresses (LANs, test
@@ -124,7 +129,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { autonat_interval: Duration::from_secs(90), autonat_private_addresses: false, relay_server: None }
+        Config { autonat: true, autonat_interval: Duration::from_secs(90), autonat_private_addresses: false, relay_server: None }
     }
 }
 

@@ -173,12 +173,12 @@ mod behaviour {
         pub core_sync: request_response::Behaviour<sync::CoreSyncCodec>,
         /// `/kubelt/msg/1.0.0`: messages between cores (see [`crate::msg`]).
         pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
-        /// AutoNAT v1 (client and server): the public/private verdict.
-        pub autonat: autonat::Behaviour,
+        /// AutoNAT v1 (client and server): the public/private verdict ([`nat::Config::autonat`]).
+        pub autonat: Toggle<autonat::Behaviour>,
         /// AutoNAT v2 client: confirms candidate addresses one by one.
-        pub autonat_client: autonat::v2::client::Behaviour,
+        pub autonat_client: Toggle<autonat::v2::client::Behaviour>,
         /// AutoNAT v2 server: dials others back.
-        pub autonat_server: autonat::v2::server::Behaviour,
+        pub autonat_server: Toggle<autonat::v2::server::Behaviour>,
         /// Circuit relay v2 server (hop), on bootstrap nodes and `relay = true`.
         pub relay: Toggle<relay::Behaviour>,
         /// Circuit relay v2 client: reservations and relayed dials.
@@ -303,9 +303,9 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         gossipsub: sync::Gossip::new(sync::gossipsub(key, gossip, config.gossip_heartbeat)?, config.keep_peers),
         core_sync: sync::core_sync(),
         msg: crate::msg::behaviour(),
-        autonat: autonat::Behaviour::new(peer_id, config.nat.autonat_config()),
-        autonat_client: autonat::v2::client::Behaviour::default(),
-        autonat_server: autonat::v2::server::Behaviour::default(),
+        autonat: Toggle::from(config.nat.autonat.then(|| autonat::Behaviour::new(peer_id, config.nat.autonat_config()))),
+        autonat_client: Toggle::from(config.nat.autonat.then(autonat::v2::client::Behaviour::default)),
+        autonat_server: Toggle::from(config.nat.autonat.then(autonat::v2::server::Behaviour::default)),
         relay: Toggle::from(relay),
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
