@@ -266,12 +266,13 @@ bootstrap = {bootstrap}
 # a NAT ("private"). "server" always answers DHT queries; "client" only asks.
 dht_mode = "{dht_mode}"
 # The node dials peers it knows until it has this many connections, and keeps this many open
-# although idle (replicas of the cores it holds count, and are always kept).
+# although idle (replicas of the cores it holds count, and are always kept); it also keeps the
+# peers that dialed it, up to three times this many connections kept in all.
 target_peers = {target_peers}
 # Most connections in total (bootstrap mode raises it to at least 2048).
 max_connections = {max_connections}
 # Seconds an idle connection stays up when the node does not keep it (peers met through DHT
-# queries, mostly): no request or transfer open, no core shared, beyond target_peers.
+# queries, mostly): no request or transfer open, no core shared, not kept for target_peers.
 idle_connection_timeout_secs = {idle}
 # Seconds between Kademlia bootstrap rounds that refresh the routing table.
 bootstrap_interval_secs = {bootstrap_interval}

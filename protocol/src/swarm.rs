@@ -88,11 +88,14 @@ pub struct Config {
     pub max_pending: u32,
     /// How long a connection stays up once idle: no request or transfer open, and not kept
     /// (see [`sync::Gossip`]: connections to replicas of a core this node holds are kept, and
-    /// so are the first [`Config::keep_peers`] others).
+    /// so are the first [`Config::keep_peers`] others and the peers that dialed this node, up
+    /// to three times as many).
     pub idle_connection_timeout: Duration,
     /// Connections kept open although idle, replicas included (a low water mark, as Kubo's
-    /// connection manager has): a node with few peers keeps them. The node sets it to its
-    /// `target_peers`.
+    /// connection manager has): a node with few peers keeps them. Peers that dialed this node
+    /// are kept too while fewer than three times this many are kept (the high water mark), so
+    /// that a peer keeping the connection finds it kept at this end as well. The node sets it
+    /// to its `target_peers`.
     pub keep_peers: usize,
     /// Timeout of one DHT query.
     pub kad_query_timeout: Duration,

@@ -45,6 +45,8 @@ const IDLE_WINDOW: Duration = Duration::from_secs(5);
 /// Nodes started at once (after the bootstraps): each start waits for its listener, which on
 /// a busy machine takes a while.
 const START_CONCURRENCY: usize = 16;
+/// Longest wait for a group of nodes started together to end their first bootstrap.
+const START_WAVE_WAIT: Duration = Duration::from_secs(20);
 
 
 /// Connections and routing tables of the running nodes (see [`Sim::tables`]).
@@ -103,6 +105,9 @@ pub(crate) struct Report {
     pub(crate) bootstraps: usize,
     /// Time to start every node and let their first Kademlia bootstrap finish.
     pub(crate) join_ms: u64,
+    /// Connections each node opened (either end) until every node finished its first
+    /// Kademlia bootstrap, on average.
+    pub(crate) join_connections_per_node: f64,
     /// Time for the replicas of every core to find each other.
     pub(crate) replica_setup_ms: u64,
     /// Lookups over both phases.
@@ -186,9 +191,11 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     let t = Instant::now();
     let all: Vec<usize> = (0..n).collect();
     sim.start_all(&all).await?;
-    sim.wait_bootstrapped(&all, Duration::from_secs(120 + n as u64 / 2)).await?;
+    sim.wait_bootstrapped(&all, Duration::from_secs(120), true).await?;
     let join_ms = t.elapsed().as_millis() as u64;
-    eprintln!("sim: {n} nodes joined in {join_ms} ms");
+    let joined = sim.tables().await?;
+    let join_opened = joined.opened as f64 / n.max(1) as f64;
+    eprintln!("sim: {n} nodes joined in {join_ms} ms, {join_opened:.0} connections opened per node");
 
     // Replicas.
     let t = Instant::now();
@@ -228,7 +235,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     }
     let joiners: Vec<usize> = (n..n + sim.plan.joiners()).collect();
     sim.start_all(&joiners).await?;
-    sim.wait_bootstrapped(&joiners, Duration::from_secs(30)).await?;
+    sim.wait_bootstrapped(&joiners, Duration::from_secs(30), true).await?;
     let mut after = Phase::default();
     sim.lookups(&sim.plan.lookups_after.clone(), &mut after).await;
     sim.writes(&mut after, sim.plan.params.writes).await?;
@@ -241,6 +248,7 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     report.connections_max = tables.most;
     report.routing_table_per_node = tables.routing;
     report.connections_opened_per_node_per_s_idle = opened_per_node_per_s;
+    report.join_connections_per_node = join_opened;
     for node in sim.nodes.iter_mut().filter_map(Option::take) {
         node.stop().await;
     }
@@ -261,7 +269,11 @@ impl Sim {
     }
 
     /// Starts `nodes`: the bootstraps among them one by one (the others need their
-    /// addresses), then the others [`START_CONCURRENCY`] at a time.
+    /// addresses), then the others [`START_CONCURRENCY`] at a time, each group once the one
+    /// before it ended its first Kademlia bootstrap (or after [`START_WAVE_WAIT`]): a network
+    /// grows, it does not appear at once. Started together, 1,000 nodes' bootstraps (each
+    /// ~10 queries of ~20 peers, a connection each) kept both cores busy for 10 minutes, and
+    /// 700 of them timed out.
     async fn start_all(&mut self, nodes: &[usize]) -> anyhow::Result<()> {
         let (bootstraps, others): (Vec<usize>, Vec<usize>) = nodes.iter().partition(|&&i| self.plan.is_bootstrap(i));
         for i in bootstraps {
@@ -271,10 +283,13 @@ impl Sim {
             self.bootstraps.push(addr);
             self.nodes[i] = Some(node);
         }
-        let this = &*self;
-        let started: Vec<(usize, anyhow::Result<Node>)> = futures::stream::iter(others.into_iter().map(|i| async move { (i, this.start(i).await) })).buffer_unordered(START_CONCURRENCY).collect().await;
-        for (i, node) in started {
-            self.nodes[i] = Some(node?);
+        for wave in others.chunks(START_CONCURRENCY) {
+            let this = &*self;
+            let started: Vec<(usize, anyhow::Result<Node>)> = join_all(wave.iter().map(|&i| async move { (i, this.start(i).await) })).await;
+            for (i, node) in started {
+                self.nodes[i] = Some(node?);
+            }
+            self.wait_bootstrapped(wave, START_WAVE_WAIT, false).await?;
         }
         Ok(())
     }
@@ -305,9 +320,10 @@ impl Sim {
         Node::start(keypair(&self.plan.keys[i])?, Store::in_memory(), config).await.with_context(|| format!("node {i} did not start"))
     }
 
-    /// Waits until each of `nodes` finished a Kademlia bootstrap (the bootstraps themselves
-    /// have no one to ask at first: they count once they have peers in their table).
-    async fn wait_bootstrapped(&self, nodes: &[usize], within: Duration) -> anyhow::Result<()> {
+    /// Waits until each of `nodes` ended a Kademlia bootstrap, done or timed out (the
+    /// bootstraps themselves have no one to ask at first: they count once they have peers in
+    /// their table). Past `within`, says how many did not when `report`.
+    async fn wait_bootstrapped(&self, nodes: &[usize], within: Duration, report: bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             let mut waiting = 0;
@@ -316,7 +332,8 @@ impl Sim {
                 let Some(node) = self.node(i) else { continue };
                 let status = node.client.status().await?;
                 table += status.routing_table_peers;
-                let done = if self.plan.is_bootstrap(i) { status.routing_table_peers > 0 } else { status.bootstraps_completed > 0 };
+                let ended = status.bootstraps_completed + status.bootstraps_failed;
+                let done = if self.plan.is_bootstrap(i) { status.routing_table_peers > 0 } else { ended > 0 };
                 if !done {
                     waiting += 1;
                 }
@@ -325,6 +342,9 @@ impl Sim {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                if !report {
+                    return Ok(());
+                }
                 // Measured anyway: what lookups and propagation do then is the finding.
                 eprintln!(
                     "sim: {waiting} of {} nodes did not finish a DHT bootstrap within {within:?} (routing tables hold {:.1} peers on average)",
@@ -512,6 +532,7 @@ impl Sim {
             cores: self.plan.cores.len(),
             bootstraps: self.plan.params.bootstraps,
             join_ms,
+            join_connections_per_node: 0.0,
             replica_setup_ms,
             lookups: lookups.len(),
             lookup_success_rate: rate(found.len(), lookups.len()),

@@ -98,7 +98,7 @@ pub fn status(repo: &Repo, json: bool) -> anyhow::Result<()> {
     }
     println!("hole punching:    {} direct, {} failed", field("hole_punches_succeeded"), field("hole_punches_failed"));
     println!("known peers:      {}", field("known_peers"));
-    println!("bootstraps done:  {}", field("bootstraps_completed"));
+    println!("bootstraps done:  {} ({} timed out)", field("bootstraps_completed"), field("bootstraps_failed"));
     println!("connections:      {} opened, {} closed", field("connections_established"), field("connections_closed"));
     Ok(())
 }

@@ -134,6 +134,8 @@ pub struct NodeStatus {
     pub nat: NatStatus,
     /// Kademlia bootstraps (random walks) completed.
     pub bootstraps_completed: u64,
+    /// Kademlia bootstraps whose last query timed out.
+    pub bootstraps_failed: u64,
     /// Connections opened since start.
     pub connections_established: u64,
     /// Connections closed since start.

@@ -68,6 +68,7 @@ pub(super) struct Net {
     handovers: Vec<(PeerId, Instant)>,
     started: Instant,
     bootstraps_completed: u64,
+    bootstraps_failed: u64,
     connections_established: u64,
     connections_closed: u64,
     /// `find_providers` calls waiting for their query's first providers.
@@ -87,6 +88,7 @@ impl Net {
             handovers: Vec::new(),
             started: Instant::now(),
             bootstraps_completed: 0,
+            bootstraps_failed: 0,
             connections_established: 0,
             connections_closed: 0,
             lookups: HashMap::new(),
@@ -425,6 +427,7 @@ impl EventLoop {
             dht_mode,
             nat: self.nat_status(),
             bootstraps_completed: self.net.bootstraps_completed,
+            bootstraps_failed: self.net.bootstraps_failed,
             connections_established: self.net.connections_established,
             connections_closed: self.net.connections_closed,
             bitswap: BitswapStatus::new(bitswap.stats(), bitswap.wantlist().len()),
@@ -632,7 +635,12 @@ impl EventLoop {
                 tracing::info!(routing_table = size, "bootstrap done");
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("bootstrap failed: {e}"),
+            Err(e) => {
+                if last {
+                    self.net.bootstraps_failed += 1;
+                }
+                tracing::warn!("bootstrap failed: {e}");
+            }
         }
     }
 }
