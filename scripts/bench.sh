@@ -22,7 +22,9 @@
 #          100 changes: start-up time, resident memory, login + first write on a cold core
 #          p50/p99 (node/tests/hosted.rs; KUBELT_BENCH_CORES overrides the number of cores).
 # app and hosted measure KUBELT_BENCH_BASELINE too, when it names another kubelt binary (e.g.
-# the build of main: `git worktree add /tmp/main main && cd /tmp/main && cargo build --release`),
+# the build of main: `git worktree add /tmp/main main && cd /tmp/main && CARGO_TARGET_DIR=/var/tmp/
+# kubelt-baseline cargo build --release`: its own target dir, because two checkouts of this
+# workspace sharing one write the same artifacts and cargo takes the other's as fresh),
 # side by side in the same run.
 # msg:     message delivery latency p50/p99 between two online nodes and messages/s one sender ->
 #          one recipient (protocol/benches/msg.rs); kb_sendMessage from 16 app clients to another
