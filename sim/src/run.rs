@@ -42,12 +42,10 @@ const FOLLOW_WAVE: usize = 10;
 /// How long the run stays idle to measure what the nodes cost doing nothing, at least: the
 /// window also spans two ping intervals, so that every connection's pings fall into it.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
-/// Nodes started at once (after the bootstraps): each start waits for its listener, which on
-/// a busy machine takes a while.
+/// Nodes started together (after the bootstraps), as one group of [`Sim::start_all`].
 const START_CONCURRENCY: usize = 16;
 /// Longest wait for a group of nodes started together to end their first bootstrap.
 const START_WAVE_WAIT: Duration = Duration::from_secs(20);
-
 
 /// Connections and routing tables of the running nodes (see [`Sim::tables`]).
 struct Tables {

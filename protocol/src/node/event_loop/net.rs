@@ -278,9 +278,10 @@ impl EventLoop {
     }
 
     /// [`Self::dial_known`] even while an earlier dial of the peer is still pending: how a lost
-    /// replica is redialed, and how a peer a lookup found is dialed ([`Self::dial_found`]). After a partition, the dial started just before the heal may hang
-    /// on an address that gets no answer (a QUIC handshake waits out its timeout, ~5 s) and
-    /// would hold back every later dial of the peer, whose TCP address answers at once.
+    /// replica is redialed, and how a peer a lookup found is dialed ([`Self::dial_found`]).
+    /// After a partition, the dial started just before the heal may hang on an address that
+    /// gets no answer (a QUIC handshake waits out its timeout, ~5 s) and would hold back every
+    /// later dial of the peer, whose TCP address answers at once.
     /// At most [`MAX_PENDING_REDIALS`] such dials of one peer are pending at once: a cut cable
     /// leaves TCP dials hanging for minutes, and the redials of every second must not pile up.
     pub(super) fn redial_known(&mut self, peer_id: PeerId, addresses: Vec<Multiaddr>) {
