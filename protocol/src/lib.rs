@@ -12,11 +12,13 @@
 //! - [`core`]: wallet-owned cores: delegations, signed changes, Automerge replicas (no I/O).
 //! - [`sync`]: cores on the network: gossipsub topics and `/kubelt/core-sync/1.0.0`.
 //! - [`dht_store`]: the DHT's provider records, bounded per remote provider.
+//! - [`dht_routing`]: who enters and leaves the DHT's routing table.
 //! - [`nat`]: nodes behind NAT: AutoNAT verdicts, relay reservations, hole punching.
 
 pub mod bitswap;
 pub mod codec;
 pub mod dht_store;
+pub mod dht_routing;
 pub mod store;
 pub mod swarm;
 pub mod node;

@@ -35,19 +35,22 @@ pub const KAD_PARALLELISM: usize = 3;
 /// Identify protocol id (the standard one, so Kubo peers can identify us).
 pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
-/// Every protocol a Kubelt node speaks, for `info()`: a protocol added to [`Behaviour`] is
-/// named here too. `relay_server`: whether the node serves circuits (the hop protocol).
-pub fn protocols(relay_server: bool) -> Vec<String> {
+/// Every protocol a Kubelt node with this configuration speaks, for `info()`: a protocol added
+/// to [`Behaviour`] is named here too. The relay's hop protocol only where the node serves
+/// circuits, AutoNAT's only where it runs (`nat.autonat`).
+pub fn protocols(config: &Config) -> Vec<String> {
     let mut all = vec![IDENTIFY_PROTOCOL.to_string(), "/ipfs/ping/1.0.0".to_string(), KAD_PROTOCOL.to_string()];
     all.extend(bitswap::PROTOCOLS.iter().map(|p| p.to_string()));
     all.push(sync::CORE_SYNC_PROTOCOL.to_string());
     all.push("/meshsub/1.1.0".to_string());
-    all.push(autonat::DEFAULT_PROTOCOL_NAME.to_string());
-    // libp2p keeps AutoNAT v2's protocol ids private.
-    all.push("/libp2p/autonat/2/dial-request".to_string());
-    all.push("/libp2p/autonat/2/dial-back".to_string());
+    if config.nat.autonat {
+        all.push(autonat::DEFAULT_PROTOCOL_NAME.to_string());
+        // libp2p keeps AutoNAT v2's protocol ids private.
+        all.push("/libp2p/autonat/2/dial-request".to_string());
+        all.push("/libp2p/autonat/2/dial-back".to_string());
+    }
     all.push(relay::STOP_PROTOCOL_NAME.to_string());
-    if relay_server {
+    if config.nat.relay_server.is_some() {
         all.push(relay::HOP_PROTOCOL_NAME.to_string());
     }
     all.push(dcutr::PROTOCOL_NAME.to_string());
@@ -277,7 +280,10 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
     kad_config
         .set_query_timeout(config.kad_query_timeout)
         .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
-        .set_parallelism(NonZeroUsize::new(KAD_PARALLELISM).unwrap_or(NonZeroUsize::MIN));
+        .set_parallelism(NonZeroUsize::new(KAD_PARALLELISM).unwrap_or(NonZeroUsize::MIN))
+        // The event loop decides who enters the routing table (`dht_routing`): no liveness
+        // dial for every newcomer to a full bucket.
+        .set_kbucket_inserts(kad::BucketInserts::Manual);
     let mut kad = kad::Behaviour::with_config(peer_id, DhtStore::new(peer_id, dht_store::Limits::default()), kad_config);
     // `Auto` starts as a server and follows AutoNAT's verdict (the event loop switches it).
     kad.set_mode(Some(match config.dht_mode {
@@ -313,4 +319,20 @@ fn new_behaviour(key: &Keypair, config: &Config, store: Store, relay_client: rel
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_names_autonat_and_the_relay_hop_only_where_they_run() {
+        let names = |config: &Config| protocols(config).into_iter().filter(|p| p.contains("autonat") || p.as_str() == relay::HOP_PROTOCOL_NAME.as_ref()).count();
+        let plain = Config::default();
+        assert_eq!(names(&plain), 3, "AutoNAT v1 and v2's two protocols, no hop: {:?}", protocols(&plain));
+        let mut quiet = Config::default();
+        quiet.nat.autonat = false;
+        assert_eq!(names(&quiet), 0, "{:?}", protocols(&quiet));
+        assert_eq!(names(&Config::bootstrap()), 4, "a bootstrap serves circuits: {:?}", protocols(&Config::bootstrap()));
+    }
 }

@@ -112,3 +112,34 @@ async fn a_peer_dialed_to_keep_is_kept_although_the_low_water_mark_is_full() -> 
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A node that left the network leaves the routing tables of the nodes that fail to dial it
+/// (`dht_routing`). libp2p-kad alone keeps such a peer with its last address until a newcomer
+/// to its bucket replaces it, so every query went on asking a node that was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_left_leaves_the_routing_table_once_a_dial_to_it_fails() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(1).await?;
+    let first = cluster.addr(0);
+    for _ in 1..3 {
+        cluster.add(|config| config.bootstrap_peers = vec![first.clone()]).await?;
+    }
+    let gone = cluster.peer_id(2).to_base58();
+    let in_table = |table: Vec<kubelt_protocol::node::PeerInfo>| table.into_iter().any(|p| p.peer_id == gone);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !in_table(cluster.client(1)?.net().routing_table().await?) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "node 1 never had node 2 in its routing table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.stop(2).await?;
+    // Each lookup asks the closest peers of the table, node 2 among them (it has only two).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut lookups = 0;
+    while in_table(cluster.client(1)?.net().routing_table().await?) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "node 2 is still in node 1's routing table after {lookups} lookups");
+        cluster.client(1)?.net().find_providers(format!("key {lookups}").into_bytes()).await?;
+        lookups += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -17,7 +17,7 @@ use kubelt_protocol::sync;
 use kubelt_protocol::sync::GossipCount;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{kad, Multiaddr, PeerId};
 use tokio::sync::{broadcast, watch};
 
 use crate::plan::{Lookup, Plan};
@@ -59,13 +59,39 @@ struct Tables {
     opened: u64,
 }
 
+/// Failed lookups, and replicas that got a change late, described on stderr per phase
+/// (with where the records were, the mesh they were in), at most this many each.
+const DIAGNOSE: usize = 8;
+/// A replica that applied a change later than this is described on stderr.
+const LATE: Duration = Duration::from_millis(500);
+/// Kademlia's replication factor: a provider record is stored at the key's 20 closest nodes.
+const K: usize = 20;
+
+/// What joining the network cost (see [`Report`]).
+struct Join {
+    ms: u64,
+    connections_per_node: f64,
+    replica_setup_ms: u64,
+}
+
+/// The idle network's connections and routing tables, and the connections opened meanwhile.
+struct Idle {
+    tables: Tables,
+    opened_per_node_per_s: f64,
+}
+
 /// One lookup's outcome.
 #[derive(Debug, Clone, Copy)]
 struct LookupOutcome {
+    lookup: Lookup,
     /// A provider named in the first answer is a running replica of the core.
     found: bool,
+    /// The query ended (or timed out) without naming any provider.
+    empty: bool,
+    timed_out: bool,
     hops: u32,
     requests: u32,
+    successes: u32,
     elapsed: Duration,
 }
 
@@ -221,9 +247,10 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
     );
 
     let mut before = Phase::default();
-    sim.lookups(&sim.plan.lookups.clone(), &mut before).await;
+    let (cpu, t) = (stats::cpu_time(), Instant::now());
+    sim.lookups("before churn", &sim.plan.lookups.clone(), &mut before).await;
     sim.writes(&mut before, 0).await?;
-    eprintln!("sim: before churn: {} lookups, {} changes", before.lookups.len(), before.changes.len());
+    eprintln!("sim: before churn: {} lookups, {} changes, CPU {:.2} s/s", before.lookups.len(), before.changes.len(), (stats::cpu_time() - cpu).as_secs_f64() / t.elapsed().as_secs_f64());
 
     // Churn: some leave, as many join, then everything again.
     for &i in &sim.plan.leave.clone() {
@@ -232,21 +259,25 @@ pub(crate) async fn run(plan: Plan) -> anyhow::Result<Report> {
         }
     }
     let joiners: Vec<usize> = (n..n + sim.plan.joiners()).collect();
+    // Measured once the joiners ended their first bootstrap, as after the first join: while
+    // 100 of them bootstrap at once, their queries' connections keep both cores of this one
+    // machine busy, which a network of machines does not see. The departed nodes are still in
+    // routing tables and provider records then.
+    let t = Instant::now();
     sim.start_all(&joiners).await?;
-    sim.wait_bootstrapped(&joiners, Duration::from_secs(30), true).await?;
+    sim.wait_bootstrapped(&joiners, Duration::from_secs(120), true).await?;
+    eprintln!("sim: {} left, {} joined in {} ms", sim.plan.leave.len(), joiners.len(), t.elapsed().as_millis());
     let mut after = Phase::default();
-    sim.lookups(&sim.plan.lookups_after.clone(), &mut after).await;
+    let (cpu, t) = (stats::cpu_time(), Instant::now());
+    sim.lookups("after churn", &sim.plan.lookups_after.clone(), &mut after).await;
     sim.writes(&mut after, sim.plan.params.writes).await?;
-    eprintln!("sim: after churn: {} lookups, {} changes", after.lookups.len(), after.changes.len());
+    eprintln!("sim: after churn: {} lookups, {} changes, CPU {:.2} s/s", after.lookups.len(), after.changes.len(), (stats::cpu_time() - cpu).as_secs_f64() / t.elapsed().as_secs_f64());
 
     let wall = started.elapsed();
     let cost = Cost::new(n, rss_start, rss_nodes, idle_cpu, idle_window, stats::cpu_time() - cpu_start, wall);
-    let mut report = sim.report(join_ms, replica_setup_ms, &before, &after, cost);
-    report.connections_per_node = tables.connections;
-    report.connections_max = tables.most;
-    report.routing_table_per_node = tables.routing;
-    report.connections_opened_per_node_per_s_idle = opened_per_node_per_s;
-    report.join_connections_per_node = join_opened;
+    let join = Join { ms: join_ms, connections_per_node: join_opened, replica_setup_ms };
+    let idle = Idle { tables, opened_per_node_per_s };
+    let report = sim.report(&join, &idle, &before, &after, cost);
     for node in sim.nodes.iter_mut().filter_map(Option::take) {
         node.stop().await;
     }
@@ -427,25 +458,71 @@ impl Sim {
         Ok(())
     }
 
-    /// Runs lookups, [`LOOKUP_CONCURRENCY`] at a time.
-    async fn lookups(&self, lookups: &[Lookup], phase: &mut Phase) {
+    /// Runs lookups, [`LOOKUP_CONCURRENCY`] at a time, and describes the failed ones.
+    async fn lookups(&self, name: &str, lookups: &[Lookup], phase: &mut Phase) {
         let outcomes = futures::stream::iter(lookups.iter().map(|l| self.lookup(*l))).buffer_unordered(LOOKUP_CONCURRENCY).collect::<Vec<_>>().await;
+        self.diagnose_lookups(name, &outcomes).await;
         phase.lookups.extend(outcomes);
     }
 
     async fn lookup(&self, lookup: Lookup) -> LookupOutcome {
-        let failed = LookupOutcome { found: false, hops: 0, requests: 0, elapsed: LOOKUP_TIMEOUT };
+        let failed = LookupOutcome { lookup, found: false, empty: true, timed_out: true, hops: 0, requests: 0, successes: 0, elapsed: LOOKUP_TIMEOUT };
         let Some(node) = self.node(lookup.from) else { return failed };
         let key = self.address(lookup.core).dht_key().to_vec();
         let live: HashSet<PeerId> = self.live_replicas(lookup.core).into_iter().map(|r| self.peer_ids[r]).collect();
         match tokio::time::timeout(LOOKUP_TIMEOUT, node.client.net().find_providers(key)).await {
             Ok(Ok(found)) => LookupOutcome {
+                lookup,
                 found: found.providers.iter().any(|p| live.contains(p)),
+                empty: found.providers.is_empty(),
+                timed_out: false,
                 hops: found.hops,
                 requests: found.requests,
+                successes: found.successes,
                 elapsed: found.elapsed,
             },
             _ => failed,
+        }
+    }
+
+    /// Says on stderr why the first failed lookups of a phase failed: how the query ended,
+    /// and where the core's provider records are, by rank of closeness to the key among the
+    /// running nodes (Kademlia stores them at the closest [`K`] and a query converges there).
+    async fn diagnose_lookups(&self, phase: &str, outcomes: &[LookupOutcome]) {
+        for outcome in outcomes.iter().filter(|l| !l.found).take(DIAGNOSE) {
+            let lookup = outcome.lookup;
+            let key = self.address(lookup.core).dht_key().to_vec();
+            let target = kad::KBucketKey::new(kad::RecordKey::new(&key));
+            let mut ranked: Vec<(usize, &Node)> = self.running().collect();
+            ranked.sort_by_key(|(i, _)| target.distance(&kad::KBucketKey::from(self.peer_ids[*i])));
+            let mut holders = Vec::new();
+            for (rank, (_, node)) in ranked.iter().enumerate() {
+                if node.client.net().stored_providers(key.clone()).await.map(|p| !p.is_empty()).unwrap_or(false) {
+                    holders.push(rank);
+                }
+            }
+            let closest_known = match self.node(lookup.from) {
+                Some(node) => {
+                    let table: HashSet<String> = node.client.net().routing_table().await.map(|t| t.into_iter().map(|p| p.peer_id).collect()).unwrap_or_default();
+                    ranked.iter().position(|(i, _)| table.contains(&self.peer_ids[*i].to_base58())).map_or("none".to_string(), |r| r.to_string())
+                }
+                None => "stopped".to_string(),
+            };
+            let how = if outcome.timed_out {
+                "timed out".to_string()
+            } else if outcome.empty {
+                format!("ended without providers after {} requests ({} answered)", outcome.requests, outcome.successes)
+            } else {
+                "named only providers that left".to_string()
+            };
+            let in_k = holders.iter().filter(|&&r| r < K).count();
+            eprintln!(
+                "sim: {phase}: lookup of core {} from node {} {how}; {} nodes hold its records, {in_k} of them among the {K} closest (ranks {:?}); the querier's closest routing-table entry has rank {closest_known}",
+                lookup.core,
+                lookup.from,
+                holders.len(),
+                &holders[..holders.len().min(30)],
+            );
         }
     }
 
@@ -470,6 +547,13 @@ impl Sim {
         let replicas = self.live_replicas(core);
         let writer = replicas.first().copied().context("the writer stopped")?;
         let gossip_before: Vec<(usize, GossipCount)> = self.running().map(|(i, n)| (i, n.gossip_on(&topic))).collect();
+        // Each replica's gossipsub mesh of the core and the replicas it knows, to describe
+        // the late ones.
+        let mut meshes = Vec::with_capacity(replicas.len());
+        for &r in &replicas {
+            let summary = self.node(r).context("a replica stopped")?.client.cores().summary(address).await?;
+            meshes.push((summary.mesh, summary.replicas));
+        }
         let (target_tx, target) = watch::channel(None::<String>);
         let start = Instant::now();
         let waiters: Vec<_> = replicas[1..]
@@ -492,6 +576,7 @@ impl Sim {
         let _ = target_tx.send(Some(head));
         let latencies: Vec<Option<Duration>> = join_all(waiters).await.into_iter().map(|r| r.ok().flatten()).collect();
         let converged = latencies.iter().all(Option::is_some);
+        self.diagnose_late(seq, &replicas, &meshes, &latencies);
         tokio::time::sleep(GOSSIP_SETTLE).await;
         let mut replica_gossip = GossipCount::default();
         let mut other_gossip = GossipCount::default();
@@ -511,7 +596,35 @@ impl Sim {
         Ok(ChangeOutcome { latencies: latencies.into_iter().flatten().collect(), converged, replica_gossip, replicas: replicas.len(), other_gossip, published_bytes })
     }
 
-    fn report(&self, join_ms: u64, replica_setup_ms: u64, before: &Phase, after: &Phase, cost: Cost) -> Report {
+    /// Says on stderr which replicas got change `seq` late (or not at all), and what their
+    /// gossipsub mesh of the core held then, next to the mesh of those that got it in time.
+    fn diagnose_late(&self, seq: usize, replicas: &[usize], meshes: &[(usize, usize)], latencies: &[Option<Duration>]) {
+        let late: Vec<usize> = (0..latencies.len()).filter(|&i| latencies[i].is_none_or(|d| d > LATE)).collect();
+        if late.is_empty() {
+            return;
+        }
+        let in_time: Vec<f64> = (0..latencies.len()).filter(|i| !late.contains(i)).map(|i| meshes[i + 1].0 as f64).collect();
+        let described: Vec<String> = late
+            .iter()
+            .take(DIAGNOSE)
+            .map(|&i| {
+                let (mesh, known) = meshes[i + 1];
+                let when = latencies[i].map_or("never".to_string(), |d| format!("{:.0} ms", ms(d)));
+                format!("node {} {when} (mesh {mesh}, {known} replicas known)", replicas[i + 1])
+            })
+            .collect();
+        eprintln!(
+            "sim: change {seq}: {} of {} replicas later than {LATE:?}: {}; the writer's mesh {}, in-time replicas' mesh p50 {:.0} (min {:.0})",
+            late.len(),
+            latencies.len(),
+            described.join(", "),
+            meshes[0].0,
+            stats::percentile(&in_time, 50.0),
+            stats::percentile(&in_time, 0.0),
+        );
+    }
+
+    fn report(&self, join: &Join, idle: &Idle, before: &Phase, after: &Phase, cost: Cost) -> Report {
         let lookups: Vec<&LookupOutcome> = before.lookups.iter().chain(&after.lookups).collect();
         let changes: Vec<&ChangeOutcome> = before.changes.iter().chain(&after.changes).collect();
         let found: Vec<&&LookupOutcome> = lookups.iter().filter(|l| l.found).collect();
@@ -529,9 +642,9 @@ impl Sim {
             replicas: self.plan.params.replicas,
             cores: self.plan.cores.len(),
             bootstraps: self.plan.params.bootstraps,
-            join_ms,
-            join_connections_per_node: 0.0,
-            replica_setup_ms,
+            join_ms: join.ms,
+            join_connections_per_node: join.connections_per_node,
+            replica_setup_ms: join.replica_setup_ms,
             lookups: lookups.len(),
             lookup_success_rate: rate(found.len(), lookups.len()),
             lookup_hops_p50: stats::percentile(&hops, 50.0),
@@ -558,10 +671,10 @@ impl Sim {
             churn_lookup_hops_p50: stats::percentile(&after_found, 50.0),
             churn_propagation_p99_ms: stats::percentile(&after_latencies, 99.0),
             churn_replicas_converged: !after.changes.is_empty() && after.changes.iter().all(|c| c.converged),
-            connections_per_node: 0.0,
-            connections_max: 0,
-            routing_table_per_node: 0.0,
-            connections_opened_per_node_per_s_idle: 0.0,
+            connections_per_node: idle.tables.connections,
+            connections_max: idle.tables.most,
+            routing_table_per_node: idle.tables.routing,
+            connections_opened_per_node_per_s_idle: idle.opened_per_node_per_s,
             idle_settle_s: self.plan.params.settle_s as f64,
             ping_s: self.plan.params.ping_s,
             heartbeat_ms: self.plan.params.heartbeat_ms,

@@ -161,10 +161,11 @@ pub fn core(repo: &Repo, command: CoreCommand) -> anyhow::Result<()> {
             for core in list {
                 let heads: Vec<String> = core["heads"].as_array().into_iter().flatten().filter_map(Value::as_str).map(|h| h.chars().take(12).collect()).collect();
                 println!(
-                    "{} {} changes, {} replicas online, {}, heads {}",
+                    "{} {} changes, {} replicas online ({} in the gossip mesh), {}, heads {}",
                     core["address"].as_str().unwrap_or("?"),
                     core["changes"],
                     core["replicas"],
+                    core["mesh"],
                     if core["writable"].as_bool().unwrap_or(false) { "writable" } else { "read-only" },
                     heads.join(" ")
                 );

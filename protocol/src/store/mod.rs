@@ -70,7 +70,7 @@ impl Column {
                 // the LSM tree's compactions with BlobDB and skip compression.
                 opts.set_enable_blob_files(true);
                 opts.set_min_blob_size(4096);
-                opts.set_write_buffer_size(64 << 20);
+                opts.set_write_buffer_size(32 << 20);
                 opts.set_compression_type(rocksdb::DBCompressionType::None);
             }
             _ => {

@@ -54,6 +54,10 @@ pub struct CoreSummary {
     pub pending: usize,
     /// Other peers known to hold this core (subscribed to its topic).
     pub replicas: usize,
+    /// Of those, the peers in this node's gossipsub mesh of the core: a change reaches them
+    /// at once; the others learn of it from gossip at a heartbeat, or from catch-up.
+    #[serde(default)]
+    pub mesh: usize,
     /// Whether this node holds a delegation to write.
     pub writable: bool,
     /// Top-level namespaces of the document.

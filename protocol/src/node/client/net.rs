@@ -16,6 +16,7 @@ pub(crate) enum NetCommand {
     /// Close every connection with the peer and refuse new ones (`blocked: false` lifts it).
     Block { peer: PeerId, blocked: bool, reply: oneshot::Sender<()> },
     FindProviders { key: Vec<u8>, reply: oneshot::Sender<ProviderLookup> },
+    StoredProviders { key: Vec<u8>, reply: oneshot::Sender<Vec<PeerId>> },
 }
 
 /// What a DHT lookup of providers found ([`NetClient::find_providers`]), and what it cost.
@@ -162,5 +163,12 @@ impl NetClient<'_> {
     /// and requests that took; the query stops there. What simulations measure lookups with.
     pub async fn find_providers(&self, key: Vec<u8>) -> Result<ProviderLookup, NodeError> {
         self.ask(|reply| NetCommand::FindProviders { key, reply }).await
+    }
+
+    /// The providers of a DHT key that this node's own record store holds (what it answers a
+    /// `GET_PROVIDERS` with; this node among them if it provides the key), without asking
+    /// anyone. Shows where a key's records are: simulations check a failed lookup with it.
+    pub async fn stored_providers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, NodeError> {
+        self.ask(|reply| NetCommand::StoredProviders { key, reply }).await
     }
 }

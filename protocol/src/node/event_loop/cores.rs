@@ -573,7 +573,9 @@ impl EventLoop {
 
     pub(super) fn core_summary(&mut self, core: Address) -> Result<CoreSummary, CoreCommandError> {
         let topic = sync::topic(&core).hash();
-        let replicas = self.swarm.behaviour().gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let replicas = gossipsub.all_peers().filter(|(_, topics)| topics.contains(&&topic)).count();
+        let mesh = gossipsub.mesh_peers(&topic).count();
         let replica = held(&mut self.cores.replicas, &core)?;
         let mut heads: Vec<String> = replica.heads().iter().map(|h| h.to_string()).collect();
         heads.sort();
@@ -583,6 +585,7 @@ impl EventLoop {
             changes: replica.len(),
             pending: replica.pending_len(),
             replicas,
+            mesh,
             writable: replica.own_delegation().is_some(),
             namespaces: replica.namespaces(),
             bytes: replica.stored_bytes() as u64,

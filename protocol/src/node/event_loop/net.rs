@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use super::EventLoop;
 use crate::node::client::{BitswapStatus, ConnectError, NetCommand, NodeEvent, NodeInfo, NodeStatus, PeerInfo, ProviderLookup};
+use crate::dht_routing;
 use crate::nat;
 use crate::node::peers::{PeerBook, MAX_KNOWN_PEERS};
 use crate::store::Store;
@@ -181,6 +182,11 @@ impl EventLoop {
                 let query = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
                 self.net.lookups.insert(query, (reply, Instant::now()));
             }
+            NetCommand::StoredProviders { key, reply } => {
+                let key = kad::RecordKey::new(&key);
+                let providers = kad::store::RecordStore::providers(self.swarm.behaviour_mut().kad.store_mut(), &key).into_iter().map(|record| record.provider).collect();
+                let _ = reply.send(providers);
+            }
         }
     }
 
@@ -233,9 +239,14 @@ impl EventLoop {
         match self.net.peer_book.all() {
             Ok(known) => {
                 tracing::info!("{} peers remembered from earlier runs", known.len());
+                // As many as the buckets hold: a full bucket would dial an entry for each
+                // one more (see `dht_routing`), and the book holds up to 2,048.
+                let kad = &mut self.swarm.behaviour_mut().kad;
                 for peer in &known {
-                    for addr in &peer.addresses {
-                        self.swarm.behaviour_mut().kad.add_address(&peer.peer_id, addr.clone());
+                    if dht_routing::admits(kad, &peer.peer_id) {
+                        for addr in &peer.addresses {
+                            kad.add_address(&peer.peer_id, addr.clone());
+                        }
                     }
                 }
                 for peer in known.into_iter().take(self.config.target_peers) {
@@ -410,7 +421,7 @@ impl EventLoop {
             peer_id: local.to_base58(),
             addresses: self.swarm.listeners().map(|a| with_peer_id(a.clone(), local).to_string()).collect(),
             agent_version: swarm::agent_version(),
-            protocols: swarm::protocols(self.config.swarm.nat.relay_server.is_some()),
+            protocols: swarm::protocols(&self.config.swarm),
         }
     }
 
@@ -537,6 +548,11 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
                 self.dial_ended(peer_id, connection_id);
+                if let Some(peer) = peer_id.filter(|p| dht_routing::shows_unreachable(&error) && !self.swarm.is_connected(p)) {
+                    if self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some() {
+                        tracing::debug!(%peer, "unreachable: removed from the routing table");
+                    }
+                }
                 if let Some((addr, reply)) = self.net.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Err(ConnectError::Dial { addr, reason: error.to_string() }));
                 }
@@ -560,8 +576,11 @@ impl EventLoop {
             }
         }
         if info.protocols.contains(&KAD_PROTOCOL) {
-            for addr in &addrs {
-                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+            let kad = &mut self.swarm.behaviour_mut().kad;
+            if dht_routing::admits(kad, &peer_id) {
+                for addr in &addrs {
+                    kad.add_address(&peer_id, addr.clone());
+                }
             }
         } else if self.swarm.behaviour_mut().kad.remove_peer(&peer_id).is_some() {
             // A peer that stopped serving the DHT (a node at home that AutoNAT found private
