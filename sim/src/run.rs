@@ -84,7 +84,7 @@ struct Idle {
 #[derive(Debug, Clone, Copy)]
 struct LookupOutcome {
     lookup: Lookup,
-    /// A provider named in the first answer is a running replica of the core.
+    /// A provider the lookup named is a running replica of the core.
     found: bool,
     /// The query ended (or timed out) without naming any provider.
     empty: bool,

@@ -116,4 +116,16 @@ mod tests {
         assert!(DevWallet::from_hex("0x1234").is_err());
         Ok(())
     }
+
+    /// The same key and message signed by eth-account (Python), outside this code: the hash,
+    /// the signature (RFC 6979, deterministic) and the recovered address must all match.
+    #[test]
+    fn signatures_match_eth_account_byte_for_byte() -> anyhow::Result<()> {
+        assert_eq!(hex::encode(hash_message(b"Hello World").as_bytes()), "a1de988600a42c4b4ab089b619297c17d53cffae5d5120d82d8a92d0bb3b78f2");
+        let wallet = DevWallet::from_hex("0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")?;
+        let theirs = "6f267aa61dda3067280942299172e2b9f6b4252b492e7c0343ecce6e7edfe0b24110a805ba6777e4303501ea9dfae133855f4ee2e34fd0444bb23d11f296eef31c";
+        assert_eq!(hex::encode(wallet.sign("Hello World")?), theirs);
+        assert_eq!(super::super::delegation::recover_signer("Hello World", &hex::decode(theirs)?)?, wallet.address());
+        Ok(())
+    }
 }

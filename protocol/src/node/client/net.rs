@@ -22,10 +22,11 @@ pub(crate) enum NetCommand {
 /// What a DHT lookup of providers found ([`NetClient::find_providers`]), and what it cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProviderLookup {
-    /// The providers of the first answer that named any (empty: none found before the query
-    /// ended or timed out).
+    /// The providers named (this node aside) until three were, or until the query ended with
+    /// fewer (empty: none found). A DHT server keeps a provider's record for its lifetime after
+    /// the provider left, so some of them may be gone.
     pub providers: Vec<PeerId>,
-    /// Rounds of the iterative lookup until that answer, estimated from Kademlia's counts:
+    /// Rounds of the iterative lookup until then, estimated from Kademlia's counts:
     /// the successful requests so far over the query's parallelism α, rounded up (libp2p
     /// reports counts, not the path). 0: this node stores a provider record of the key.
     pub hops: u32,
@@ -159,8 +160,9 @@ impl NetClient<'_> {
     }
 
     /// Looks up the providers of a DHT key (a core's [`dht_key`](crate::core::Address::dht_key),
-    /// a block's multihash) and answers with the first providers found, and how many rounds
-    /// and requests that took; the query stops there. What simulations measure lookups with.
+    /// a block's multihash) and answers with the first three providers found (see
+    /// [`ProviderLookup::providers`]), and how many rounds and requests that took; the query
+    /// stops there. What simulations measure lookups with.
     pub async fn find_providers(&self, key: Vec<u8>) -> Result<ProviderLookup, NodeError> {
         self.ask(|reply| NetCommand::FindProviders { key, reply }).await
     }
