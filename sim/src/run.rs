@@ -65,7 +65,7 @@ const DIAGNOSE: usize = 8;
 /// A replica that applied a change later than this is described on stderr.
 const LATE: Duration = Duration::from_millis(500);
 /// Kademlia's replication factor: a provider record is stored at the key's 20 closest nodes.
-const K: usize = 20;
+const K: usize = kad::K_VALUE.get();
 
 /// What joining the network cost (see [`Report`]).
 struct Join {
