@@ -9,8 +9,24 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ethers_core::utils::keccak256;
+use k256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
+use sha3::Keccak256;
+
+/// Keccak-256 (Ethereum's hash; not the NIST SHA3-256).
+pub fn keccak256(bytes: &[u8]) -> [u8; 32] {
+    Keccak256::digest(bytes).into()
+}
+
+/// The EIP-191 `personal_sign` hash of `message`: keccak-256 of
+/// `"\x19Ethereum Signed Message:\n" ‖ decimal length ‖ message`.
+pub fn eip191_hash(message: &[u8]) -> [u8; 32] {
+    let mut hasher = Keccak256::new();
+    hasher.update(b"\x19Ethereum Signed Message:\n");
+    hasher.update(message.len().to_string().as_bytes());
+    hasher.update(message);
+    hasher.finalize().into()
+}
 
 /// An Ethereum address: the id of a core and of its owner.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,6 +53,16 @@ pub enum AddressError {
 impl Address {
     /// The address from its 20 bytes.
     pub const fn from_bytes(bytes: [u8; 20]) -> Self {
+        Address(bytes)
+    }
+
+    /// The address of a secp256k1 public key: the last 20 bytes of the keccak-256 of its
+    /// uncompressed point (without the 0x04 tag).
+    pub fn of_key(key: &VerifyingKey) -> Self {
+        let point = key.to_encoded_point(false);
+        let hash = keccak256(&point.as_bytes()[1..]);
+        let mut bytes = [0u8; 20];
+        bytes.copy_from_slice(&hash[12..]);
         Address(bytes)
     }
 

@@ -100,15 +100,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use ethers_core::k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
-use ethers_core::utils::{hash_message, keccak256};
+use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
 use kubelt_proto::core::OwnerStatement;
 use libp2p::identity::PeerId;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::address::Address;
+use super::address::{eip191_hash, Address};
 use automerge::ChangeHash;
 
 /// The SIWE domain of the statements `kubelt core delegate`/`revoke` print, and the only one
@@ -420,14 +419,9 @@ fn signature_parts(signature: &[u8]) -> Result<(Signature, u8), DelegationError>
 pub fn recover_signer(message: &str, signature: &[u8]) -> Result<Address, DelegationError> {
     let (sig, recid) = signature_parts(signature)?;
     let recid = RecoveryId::from_byte(recid).ok_or(DelegationError::BadSignature)?;
-    let prehash = hash_message(message.as_bytes());
-    let key = VerifyingKey::recover_from_prehash(prehash.as_bytes(), &sig, recid)
-        .map_err(|_| DelegationError::BadSignature)?;
-    let point = key.to_encoded_point(false);
-    let hash = keccak256(&point.as_bytes()[1..]);
-    let mut address = [0u8; 20];
-    address.copy_from_slice(&hash[12..]);
-    Ok(Address::from_bytes(address))
+    let prehash = eip191_hash(message.as_bytes());
+    let key = VerifyingKey::recover_from_prehash(&prehash, &sig, recid).map_err(|_| DelegationError::BadSignature)?;
+    Ok(Address::of_key(&key))
 }
 
 /// A content id for a statement: sha2-256 of the message, a zero byte and the signature.

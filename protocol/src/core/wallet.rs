@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ethers_core::k256::ecdsa::SigningKey;
-use ethers_core::utils::{hash_message, secret_key_to_address};
+use k256::ecdsa::SigningKey;
 use kubelt_proto::core::OwnerStatement;
 use libp2p::PeerId;
 use time::OffsetDateTime;
 
+use super::address::eip191_hash;
 use super::{delegation_message, Address, DelegationError};
 
 /// Errors of reading or using a key.
@@ -49,7 +49,7 @@ impl DevWallet {
     }
 
     fn from_key(key: SigningKey) -> Self {
-        let address = Address::from_bytes(secret_key_to_address(&key).0);
+        let address = Address::of_key(key.verifying_key());
         DevWallet { key, address }
     }
 
@@ -84,8 +84,8 @@ impl DevWallet {
 
     /// EIP-191 `personal_sign`: 65 bytes r ‖ s ‖ v, v = 27 or 28.
     pub fn sign(&self, message: &str) -> Result<Vec<u8>, WalletError> {
-        let hash = hash_message(message.as_bytes());
-        let (signature, recovery) = self.key.sign_prehash_recoverable(hash.as_bytes()).map_err(|e| WalletError::Signing(e.to_string()))?;
+        let hash = eip191_hash(message.as_bytes());
+        let (signature, recovery) = self.key.sign_prehash_recoverable(&hash).map_err(|e| WalletError::Signing(e.to_string()))?;
         let mut bytes = signature.to_bytes().to_vec();
         bytes.push(recovery.to_byte() + 27);
         Ok(bytes)
@@ -121,7 +121,7 @@ mod tests {
     /// the signature (RFC 6979, deterministic) and the recovered address must all match.
     #[test]
     fn signatures_match_eth_account_byte_for_byte() -> anyhow::Result<()> {
-        assert_eq!(hex::encode(hash_message(b"Hello World").as_bytes()), "a1de988600a42c4b4ab089b619297c17d53cffae5d5120d82d8a92d0bb3b78f2");
+        assert_eq!(hex::encode(eip191_hash(b"Hello World")), "a1de988600a42c4b4ab089b619297c17d53cffae5d5120d82d8a92d0bb3b78f2");
         let wallet = DevWallet::from_hex("0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")?;
         let theirs = "6f267aa61dda3067280942299172e2b9f6b4252b492e7c0343ecce6e7edfe0b24110a805ba6777e4303501ea9dfae133855f4ee2e34fd0444bb23d11f296eef31c";
         assert_eq!(hex::encode(wallet.sign("Hello World")?), theirs);

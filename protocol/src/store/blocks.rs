@@ -63,7 +63,10 @@ impl Store {
     /// Stores blocks whose hashes the caller has already computed (the importer made them),
     /// in one atomic batch, without the write-ahead log: pinning the root flushes them.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        let mut batch = self.batch();
+        let blocks: Vec<&Block> = blocks.into_iter().collect();
+        // Per record: the value, a multihash key (≤ 66 bytes) and up to 16 bytes of framing.
+        let bytes = 12 + blocks.iter().map(|b| b.data.len() + 82).sum::<usize>();
+        let mut batch = self.batch_with_capacity(bytes);
         for block in blocks {
             batch.put(Column::Blocks, &block.cid.hash().to_bytes(), &block.data);
         }

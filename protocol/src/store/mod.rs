@@ -348,8 +348,15 @@ impl Store {
 
     /// Starts a batch of writes over any columns.
     pub fn batch(&self) -> StoreBatch<'_> {
+        self.batch_with_capacity(0)
+    }
+
+    /// A batch with room for `bytes` of keys, values and RocksDB's per-record framing: a large
+    /// batch built without it grows by doubling, copying everything it holds each time (measured:
+    /// a tenth of `add`'s CPU went to those copies and the page faults of the new buffers).
+    pub fn batch_with_capacity(&self, bytes: usize) -> StoreBatch<'_> {
         let batch = match &self.backend {
-            Backend::Rocks(_) => Batch::Rocks(WriteBatch::default()),
+            Backend::Rocks(_) => Batch::Rocks(WriteBatch::with_capacity_bytes(bytes)),
             Backend::Memory(_) => Batch::Memory(Vec::new()),
         };
         StoreBatch { store: self, batch }
