@@ -102,4 +102,10 @@ impl BlockSource for NetworkBlocks {
             inner.store.get_block(&cid)?.ok_or(UnixfsError::BlockNotFound(cid))
         })
     }
+
+    /// Every block comes out of the store, which bitswap fills only with blocks whose bytes
+    /// hash to their CID (computed from the bytes as they arrive).
+    fn checked(&self) -> bool {
+        true
+    }
 }

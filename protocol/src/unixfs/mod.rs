@@ -201,15 +201,31 @@ impl UnixfsError {
 
 /// Where the exporter gets blocks: the local store, or the network through bitswap.
 ///
-/// Implementations need not check hashes: the exporter verifies every block it receives.
+/// Implementations need not check hashes: the exporter verifies every block it receives,
+/// unless the source says it only hands out blocks that were checked already
+/// ([`BlockSource::checked`]).
 pub trait BlockSource: Send + Sync + 'static {
     /// Fetches one block; a block the source cannot find is [`UnixfsError::BlockNotFound`].
     fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, UnixfsError>>;
+
+    /// Whether every block `get` returns was checked against its CID when it entered the
+    /// source, so that hashing it again on the way out proves nothing new. True of the store:
+    /// nothing enters it unchecked (the importer computes each CID from the bytes; bitswap and
+    /// CAR import verify what peers and files send), and on disk RocksDB checks each blob
+    /// record's CRC32C on every read. Kubo does the same (`Datastore.HashOnRead` is off by
+    /// default). A source of anything else leaves this `false`.
+    fn checked(&self) -> bool {
+        false
+    }
 }
 
 impl<T: BlockSource + ?Sized> BlockSource for std::sync::Arc<T> {
     fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, UnixfsError>> {
         (**self).get(cid)
+    }
+
+    fn checked(&self) -> bool {
+        (**self).checked()
     }
 }
 
@@ -231,6 +247,10 @@ impl BlockSource for Store {
             }
             Err(_) => Box::pin(std::future::ready(read())),
         }
+    }
+
+    fn checked(&self) -> bool {
+        true
     }
 }
 
