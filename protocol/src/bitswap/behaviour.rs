@@ -296,8 +296,7 @@ impl Behaviour {
         bad += msg.bad_blocks.len();
 
         if !wanted.is_empty() {
-            let blocks: Vec<&Block> = wanted.iter().map(|(b, _)| b).collect();
-            match self.store.put_blocks(blocks.iter().copied()) {
+            match self.store.put_blocks(wanted.iter().map(|(b, _)| b)) {
                 Ok(()) => {
                     for (block, requesters) in &wanted {
                         self.stats.blocks_received += 1;

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use sha3::Keccak256;
 
 /// Keccak-256 (Ethereum's hash; not the NIST SHA3-256).
-pub fn keccak256(bytes: &[u8]) -> [u8; 32] {
+fn keccak256(bytes: &[u8]) -> [u8; 32] {
     Keccak256::digest(bytes).into()
 }
 
