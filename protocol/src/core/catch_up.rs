@@ -157,6 +157,19 @@ struct Retry {
     due: Option<Instant>,
 }
 
+/// The quick lookups of a core added just now (see [`Scheduler::lookup_finished`]).
+#[derive(Debug)]
+struct LookupRetry {
+    retry: Retry,
+    /// Replicas the lookups so far named (and the event loop dialed). None of them connected,
+    /// or the retries would have ended, so a lookup naming only these again goes on.
+    named: BTreeSet<PeerId>,
+}
+
+/// Most replicas remembered per core in [`LookupRetry::named`]; past it, a lookup ends at any
+/// answer naming a replica, as without the memory.
+const MAX_NAMED_PER_LOOKUP: usize = 64;
+
 /// Decides the catch-up sessions of every core held (see the module doc).
 #[derive(Debug)]
 pub struct Scheduler {
@@ -179,9 +192,9 @@ pub struct Scheduler {
     looking: BTreeSet<Address>,
     /// Sessions whose request failed with the peer still connected.
     retries: BTreeMap<(Address, PeerId), Retry>,
-    /// Cores added just now and not yet seen with a replica: their lookups so far, and when to
-    /// look again (`None` while a lookup runs).
-    lookup_retries: BTreeMap<Address, Retry>,
+    /// Cores added just now and not yet seen with a replica: their lookups so far, when to
+    /// look again (`None` while a lookup runs), and the peers those lookups named.
+    lookup_retries: BTreeMap<Address, LookupRetry>,
     next_round: Instant,
     /// Periodic rounds so far: whose turn it is to look up a core that has a replica.
     rounds: u64,
@@ -246,7 +259,7 @@ impl Scheduler {
     /// may hold it before its subscription is known), and look for replicas.
     pub fn core_added(&mut self, core: Address) -> Vec<Action> {
         if self.config.lookup_retries > 0 {
-            self.lookup_retries.insert(core, Retry { failures: 0, due: None });
+            self.lookup_retries.insert(core, LookupRetry { retry: Retry { failures: 0, due: None }, named: BTreeSet::new() });
         }
         let mut actions = vec![Action::FindReplicas(core)];
         for peer in self.connected.clone() {
@@ -305,12 +318,35 @@ impl Scheduler {
         self.lookup_retries.contains_key(core)
     }
 
+    /// An answer to a lookup of `core` named these replicas (never the node itself), which the
+    /// event loop dials: whether the lookup may end here instead of asking on. Only the quick
+    /// lookups of a core added just now end early (the follower is alone, and each further
+    /// answer costs a round trip), and only at an answer naming a replica that no lookup of
+    /// the sequence named before. A replica named before was dialed and has not joined: most
+    /// likely a provider record outliving its node (records live up to 48 h), which would
+    /// otherwise end every retry at the same dead peer while a live replica named later in
+    /// the query waits for the periodic round.
+    pub fn lookup_may_end(&mut self, core: &Address, named: impl IntoIterator<Item = PeerId>) -> bool {
+        let Some(lookup) = self.lookup_retries.get_mut(core) else { return false };
+        let mut new = false;
+        for peer in named {
+            if lookup.named.contains(&peer) {
+                continue;
+            }
+            new = true;
+            if lookup.named.len() < MAX_NAMED_PER_LOOKUP {
+                lookup.named.insert(peer);
+            }
+        }
+        new
+    }
+
     /// A DHT lookup of `core`'s replicas ended. A core added just now with no connected
     /// replica yet is looked up again after a pause that doubles each time (the providers it
     /// named, if any, are being dialed meanwhile; one that connects ends the retries).
     pub fn lookup_finished(&mut self, core: Address, now: Instant) {
         let known = self.replicas(&core) > 0;
-        let Some(retry) = self.lookup_retries.get_mut(&core) else { return };
+        let Some(LookupRetry { retry, .. }) = self.lookup_retries.get_mut(&core) else { return };
         if known || retry.failures >= self.config.lookup_retries {
             self.lookup_retries.remove(&core);
             return;
@@ -508,15 +544,30 @@ impl Scheduler {
 }
 
 /// The keys of `retries` due at `now`, each marked as no longer waiting.
-fn take_due<K: Copy + Ord>(retries: &mut BTreeMap<K, Retry>, now: Instant) -> Vec<K> {
+fn take_due<K: Copy + Ord, V: AsMut<Retry>>(retries: &mut BTreeMap<K, V>, now: Instant) -> Vec<K> {
     retries
         .iter_mut()
-        .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
-        .map(|(key, retry)| {
-            retry.due = None;
-            *key
+        .filter_map(|(key, v)| {
+            let retry = v.as_mut();
+            let due = retry.due.is_some_and(|due| now >= due);
+            if due {
+                retry.due = None;
+            }
+            due.then_some(*key)
         })
         .collect()
+}
+
+impl AsMut<Retry> for Retry {
+    fn as_mut(&mut self) -> &mut Retry {
+        self
+    }
+}
+
+impl AsMut<Retry> for LookupRetry {
+    fn as_mut(&mut self) -> &mut Retry {
+        &mut self.retry
+    }
 }
 
 #[cfg(test)]
@@ -730,6 +781,42 @@ mod tests {
             }
         }
         assert_eq!(gaps, vec![250, 500, 1000, 2000, 4000, 8000, 16000]);
+    }
+
+    #[test]
+    fn a_retried_lookup_ends_early_only_at_a_replica_not_named_before() {
+        let (mut s, p, now) = setup(3);
+        let c = core(1);
+        let (stale, live) = (p[0], p[1]);
+        // A core held for a while never ends its lookups early.
+        assert!(!s.lookup_may_end(&c, [stale]));
+        s.core_added(c);
+        assert!(s.lookup_may_end(&c, [stale]), "the first answer naming a replica ends the first lookup");
+        s.lookup_finished(c, now);
+        // The dial of `stale` failed (it never joined): the next lookup, asked again, goes on
+        // past answers naming only it, and ends at the one naming a live replica.
+        assert!(!s.lookup_may_end(&c, [stale]));
+        assert!(!s.lookup_may_end(&c, []));
+        assert!(s.lookup_may_end(&c, [stale, live]));
+        assert!(!s.lookup_may_end(&c, [live]), "one answer per new name");
+        // A replica that joins ends the sequence; a core added again starts with a clean slate.
+        s.replica_joined(c, live);
+        assert!(!s.lookup_may_end(&c, [p[2]]));
+        s.core_added(c);
+        assert!(s.lookup_may_end(&c, [stale]));
+    }
+
+    #[test]
+    fn the_memory_of_named_replicas_is_bounded() {
+        let (mut s, _, _) = setup(0);
+        let c = core(1);
+        s.core_added(c);
+        let many: Vec<PeerId> = (0..MAX_NAMED_PER_LOOKUP + 10).map(|_| PeerId::random()).collect();
+        assert!(s.lookup_may_end(&c, many.iter().copied()));
+        assert_eq!(s.lookup_retries[&c].named.len(), MAX_NAMED_PER_LOOKUP);
+        // Past the bound, a replica not remembered counts as new each time (as without memory).
+        assert!(s.lookup_may_end(&c, [many[MAX_NAMED_PER_LOOKUP]]));
+        assert!(!s.lookup_may_end(&c, [many[0]]));
     }
 
     #[test]

@@ -459,12 +459,13 @@ impl EventLoop {
                 }
                 // Our own provider record comes first, from the local store: not an answer.
                 let local = *self.swarm.local_peer_id();
-                let named_another = providers.iter().any(|p| *p != local);
+                let others = providers.iter().copied().filter(|p| *p != local);
+                let may_end = self.cores.schedule.lookup_may_end(&core, others);
                 let dialed = self.dial_found(providers);
                 if dialed > 0 {
                     tracing::info!(%core, replicas = dialed, "found replicas of the core in the DHT; connecting");
                 }
-                if !last && named_another && self.cores.schedule.lookup_retrying(&core) {
+                if !last && may_end {
                     if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&query) {
                         query.finish();
                     }
