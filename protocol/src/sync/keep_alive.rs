@@ -316,15 +316,7 @@ impl Gossip {
     }
 
     fn handler(&self, peer: &PeerId, inner: THandler<Inner>) -> Handler<THandler<Inner>> {
-        // A peer's first connection gets gossipsub's outbound stream at once (gossipsub sends
-        // it its extensions and subscriptions); a later one is primed with a stream of the
-        // protocol the handler itself would ask for.
-        let later = self.connections.get(peer).is_some_and(|ids| !ids.is_empty());
-        let prime = match inner.listen_protocol().upgrade() {
-            Either::Left(protocol) if later => Prime::Open(SubstreamProtocol::new(Quiet(protocol.clone()), ())),
-            _ => Prime::Done,
-        };
-        Handler { inner, keep: self.keep.is_kept(peer), prime }
+        Handler { inner, keep: self.keep.is_kept(peer) }
     }
 }
 
@@ -438,29 +430,9 @@ impl NetworkBehaviour for Gossip {
 
 /// A connection handler whose streams do not keep the connection open; it keeps it while the
 /// behaviour says so (`Either::Right`) or the inner handler asks.
-///
-/// On a peer's second (and later) connection it also opens the inner handler's outbound
-/// stream at once ([`Prime`]): gossipsub's handler asks for one only when it is polled while
-/// the peer's shared send queue holds a message, and it registers to be woken by that queue
-/// only once it has the stream. Without it, a message queued after the peer's first
-/// connection closed sat there until something else woke this connection (measured: the first
-/// change after a relayed connection gave way to a direct one took 0.5–2.5 s, the phase of the
-/// next 5 s ping, where the others took 1–2 ms).
 pub struct Handler<H: ConnectionHandler> {
     inner: H,
     keep: bool,
-    prime: Prime<H>,
-}
-
-/// The priming of a connection's outbound stream (see [`Handler`]).
-enum Prime<H: ConnectionHandler> {
-    /// To ask for at the next poll.
-    Open(SubstreamProtocol<Quiet<H::OutboundProtocol>, H::OutboundOpenInfo>),
-    /// Asked for; a request of the inner handler meanwhile is served by this stream, so that
-    /// only one is ever negotiated (gossipsub's handler insists on that).
-    Opening,
-    /// Nothing (more) to do.
-    Done,
 }
 
 impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
@@ -480,23 +452,7 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
-        if matches!(self.prime, Prime::Open(_)) {
-            if let Prime::Open(protocol) = std::mem::replace(&mut self.prime, Prime::Opening) {
-                return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
-            }
-        }
-        loop {
-            match self.inner.poll(cx) {
-                // The primed stream is on its way and will be the inner handler's.
-                Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { .. }) if matches!(self.prime, Prime::Opening) => continue,
-                Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol }) => {
-                    // The inner handler asked first: nothing to prime.
-                    self.prime = Prime::Done;
-                    return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol: protocol.map_upgrade(Quiet) });
-                }
-                other => return other.map(|event| event.map_protocol(Quiet)),
-            }
-        }
+        self.inner.poll(cx).map(|event| event.map_protocol(Quiet))
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
@@ -516,14 +472,10 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
                 ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info })
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol, info }) => {
-                self.prime = Prime::Done;
                 ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol, info })
             }
             ConnectionEvent::AddressChange(change) => ConnectionEvent::AddressChange(change),
-            ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => {
-                self.prime = Prime::Done;
-                ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error })
-            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }),
             ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error }) => ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error }),
             ConnectionEvent::LocalProtocolsChange(change) => ConnectionEvent::LocalProtocolsChange(change),
             ConnectionEvent::RemoteProtocolsChange(change) => ConnectionEvent::RemoteProtocolsChange(change),
@@ -756,7 +708,8 @@ mod tests {
                 }
             }
         };
-        // Without the primed stream nothing wakes A's remaining connection: no ping runs here.
+        // Nothing else wakes A's remaining connection (no ping runs here): only the send queue,
+        // which patched gossipsub's handler registers with while it has no stream.
         let data = tokio::time::timeout(Duration::from_secs(3), delivered).await.expect("the message goes out on the remaining connection at once");
         assert_eq!(data, b"after the handover");
     }

@@ -241,10 +241,11 @@ impl EnabledHandler {
             ));
         }
 
-        // determine if we need to create the outbound stream
-        if !self.message_queue.is_empty()
-            && self.outbound_substream.is_none()
+        // determine if we need to create the outbound stream (Kubelt patch: and if not, be
+        // woken when a message is queued; see `Queue::poll_non_empty`)
+        if self.outbound_substream.is_none()
             && !self.outbound_substream_establishing
+            && self.message_queue.poll_non_empty(cx)
         {
             self.outbound_substream_establishing = true;
             return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {

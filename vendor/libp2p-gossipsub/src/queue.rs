@@ -121,7 +121,18 @@ impl Queue {
         Poll::Pending
     }
 
+    /// Kubelt patch: whether a message is queued; if none is, `cx` is woken when one is pushed
+    /// (as a pending [`Queue::poll_pop`] is). The handler asks for its outbound stream only
+    /// when a message is queued, and without this nothing woke it for one pushed while it had
+    /// no stream (its connection's first stream not yet asked for, or the last one failed).
+    pub(crate) fn poll_non_empty(&mut self, cx: &mut Context) -> bool {
+        [&mut self.priority, &mut self.control, &mut self.non_priority]
+            .into_iter()
+            .any(|shared| shared.poll_non_empty(cx))
+    }
+
     /// Check if the queue is empty.
+    #[allow(dead_code)] // Kubelt patch: the handler uses `poll_non_empty` instead.
     pub(crate) fn is_empty(&self) -> bool {
         if !self.priority.is_empty() {
             return false;
@@ -236,6 +247,18 @@ impl Shared {
         }
     }
 
+    /// Kubelt patch: whether the queue holds a message; if not, registers `cx` to be woken by
+    /// the next push.
+    fn poll_non_empty(&mut self, cx: &mut Context) -> bool {
+        let mut guard = self.inner.lock().expect("lock to not be poisoned");
+        if guard.queue.is_empty() {
+            guard.pending_pops.entry(self.id).or_insert(cx.waker().clone());
+            false
+        } else {
+            true
+        }
+    }
+
     pub(crate) fn try_push(&mut self, message: RpcOut) -> Result<(), Box<RpcOut>> {
         let mut guard = self.inner.lock().expect("lock to not be poisoned");
         if self
@@ -263,6 +286,7 @@ impl Shared {
     }
 
     /// Check if the queue is empty.
+    #[allow(dead_code)] // Kubelt patch: the handler uses `poll_non_empty` instead.
     pub(crate) fn is_empty(&self) -> bool {
         let guard = self.inner.lock().expect("lock to not be poisoned");
         guard.queue.len() == 0
