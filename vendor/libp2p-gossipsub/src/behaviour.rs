@@ -1961,18 +1961,30 @@ where
         // check below as before. Verified before anything trusts the message: a forged copy
         // arriving first is rejected here, never enters the duplicate cache (which would
         // drop the real one) and never triggers IDONTWANT (which would keep it from us).
+        // This runs on the swarm task, so a message on a topic we are not subscribed to
+        // (dropped below anyway, and with no score parameters to penalise it by) is dropped
+        // unverified: only messages on our topics, where an invalid one costs its sender
+        // score, are worth the check.
         if matches!(self.config.validation_mode(), ValidationMode::Strict)
             && !self.duplicate_cache.contains(&msg_id)
-            && !GossipsubCodec::verify_signature(&raw_message.clone().into())
         {
-            tracing::warn!(peer=%propagation_source, "Invalid signature for received message");
-            self.handle_invalid_message(
-                propagation_source,
-                &raw_message.topic,
-                None,
-                RejectReason::ValidationError(ValidationError::InvalidSignature),
-            );
-            return;
+            if !self.mesh.contains_key(&raw_message.topic) {
+                tracing::debug!(
+                    topic=%raw_message.topic,
+                    "Received message on a topic we are not subscribed to"
+                );
+                return;
+            }
+            if !GossipsubCodec::verify_signature(&raw_message.clone().into()) {
+                tracing::warn!(peer=%propagation_source, "Invalid signature for received message");
+                self.handle_invalid_message(
+                    propagation_source,
+                    &raw_message.topic,
+                    None,
+                    RejectReason::ValidationError(ValidationError::InvalidSignature),
+                );
+                return;
+            }
         }
 
         // Broadcast IDONTWANT messages
