@@ -14,18 +14,17 @@
 //!   its codec and would penalise it: this is what fails if a libp2p update leaves the patch
 //!   unused.
 
+mod common;
+
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use kubelt_protocol::sync;
-use libp2p::core::transport::MemoryTransport;
-use libp2p::core::upgrade::Version;
-use libp2p::core::Transport as _;
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{noise, ping, yamux, Multiaddr, StreamProtocol, Swarm};
+use libp2p::{ping, Multiaddr, StreamProtocol, Swarm};
 use prost::Message as _;
 
 /// Gossipsub's `Message` (rpc.proto), as it is signed and sent.
@@ -125,18 +124,6 @@ struct Sender {
     ping: ping::Behaviour,
 }
 
-fn swarm<B: NetworkBehaviour + Send>(key: Keypair, behaviour: impl FnOnce(&Keypair) -> B) -> anyhow::Result<Swarm<B>> {
-    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(|key| {
-            let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MemoryTransport::default().upgrade(Version::V1).authenticate(noise).multiplex(yamux::Config::default()))
-        })?
-        .with_behaviour(|key| behaviour(key))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build())
-}
-
 /// The two swarms of the test, driven together.
 struct Pair {
     receiver: Swarm<Receiver>,
@@ -181,24 +168,27 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_copies_neither_hide_a_message_nor_cost_a_second_verification() -> anyhow::Result<()> {
+    common::init_tracing();
     let topic = IdentTopic::new("kubelt/core/test");
-    let mut receiver = swarm(Keypair::generate_ed25519(), |key| Receiver {
-        gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500)).expect("gossipsub"),
-        ping: ping::Behaviour::default(),
+    let idle = Duration::from_secs(60);
+    let mut receiver = common::memory_swarm(Keypair::generate_ed25519(), idle, |key| {
+        Ok(Receiver { gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500))?, ping: ping::Behaviour::default() })
     })?;
     receiver.behaviour_mut().gossipsub.subscribe(&topic)?;
     receiver.behaviour_mut().gossipsub.set_topic_params(topic.clone(), sync::topic_score_params()).map_err(anyhow::Error::msg)?;
-    let addr: Multiaddr = "/memory/4711".parse()?;
+    let addr: Multiaddr = format!("/memory/{}", common::base_port()).parse()?;
     receiver.listen_on(addr.clone())?;
 
     let sender_key = Keypair::generate_ed25519();
-    let mut sender = swarm(sender_key.clone(), |key| Sender {
-        gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500)).expect("gossipsub"),
-        raw: request_response::Behaviour::new(
-            [(StreamProtocol::new("/meshsub/1.1.0"), ProtocolSupport::Outbound)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-        ),
-        ping: ping::Behaviour::default(),
+    let mut sender = common::memory_swarm(sender_key.clone(), idle, |key| {
+        Ok(Sender {
+            gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500))?,
+            raw: request_response::Behaviour::new(
+                [(StreamProtocol::new("/meshsub/1.1.0"), ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            ),
+            ping: ping::Behaviour::default(),
+        })
     })?;
     // The receiver reads one inbound gossipsub stream per connection, the newest: the raw
     // frames must come after the sender's own gossipsub stream is up (its subscription seen).

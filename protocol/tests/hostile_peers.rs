@@ -29,13 +29,10 @@ use kubelt_protocol::swarm::{self, Behaviour, BehaviourEvent};
 use kubelt_protocol::sync;
 use kubelt_protocol::testing::write_uleb as uleb;
 use kubelt_protocol::testing::Cluster;
-use libp2p::core::transport::MemoryTransport;
-use libp2p::core::upgrade::Version;
-use libp2p::core::Transport as _;
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{noise, ping, request_response, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{ping, request_response, Multiaddr, PeerId, Swarm};
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -278,15 +275,9 @@ struct GossipPeer {
 impl GossipPeer {
     fn start(key: Keypair, topic: IdentTopic, dial: Multiaddr) -> anyhow::Result<GossipPeer> {
         let peer_id = key.public().to_peer_id();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_other_transport(|key| {
-                let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MemoryTransport::default().upgrade(Version::V1).authenticate(noise).multiplex(yamux::Config::default()))
-            })?
-            .with_behaviour(|key| Ok(GossipOnly { gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500))?, ping: ping::Behaviour::default() }))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
+        let mut swarm = common::memory_swarm(key, Duration::from_secs(120), |key| {
+            Ok(GossipOnly { gossipsub: sync::gossipsub(key, sync::GossipCounters::default(), Duration::from_millis(500))?, ping: ping::Behaviour::default() })
+        })?;
         swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
         swarm.dial(dial)?;
         let (record, seen) = watch::channel(Seen::default());
