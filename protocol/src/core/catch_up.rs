@@ -313,8 +313,10 @@ impl Scheduler {
     }
 
     /// Whether `core` was added just now and has no replica yet: its lookups are retried
-    /// quickly (see [`Scheduler::lookup_finished`]).
-    pub fn lookup_retrying(&self, core: &Address) -> bool {
+    /// quickly (see [`Scheduler::lookup_finished`]). The event loop asks
+    /// [`Scheduler::lookup_may_end`] instead; the tests look at the state itself.
+    #[cfg(test)]
+    fn lookup_retrying(&self, core: &Address) -> bool {
         self.lookup_retries.contains_key(core)
     }
 
@@ -547,13 +549,11 @@ impl Scheduler {
 fn take_due<K: Copy + Ord, V: AsMut<Retry>>(retries: &mut BTreeMap<K, V>, now: Instant) -> Vec<K> {
     retries
         .iter_mut()
-        .filter_map(|(key, v)| {
-            let retry = v.as_mut();
-            let due = retry.due.is_some_and(|due| now >= due);
-            if due {
-                retry.due = None;
-            }
-            due.then_some(*key)
+        .map(|(key, v)| (key, v.as_mut()))
+        .filter(|(_, retry)| retry.due.is_some_and(|due| now >= due))
+        .map(|(key, retry)| {
+            retry.due = None;
+            *key
         })
         .collect()
 }
