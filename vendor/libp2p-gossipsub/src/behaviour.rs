@@ -1975,7 +1975,12 @@ where
                 );
                 return;
             }
-            if !GossipsubCodec::verify_signature(&raw_message.clone().into()) {
+            // On the swarm task, a panic in the key or signature code (peer bytes) must cost
+            // this message, not the node: it counts as an invalid signature.
+            let signed: proto::Message = raw_message.clone().into();
+            let valid = std::panic::catch_unwind(|| GossipsubCodec::verify_signature(&signed))
+                .unwrap_or(false);
+            if !valid {
                 tracing::warn!(peer=%propagation_source, "Invalid signature for received message");
                 self.handle_invalid_message(
                     propagation_source,
