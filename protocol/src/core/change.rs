@@ -445,21 +445,6 @@ pub(crate) fn inflate_batch(envelopes: &mut [SignedChange]) {
     }
 }
 
-/// Drops delegations that repeat the previous one of the same author (inverse of
-/// [`inflate_batch`]).
-pub(crate) fn deflate_batch(envelopes: &mut [SignedChange]) {
-    let mut last: HashMap<bytes::Bytes, [u8; 32]> = HashMap::new();
-    for envelope in envelopes.iter_mut() {
-        if let Some(d) = &envelope.delegation {
-            let id = super::delegation::statement_id(d);
-            if last.get(&envelope.author) == Some(&id) {
-                envelope.delegation = None;
-            } else {
-                last.insert(envelope.author.clone(), id);
-            }
-        }
-    }
-}
 
 /// What the core's history knows about operations and objects, as seen from one change's
 /// causal past.

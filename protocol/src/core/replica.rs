@@ -387,7 +387,8 @@ pub(super) struct Dag {
 }
 
 impl Dag {
-    fn prior_clock(&self, deps: &[ChangeHash]) -> Vec<u64> {
+    /// The vector clock of the history of `deps` (unknown hashes count for nothing).
+    pub(super) fn prior_clock(&self, deps: &[ChangeHash]) -> Vec<u64> {
         let mut clock: Vec<u64> = Vec::new();
         for dep in deps {
             if let Some(meta) = self.metas.get(dep) {
@@ -1415,15 +1416,43 @@ impl Replica {
 
     pub(super) fn envelope_at(&self, seq_no: u64) -> Option<SignedChange> {
         let bytes = self.store.get(Column::Cores, &core_key(&self.core, b'c', &seq_no.to_be_bytes())).ok()??;
-        let record = StoredChange::decode(&bytes[..]).ok()?;
+        let (mut envelope, id) = self.stored_envelope(&bytes, self.core.to_lower_hex())?;
+        envelope.delegation = self.statements.get(&id).cloned();
+        Some(envelope)
+    }
+
+    /// The stored envelopes at `seq_nos` (sorted), read in one pass, without their delegations
+    /// (each comes with the id of its delegation, for [`Replica::statement`]); `None` for a
+    /// record that is missing or unreadable.
+    pub(super) fn envelopes_at(&self, seq_nos: &[u64]) -> Vec<Option<(SignedChange, [u8; 32])>> {
+        let prefix = core_key(&self.core, b'c', &[]);
+        let keys: Vec<Vec<u8>> = seq_nos.iter().map(|n| [&prefix[..], &n.to_be_bytes()].concat()).collect();
+        let core = self.core.to_lower_hex();
+        match self.store.get_sorted(Column::Cores, &keys) {
+            Ok(values) => values.into_iter().map(|v| self.stored_envelope(&v?, core.clone())).collect(),
+            Err(e) => {
+                tracing::warn!(core = %self.core, "cannot read stored changes: {e}");
+                vec![None; seq_nos.len()]
+            }
+        }
+    }
+
+    fn stored_envelope(&self, bytes: &[u8], core: String) -> Option<(SignedChange, [u8; 32])> {
+        let record = StoredChange::decode(bytes).ok()?;
         let id: [u8; 32] = record.delegation_id.as_slice().try_into().ok()?;
-        Some(SignedChange {
-            core: self.core.to_lower_hex(),
+        let envelope = SignedChange {
+            core,
             change: record.change.into(),
             author: record.author.into(),
             signature: record.signature.into(),
-            delegation: self.statements.get(&id).cloned(),
-        })
+            delegation: None,
+        };
+        Some((envelope, id))
+    }
+
+    /// A stored owner statement (a delegation) by its id.
+    pub(super) fn statement(&self, id: &[u8; 32]) -> Option<&OwnerStatement> {
+        self.statements.get(id)
     }
 
     /// Verifies and applies one remote envelope (a gossip message).
