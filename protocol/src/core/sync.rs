@@ -134,24 +134,15 @@ fn generate_without_changes(doc: &Automerge, dag: &Dag, state: &mut SyncState) -
 }
 
 impl Dag {
-    /// The valid changes outside the history of `heads`, with their actor index and sequence
-    /// number.
-    fn changes_since(&self, heads: &[ChangeHash]) -> Vec<(usize, u64, ChangeHash)> {
-        let clock = self.prior_clock(heads);
-        let mut changes = Vec::new();
-        for (i, actor) in self.actors.iter().enumerate() {
-            let seen = clock.get(i).copied().unwrap_or(0);
-            for (seq, hash) in (1u64..).zip(&actor.chain).skip(usize::try_from(seen).unwrap_or(usize::MAX)) {
-                changes.push((i, seq, *hash));
-            }
-        }
-        changes
-    }
-
     /// Automerge's `get_hashes_to_send`: the changes they named in `need`, then those since
     /// their `last_sync` that none of their Bloom filters holds, with every change that has one
     /// of those in its history (a false positive must not hold back a change they cannot apply
     /// without).
+    ///
+    /// An actor's changes form a chain, and each change's vector clock says how far along each
+    /// chain its history reaches, so this walks the chains instead of the graph: a change lacks
+    /// what they lack once its clock reaches an actor's first change that they lack, and the
+    /// rest of its own chain lacks it too.
     fn hashes_to_send(&self, have: &[automerge::sync::Have], need: &[ChangeHash]) -> Vec<ChangeHash> {
         let mut named = HashSet::new();
         let mut to_send: Vec<ChangeHash> =
@@ -160,20 +151,31 @@ impl Dag {
             return to_send;
         }
         let last_sync: Vec<ChangeHash> = have.iter().flat_map(|h| h.last_sync.iter().copied()).collect();
-        let since = self.changes_since(&last_sync);
-        // The first change of each actor that they lack: a change whose clock reaches it lacks
-        // too. (An actor's changes form a chain, so its clock entry says which it has seen.)
-        let mut first_lacking = vec![u64::MAX; self.actors.len()];
-        for (actor, seq, hash) in &since {
-            if *seq < first_lacking[*actor] && have.iter().all(|h| !h.bloom.contains_hash(hash)) {
-                first_lacking[*actor] = *seq;
-            }
+        let seen = self.prior_clock(&last_sync);
+        // Each chain's changes since `last_sync`, with their sequence numbers.
+        let since = |i: usize| {
+            let from = seen.get(i).copied().unwrap_or(0);
+            (1u64..).zip(&self.actors[i].chain).skip(usize::try_from(from).unwrap_or(usize::MAX))
+        };
+        // The first change of each chain that none of their Bloom filters holds.
+        let lacking: Vec<(usize, u64)> = (0..self.actors.len())
+            .filter_map(|i| since(i).find(|(_, h)| have.iter().all(|b| !b.bloom.contains_hash(h))).map(|(seq, _)| (i, seq)))
+            .collect();
+        if lacking.is_empty() {
+            return to_send;
         }
-        for (_, _, hash) in since {
-            let Some(meta) = self.metas.get(&hash) else { continue };
-            let lacking = meta.clock.iter().zip(&first_lacking).any(|(seq, first)| seq >= first);
-            if lacking && !named.contains(&hash) {
-                to_send.push(hash);
+        for i in 0..self.actors.len() {
+            let own_first = lacking.iter().find(|(a, _)| *a == i).map_or(u64::MAX, |(_, seq)| *seq);
+            let mut reached = false;
+            for (seq, hash) in since(i) {
+                reached = reached
+                    || seq >= own_first
+                    || self.metas.get(hash).is_some_and(|m| {
+                        lacking.iter().any(|(a, first)| m.clock.get(*a).is_some_and(|s| s >= first))
+                    });
+                if reached && !named.contains(hash) {
+                    to_send.push(*hash);
+                }
             }
         }
         to_send
