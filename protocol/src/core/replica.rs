@@ -360,6 +360,8 @@ pub(super) struct Meta {
     /// The largest operation counter in this change's history (itself included): the next
     /// change built on it starts at `max_op + 1`.
     pub max_op: u64,
+    /// Its actor's index in [`Dag::actors`] (its own sequence number is `clock[actor]`).
+    pub actor: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -1048,7 +1050,7 @@ impl Replica {
         }
         dag.metas.insert(
             item.hash,
-            Meta { seq_no, time: plan.time, clock: clock.into_boxed_slice(), max_op: plan.max_op },
+            Meta { seq_no, time: plan.time, clock: clock.into_boxed_slice(), max_op: plan.max_op, actor: idx },
         );
     }
 

@@ -182,16 +182,50 @@ impl Dag {
     }
 }
 
-fn receive(doc: &mut Automerge, state: &mut SyncState, mut message: SyncMessage) -> Result<(), String> {
-    // Never apply changes that came without an envelope.
-    message.changes = ChunkList::empty();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.receive_sync_message(state, message)));
-    state.their_capabilities = Some(vec![Capability::MessageV1]);
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("bad sync message: {e}")),
-        Err(_) => Err("bad sync message".into()),
+/// Automerge's `receive_sync_message` for a message without changes (we never apply changes
+/// that came without an envelope), on our own index: Automerge's trims the changes sent so far
+/// by walking the whole history behind the peer's heads, on every message, even with nothing
+/// sent; here a change sent is in their history when their heads' clock reaches it.
+fn receive(doc: &Automerge, dag: &Dag, state: &mut SyncState, message: SyncMessage) -> Result<(), String> {
+    #[cfg(test)]
+    let expected = tests::automerge_receive(doc, state.clone(), &message);
+    let SyncMessage { heads, need, have, .. } = message;
+    state.in_flight = false;
+    if !state.sent_hashes.is_empty() {
+        let known: Vec<ChangeHash> = heads.iter().filter(|h| dag.metas.contains_key(h)).copied().collect();
+        let clock = dag.prior_clock(&known);
+        state.sent_hashes.retain(|h| {
+            let reached = dag.metas.get(h).is_some_and(|m| {
+                let own = m.clock.get(m.actor as usize).copied().unwrap_or(0);
+                clock.get(m.actor as usize).is_some_and(|seen| *seen >= own)
+            });
+            !reached
+        });
     }
+    if heads == doc.get_heads() {
+        state.last_sent_heads.clone_from(&heads);
+    }
+    let known: Vec<ChangeHash> = heads.iter().filter(|h| dag.metas.contains_key(h)).copied().collect();
+    if known.len() == heads.len() {
+        state.shared_heads.clone_from(&heads);
+        // A peer that lost all its data starts over.
+        if heads.is_empty() {
+            state.last_sent_heads = Vec::new();
+            state.sent_hashes = BTreeSet::new();
+        }
+    } else {
+        let mut shared: BTreeSet<ChangeHash> = state.shared_heads.iter().copied().collect();
+        shared.extend(known);
+        state.shared_heads = shared.into_iter().collect();
+    }
+    state.their_have = Some(have);
+    state.their_heads = Some(heads);
+    state.their_need = Some(need);
+    // Only V1 is advertised (see the module doc), whatever the peer says it supports.
+    state.their_capabilities = Some(vec![Capability::MessageV1]);
+    #[cfg(test)]
+    assert_eq!(Some(&*state), expected.as_ref(), "the sync state after a message differs from Automerge's");
+    Ok(())
 }
 
 /// Decodes a peer's sync message, after [`scan_sync_message`] bounded every count in it (a
@@ -316,7 +350,16 @@ impl Replica {
             Err(e) => return (error(e), report),
         };
         let mut state = SyncState::new();
-        if let Err(e) = receive(&mut self.doc, &mut state, message) {
+        // Their `last_sync` is what they believe we share. If we hold all of it, we do, and our
+        // Bloom filter need only cover what came after it (from a fresh state it would cover our
+        // whole history, on every request); a peer that claims more than it holds only misses
+        // changes itself.
+        if let Some(first) = message.have.first() {
+            if !first.last_sync.is_empty() && first.last_sync.iter().all(|h| self.dag.metas.contains_key(h)) {
+                state.shared_heads = first.last_sync.clone();
+            }
+        }
+        if let Err(e) = receive(&self.doc, &self.dag, &mut state, message) {
             return (error(e), report);
         }
         // Automerge gives up on the whole message if the peer needs a change we do not hold
@@ -371,7 +414,7 @@ impl Replica {
         if response.sync_message.is_empty() {
             session.state.in_flight = false;
         } else {
-            let received = decode(&response.sync_message).and_then(|m| receive(&mut self.doc, &mut session.state, m));
+            let received = decode(&response.sync_message).and_then(|m| receive(&self.doc, &self.dag, &mut session.state, m));
             if let Err(e) = received {
                 self.sessions.remove(peer);
                 return SyncStep { report, error: Some(e), ..Default::default() };
@@ -541,6 +584,17 @@ mod tests {
             (theirs, ours) => panic!("Automerge generates {theirs:?}, we generate {ours:?}"),
         }
         assert_eq!(&state, ours_state, "the sync state after differs from Automerge's");
+    }
+
+    /// Automerge's own `receive_sync_message` on a copy of the state, for `receive` to compare
+    /// with (`None` if it panics or errs: ours must not, and the caller checks it got a state).
+    pub(super) fn automerge_receive(doc: &Automerge, mut state: SyncState, message: &SyncMessage) -> Option<SyncState> {
+        let mut message = message.clone();
+        message.changes = automerge::sync::ChunkList::empty();
+        let mut doc = doc.clone();
+        let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.receive_sync_message(&mut state, message)));
+        state.their_capabilities = Some(vec![automerge::sync::Capability::MessageV1]);
+        matches!(received, Ok(Ok(()))).then_some(state)
     }
 
     /// What to do next in a random history of three replicas of one core.
