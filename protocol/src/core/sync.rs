@@ -8,8 +8,14 @@
 //! never applies a change it has not verified, and it verifies envelopes, not bare changes.
 //!
 //! - The driver keeps an [`automerge::sync::State`] per peer for the session; the responder
-//!   keeps none (each request is answered from a fresh state, which costs a full bloom filter
-//!   of the responder's history but means a restarted or confused peer can never wedge it).
+//!   keeps none (each request is answered from a fresh state, so a restarted or confused peer
+//!   can never wedge it). The fresh state starts from the requester's `last_sync` when the
+//!   responder holds all of it, so its Bloom filter covers what came after, not its history.
+//! - Automerge is asked only for heads, needs and Bloom filters: which changes to send, and
+//!   what a peer's message says about the changes sent so far, follow Automerge's rules on our
+//!   own index ([`generate`], [`receive`]), checked against Automerge's own functions under
+//!   `cfg(test)`. Automerge 0.7 rebuilds each change it sends from its op set and walks the
+//!   whole history on every message it receives; both were most of a catch-up's cost.
 //! - Only sync message format V1 is advertised, so Automerge never answers with a whole
 //!   document (V2's shortcut), which we could not verify change by change.
 //! - Envelopes are sent in causal order, with repeated delegations omitted
