@@ -353,7 +353,7 @@ pub(crate) struct Signed {
 /// dependencies: core, sizes, the author's signature over the raw change bytes, then a bounded
 /// scan of the change header ([`scan_change`]) for the actor, which must be the author's.
 /// Nothing here decodes the change with Automerge or verifies the owner's ECDSA signature.
-pub(crate) fn check_signed(core: &Address, envelope: SignedChange, max_size: usize) -> Result<Signed, Rejected> {
+pub(crate) fn check_signed(core: &Address, envelope: SignedChange, max_size: usize, keys: &mut AuthorKeys) -> Result<Signed, Rejected> {
     let core_hex = core.to_lower_hex();
     if envelope.core != core_hex {
         return Err(Rejected::WrongCore { expected: core_hex, got: envelope.core.clone() });
@@ -364,8 +364,7 @@ pub(crate) fn check_signed(core: &Address, envelope: SignedChange, max_size: usi
     if envelope.author.is_empty() || envelope.author.len() > MAX_AUTHOR_KEY {
         return Err(Rejected::MalformedEnvelope("no author key, or one too long".into()));
     }
-    let author_key = PublicKey::try_decode_protobuf(&envelope.author)
-        .map_err(|e| Rejected::MalformedEnvelope(format!("author key: {e}")))?;
+    let (author_key, author) = keys.decode(&envelope.author)?;
     if envelope.signature.is_empty() || envelope.signature.len() > MAX_SIGNATURE {
         return Err(Rejected::MalformedEnvelope("no signature, or one too long".into()));
     }
@@ -376,7 +375,7 @@ pub(crate) fn check_signed(core: &Address, envelope: SignedChange, max_size: usi
         return Err(Rejected::BadSignature);
     }
     let header = scan_change(&envelope.change).map_err(Rejected::MalformedChange)?;
-    let author = author_key.to_peer_id();
+    let author = *author;
     let suffix = match split_actor(&ActorId::from(header.actor.as_slice())) {
         Some((peer, suffix)) if peer == author => suffix,
         _ => return Err(Rejected::ActorMismatch { actor: hex::encode(&header.actor), author: author.to_string() }),
@@ -411,7 +410,42 @@ pub(crate) fn check_envelope(
     delegations: &Delegations,
     max_size: usize,
 ) -> Result<Checked, Rejected> {
-    check_delegated(core, check_signed(core, envelope, max_size)?, delegations)
+    check_envelope_with(core, envelope, delegations, max_size, &mut AuthorKeys::default())
+}
+
+/// [`check_envelope`] with the authors' keys decoded once for a whole batch.
+pub(crate) fn check_envelope_with(
+    core: &Address,
+    envelope: SignedChange,
+    delegations: &Delegations,
+    max_size: usize,
+    keys: &mut AuthorKeys,
+) -> Result<Checked, Rejected> {
+    check_delegated(core, check_signed(core, envelope, max_size, keys)?, delegations)
+}
+
+/// Most authors whose keys one [`AuthorKeys`] keeps.
+const MAX_CACHED_AUTHORS: usize = 64;
+
+/// Authors' public keys, decoded once per batch of envelopes: a catch-up batch comes from few
+/// authors, and decoding an ed25519 key (a point decompression) was a tenth of each envelope's
+/// check. Keyed by the exact bytes, so a key taken from here is the one those bytes decode to:
+/// the verdict is the same as without it.
+#[derive(Default)]
+pub(crate) struct AuthorKeys(HashMap<bytes::Bytes, (PublicKey, PeerId)>);
+
+impl AuthorKeys {
+    fn decode(&mut self, bytes: &bytes::Bytes) -> Result<&(PublicKey, PeerId), Rejected> {
+        if !self.0.contains_key(bytes) {
+            let key = PublicKey::try_decode_protobuf(bytes).map_err(|e| Rejected::MalformedEnvelope(format!("author key: {e}")))?;
+            if self.0.len() >= MAX_CACHED_AUTHORS {
+                self.0.clear();
+            }
+            let peer = key.to_peer_id();
+            self.0.insert(bytes.clone(), (key, peer));
+        }
+        self.0.get(bytes).ok_or_else(|| Rejected::MalformedEnvelope("author key".into()))
+    }
 }
 
 /// The hash Automerge gives the change in `bytes`, computed without decoding them: SHA-256 over

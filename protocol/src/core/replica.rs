@@ -84,8 +84,8 @@ use time::OffsetDateTime;
 
 use super::address::Address;
 use super::change::{
-    self, check_envelope, check_namespaces, inflate_batch, inspect, seal, Checked, Delegations, History, Rejected,
-    RevocationRecord, Touched,
+    self, check_envelope, check_envelope_with, check_namespaces, inflate_batch, inspect, seal, AuthorKeys, Checked,
+    Delegations, History, Rejected, RevocationRecord, Touched,
 };
 use super::delegation::{self, Delegation, DelegationError, Kept, Revocation, RESERVED_NAMESPACE};
 use super::value::{self, PathError};
@@ -1887,7 +1887,8 @@ pub(crate) fn check_batch(
     let max = config.max_change_size;
     let threads = config.verify_threads.max(1);
     if envelopes.len() < 64 || threads == 1 {
-        return envelopes.into_iter().map(|e| check_envelope(core, e, delegations, max)).collect();
+        let mut keys = AuthorKeys::default();
+        return envelopes.into_iter().map(|e| check_envelope_with(core, e, delegations, max, &mut keys)).collect();
     }
     let chunk = envelopes.len().div_ceil(threads);
     let mut chunks: Vec<Vec<SignedChange>> = Vec::new();
@@ -1902,7 +1903,12 @@ pub(crate) fn check_batch(
     std::thread::scope(|scope| {
         let handles: Vec<_> = chunks
             .into_iter()
-            .map(|part| scope.spawn(move || part.into_iter().map(|e| check_envelope(core, e, delegations, max)).collect::<Vec<_>>()))
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut keys = AuthorKeys::default();
+                    part.into_iter().map(|e| check_envelope_with(core, e, delegations, max, &mut keys)).collect::<Vec<_>>()
+                })
+            })
             .collect();
         handles
             .into_iter()

@@ -998,3 +998,28 @@ fn raw_change_hash_is_automerges_hash() -> TestResult {
 fn unix_now_for_tests() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
+
+/// A batch decodes each author's key once (`AuthorKeys`): envelopes whose author bytes differ
+/// from the cached author's, by a valid key or by junk, still get their own verdicts, on both
+/// the single-thread path and the threaded one.
+#[test]
+fn a_batch_verdict_per_envelope_does_not_depend_on_the_authors_seen_before() -> TestResult {
+    let owner = Wallet::new();
+    let core = owner.address;
+    let mut w = Writer::new(&owner, &["*"], YEAR);
+    let other = Keypair::generate_ed25519().public().encode_protobuf();
+    for size in [8, 100] {
+        let mut batch: Vec<SignedChange> = (0..size).map(|i| w.write("app", &format!("k{size}-{i}"), json!(i), T0 + i as i64)).collect();
+        batch[3].author = other.clone().into();
+        batch[5].author = vec![8, 1, 18, 3, 1, 2, 3].into();
+        let verdicts = super::replica::check_batch(&core, batch, &change::Delegations::default(), &Config::default());
+        for (i, verdict) in verdicts.iter().enumerate() {
+            match i {
+                3 => assert!(matches!(verdict, Err(Rejected::BadSignature)), "{i}: {verdict:?}"),
+                5 => assert!(matches!(verdict, Err(Rejected::MalformedEnvelope(_))), "{i}: {verdict:?}"),
+                _ => assert!(verdict.is_ok(), "{i}: {verdict:?}"),
+            }
+        }
+    }
+    Ok(())
+}
