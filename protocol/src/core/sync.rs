@@ -192,13 +192,13 @@ impl Dag {
 /// that came without an envelope), on our own index: Automerge's trims the changes sent so far
 /// by walking the whole history behind the peer's heads, on every message, even with nothing
 /// sent; here a change sent is in their history when their heads' clock reaches it.
-fn receive(doc: &Automerge, dag: &Dag, state: &mut SyncState, message: SyncMessage) -> Result<(), String> {
+fn receive(doc: &Automerge, dag: &Dag, state: &mut SyncState, message: SyncMessage) {
     #[cfg(test)]
     let expected = tests::automerge_receive(doc, state.clone(), &message);
     let SyncMessage { heads, need, have, .. } = message;
     state.in_flight = false;
+    let known: Vec<ChangeHash> = heads.iter().filter(|h| dag.metas.contains_key(h)).copied().collect();
     if !state.sent_hashes.is_empty() {
-        let known: Vec<ChangeHash> = heads.iter().filter(|h| dag.metas.contains_key(h)).copied().collect();
         let clock = dag.prior_clock(&known);
         state.sent_hashes.retain(|h| {
             let reached = dag.metas.get(h).is_some_and(|m| {
@@ -211,7 +211,6 @@ fn receive(doc: &Automerge, dag: &Dag, state: &mut SyncState, message: SyncMessa
     if heads == doc.get_heads() {
         state.last_sent_heads.clone_from(&heads);
     }
-    let known: Vec<ChangeHash> = heads.iter().filter(|h| dag.metas.contains_key(h)).copied().collect();
     if known.len() == heads.len() {
         state.shared_heads.clone_from(&heads);
         // A peer that lost all its data starts over.
@@ -231,7 +230,6 @@ fn receive(doc: &Automerge, dag: &Dag, state: &mut SyncState, message: SyncMessa
     state.their_capabilities = Some(vec![Capability::MessageV1]);
     #[cfg(test)]
     assert_eq!(Some(&*state), expected.as_ref(), "the sync state after a message differs from Automerge's");
-    Ok(())
 }
 
 /// Decodes a peer's sync message, after [`scan_sync_message`] bounded every count in it (a
@@ -365,9 +363,7 @@ impl Replica {
                 state.shared_heads = first.last_sync.clone();
             }
         }
-        if let Err(e) = receive(&self.doc, &self.dag, &mut state, message) {
-            return (error(e), report);
-        }
+        receive(&self.doc, &self.dag, &mut state, message);
         // Automerge gives up on the whole message if the peer needs a change we do not hold
         // (e.g. one we found invalid); answer the rest.
         let metas = &self.dag.metas;
@@ -420,7 +416,7 @@ impl Replica {
         if response.sync_message.is_empty() {
             session.state.in_flight = false;
         } else {
-            let received = decode(&response.sync_message).and_then(|m| receive(&self.doc, &self.dag, &mut session.state, m));
+            let received = decode(&response.sync_message).map(|m| receive(&self.doc, &self.dag, &mut session.state, m));
             if let Err(e) = received {
                 self.sessions.remove(peer);
                 return SyncStep { report, error: Some(e), ..Default::default() };
