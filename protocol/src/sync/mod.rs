@@ -42,6 +42,25 @@ pub enum SyncSetupError {
     Gossipsub(String),
 }
 
+/// Mesh degree of a core's topic (gossipsub's D; libp2p's default is 6, with 5 and 12 as the
+/// bounds and 2 outbound). Every copy a peer forwards costs its receiver a transmission through
+/// the whole connection stack (noise, yamux, the handlers' polls), and the writer's
+/// `flood_publish` (the default) already sends its change straight to every replica it is
+/// connected to: with 50 replicas of one core, D = 6 meant 8 copies of each change per replica
+/// and 87 ms of CPU per change over all nodes; D = 3 means 3.7 copies and 57 ms, and took the
+/// propagation p99 from 57–59 ms to 41–44 ms (issue 16's goal: < 50; `scripts/bench.sh cores`,
+/// design notes, "Catch-up and propagation with 20 and 50 replicas"). What forwarding is for —
+/// a replica that is not connected to the writer — still has 3 mesh paths, gossip's IHAVE to 6
+/// more peers every heartbeat, and catch-up sessions behind them; peer scoring keeps peers that
+/// drop or forge out of the mesh.
+const MESH_N: usize = 3;
+/// Fewer mesh peers than this and the heartbeat grafts more.
+const MESH_N_LOW: usize = 2;
+/// More mesh peers than this (peers that grafted us) and the heartbeat prunes back to [`MESH_N`].
+const MESH_N_HIGH: usize = 4;
+/// Mesh peers this node dialed itself, kept so that inbound grafts cannot fill the mesh alone.
+const MESH_OUTBOUND_MIN: usize = 1;
+
 /// Gossipsub for core changes: strict signing, app-level validation before forwarding; the
 /// node's heartbeat is quicker than libp2p's 1 s so that meshes form fast on small networks.
 pub fn gossipsub(keypair: &Keypair, counters: GossipCounters, heartbeat: Duration) -> Result<gossipsub::Behaviour<CountingTransform>, SyncSetupError> {
@@ -51,6 +70,10 @@ pub fn gossipsub(keypair: &Keypair, counters: GossipCounters, heartbeat: Duratio
         .max_transmit_size(MAX_GOSSIP_MESSAGE)
         .heartbeat_interval(heartbeat)
         .duplicate_cache_time(Duration::from_secs(120))
+        .mesh_n(MESH_N)
+        .mesh_n_low(MESH_N_LOW)
+        .mesh_n_high(MESH_N_HIGH)
+        .mesh_outbound_min(MESH_OUTBOUND_MIN)
         .build()
         .map_err(|e| SyncSetupError::Gossipsub(e.to_string()))?;
     let mut behaviour = gossipsub::Behaviour::new_with_transform(MessageAuthenticity::Signed(keypair.clone()), config, CountingTransform(counters))
