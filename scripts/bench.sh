@@ -5,7 +5,8 @@
 # network: time from `kubelt run` to the first connected peer; RSS of a node idle for 60 s with
 #          5 peers (goal < 40 MB). Set KUBELT_BENCH_IDLE_SECS to shorten the idle wait.
 # content: 100 MiB add (vs Kubo), 100 MiB transfers kubelt/Kubo in every direction (vs
-#          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize.
+#          Kubo->Kubo), peak RSS fetching 1 GiB. KUBELT_BENCH_MIB / KUBELT_BENCH_BIG_MIB resize;
+#          add and transfers are medians of KUBELT_BENCH_ROUNDS alternating rounds (default 3).
 #          With `sendme` on the PATH (cargo install sendme) also iroh's sendme as a baseline;
 #          with rust-libp2p's perf client/server at /opt/libp2p-perf/bin/perf or $LIBP2P_PERF
 #          (cargo install --root /opt/libp2p-perf libp2p-perf; not --locked: its lock file no
