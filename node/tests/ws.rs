@@ -137,6 +137,22 @@ fn applied(notification: &Value, subscription: &str, address: &str) -> anyhow::R
     Ok(serde_json::from_value(notification["params"]["result"]["applied"].clone())?)
 }
 
+/// The first notification, among the next few, that announces one of `heads` (the change a
+/// write made). Other changes of the core may come first and are skipped: the nodes' own
+/// (each publishes its device key, and a device shares the private data keys with a new one),
+/// in an order the network decides. Each notification skipped is still checked for its shape.
+fn applied_one_of(client: &mut Client, subscription: &str, address: &str, heads: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut skipped = Vec::new();
+    for _ in 0..8 {
+        let applied = applied(&client.notification()?, subscription, address)?;
+        if applied.iter().any(|h| heads.contains(h)) {
+            return Ok(applied);
+        }
+        skipped.push(applied);
+    }
+    anyhow::bail!("no notification announced one of {heads:?}; the last 8 announced {skipped:?}")
+}
+
 #[test]
 fn a_subscriber_sees_writes_made_on_its_node_and_on_another_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -161,16 +177,14 @@ fn a_subscriber_sees_writes_made_on_its_node_and_on_another_node() -> anyhow::Re
 
     // A write on this node: the notification names the change that is now a head.
     let heads = set(&a, &address, "here", json!(1))?;
-    let here = applied(&one_core.notification()?, &subscription, &address)?;
+    let here = applied_one_of(&mut one_core, &subscription, &address, &heads)?;
     assert_eq!(here.len(), 1, "{here:?}");
-    assert!(heads.contains(&here[0]), "notified {here:?}, heads after the write {heads:?}");
-    assert_eq!(applied(&every_core.notification()?, &every, &address)?, here);
+    assert_eq!(applied_one_of(&mut every_core, &every, &address, &heads)?, here);
 
     // A write on the other node reaches this node by gossip, and the subscriber.
     let heads_b = set(&b, &address, "there", json!(2))?;
-    let there = applied(&one_core.notification()?, &subscription, &address)?;
-    assert!(heads_b.contains(&there[0]), "notified {there:?}, b's heads after its write {heads_b:?}");
-    assert_eq!(applied(&every_core.notification()?, &every, &address)?, there);
+    let there = applied_one_of(&mut one_core, &subscription, &address, &heads_b)?;
+    assert_eq!(applied_one_of(&mut every_core, &every, &address, &heads_b)?, there);
     // Calls work on the same connection, and the state the notification announced is there.
     let value = one_core.call("core_get", json!({ "address": address, "namespace": "app", "path": "there" }))?;
     assert_eq!(value, 2);
@@ -179,8 +193,7 @@ fn a_subscriber_sees_writes_made_on_its_node_and_on_another_node() -> anyhow::Re
     assert_eq!(one_core.call("core_unsubscribe", json!([subscription]))?, true);
     assert_eq!(one_core.call("core_unsubscribe", json!([subscription]))?, false);
     let heads = set(&a, &address, "later", json!(3))?;
-    let later = applied(&every_core.notification()?, &every, &address)?;
-    assert!(heads.contains(&later[0]));
+    applied_one_of(&mut every_core, &every, &address, &heads)?;
     one_core.socket.get_ref().set_read_timeout(Some(Duration::from_secs(2)))?;
     match one_core.receive() {
         Err(e) if e.downcast_ref::<tungstenite::Error>().is_some_and(|e| matches!(e, tungstenite::Error::Io(_))) => {}
