@@ -61,20 +61,21 @@ if [ "$what" = all ] || [ "$what" = cores ]; then
   log "cores: propagation and catch-up, 2 and 20 nodes; propagation, 50 replicas"
   cd "$KUBELT_ROOT"
   # `cargo test --release --bench` runs the (harness-less) benchmark from the release build that
-  # the tests share; `cargo bench` would build every dependency again in the bench profile.
-  cargo build --release --locked -p kubelt-protocol --benches
+  # the tests share; `cargo bench` would build every dependency again in the bench profile. Each
+  # section builds only its own bench target, first and unfiltered (build errors stay visible).
+  cargo test --release --locked --no-run -p kubelt-protocol --bench core_sync
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench core_sync' 2>&1 | grep -E "nodes:|rror"
 fi
 if [ "$what" = all ] || [ "$what" = healing ]; then
   log "healing: partitions of 6 nodes, time from the heal to convergence"
   cd "$KUBELT_ROOT"
-  cargo build --release --locked -p kubelt-protocol --benches
+  cargo test --release --locked --no-run -p kubelt-protocol --bench healing
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench healing' 2>&1 | grep -E "healing:|rror"
 fi
 if [ "$what" = all ] || [ "$what" = msg ]; then
   log "msg: delivery latency and messages/s, two nodes"
   cd "$KUBELT_ROOT"
-  cargo build --release --locked -p kubelt-protocol --benches
+  cargo test --release --locked --no-run -p kubelt-protocol --bench msg
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench msg' 2>&1 | grep -E "latency|throughput|rror"
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test app_api -- --ignored --nocapture bench_app_send_message' 2>&1 | grep -E "app API|rror|panicked"
 fi
@@ -91,7 +92,7 @@ fi
 if [ "$what" = all ] || [ "$what" = private ]; then
   log "private: core set/get, private vs plain namespace"
   cd "$KUBELT_ROOT"
-  cargo build --release --locked -p kubelt-protocol --benches
+  cargo test --release --locked --no-run -p kubelt-protocol --bench private
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-protocol --bench private' 2>&1 | grep -E "private:|rror"
   log "private: 100 MiB add and kb_setData/kb_getData, private vs plain, through a node"
   unshare -n -- sh -c 'ip link set lo up && exec cargo test --release --locked --offline -p kubelt-node --test private_objects -- --ignored --nocapture bench_private' 2>&1 | grep -E "private |rror|panicked"
