@@ -368,25 +368,16 @@ mod tests {
     /// `SO_RCVBUF` of this process's IPv4 UDP socket bound to `port`, found among its descriptors.
     #[cfg(target_os = "linux")]
     fn udp_receive_buffer(port: u16) -> anyhow::Result<Option<i32>> {
+        use std::os::fd::BorrowedFd;
         for entry in std::fs::read_dir("/proc/self/fd")? {
-            let Ok(fd) = entry?.file_name().to_string_lossy().parse::<libc::c_int>() else { continue };
-            // SAFETY: getsockname and getsockopt write at most the lengths given into locals
-            // they are given; on a descriptor that is not a socket they fail and nothing is read.
-            unsafe {
-                let mut addr: libc::sockaddr_in = std::mem::zeroed();
-                let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                if libc::getsockname(fd, (&raw mut addr).cast(), &mut len) != 0 || i32::from(addr.sin_family) != libc::AF_INET || u16::from_be(addr.sin_port) != port {
-                    continue;
-                }
-                let (mut kind, mut size): (libc::c_int, libc::c_int) = (0, 0);
-                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut kind).cast(), &mut len) != 0 || kind != libc::SOCK_DGRAM {
-                    continue;
-                }
-                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut size).cast(), &mut len) == 0 {
-                    return Ok(Some(size));
-                }
+            let Ok(fd) = entry?.file_name().to_string_lossy().parse::<std::os::fd::RawFd>() else { continue };
+            // SAFETY: the descriptor is borrowed only for the calls below; one that is not a
+            // socket (or closed since the listing) makes them fail, and it is skipped.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = socket2::SockRef::from(&fd);
+            let bound = socket.local_addr().ok().and_then(|a| a.as_socket_ipv4()).is_some_and(|a| a.port() == port);
+            if bound && socket.r#type().is_ok_and(|t| t == socket2::Type::DGRAM) {
+                return Ok(Some(i32::try_from(socket.recv_buffer_size()?)?));
             }
         }
         Ok(None)

@@ -88,6 +88,10 @@ def libp2p_perf(transport, port):
     return float(seconds)
 
 
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
 def kubelt_cat(node, cid):
     start = time.monotonic()
     subprocess.run([BIN, "--repo", node.repo, "cat", cid], stdout=subprocess.DEVNULL, check=True)
@@ -113,7 +117,6 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
             cid = subprocess.run([BIN, "--repo", repo, "add", "-q", data], check=True, capture_output=True, text=True).stdout.strip()
             our_times.append(time.monotonic() - start)
             shutil.rmtree(repo)
-        median = lambda xs: sorted(xs)[len(xs) // 2]
         base = report("Kubo add", median(kubo_times), SIZE)
         report("kubelt add (process, fresh repo)", median(our_times), SIZE, base)
         print(f"   (goal >= 3x Kubo; every round: Kubo {', '.join(f'{t:.3f}' for t in kubo_times)} s, "
@@ -129,7 +132,6 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
         # and one run moved the ratios by a third.
         rounds = int(os.environ.get("KUBELT_BENCH_ROUNDS", "3"))
         print(f"-- transfer {SIZE // MIB} MiB over loopback, median of {rounds} alternating rounds")
-        median = lambda xs: sorted(xs)[len(xs) // 2]
         times = {}
         timed = lambda name, seconds: times.setdefault(name, []).append(seconds)
         transports = [("/quic-v1", "quic-v1", 4931), ("/tcp/", "tcp", 4932)]

@@ -191,6 +191,7 @@ impl<P: Provider> GenTransport<P> {
         }
 
         socket.bind(&socket_addr.into())?;
+        // Kubelt patch: big kernel buffers (see `set_buffer_sizes`).
         set_buffer_sizes(&socket2::SockRef::from(&socket));
 
         Ok(socket.into())
@@ -206,6 +207,7 @@ impl<P: Provider> GenTransport<P> {
             SocketFamily::Ipv6 => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
         };
         let socket = UdpSocket::bind(listen_socket_addr)?;
+        // Kubelt patch: big kernel buffers (see `set_buffer_sizes`).
         set_buffer_sizes(&socket2::SockRef::from(&socket));
         let endpoint_config = self.quinn_config.endpoint_config.clone();
         let endpoint = Self::new_endpoint(endpoint_config, None, socket)?;
