@@ -5,7 +5,8 @@
 //! ~/.kubelt/
 //!   config.toml   settings (see config.rs)
 //!   node.key      ed25519 node key, protobuf-encoded, mode 0600
-//!   datastore/    RocksDB: blocks, pins, cores, peers, meta
+//!   datastore/    RocksDB: small blocks, large blocks' locations, pins, cores, peers, meta
+//!     packs/      large blocks' bytes, appended to 64 MiB files (store::packs)
 //!   api           URL of the running node's API (removed on clean shutdown)
 //!   gateway       URL of the running node's gateway (removed on clean shutdown)
 //!   app           URL of the running node's app API (removed on clean shutdown)

@@ -13,9 +13,10 @@
 //! What the design notes promise (docs/design-notes.md, "Storage"):
 //! - a core change is written with a synced batch before the write is acknowledged: the WAL
 //!   write that carries the change, then an fdatasync of that WAL, then the response;
-//! - blocks skip the WAL, and `Store::pin` flushes the blocks column before it writes the synced
-//!   pin: the blocks reach new SST/blob files, which are fsynced and recorded in a synced
-//!   MANIFEST before the pin's WAL write, whose own fdatasync precedes the response.
+//! - large blocks go to pack files, and `Store::pin` syncs them before it writes the synced pin:
+//!   the file's chunks reach a pack file, which is fsynced (and its directory too) before the
+//!   pin's WAL write; the root block and the chunks' locations are logged in the WAL, whose
+//!   fdatasync after the pin's write precedes the response.
 //!
 //! Without strace (or where ptrace is not allowed) these tests fail, saying how to install it,
 //! unless `KUBELT_SKIP_STRACE=1` skips them on purpose (shown, and counted by scripts/test.sh).
@@ -78,8 +79,8 @@ fn a_core_write_is_fsynced_before_it_is_acknowledged() -> anyhow::Result<()> {
 }
 
 #[test]
-fn an_added_file_is_flushed_and_fsynced_before_its_pin_is_acknowledged() -> anyhow::Result<()> {
-    let test = "an_added_file_is_flushed_and_fsynced_before_its_pin_is_acknowledged";
+fn an_added_file_is_fsynced_before_its_pin_is_acknowledged() -> anyhow::Result<()> {
+    let test = "an_added_file_is_fsynced_before_its_pin_is_acknowledged";
     if !strace_usable(test)? {
         return Ok(());
     }
@@ -103,51 +104,47 @@ fn an_added_file_is_flushed_and_fsynced_before_its_pin_is_acknowledged() -> anyh
     let root = cid::Cid::try_from(cid.as_str())?.to_bytes();
     let request = request(&calls, "content_add")?;
     let response = response(&calls, request)?;
+    // The root's key is its multihash, which for a CIDv0 is also the pin's key: the root block's
+    // own (logged) write comes first, the pin is the last write that names it.
     let pin_write = within(&calls, request.end, response.start)
-        .find(|c| c.is_write() && is_wal(&db, &c.target) && contains(&c.data, &root))
+        .filter(|c| c.is_write() && is_wal(&db, &c.target) && contains(&c.data, &root))
+        .last()
         .context("no WAL write between the content_add request and its response carries the pin of the root")?;
     let before_pin: Vec<&Call> = within(&calls, request.end, pin_write.start).collect();
-    // Every SST and blob file written before the pin (the blocks column's flush) must be synced
-    // after its last write and before the pin: the root node lives in an SST, the leaves in blobs.
-    let mut data_files: Vec<&str> = before_pin.iter().filter(|c| c.is_write() && is_table(&db, &c.target)).map(|c| c.target.as_str()).collect();
-    data_files.sort_unstable();
-    data_files.dedup();
+    // Every pack file written before the pin must be synced after its last write and before the
+    // pin's WAL write: the file's chunks are there.
+    let packs = db.join("packs");
+    let mut pack_files: Vec<&str> = before_pin.iter().filter(|c| c.is_write() && is_in(&packs, &c.target)).map(|c| c.target.as_str()).collect();
+    pack_files.sort_unstable();
+    pack_files.dedup();
     let mut steps = vec![("content_add request read", request)];
     let mut blocks_reached_a_file = false;
-    let mut last_data_sync = request;
-    for data_file in &data_files {
-        let writes: Vec<&Call> = before_pin.iter().copied().filter(|c| c.is_write() && c.target == *data_file).collect();
+    for pack_file in &pack_files {
+        let writes: Vec<&Call> = before_pin.iter().copied().filter(|c| c.is_write() && c.target == *pack_file).collect();
         blocks_reached_a_file |= writes.iter().any(|c| contains(&c.data, marker.as_bytes()));
-        let last_write = writes.last().context("a data file without writes")?;
-        let sync = synced_between(&calls, data_file, last_write.end, pin_write.start)
-            .with_context(|| format!("{data_file} was written (last at line {}) but not fsynced before the pin's WAL write (line {})", last_write.start, pin_write.start))?;
-        steps.push(("last write of a new table file", last_write));
-        steps.push(("its fdatasync", sync));
-        if sync.end > last_data_sync.end {
-            last_data_sync = sync;
-        }
+        let (first_write, last_write) = (*writes.first().context("a pack file without writes")?, *writes.last().context("a pack file without writes")?);
+        let sync = synced_between(&calls, pack_file, last_write.end, pin_write.start)
+            .with_context(|| format!("{pack_file} was written (last at line {}) but not fsynced before the pin's WAL write (line {})", last_write.start, pin_write.start))?;
+        // The new file counts only once the directory that names it is synced.
+        let dir_sync = synced_between(&calls, path_str(&packs)?, first_write.start, pin_write.start)
+            .with_context(|| format!("the pack directory (naming {pack_file}) was not fsynced before the pin's WAL write"))?;
+        steps.extend([("last write of a pack file", last_write), ("its fdatasync", sync), ("pack directory fsync", dir_sync)]);
     }
-    assert!(blocks_reached_a_file, "no SST or blob file written before the pin holds the file's blocks (files written: {data_files:?})");
-    // The new files count only once the MANIFEST that lists them is synced, and their names once
-    // the directory is.
-    let manifest_write = within(&calls, last_data_sync.end, pin_write.start)
-        .find(|c| c.is_write() && is_in(&db, &c.target) && file_name(&c.target).starts_with("MANIFEST-"))
-        .context("no MANIFEST write records the flushed files before the pin")?;
-    let manifest_sync = synced_between(&calls, &manifest_write.target, manifest_write.end, pin_write.start)
-        .context("the MANIFEST that records the flushed files was not fsynced before the pin's WAL write")?;
-    let dir_sync = synced_between(&calls, &db.display().to_string(), last_data_sync.end, pin_write.start)
-        .context("the database directory (the new files' names) was not fsynced before the pin's WAL write")?;
+    assert!(blocks_reached_a_file, "no pack file written before the pin holds the file's blocks (pack files written: {pack_files:?})");
+    // The rest (the root block, the chunks' locations) went to the WAL, logged: every WAL file
+    // written since the request is synced after its last write and before the response.
+    let mut wal_files: Vec<&str> = within(&calls, request.end, response.start).filter(|c| c.is_write() && is_wal(&db, &c.target)).map(|c| c.target.as_str()).collect();
+    wal_files.sort_unstable();
+    wal_files.dedup();
+    for wal_file in &wal_files {
+        let last_write = within(&calls, request.end, response.start).filter(|c| c.is_write() && c.target == *wal_file).last().context("a WAL without writes")?;
+        synced_between(&calls, wal_file, last_write.end, response.start)
+            .with_context(|| format!("{wal_file} was written (last at line {}) but not fsynced before the response (line {})", last_write.start, response.start))?;
+    }
     let pin_sync = synced_between(&calls, &pin_write.target, pin_write.end, response.start)
         .with_context(|| format!("the pin's WAL write (line {}) was not fsynced before the response (line {})", pin_write.start, response.start))?;
     assert!(response.time <= answered, "the response found in the trace ({}) is later than the CLI's answer ({answered})", response.time);
-    steps.extend([
-        ("directory fsync", dir_sync),
-        ("MANIFEST write", manifest_write),
-        ("MANIFEST fdatasync", manifest_sync),
-        ("WAL write of the pin", pin_write),
-        ("WAL fdatasync", pin_sync),
-        ("HTTP response written", response),
-    ]);
+    steps.extend([("WAL write of the pin", pin_write), ("WAL fdatasync", pin_sync), ("HTTP response written", response)]);
     eprintln!("{}", timeline(&steps, answered));
 
     let node = TestNode::start_on(&repo, "n-again", &[])?;
@@ -369,18 +366,9 @@ fn is_in(db: &Path, target: &str) -> bool {
     Path::new(target).parent() == Some(db)
 }
 
-fn file_name(target: &str) -> &str {
-    target.rsplit('/').next().unwrap_or(target)
-}
-
 /// A RocksDB write-ahead log of the database.
 fn is_wal(db: &Path, target: &str) -> bool {
     is_in(db, target) && target.ends_with(".log")
-}
-
-/// A RocksDB table or blob file of the database.
-fn is_table(db: &Path, target: &str) -> bool {
-    is_in(db, target) && (target.ends_with(".sst") || target.ends_with(".blob"))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

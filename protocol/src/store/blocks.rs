@@ -4,6 +4,7 @@ use bytes::Bytes;
 use cid::Cid;
 use multihash_codetable::{Code, MultihashDigest};
 
+use super::packs::{Location, PACK_MIN_BYTES};
 use super::{Column, Store, StoreError};
 
 /// A block: bytes and the CID they hash to.
@@ -51,45 +52,118 @@ pub trait BlockStore: Send + Sync {
 
 impl BlockStore for Store {
     fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.get_pinned(Column::Blocks, &cid.hash().to_bytes())?.map(|v| Bytes::copy_from_slice(&v)))
+        let key = cid.hash().to_bytes();
+        if let Some(inline) = self.get_pinned(Column::Blocks, &key)? {
+            return Ok(Some(Bytes::copy_from_slice(&inline)));
+        }
+        let (Some(packs), Some(location)) = (&self.packs, self.get(Column::Packed, &key)?) else { return Ok(None) };
+        match packs.read(&Location::decode(&location)?)? {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(damage) => {
+                // An unpinned block whose bytes a crash lost, or a damaged disk: the block is
+                // dropped, so that it reads as missing and can be fetched again.
+                tracing::warn!(%cid, %damage, "a stored block is damaged: dropped, to be fetched again");
+                if self.get(Column::Packed, &key)?.as_deref() == Some(&location[..]) {
+                    let mut batch = self.batch();
+                    batch.delete(Column::Packed, &key);
+                    batch.commit(false)?;
+                }
+                Ok(None)
+            }
+        }
     }
 
     fn has_block(&self, cid: &Cid) -> Result<bool, StoreError> {
-        self.contains(Column::Blocks, &cid.hash().to_bytes())
+        let key = cid.hash().to_bytes();
+        Ok(self.contains(Column::Blocks, &key)? || (self.packs.is_some() && self.contains(Column::Packed, &key)?))
     }
 }
 
 impl Store {
     /// Stores blocks whose hashes the caller has already computed (the importer made them),
-    /// in one atomic batch, without the write-ahead log: pinning the root flushes them.
+    /// in one atomic batch, logged but not synced: pinning the root makes them durable.
+    ///
+    /// Blocks of [`PACK_MIN_BYTES`] or more are appended to the pack files (unless already
+    /// there) and the batch records where; smaller ones go into the batch themselves.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
         let blocks: Vec<&Block> = blocks.into_iter().collect();
+        let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
+        let mut to_pack = Vec::new();
+        if let Some(packs) = &self.packs {
+            for (i, block) in blocks.iter().enumerate() {
+                // A block stored already (in either column) is not written again.
+                if block.data.len() >= PACK_MIN_BYTES && !self.contains(Column::Packed, &keys[i])? && !self.contains(Column::Blocks, &keys[i])? {
+                    to_pack.push(i);
+                }
+            }
+            let data: Vec<&[u8]> = to_pack.iter().map(|&i| &blocks[i].data[..]).collect();
+            let locations = if data.is_empty() { Vec::new() } else { packs.append(&data)? };
+            // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to
+            // 16 bytes of framing.
+            let bytes = blocks.iter().map(|b| if b.data.len() < PACK_MIN_BYTES { b.data.len() } else { Location::LEN } + 82);
+            let mut batch = self.batch_with_capacity(12 + bytes.sum::<usize>());
+            for (&i, location) in to_pack.iter().zip(&locations) {
+                batch.put(Column::Packed, &keys[i], &location.encode());
+            }
+            for (i, block) in blocks.iter().enumerate() {
+                if block.data.len() < PACK_MIN_BYTES {
+                    batch.put(Column::Blocks, &keys[i], &block.data);
+                }
+            }
+            return batch.commit(false);
+        }
         // Per record: the value, a multihash key (≤ 66 bytes) and up to 16 bytes of framing.
         let bytes = 12 + blocks.iter().map(|b| b.data.len() + 82).sum::<usize>();
         let mut batch = self.batch_with_capacity(bytes);
-        for block in blocks {
-            batch.put(Column::Blocks, &block.cid.hash().to_bytes(), &block.data);
+        for (block, key) in blocks.iter().zip(&keys) {
+            batch.put(Column::Blocks, key, &block.data);
         }
-        batch.commit_unlogged()
+        batch.commit(false)
     }
 
-    /// Verifies a block that came from outside (network, CAR file) and stores it (without the
-    /// write-ahead log, like [`Store::put_blocks`]).
+    /// Verifies a block that came from outside (network, CAR file) and stores it, like
+    /// [`Store::put_blocks`].
     pub fn put_verified_block(&self, cid: &Cid, data: &[u8]) -> Result<(), StoreError> {
-        verify_hash(cid, data)?;
-        let mut batch = self.batch();
-        batch.put(Column::Blocks, &cid.hash().to_bytes(), data);
-        batch.commit_unlogged()
+        let block = Block::verified(*cid, Bytes::copy_from_slice(data))?;
+        self.put_blocks([&block])
     }
 
-    /// Removes a block.
+    /// Removes a block (its bytes in a pack file stay until [`Store::remove_unused_packs`]).
     pub fn delete_block(&self, cid: &Cid) -> Result<(), StoreError> {
-        self.delete_sync(Column::Blocks, &cid.hash().to_bytes())
+        let mut batch = self.batch();
+        self.delete_block_in(&mut batch, &cid.hash().to_bytes());
+        batch.commit(true)
+    }
+
+    /// Adds the deletion of the block with this multihash (as bytes) to a batch.
+    pub fn delete_block_in(&self, batch: &mut super::StoreBatch<'_>, key: &[u8]) {
+        batch.delete(Column::Blocks, key);
+        if self.packs.is_some() {
+            batch.delete(Column::Packed, key);
+        }
+    }
+
+    /// Deletes the pack files no stored block points into any more; returns how many. Call
+    /// after deleting blocks (garbage collection).
+    pub fn remove_unused_packs(&self) -> Result<usize, StoreError> {
+        let Some(packs) = &self.packs else { return Ok(0) };
+        // Files below this one take no more appends; read it before the index.
+        let below = packs.complete_below();
+        let mut used = std::collections::HashSet::new();
+        for entry in self.iter(Column::Packed) {
+            let (_, location) = entry?;
+            used.insert(Location::decode(&location)?.pack);
+        }
+        packs.remove_unused(below, &used)
     }
 
     /// Every stored block's multihash, as a raw-codec CIDv1 (the codec is not stored).
     pub fn block_multihashes(&self) -> impl Iterator<Item = Result<cid::multihash::Multihash<64>, StoreError>> + '_ {
-        self.iter(Column::Blocks).map(|r| {
+        let packed: Box<dyn Iterator<Item = _>> = match self.packs {
+            Some(_) => self.iter(Column::Packed),
+            None => Box::new(std::iter::empty()),
+        };
+        self.iter(Column::Blocks).chain(packed).map(|r| {
             let (key, _) = r?;
             cid::multihash::Multihash::<64>::from_bytes(&key).map_err(|e| StoreError::Corrupt {
                 column: Column::Blocks.name(),
@@ -113,6 +187,92 @@ mod tests {
         assert!(!store.has_block(&block.cid)?);
         store.put_verified_block(&block.cid, &block.data)?;
         assert_eq!(store.get_block(&block.cid)?, Some(block.data.clone()));
+        Ok(())
+    }
+
+    fn pack_files(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("packs"))?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        files.sort();
+        Ok(files)
+    }
+
+    #[test]
+    fn large_blocks_go_to_pack_files_small_ones_to_the_database_and_both_survive_reopen() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let small = Block::new_v1(0x55, Bytes::from(vec![1u8; PACK_MIN_BYTES - 1]));
+        let large = Block::new_v1(0x55, Bytes::from(vec![2u8; PACK_MIN_BYTES]));
+        {
+            let store = Store::open(dir.path())?;
+            store.put_blocks([&small, &large])?;
+            assert!(store.has_block(&small.cid)? && store.has_block(&large.cid)?);
+            assert!(store.get(Column::Blocks, &small.cid.hash().to_bytes())?.is_some());
+            assert!(store.get(Column::Blocks, &large.cid.hash().to_bytes())?.is_none(), "the large block's bytes are not in the database");
+            assert_eq!(store.get(Column::Packed, &large.cid.hash().to_bytes())?.map(|v| v.len()), Some(Location::LEN));
+            store.sync_blocks()?;
+        }
+        let files = pack_files(dir.path())?;
+        assert_eq!(files.len(), 1);
+        assert_eq!(std::fs::read(&files[0])?, large.data, "the pack file holds exactly the large block");
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.get_block(&small.cid)?, Some(small.data.clone()));
+        assert_eq!(store.get_block(&large.cid)?, Some(large.data.clone()));
+        let mut stored: Vec<_> = store.block_multihashes().collect::<Result<_, _>>()?;
+        stored.sort_by_key(|m| m.to_bytes());
+        let mut expected = vec![*small.cid.hash(), *large.cid.hash()];
+        expected.sort_by_key(|m| m.to_bytes());
+        assert_eq!(stored, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn a_block_stored_twice_is_written_to_a_pack_file_once() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let block = Block::new_v1(0x55, Bytes::from(vec![3u8; 10_000]));
+        store.put_blocks([&block])?;
+        store.put_blocks([&block, &block])?;
+        store.put_verified_block(&block.cid, &block.data)?;
+        assert_eq!(std::fs::metadata(&pack_files(dir.path())?[0])?.len(), 10_000);
+        Ok(())
+    }
+
+    #[test]
+    fn a_block_whose_packed_bytes_are_damaged_reads_as_missing_and_can_be_stored_again() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let block = Block::new_v1(0x55, Bytes::from(vec![4u8; 8192]));
+        let other = Block::new_v1(0x55, Bytes::from(vec![5u8; 8192]));
+        store.put_blocks([&block, &other])?;
+        // A crash that kept the location but lost the bytes leaves a short file.
+        let file = &pack_files(dir.path())?[0];
+        std::fs::OpenOptions::new().write(true).open(file)?.set_len(12_000)?;
+        assert_eq!(store.get_block(&block.cid)?, Some(block.data.clone()), "the block before the cut is whole");
+        assert_eq!(store.get_block(&other.cid)?, None);
+        assert!(!store.has_block(&other.cid)?, "the damaged block is dropped, so a fetch asks for it again");
+        store.put_blocks([&other])?;
+        assert_eq!(store.get_block(&other.cid)?, Some(other.data.clone()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_pack_file_goes_once_every_block_in_it_is_deleted() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let blocks: Vec<Block> = (0..3u8).map(|i| Block::new_v1(0x55, Bytes::from(vec![i; 5000]))).collect();
+        store.put_blocks(&blocks[..2])?;
+        // A reopened store appends to a new file: the first one is complete.
+        drop(store);
+        let store = Store::open(dir.path())?;
+        store.put_blocks(&blocks[2..])?;
+        assert_eq!(pack_files(dir.path())?.len(), 2);
+        store.delete_block(&blocks[0].cid)?;
+        assert_eq!(store.remove_unused_packs()?, 0, "the first file still holds a live block");
+        store.delete_block(&blocks[1].cid)?;
+        assert_eq!(store.remove_unused_packs()?, 1);
+        store.delete_block(&blocks[2].cid)?;
+        assert_eq!(store.remove_unused_packs()?, 0, "the active file stays");
+        assert_eq!(pack_files(dir.path())?.len(), 1);
+        assert!(store.block_multihashes().next().is_none());
         Ok(())
     }
 

@@ -5,10 +5,12 @@
 //! that must survive a crash (pins, core changes) are written with `sync = true` before they are
 //! acknowledged.
 //!
-//! Blocks skip RocksDB's write-ahead log: every block would otherwise be written twice (log, then
-//! blob file), which halves import and transfer speed. Until it is pinned a block is a cache
-//! entry that a crash may lose (it can be fetched again); [`Store::pin`] flushes the blocks
-//! column to disk before it writes the pin, so a pinned DAG is always on disk.
+//! Large blocks' bytes skip RocksDB altogether: they are appended to pack files beside it (see
+//! [`packs`]) and the `packed` column holds where each one is. RocksDB would write them twice
+//! (memtable and log, then a blob file at flush). Until it is pinned a block is a cache entry
+//! that a crash may lose (it can be fetched again); [`Store::pin`] syncs the pack files before
+//! it writes the synced pin, whose log sync also covers the small blocks and the locations
+//! logged before it, so a pinned DAG is always on disk.
 //!
 //! [`Store::in_memory`] keeps the same columns in ordered maps instead, for simulations of
 //! many nodes in one process (`kubelt-sim`), where a RocksDB per node would cost more than
@@ -16,6 +18,7 @@
 //! count as if each sync had reached a disk.
 
 mod blocks;
+pub mod packs;
 mod pins;
 
 pub use blocks::{verify_hash, Block, BlockStore};
@@ -32,8 +35,12 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Column {
-    /// Block bytes keyed by multihash.
+    /// Block bytes keyed by multihash: blocks under [`packs::PACK_MIN_BYTES`] (and larger
+    /// ones written before pack files existed).
     Blocks,
+    /// Where each larger block's bytes are in the pack files, keyed by multihash: a
+    /// [`packs::Location`].
+    Packed,
     /// Pins keyed by CID bytes; the value is the [`PinKind`].
     Pins,
     /// Core state: change envelopes, delegations, snapshots.
@@ -48,12 +55,13 @@ pub enum Column {
 
 impl Column {
     /// Every column, in a stable order.
-    pub const ALL: [Column; 6] = [Column::Blocks, Column::Pins, Column::Cores, Column::Peers, Column::Meta, Column::Messages];
+    pub const ALL: [Column; 7] = [Column::Blocks, Column::Packed, Column::Pins, Column::Cores, Column::Peers, Column::Meta, Column::Messages];
 
     /// The column family's name in RocksDB.
     pub fn name(self) -> &'static str {
         match self {
             Column::Blocks => "blocks",
+            Column::Packed => "packed",
             Column::Pins => "pins",
             Column::Cores => "cores",
             Column::Peers => "peers",
@@ -105,6 +113,15 @@ pub enum StoreError {
         /// The block.
         cid: cid::Cid,
     },
+    /// A pack file could not be created, written or synced.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, and to which path.
+        what: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The CID uses a hash function the node does not support.
     #[error("unsupported multihash code 0x{0:x}")]
     UnsupportedHash(u64),
@@ -121,6 +138,8 @@ pub struct Store {
     backend: Backend,
     path: PathBuf,
     wal: Arc<WalCounters>,
+    /// Large blocks' bytes (on disk only; in memory every block is in the `blocks` column).
+    packs: Option<Arc<packs::Packs>>,
 }
 
 /// Where the records live.
@@ -240,7 +259,8 @@ impl Store {
                 StoreError::Db(e)
             }
         })?;
-        let store = Store { backend: Backend::Rocks(Arc::new(db)), path, wal: Arc::default() };
+        let packs = packs::Packs::open(&path.join("packs"))?;
+        let store = Store { backend: Backend::Rocks(Arc::new(db)), path, wal: Arc::default(), packs: Some(Arc::new(packs)) };
         store.check_schema()?;
         Ok(store)
     }
@@ -248,7 +268,7 @@ impl Store {
     /// A store that lives in memory only (see the module doc): for simulations of many
     /// nodes in one process. Its [`path`](Self::path) is `:memory:`.
     pub fn in_memory() -> Self {
-        let store = Store { backend: Backend::Memory(Arc::default()), path: PathBuf::from(":memory:"), wal: Arc::default() };
+        let store = Store { backend: Backend::Memory(Arc::default()), path: PathBuf::from(":memory:"), wal: Arc::default(), packs: None };
         // A fresh map has no schema record to be wrong about: this write cannot fail.
         let _ = store.check_schema();
         store
@@ -400,27 +420,12 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a batch of blocks without the write-ahead log (see the module doc).
-    fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
-        match (&self.backend, batch) {
-            (Backend::Rocks(db), Batch::Rocks(batch)) => {
-                let mut opts = WriteOptions::default();
-                opts.disable_wal(true);
-                Ok(db.write_opt(batch, &opts)?)
-            }
-            (Backend::Memory(db), Batch::Memory(ops)) => {
-                db.apply(ops);
-                Ok(())
-            }
-            _ => unreachable!("a batch of one backend written to the other"),
-        }
-    }
-
-    /// Makes every block written so far durable (blocks skip the write-ahead log).
-    pub fn flush_blocks(&self) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Rocks(db) => Ok(db.flush_cf(cf(db, Column::Blocks))?),
-            Backend::Memory(_) => Ok(()),
+    /// Makes every block written so far durable: syncs the pack files (the log sync of the
+    /// write that needs them, a pin, covers the rest).
+    pub fn sync_blocks(&self) -> Result<(), StoreError> {
+        match &self.packs {
+            Some(packs) => packs.sync(),
+            None => Ok(()),
         }
     }
 
@@ -452,8 +457,9 @@ impl Store {
         }
     }
 
-    /// Flushes memtables and the WAL to disk; called on shutdown.
+    /// Flushes pack files, memtables and the WAL to disk; called on shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.sync_blocks()?;
         if let Backend::Rocks(db) = &self.backend {
             db.flush_wal(true)?;
             for column in Column::ALL {
@@ -463,15 +469,19 @@ impl Store {
         Ok(())
     }
 
-    /// Approximate size in bytes of a column on disk (SST and blob files); in memory, the
-    /// bytes of its keys and values.
+    /// Approximate size in bytes of a column on disk (SST and blob files, and for blocks the
+    /// pack files); in memory, the bytes of its keys and values.
     pub fn approximate_size(&self, column: Column) -> u64 {
         match &self.backend {
             Backend::Rocks(db) => {
                 let cf = cf(db, column);
                 let sst = db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
                 let blob = db.property_int_value_cf(cf, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
-                sst + blob
+                let packed = match (column, &self.packs) {
+                    (Column::Blocks, Some(packs)) => packs.size(),
+                    _ => 0,
+                };
+                sst + blob + packed
             }
             Backend::Memory(db) => db.read()[column as usize].iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
         }
@@ -530,11 +540,6 @@ impl StoreBatch<'_> {
     /// Applies every write at once; with `sync` waits until they are on disk.
     pub fn commit(self, sync: bool) -> Result<(), StoreError> {
         self.store.write(self.batch, sync)
-    }
-
-    /// Applies every write at once without the write-ahead log: for blocks only.
-    pub(crate) fn commit_unlogged(self) -> Result<(), StoreError> {
-        self.store.write_unlogged(self.batch)
     }
 }
 

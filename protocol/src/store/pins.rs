@@ -42,10 +42,11 @@ pub struct PinRecord {
 }
 
 impl Store {
-    /// Pins a CID, synced to disk, after making the blocks written so far durable (they skip
-    /// the write-ahead log). A recursive pin replaces a direct one.
+    /// Pins a CID, synced to disk, after making the blocks written so far durable: their pack
+    /// files are synced first, and the pin's own log sync covers every block and location
+    /// logged before it. A recursive pin replaces a direct one.
     pub fn pin(&self, cid: &Cid, kind: PinKind) -> Result<(), StoreError> {
-        self.flush_blocks()?;
+        self.sync_blocks()?;
         self.put_sync(Column::Pins, &cid.to_bytes(), &[kind.to_byte()])
     }
 

@@ -16,7 +16,7 @@ use cid::Cid;
 
 use super::exporter::links;
 use super::UnixfsError;
-use crate::store::{BlockStore, Column, PinKind, Store};
+use crate::store::{BlockStore, PinKind, Store};
 
 /// What a GC run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub fn gc(store: &Store) -> Result<GcReport, UnixfsError> {
         if marked.contains(&key) {
             report.kept += 1;
         } else {
-            batch.delete(Column::Blocks, &key);
+            store.delete_block_in(&mut batch, &key);
             report.removed += 1;
             if batch.len() >= 10_000 {
                 std::mem::replace(&mut batch, store.batch()).commit(false)?;
@@ -49,7 +49,8 @@ pub fn gc(store: &Store) -> Result<GcReport, UnixfsError> {
     }
     // The last batch is synced, which also makes the earlier ones durable.
     batch.commit(true)?;
-    tracing::info!(removed = report.removed, kept = report.kept, missing = report.missing, "garbage collection done");
+    let packs = store.remove_unused_packs()?;
+    tracing::info!(removed = report.removed, kept = report.kept, missing = report.missing, packs, "garbage collection done");
     Ok(report)
 }
 

@@ -1,0 +1,447 @@
+//! The bytes of large blocks, in append-only pack files beside the database.
+//!
+//! A block of [`PACK_MIN_BYTES`] or more is written once, straight from the caller's buffer
+//! into the active pack file (one `writev` per batch), and the database keeps only its
+//! [`Location`] in the `packed` column. RocksDB would copy it into a memtable first and write
+//! it out again at flush; that copy, the fresh memtable pages and the flush thread were a
+//! third of `add`'s time (see docs/design-notes.md, "Storage").
+//!
+//! - **Files.** `<db>/packs/00000001.pack`, … One file is active at a time and takes every
+//!   append until it holds [`PACK_TARGET_BYTES`]; then the next one starts. A restarted store
+//!   never appends to an old file (its tail may be torn): it starts a new one at the first
+//!   append.
+//! - **Durability.** Appends are not synced. [`Packs::sync`] fdatasyncs every file appended to
+//!   since the last sync, and the directory when files were created, before it returns;
+//!   `Store::pin` calls it before writing the synced pin, so a pinned DAG is on disk.
+//! - **Integrity.** Each location carries the CRC-32 of the bytes, checked on every read, so a
+//!   flipped bit or a tail lost in a crash (an unpinned block whose location reached the log
+//!   but whose bytes did not reach the disk) is an error, never wrong bytes.
+//! - **Space.** A file is deleted once no location points into it ([`Packs::remove_unused`],
+//!   after garbage collection). A file that keeps one live block keeps its dead bytes too, as
+//!   RocksDB's blob files without blob GC did.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::StoreError;
+
+/// Blocks this size and larger go to pack files; smaller ones stay in the database.
+pub const PACK_MIN_BYTES: usize = 4096;
+/// A pack file takes appends until it holds this many bytes.
+pub const PACK_TARGET_BYTES: u64 = 64 << 20;
+/// Read handles kept open (every one is reopened on demand).
+const OPEN_READERS: usize = 64;
+/// Appends start the kernel's write-back of every this many bytes, so that a sync (a pin)
+/// waits for the last few megabytes only, not for everything the page cache held back: the
+/// kernel on its own starts only once a tenth of memory is dirty.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+/// `writev` takes at most this many buffers (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// Where a packed block's bytes are: the value of its key in the `packed` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// The pack file's number.
+    pub pack: u32,
+    /// The first byte in the file.
+    pub offset: u64,
+    /// The block's length.
+    pub len: u32,
+    /// CRC-32 (IEEE) of the block's bytes.
+    pub crc: u32,
+}
+
+impl Location {
+    /// Encoded length.
+    pub const LEN: usize = 20;
+
+    /// The 20-byte record: pack, offset, length, CRC, all big-endian.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[0..4].copy_from_slice(&self.pack.to_be_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        out[12..16].copy_from_slice(&self.len.to_be_bytes());
+        out[16..20].copy_from_slice(&self.crc.to_be_bytes());
+        out
+    }
+
+    /// Decodes a record written by [`Location::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let bytes: &[u8; Self::LEN] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+            column: "packed",
+            reason: format!("a block location of {} bytes, expected {}", bytes.len(), Self::LEN),
+        })?;
+        let u32_at = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&bytes[4..12]);
+        Ok(Location { pack: u32_at(0), offset: u64::from_be_bytes(offset), len: u32_at(12), crc: u32_at(16) })
+    }
+}
+
+/// The pack files of one store.
+pub struct Packs {
+    dir: PathBuf,
+    active: Mutex<Active>,
+    /// Held for the whole of a [`Packs::sync`], so that a sync that finds nothing left to do
+    /// returns only after the one that took the files has synced them.
+    syncing: Mutex<()>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+/// The file that takes appends, and what the next sync owes the disk.
+struct Active {
+    /// The number of the last file made (or found at open): the next file is one more.
+    last: u32,
+    /// The open file and its number; `None` until the first append, and after a failed write
+    /// (the next append starts a new file rather than write after a torn tail).
+    file: Option<(u32, Arc<File>)>,
+    /// Files written since the last sync.
+    unsynced: Vec<Arc<File>>,
+    /// How far into the active file write-back has been started (see [`WRITEBACK_BYTES`]).
+    written_back: u64,
+    /// Whether files were created since the directory was last synced.
+    dir_unsynced: bool,
+}
+
+impl Packs {
+    /// Opens (creating) `dir`; the first append starts a file after every file there.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "cannot create", e))?;
+        if created {
+            // The new directory's own name must survive a crash too.
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let mut last = 0;
+        for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", e))? {
+            let entry = entry.map_err(|e| io_error(dir, "cannot list", e))?;
+            if let Some(n) = pack_number(&entry.file_name().to_string_lossy()) {
+                last = last.max(n);
+            }
+        }
+        Ok(Packs {
+            dir: dir.to_path_buf(),
+            active: Mutex::new(Active { last, file: None, unsynced: Vec::new(), written_back: 0, dir_unsynced: false }),
+            syncing: Mutex::new(()),
+            readers: Mutex::default(),
+        })
+    }
+
+    /// Appends `blocks` to the active file, in order, and returns where each one went.
+    pub fn append(&self, blocks: &[&[u8]]) -> Result<Vec<Location>, StoreError> {
+        let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
+        let mut active = lock(&self.active);
+        let mut current = match &active.file {
+            Some((pack, file)) => Some((*pack, file.clone())),
+            None => None,
+        };
+        // The file is opened to append: its length is where this batch goes.
+        let mut start = 0;
+        if let Some((pack, file)) = &current {
+            start = file.metadata().map_err(|e| io_error(&self.path(*pack), "cannot stat", e))?.len();
+            if start >= PACK_TARGET_BYTES {
+                current = None;
+            }
+        }
+        let (pack, file) = match current {
+            Some(current) => current,
+            None => {
+                start = 0;
+                self.start_file(&mut active)?
+            }
+        };
+        if let Err(e) = write_all_vectored(&file, blocks) {
+            // Whatever part of the batch reached the file is never pointed at.
+            active.file = None;
+            return Err(io_error(&self.path(pack), "cannot write to", e));
+        }
+        let mut offset = start;
+        let locations = blocks
+            .iter()
+            .zip(crcs)
+            .map(|(block, crc)| {
+                let location = Location { pack, offset, len: block.len() as u32, crc };
+                offset += block.len() as u64;
+                location
+            })
+            .collect();
+        if !active.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            active.unsynced.push(file.clone());
+        }
+        if offset.saturating_sub(active.written_back) >= WRITEBACK_BYTES {
+            start_writeback(&file, active.written_back.min(start), offset);
+            active.written_back = offset;
+        }
+        Ok(locations)
+    }
+
+    /// Makes the next file the active one.
+    fn start_file(&self, active: &mut Active) -> Result<(u32, Arc<File>), StoreError> {
+        let pack = active.last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            column: "packed",
+            reason: "pack file numbers are exhausted".into(),
+        })?;
+        let path = self.path(pack);
+        let file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(|e| io_error(&path, "cannot create", e))?;
+        active.last = pack;
+        active.dir_unsynced = true;
+        active.written_back = 0;
+        let file = Arc::new(file);
+        active.file = Some((pack, file.clone()));
+        Ok((pack, file))
+    }
+
+    /// Puts every byte appended before this call on disk, with the names of new files.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let _syncing = lock(&self.syncing);
+        let (files, dir) = {
+            let mut active = lock(&self.active);
+            (std::mem::take(&mut active.unsynced), std::mem::take(&mut active.dir_unsynced))
+        };
+        let result = files.iter().try_for_each(|f| f.sync_data().map_err(|e| io_error(&self.dir, "cannot sync a pack file in", e)));
+        let result = result.and_then(|()| if dir { sync_dir(&self.dir) } else { Ok(()) });
+        if result.is_err() {
+            // Owed again: the next sync tries them again.
+            let mut active = lock(&self.active);
+            active.unsynced.extend(files);
+            active.dir_unsynced |= dir;
+        }
+        result
+    }
+
+    /// Reads a block's bytes and checks them against the location's CRC. `Ok(Err(damage))`
+    /// says the bytes are not there as written (a missing file, a short file, a failed
+    /// checksum); an I/O error of the system itself is an `Err`.
+    pub fn read(&self, location: &Location) -> Result<Result<Bytes, String>, StoreError> {
+        let file = match self.reader(location.pack) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(format!("pack {} is gone", location.pack))),
+            Err(e) => return Err(io_error(&self.path(location.pack), "cannot open", e)),
+        };
+        let mut data = vec![0u8; location.len as usize];
+        match file.read_exact_at(&mut data, location.offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(Err(format!("pack {} ends before the {} bytes at {}", location.pack, location.len, location.offset)))
+            }
+            Err(e) => return Err(io_error(&self.path(location.pack), "cannot read", e)),
+        }
+        if crc32fast::hash(&data) != location.crc {
+            return Ok(Err(format!("the {} bytes at {} of pack {} fail their checksum", location.len, location.offset, location.pack)));
+        }
+        Ok(Ok(Bytes::from(data)))
+    }
+
+    /// A read handle on a pack file.
+    fn reader(&self, pack: u32) -> std::io::Result<Arc<File>> {
+        if let Some(file) = lock(&self.readers).get(&pack) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(File::open(self.path(pack))?);
+        let mut readers = lock(&self.readers);
+        if readers.len() >= OPEN_READERS {
+            readers.clear();
+        }
+        readers.insert(pack, file.clone());
+        Ok(file)
+    }
+
+    /// The number that files made from now on are above: every file numbered up to it is
+    /// complete (see [`Packs::remove_unused`]).
+    pub fn complete_below(&self) -> u32 {
+        let active = lock(&self.active);
+        match active.file {
+            Some((pack, ..)) => pack,
+            None => active.last + 1,
+        }
+    }
+
+    /// Deletes every file numbered below `below` that `used` does not name; returns how many.
+    /// `below` must come from [`Packs::complete_below`] before `used` was read from the index,
+    /// so no append can have gone to a file this deletes.
+    pub fn remove_unused(&self, below: u32, used: &HashSet<u32>) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, "cannot list", e))? {
+            let entry = entry.map_err(|e| io_error(&self.dir, "cannot list", e))?;
+            let Some(pack) = pack_number(&entry.file_name().to_string_lossy()) else { continue };
+            if pack < below && !used.contains(&pack) {
+                lock(&self.readers).remove(&pack);
+                std::fs::remove_file(entry.path()).map_err(|e| io_error(&entry.path(), "cannot remove", e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Bytes in pack files.
+    pub fn size(&self) -> u64 {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| pack_number(&e.file_name().to_string_lossy()).is_some())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    fn path(&self, pack: u32) -> PathBuf {
+        self.dir.join(format!("{pack:08}.pack"))
+    }
+}
+
+/// The number of a pack file's name (`00000012.pack`), or `None` for any other name.
+fn pack_number(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".pack")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Writes every buffer, in order, with as few `writev` calls as the kernel allows.
+fn write_all_vectored(mut file: &File, blocks: &[&[u8]]) -> std::io::Result<()> {
+    for group in blocks.chunks(MAX_IOVECS) {
+        let mut slices: Vec<IoSlice<'_>> = group.iter().map(|b| IoSlice::new(b)).collect();
+        let mut slices = &mut slices[..];
+        // Skip empty buffers up front: `advance_slices` expects progress.
+        IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            match file.write_vectored(slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts writing bytes `from..to` of `file` to disk, without waiting (`sync_file_range`, as
+/// RocksDB's `bytes_per_sync` does). Only a hint: a failure shows at the next sync.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else { return };
+        // SAFETY: sync_file_range reads no memory of ours; the fd is open for the call.
+        unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, from, to);
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, "cannot sync the directory", e))
+}
+
+fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
+    StoreError::Io { what: format!("{what} {}", path.display()), source: e }
+}
+
+/// A poisoned lock held only bookkeeping that every method leaves whole between statements.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_round_trip_and_other_lengths_are_refused() {
+        let location = Location { pack: 7, offset: (5 << 32) + 3, len: 262_144, crc: 0xdead_beef };
+        assert_eq!(Location::decode(&location.encode()).ok(), Some(location));
+        for len in [0, 19, 21] {
+            assert!(matches!(Location::decode(&vec![0; len]), Err(StoreError::Corrupt { .. })), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn appended_blocks_read_back_and_a_flipped_bit_is_an_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let packs = Packs::open(&dir.path().join("packs"))?;
+        let a = vec![1u8; 5000];
+        let b = vec![2u8; 7000];
+        let locations = packs.append(&[&a, &b])?;
+        assert_eq!(locations[1].offset, 5000);
+        assert_eq!(packs.read(&locations[0])?, Ok(Bytes::from(a.clone())));
+        assert_eq!(packs.read(&locations[1])?, Ok(Bytes::from(b)));
+        packs.sync()?;
+
+        let path = packs.path(locations[1].pack);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[6000] ^= 1;
+        std::fs::write(&path, bytes)?;
+        let damage = packs.read(&locations[1])?.unwrap_err();
+        assert!(damage.contains("checksum"), "{damage}");
+        assert_eq!(packs.read(&locations[0])?, Ok(Bytes::from(a)), "the other block is untouched");
+        Ok(())
+    }
+
+    #[test]
+    fn a_location_past_the_end_of_its_file_is_an_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let packs = Packs::open(dir.path())?;
+        let location = packs.append(&[&[9u8; 4096]])?[0];
+        let beyond = Location { offset: location.offset + 1, ..location };
+        let damage = packs.read(&beyond)?.unwrap_err();
+        assert!(damage.contains("ends before"), "{damage}");
+        let missing = Location { pack: location.pack + 1, ..location };
+        let damage = packs.read(&missing)?.unwrap_err();
+        assert!(damage.contains("is gone"), "{damage}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_reopened_store_appends_to_a_new_file_and_full_files_roll_over() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let first = Packs::open(dir.path())?.append(&[&[1u8; 4096]])?[0];
+        let packs = Packs::open(dir.path())?;
+        let second = packs.append(&[&[2u8; 4096]])?[0];
+        assert_eq!(second.pack, first.pack + 1);
+        assert_eq!(second.offset, 0);
+        // A file past its target takes no more appends.
+        let big = vec![3u8; PACK_TARGET_BYTES as usize];
+        let filled = packs.append(&[&big])?[0];
+        assert_eq!(filled.pack, second.pack, "the batch that crosses the target still goes to the active file");
+        let next = packs.append(&[&[4u8; 4096]])?[0];
+        assert_eq!((next.pack, next.offset), (second.pack + 1, 0));
+        assert_eq!(packs.read(&first)?, Ok(Bytes::from(vec![1u8; 4096])), "an older file stays readable");
+        Ok(())
+    }
+
+    #[test]
+    fn only_complete_unused_files_are_removed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let old = Packs::open(dir.path())?.append(&[&[1u8; 4096]])?[0];
+        let kept = Packs::open(dir.path())?.append(&[&[2u8; 4096]])?[0];
+        let packs = Packs::open(dir.path())?;
+        let active = packs.append(&[&[3u8; 4096]])?[0];
+        let below = packs.complete_below();
+        assert_eq!(below, active.pack);
+        // Neither the old file nor the active one is in use: only the old one goes.
+        assert_eq!(packs.remove_unused(below, &HashSet::from([kept.pack]))?, 1);
+        assert!(packs.read(&old)?.is_err());
+        assert_eq!(packs.read(&kept)?, Ok(Bytes::from(vec![2u8; 4096])));
+        assert_eq!(packs.read(&active)?, Ok(Bytes::from(vec![3u8; 4096])));
+        assert_eq!(packs.size(), 8192);
+        Ok(())
+    }
+
+    #[test]
+    fn names_other_than_pack_files_are_ignored() {
+        assert_eq!(pack_number("00000012.pack"), Some(12));
+        for name in ["12.pack", "0000001a.pack", "00000012.pack.tmp", "LOCK", "+0000012.pack"] {
+            assert_eq!(pack_number(name), None, "{name}");
+        }
+    }
+}
