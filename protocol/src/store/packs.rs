@@ -139,23 +139,19 @@ impl Packs {
     pub fn append(&self, blocks: &[&[u8]]) -> Result<Vec<Location>, StoreError> {
         let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
         let mut active = lock(&self.active);
-        let mut current = match &active.file {
-            Some((pack, file)) => Some((*pack, file.clone())),
+        // The file is opened to append: its length is where this batch goes.
+        let current = match active.file.clone() {
+            Some((pack, file)) => {
+                let len = file.metadata().map_err(|e| io_error(&self.path(pack), "cannot stat", e))?.len();
+                (len < PACK_TARGET_BYTES).then_some((pack, file, len))
+            }
             None => None,
         };
-        // The file is opened to append: its length is where this batch goes.
-        let mut start = 0;
-        if let Some((pack, file)) = &current {
-            start = file.metadata().map_err(|e| io_error(&self.path(*pack), "cannot stat", e))?.len();
-            if start >= PACK_TARGET_BYTES {
-                current = None;
-            }
-        }
-        let (pack, file) = match current {
+        let (pack, file, start) = match current {
             Some(current) => current,
             None => {
-                start = 0;
-                self.start_file(&mut active)?
+                let (pack, file) = self.start_file(&mut active)?;
+                (pack, file, 0)
             }
         };
         if let Err(e) = write_all_vectored(&file, blocks) {
@@ -435,6 +431,16 @@ mod tests {
         assert_eq!(packs.read(&active)?, Ok(Bytes::from(vec![3u8; 4096])));
         assert_eq!(packs.size(), 8192);
         Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_to_a_location_or_an_error(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            match Location::decode(&bytes) {
+                Ok(location) => proptest::prop_assert_eq!(&location.encode()[..], &bytes[..]),
+                Err(_) => proptest::prop_assert_ne!(bytes.len(), Location::LEN),
+            }
+        }
     }
 
     #[test]

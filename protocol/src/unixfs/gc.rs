@@ -121,6 +121,28 @@ mod tests {
     }
 
     #[test]
+    fn gc_frees_a_pack_file_once_nothing_in_it_is_kept() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (root, blocks) = add_bytes(&pseudo_random(600_000, 5), &ImportOptions::default())?;
+        {
+            let store = Store::open(dir.path())?;
+            store.put_blocks(&blocks)?;
+            store.pin(&root.cid, PinKind::Recursive)?;
+        }
+        // Reopened, the store appends elsewhere: the file holding the DAG is complete.
+        let store = Store::open(dir.path())?;
+        let packed = store.approximate_size(crate::store::Column::Blocks);
+        assert!(packed >= 600_000, "the chunks are in a pack file ({packed} bytes)");
+        gc(&store)?;
+        assert_eq!(store.approximate_size(crate::store::Column::Blocks), packed, "a pinned DAG's file stays");
+        store.unpin(&root.cid)?;
+        assert_eq!(gc(&store)?.removed, blocks.len() as u64);
+        let left = store.approximate_size(crate::store::Column::Blocks);
+        assert!(left < 10_000, "the pack file is deleted ({left} bytes left)");
+        Ok(())
+    }
+
+    #[test]
     fn a_missing_block_under_a_pin_is_counted_not_fatal() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
