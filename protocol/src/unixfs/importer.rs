@@ -428,9 +428,10 @@ pub(crate) fn import_reader(
     }
 }
 
-/// Bytes of blocks handed to RocksDB in one `put_blocks` batch. Measured: 4 MiB batches
-/// write ~25% faster than 16 MiB ones and ~50% faster than 64 MiB ones (fewer memtable
-/// stalls), and much faster than one block per write.
+/// Bytes of blocks handed to the store in one `put_blocks` batch (one `writev` to a pack
+/// file). Measured when blocks went to RocksDB: 4 MiB batches wrote ~25% faster than 16 MiB
+/// ones and ~50% faster than 64 MiB ones (fewer memtable stalls), and much faster than one
+/// block per write; not measured again since.
 pub const BATCH_BYTES: usize = 4 << 20;
 /// Batches queued for the writer thread; bounds memory to about 6 × [`BATCH_BYTES`].
 const QUEUED_BATCHES: usize = 4;
