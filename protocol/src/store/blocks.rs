@@ -90,9 +90,15 @@ impl Store {
         let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
         let mut to_pack = Vec::new();
         if let Some(packs) = &self.packs {
+            let mut in_batch = std::collections::HashSet::new();
             for (i, block) in blocks.iter().enumerate() {
-                // A block stored already (in either column) is not written again.
-                if block.data.len() >= PACK_MIN_BYTES && !self.contains(Column::Packed, &keys[i])? && !self.contains(Column::Blocks, &keys[i])? {
+                // A block stored already (in either column), or earlier in this batch (a file
+                // of repeated chunks), is not written again.
+                if block.data.len() >= PACK_MIN_BYTES
+                    && in_batch.insert(&keys[i])
+                    && !self.contains(Column::Packed, &keys[i])?
+                    && !self.contains(Column::Blocks, &keys[i])?
+                {
                     to_pack.push(i);
                 }
             }
@@ -225,12 +231,12 @@ mod tests {
     }
 
     #[test]
-    fn a_block_stored_twice_is_written_to_a_pack_file_once() -> anyhow::Result<()> {
+    fn a_block_stored_twice_or_twice_in_one_batch_is_written_to_a_pack_file_once() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
         let block = Block::new_v1(0x55, Bytes::from(vec![3u8; 10_000]));
-        store.put_blocks([&block])?;
         store.put_blocks([&block, &block])?;
+        store.put_blocks([&block])?;
         store.put_verified_block(&block.cid, &block.data)?;
         assert_eq!(std::fs::metadata(&pack_files(dir.path())?[0])?.len(), 10_000);
         Ok(())
