@@ -86,7 +86,16 @@ impl Store {
     /// Blocks of [`PACK_MIN_BYTES`] or more are appended to the pack files (unless already
     /// there) and the batch records where; smaller ones go into the batch themselves.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        let blocks: Vec<&Block> = blocks.into_iter().collect();
+        self.write_blocks(blocks.into_iter().collect(), false)
+    }
+
+    /// [`Store::put_blocks`] for blocks that a pin follows at once (an import): their pack
+    /// files are written back to disk as they grow, so the pin waits for the tail only.
+    pub fn put_blocks_to_pin<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
+        self.write_blocks(blocks.into_iter().collect(), true)
+    }
+
+    fn write_blocks(&self, blocks: Vec<&Block>, writeback: bool) -> Result<(), StoreError> {
         let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
         let mut to_pack = Vec::new();
         if let Some(packs) = &self.packs {
@@ -103,7 +112,7 @@ impl Store {
                 }
             }
             let data: Vec<&[u8]> = to_pack.iter().map(|&i| &blocks[i].data[..]).collect();
-            let locations = if data.is_empty() { Vec::new() } else { packs.append(&data)? };
+            let locations = if data.is_empty() { Vec::new() } else { packs.append(&data, writeback)? };
             // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to
             // 16 bytes of framing.
             let bytes = blocks.iter().map(|b| if b.data.len() < PACK_MIN_BYTES { b.data.len() } else { Location::LEN } + 82);

@@ -492,7 +492,7 @@ pub(crate) fn with_store_writer<T>(
             .name("unixfs-writer".into())
             .spawn_scoped(scope, move || -> Result<(), UnixfsError> {
                 for batch in rx {
-                    store.put_blocks(&batch)?;
+                    store.put_blocks_to_pin(&batch)?;
                 }
                 Ok(())
             })
