@@ -272,12 +272,10 @@ mod tests {
     #[test]
     fn a_pack_file_goes_once_every_block_in_it_is_deleted() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
+        // Two blocks fill a file.
+        let store = Store::open_with_pack_target(dir.path(), 8192)?;
         let blocks: Vec<Block> = (0..3u8).map(|i| Block::new_v1(0x55, Bytes::from(vec![i; 5000]))).collect();
         store.put_blocks(&blocks[..2])?;
-        // A reopened store appends to a new file: the first one is complete.
-        drop(store);
-        let store = Store::open(dir.path())?;
         store.put_blocks(&blocks[2..])?;
         assert_eq!(pack_files(dir.path())?.len(), 2);
         store.delete_block(&blocks[0].cid)?;

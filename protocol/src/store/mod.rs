@@ -245,6 +245,11 @@ pub type KeyValue = (Box<[u8]>, Box<[u8]>);
 impl Store {
     /// Opens (creating if needed) the database at `path` with every column family.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_pack_target(path, packs::PACK_TARGET_BYTES)
+    }
+
+    /// [`Store::open`] with pack files of `pack_target` bytes (tests make small ones).
+    pub(crate) fn open_with_pack_target(path: impl AsRef<Path>, pack_target: u64) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -259,7 +264,7 @@ impl Store {
                 StoreError::Db(e)
             }
         })?;
-        let packs = packs::Packs::open(&path.join("packs"))?;
+        let packs = packs::Packs::open_with_target(&path.join("packs"), pack_target)?;
         let store = Store { backend: Backend::Rocks(Arc::new(db)), path, wal: Arc::default(), packs: Some(Arc::new(packs)) };
         store.check_schema()?;
         Ok(store)

@@ -7,9 +7,11 @@
 //! third of `add`'s time (see docs/design-notes.md, "Storage").
 //!
 //! - **Files.** `<db>/packs/00000001.pack`, … One file is active at a time and takes every
-//!   append until it holds [`PACK_TARGET_BYTES`]; then the next one starts. A restarted store
-//!   never appends to an old file (its tail may be torn): it starts a new one at the first
-//!   append.
+//!   append until it holds [`PACK_TARGET_BYTES`]; then the next one starts. A reopened store
+//!   goes on appending to its last file while that one has room (so that many short runs, an
+//!   offline `kubelt add` each, do not make a file each): each append goes at the file's
+//!   length as the system reports it, so bytes a crash left at the tail are skipped, never
+//!   pointed at.
 //! - **Durability.** Appends are not synced. [`Packs::sync`] fdatasyncs every file appended to
 //!   since the last sync, and the directory when files were created, before it returns;
 //!   `Store::pin` calls it before writing the synced pin, so a pinned DAG is on disk.
@@ -90,6 +92,8 @@ impl Location {
 /// The pack files of one store.
 pub struct Packs {
     dir: PathBuf,
+    /// A file takes appends until it holds this many bytes ([`PACK_TARGET_BYTES`]).
+    target: u64,
     active: Mutex<Active>,
     /// Held for the whole of a [`Packs::sync`], so that a sync that finds nothing left to do
     /// returns only after the one that took the files has synced them.
@@ -113,8 +117,13 @@ struct Active {
 }
 
 impl Packs {
-    /// Opens (creating) `dir`; the first append starts a file after every file there.
+    /// Opens (creating) `dir`; appends go to its last file while that one has room.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_target(dir, PACK_TARGET_BYTES)
+    }
+
+    /// [`Packs::open`] with files of `target` bytes (tests make small ones).
+    pub(crate) fn open_with_target(dir: &Path, target: u64) -> Result<Self, StoreError> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "cannot create", e))?;
         if created {
@@ -130,9 +139,23 @@ impl Packs {
                 last = last.max(n);
             }
         }
+        // The last file takes appends again while it has room (an earlier run's write-back is
+        // the kernel's business now: count it as started).
+        let mut file = None;
+        let mut written_back = 0;
+        if last > 0 {
+            let path = dir.join(pack_name(last));
+            let len = std::fs::metadata(&path).map_err(|e| io_error(&path, "cannot stat", e))?.len();
+            if len < target {
+                let handle = OpenOptions::new().append(true).open(&path).map_err(|e| io_error(&path, "cannot open", e))?;
+                file = Some((last, Arc::new(handle)));
+                written_back = len;
+            }
+        }
         Ok(Packs {
             dir: dir.to_path_buf(),
-            active: Mutex::new(Active { last, file: None, unsynced: Vec::new(), written_back: 0, dir_unsynced: false }),
+            target,
+            active: Mutex::new(Active { last, file, unsynced: Vec::new(), written_back, dir_unsynced: false }),
             syncing: Mutex::new(()),
             readers: Mutex::default(),
         })
@@ -148,7 +171,7 @@ impl Packs {
         let current = match active.file.clone() {
             Some((pack, file)) => {
                 let len = file.metadata().map_err(|e| io_error(&self.path(pack), "cannot stat", e))?.len();
-                (len < PACK_TARGET_BYTES).then_some((pack, file, len))
+                (len < self.target).then_some((pack, file, len))
             }
             None => None,
         };
@@ -255,13 +278,13 @@ impl Packs {
         Ok(file)
     }
 
-    /// The number that files made from now on are above: every file numbered up to it is
-    /// complete (see [`Packs::remove_unused`]).
+    /// A number below which every file is complete: none takes appends any more (see
+    /// [`Packs::remove_unused`]). The active file counts as complete once it is full.
     pub fn complete_below(&self) -> u32 {
         let active = lock(&self.active);
-        match active.file {
-            Some((pack, ..)) => pack,
-            None => active.last + 1,
+        match &active.file {
+            Some((pack, file)) if !file.metadata().is_ok_and(|m| m.len() >= self.target) => *pack,
+            _ => active.last + 1,
         }
     }
 
@@ -294,8 +317,13 @@ impl Packs {
     }
 
     fn path(&self, pack: u32) -> PathBuf {
-        self.dir.join(format!("{pack:08}.pack"))
+        self.dir.join(pack_name(pack))
     }
+}
+
+/// The name of pack file number `pack`.
+fn pack_name(pack: u32) -> String {
+    format!("{pack:08}.pack")
 }
 
 /// The number of a pack file's name (`00000012.pack`), or `None` for any other name.
@@ -403,19 +431,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reopened_store_appends_to_a_new_file_and_full_files_roll_over() -> anyhow::Result<()> {
+    fn a_reopened_store_appends_to_its_last_file_until_it_is_full() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let first = Packs::open(dir.path())?.append(&[&[1u8; 4096]], false)?[0];
-        let packs = Packs::open(dir.path())?;
+        let target = 16_384;
+        let first = Packs::open_with_target(dir.path(), target)?.append(&[&[1u8; 4096]], false)?[0];
+        let packs = Packs::open_with_target(dir.path(), target)?;
         let second = packs.append(&[&[2u8; 4096]], false)?[0];
-        assert_eq!(second.pack, first.pack + 1);
-        assert_eq!(second.offset, 0);
-        // A file past its target takes no more appends.
-        let big = vec![3u8; PACK_TARGET_BYTES as usize];
-        let filled = packs.append(&[&big], false)?[0];
-        assert_eq!(filled.pack, second.pack, "the batch that crosses the target still goes to the active file");
+        assert_eq!((second.pack, second.offset), (first.pack, 4096));
+        // The batch that crosses the target still goes to the active file; the next starts one.
+        let filled = packs.append(&[&[3u8; 12_000]], false)?[0];
+        assert_eq!(filled.pack, first.pack);
         let next = packs.append(&[&[4u8; 4096]], false)?[0];
-        assert_eq!((next.pack, next.offset), (second.pack + 1, 0));
+        assert_eq!((next.pack, next.offset), (first.pack + 1, 0));
+        // Bytes a crash left at the tail (an append whose location was never stored) are skipped.
+        std::fs::OpenOptions::new().append(true).open(packs.path(next.pack))?.write_all(&[0xee; 100])?;
+        let packs = Packs::open_with_target(dir.path(), target)?;
+        let after_crash = packs.append(&[&[5u8; 4096]], false)?[0];
+        assert_eq!((after_crash.pack, after_crash.offset), (next.pack, 4196));
+        assert_eq!(packs.read(&after_crash)?, Ok(Bytes::from(vec![5u8; 4096])));
         assert_eq!(packs.read(&first)?, Ok(Bytes::from(vec![1u8; 4096])), "an older file stays readable");
         Ok(())
     }
@@ -423,18 +456,20 @@ mod tests {
     #[test]
     fn only_complete_unused_files_are_removed() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let old = Packs::open(dir.path())?.append(&[&[1u8; 4096]], false)?[0];
-        let kept = Packs::open(dir.path())?.append(&[&[2u8; 4096]], false)?[0];
-        let packs = Packs::open(dir.path())?;
-        let active = packs.append(&[&[3u8; 4096]], false)?[0];
+        // Every block fills a file.
+        let packs = Packs::open_with_target(dir.path(), 4096)?;
+        let old = packs.append(&[&[1u8; 4096]], false)?[0];
+        let kept = packs.append(&[&[2u8; 4096]], false)?[0];
         let below = packs.complete_below();
-        assert_eq!(below, active.pack);
+        assert_eq!(below, kept.pack + 1, "a full active file is complete");
+        let active = packs.append(&[&[3u8; 2048]], false)?[0];
+        assert_eq!(packs.complete_below(), active.pack, "one with room is not");
         // Neither the old file nor the active one is in use: only the old one goes.
-        assert_eq!(packs.remove_unused(below, &HashSet::from([kept.pack]))?, 1);
+        assert_eq!(packs.remove_unused(packs.complete_below(), &HashSet::from([kept.pack]))?, 1);
         assert!(packs.read(&old)?.is_err());
         assert_eq!(packs.read(&kept)?, Ok(Bytes::from(vec![2u8; 4096])));
-        assert_eq!(packs.read(&active)?, Ok(Bytes::from(vec![3u8; 4096])));
-        assert_eq!(packs.size(), 8192);
+        assert_eq!(packs.read(&active)?, Ok(Bytes::from(vec![3u8; 2048])));
+        assert_eq!(packs.size(), 4096 + 2048);
         Ok(())
     }
 

@@ -124,13 +124,10 @@ mod tests {
     fn gc_frees_a_pack_file_once_nothing_in_it_is_kept() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (root, blocks) = add_bytes(&pseudo_random(600_000, 5), &ImportOptions::default())?;
-        {
-            let store = Store::open(dir.path())?;
-            store.put_blocks(&blocks)?;
-            store.pin(&root.cid, PinKind::Recursive)?;
-        }
-        // Reopened, the store appends elsewhere: the file holding the DAG is complete.
-        let store = Store::open(dir.path())?;
+        // Files of 64 KiB: the one that holds the DAG is full, so complete.
+        let store = Store::open_with_pack_target(dir.path(), 65_536)?;
+        store.put_blocks(&blocks)?;
+        store.pin(&root.cid, PinKind::Recursive)?;
         let packed = store.approximate_size(crate::store::Column::Blocks);
         assert!(packed >= 600_000, "the chunks are in a pack file ({packed} bytes)");
         gc(&store)?;
