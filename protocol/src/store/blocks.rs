@@ -75,7 +75,7 @@ impl BlockStore for Store {
 
     fn has_block(&self, cid: &Cid) -> Result<bool, StoreError> {
         let key = cid.hash().to_bytes();
-        Ok(self.contains(Column::Blocks, &key)? || (self.packs.is_some() && self.contains(Column::Packed, &key)?))
+        Ok(self.contains(Column::Blocks, &key)? || self.contains(Column::Packed, &key)?)
     }
 }
 
@@ -97,41 +97,36 @@ impl Store {
 
     fn write_blocks(&self, blocks: Vec<&Block>, writeback: bool) -> Result<(), StoreError> {
         let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
+        // In memory (no pack files) every block goes into the batch itself.
+        let packed = |block: &Block| self.packs.is_some() && block.data.len() >= PACK_MIN_BYTES;
         let mut to_pack = Vec::new();
-        if let Some(packs) = &self.packs {
-            let mut in_batch = std::collections::HashSet::new();
-            for (i, block) in blocks.iter().enumerate() {
-                // A block stored already (in either column), or earlier in this batch (a file
-                // of repeated chunks), is not written again.
-                if block.data.len() >= PACK_MIN_BYTES
-                    && in_batch.insert(&keys[i])
-                    && !self.contains(Column::Packed, &keys[i])?
-                    && !self.contains(Column::Blocks, &keys[i])?
-                {
-                    to_pack.push(i);
-                }
+        let mut in_batch = std::collections::HashSet::new();
+        for (i, block) in blocks.iter().enumerate() {
+            // A block stored already (in either column), or earlier in this batch (a file of
+            // repeated chunks), is not written again.
+            if packed(block)
+                && in_batch.insert(&keys[i])
+                && !self.contains(Column::Packed, &keys[i])?
+                && !self.contains(Column::Blocks, &keys[i])?
+            {
+                to_pack.push(i);
             }
-            let data: Vec<&[u8]> = to_pack.iter().map(|&i| &blocks[i].data[..]).collect();
-            let locations = if data.is_empty() { Vec::new() } else { packs.append(&data, writeback)? };
-            // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to
-            // 16 bytes of framing.
-            let bytes = blocks.iter().map(|b| if b.data.len() < PACK_MIN_BYTES { b.data.len() } else { Location::LEN } + 82);
-            let mut batch = self.batch_with_capacity(12 + bytes.sum::<usize>());
-            for (&i, location) in to_pack.iter().zip(&locations) {
-                batch.put(Column::Packed, &keys[i], &location.encode());
-            }
-            for (i, block) in blocks.iter().enumerate() {
-                if block.data.len() < PACK_MIN_BYTES {
-                    batch.put(Column::Blocks, &keys[i], &block.data);
-                }
-            }
-            return batch.commit(false);
         }
-        // Per record: the value, a multihash key (≤ 66 bytes) and up to 16 bytes of framing.
-        let bytes = 12 + blocks.iter().map(|b| b.data.len() + 82).sum::<usize>();
-        let mut batch = self.batch_with_capacity(bytes);
+        let locations = match &self.packs {
+            Some(packs) if !to_pack.is_empty() => packs.append(&to_pack.iter().map(|&i| &blocks[i].data[..]).collect::<Vec<_>>(), writeback)?,
+            _ => Vec::new(),
+        };
+        // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to 16
+        // bytes of framing.
+        let bytes = blocks.iter().map(|b| if packed(b) { Location::LEN } else { b.data.len() } + 82);
+        let mut batch = self.batch_with_capacity(12 + bytes.sum::<usize>());
+        for (&i, location) in to_pack.iter().zip(&locations) {
+            batch.put(Column::Packed, &keys[i], &location.encode());
+        }
         for (block, key) in blocks.iter().zip(&keys) {
-            batch.put(Column::Blocks, key, &block.data);
+            if !packed(block) {
+                batch.put(Column::Blocks, key, &block.data);
+            }
         }
         batch.commit(false)
     }
@@ -153,9 +148,7 @@ impl Store {
     /// Adds the deletion of the block with this multihash (as bytes) to a batch.
     pub fn delete_block_in(&self, batch: &mut super::StoreBatch<'_>, key: &[u8]) {
         batch.delete(Column::Blocks, key);
-        if self.packs.is_some() {
-            batch.delete(Column::Packed, key);
-        }
+        batch.delete(Column::Packed, key);
     }
 
     /// Deletes the pack files no stored block points into any more; returns how many. Call
@@ -174,11 +167,7 @@ impl Store {
 
     /// Every stored block's multihash, as a raw-codec CIDv1 (the codec is not stored).
     pub fn block_multihashes(&self) -> impl Iterator<Item = Result<cid::multihash::Multihash<64>, StoreError>> + '_ {
-        let packed: Box<dyn Iterator<Item = _>> = match self.packs {
-            Some(_) => self.iter(Column::Packed),
-            None => Box::new(std::iter::empty()),
-        };
-        self.iter(Column::Blocks).chain(packed).map(|r| {
+        self.iter(Column::Blocks).chain(self.iter(Column::Packed)).map(|r| {
             let (key, _) = r?;
             cid::multihash::Multihash::<64>::from_bytes(&key).map_err(|e| StoreError::Corrupt {
                 column: Column::Blocks.name(),

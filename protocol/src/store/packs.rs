@@ -132,13 +132,7 @@ impl Packs {
                 sync_dir(parent)?;
             }
         }
-        let mut last = 0;
-        for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", e))? {
-            let entry = entry.map_err(|e| io_error(dir, "cannot list", e))?;
-            if let Some(n) = pack_number(&entry.file_name().to_string_lossy()) {
-                last = last.max(n);
-            }
-        }
+        let last = list(dir)?.iter().map(|(pack, _)| *pack).max().unwrap_or(0);
         // The last file takes appends again while it has room (an earlier run's write-back is
         // the kernel's business now: count it as started).
         let mut file = None;
@@ -293,12 +287,10 @@ impl Packs {
     /// so no append can have gone to a file this deletes.
     pub fn remove_unused(&self, below: u32, used: &HashSet<u32>) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, "cannot list", e))? {
-            let entry = entry.map_err(|e| io_error(&self.dir, "cannot list", e))?;
-            let Some(pack) = pack_number(&entry.file_name().to_string_lossy()) else { continue };
+        for (pack, path) in list(&self.dir)? {
             if pack < below && !used.contains(&pack) {
                 lock(&self.readers).remove(&pack);
-                std::fs::remove_file(entry.path()).map_err(|e| io_error(&entry.path(), "cannot remove", e))?;
+                std::fs::remove_file(&path).map_err(|e| io_error(&path, "cannot remove", e))?;
                 removed += 1;
             }
         }
@@ -307,13 +299,8 @@ impl Packs {
 
     /// Bytes in pack files.
     pub fn size(&self) -> u64 {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
-        entries
-            .filter_map(Result::ok)
-            .filter(|e| pack_number(&e.file_name().to_string_lossy()).is_some())
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum()
+        let Ok(files) = list(&self.dir) else { return 0 };
+        files.iter().filter_map(|(_, path)| std::fs::metadata(path).ok()).map(|m| m.len()).sum()
     }
 
     fn path(&self, pack: u32) -> PathBuf {
@@ -324,6 +311,18 @@ impl Packs {
 /// The name of pack file number `pack`.
 fn pack_name(pack: u32) -> String {
     format!("{pack:08}.pack")
+}
+
+/// The pack files in `dir`, by number and path (other names are skipped).
+fn list(dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", e))? {
+        let entry = entry.map_err(|e| io_error(dir, "cannot list", e))?;
+        if let Some(pack) = pack_number(&entry.file_name().to_string_lossy()) {
+            files.push((pack, entry.path()));
+        }
+    }
+    Ok(files)
 }
 
 /// The number of a pack file's name (`00000012.pack`), or `None` for any other name.
