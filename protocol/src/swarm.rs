@@ -1,6 +1,6 @@
 //! The composed libp2p `NetworkBehaviour` of a Kubelt node and how its swarm is built.
 //!
-//! Transports: TCP (noise + yamux), QUIC v1, and libp2p's in-process memory transport (for
+//! Transports: TCP (TLS 1.3 or noise, then yamux), QUIC v1, and libp2p's in-process memory transport (for
 //! tests that run dozens of nodes in one process). Protocols: identify `/ipfs/id/1.0.0`
 //! (agent `kubelt/<version>`), ping `/ipfs/ping/1.0.0`, and Kademlia on our own DHT
 //! `/kubelt/kad/1.0.0` (never the public IPFS DHT), and bitswap `/ipfs/bitswap/1.2.0` (with
@@ -201,6 +201,9 @@ pub enum BuildError {
     /// Noise could not be set up with the node key.
     #[error("noise setup failed: {0}")]
     Noise(#[from] noise::Error),
+    /// TLS could not be set up with the node key (its self-signed certificate).
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] libp2p_tls::certificate::GenError),
     /// A transport or behaviour could not be built.
     #[error("building the behaviour failed: {0}")]
     Behaviour(String),
@@ -220,7 +223,12 @@ pub fn build_counted(keypair: Keypair, config: &Config, store: Store, gossip: sy
     let config = config.clone();
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(libp2p::tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)?
+        // TLS 1.3 first, noise second: the dialer proposes them in this order and the listener
+        // takes the first it speaks. TLS runs AES-GCM (the patched libp2p-tls), which costs a
+        // fraction of noise's ChaCha20-Poly1305 on CPUs with AES instructions, and Kubo offers
+        // and accepts both; noise stays for peers without TLS (DESIGN.md names noise).
+        .with_tcp(libp2p::tcp::Config::default().nodelay(true), (libp2p_tls::Config::new, noise::Config::new), yamux_config)
+        .map_err(|e| e.either(BuildError::Tls, BuildError::Noise))?
         .with_quic_config(|mut quic| {
             // Larger flow-control windows than the defaults: loopback and LAN transfers of big
             // files are bounded by them, not by the link.
@@ -381,6 +389,90 @@ mod tests {
             }
         }
         Ok(None)
+    }
+
+    /// A node's TCP listener on 127.0.0.1, driven by a task of its own; returns its address.
+    async fn tcp_node() -> anyhow::Result<(libp2p::Multiaddr, tokio::task::JoinHandle<()>)> {
+        use futures::StreamExt as _;
+        let mut node = build(Keypair::generate_ed25519(), &Config::default(), Store::in_memory())?;
+        node.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+        let addr = loop {
+            if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } = node.select_next_some().await {
+                break address;
+            }
+        };
+        Ok((addr, tokio::spawn(async move { while node.next().await.is_some() {} })))
+    }
+
+    /// A swarm with nothing but TCP, one security protocol (TLS or noise) and yamux: a peer
+    /// that speaks only that one.
+    fn tcp_peer_with_only(tls: bool) -> anyhow::Result<Swarm<libp2p::swarm::dummy::Behaviour>> {
+        let builder = SwarmBuilder::with_new_identity().with_tokio();
+        let tcp = libp2p::tcp::Config::default();
+        let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(30));
+        Ok(if tls {
+            builder.with_tcp(tcp, libp2p_tls::Config::new, yamux_config)?.with_behaviour(|_| libp2p::swarm::dummy::Behaviour)?.with_swarm_config(idle).build()
+        } else {
+            builder.with_tcp(tcp, noise::Config::new, yamux_config)?.with_behaviour(|_| libp2p::swarm::dummy::Behaviour)?.with_swarm_config(idle).build()
+        })
+    }
+
+    /// Dials `addr` from `peer`: whether the connection comes up, within 10 s.
+    async fn reaches(mut peer: Swarm<libp2p::swarm::dummy::Behaviour>, addr: libp2p::Multiaddr) -> anyhow::Result<bool> {
+        use futures::StreamExt as _;
+        use libp2p::swarm::SwarmEvent;
+        peer.dial(addr)?;
+        let outcome = async {
+            loop {
+                match peer.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => return true,
+                    SwarmEvent::OutgoingConnectionError { .. } => return false,
+                    _ => {}
+                }
+            }
+        };
+        Ok(tokio::time::timeout(Duration::from_secs(10), outcome).await?)
+    }
+
+    /// A node takes TCP connections secured by TLS (the peers that prefer it: Kubo, kubelt)
+    /// and by noise (DESIGN.md's protocol, every libp2p peer).
+    #[tokio::test]
+    async fn tcp_accepts_tls_and_noise() -> anyhow::Result<()> {
+        let (addr, node) = tcp_node().await?;
+        assert!(reaches(tcp_peer_with_only(true)?, addr.clone()).await?, "a TLS-only peer was refused");
+        assert!(reaches(tcp_peer_with_only(false)?, addr).await?, "a noise-only peer was refused");
+        node.abort();
+        Ok(())
+    }
+
+    /// A node dialing over TCP proposes TLS before noise (multistream-select: the listener takes
+    /// the first proposal it speaks), read off the bytes it sends to a plain TCP listener.
+    #[tokio::test]
+    async fn tcp_dialer_proposes_tls_before_noise() -> anyhow::Result<()> {
+        use futures::StreamExt as _;
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut node = build(Keypair::generate_ed25519(), &Config::default(), Store::in_memory())?;
+        node.dial(format!("/ip4/127.0.0.1/tcp/{}", listener.local_addr()?.port()).parse::<libp2p::Multiaddr>()?)?;
+        let node = tokio::spawn(async move { while node.next().await.is_some() {} });
+        let (mut socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await??;
+        let mut sent = Vec::new();
+        let find = |sent: &[u8], needle: &[u8]| sent.windows(needle.len()).position(|w| w == needle);
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 256];
+            loop {
+                let n = socket.read(&mut buf).await?;
+                anyhow::ensure!(n > 0, "the dialer closed after {:?}", String::from_utf8_lossy(&sent));
+                sent.extend_from_slice(&buf[..n]);
+                if let Some(at) = find(&sent, b"/tls/1.0.0").or_else(|| find(&sent, b"/noise")) {
+                    return Ok(sent[at..].starts_with(b"/tls/1.0.0"));
+                }
+            }
+        })
+        .await??;
+        node.abort();
+        assert!(first, "the first security protocol proposed was not TLS: {:?}", String::from_utf8_lossy(&sent));
+        Ok(())
     }
 
     #[test]
