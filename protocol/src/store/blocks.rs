@@ -4,7 +4,7 @@ use bytes::Bytes;
 use cid::Cid;
 use multihash_codetable::{Code, MultihashDigest};
 
-use super::packs::{Location, PACK_MIN_BYTES};
+use super::packs::{Location, WriteMode, PACK_MIN_BYTES};
 use super::{Column, Store, StoreError};
 
 /// A block: bytes and the CID they hash to.
@@ -86,16 +86,17 @@ impl Store {
     /// Blocks of [`PACK_MIN_BYTES`] or more are appended to the pack files (unless already
     /// there) and the batch records where; smaller ones go into the batch themselves.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        self.write_blocks(blocks.into_iter().collect(), false)
+        self.write_blocks(blocks.into_iter().collect(), WriteMode::Cached)
     }
 
-    /// [`Store::put_blocks`] for blocks that a pin follows at once (an import): their pack
-    /// files are written back to disk as they grow, so the pin waits for the tail only.
+    /// [`Store::put_blocks`] for blocks that a pin follows at once (an import): large ones go
+    /// straight to disk, bypassing the page cache ([`WriteMode::ToPin`]), so the pin's sync waits
+    /// for nothing but the file's size.
     pub fn put_blocks_to_pin<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        self.write_blocks(blocks.into_iter().collect(), true)
+        self.write_blocks(blocks.into_iter().collect(), WriteMode::ToPin)
     }
 
-    fn write_blocks(&self, blocks: Vec<&Block>, writeback: bool) -> Result<(), StoreError> {
+    fn write_blocks(&self, blocks: Vec<&Block>, write: WriteMode) -> Result<(), StoreError> {
         let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
         // In memory (no pack files) every block goes into the batch itself.
         let packed = |block: &Block| self.packs.is_some() && block.data.len() >= PACK_MIN_BYTES;
@@ -113,7 +114,7 @@ impl Store {
             }
         }
         let locations = match &self.packs {
-            Some(packs) if !to_pack.is_empty() => packs.append(&to_pack.iter().map(|&i| &blocks[i].data[..]).collect::<Vec<_>>(), writeback)?,
+            Some(packs) if !to_pack.is_empty() => packs.append(&to_pack.iter().map(|&i| &blocks[i].data[..]).collect::<Vec<_>>(), write)?,
             _ => Vec::new(),
         };
         // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to 16
