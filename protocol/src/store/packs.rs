@@ -14,7 +14,8 @@
 //!   pointed at.
 //! - **Imports skip the page cache.** Blocks a pin follows at once ([`WriteMode::ToPin`]) are
 //!   copied into one aligned buffer and written with `O_DIRECT` at the next 4 KiB boundary of
-//!   the file (the bytes before it and the padding after the batch are never pointed at):
+//!   the file (the bytes before it and the padding after the batch are never pointed at),
+//!   reserved under the lock and written outside it, so cached appends need not wait:
 //!   copying them into fresh page-cache pages was most of `add`'s CPU. A filesystem that
 //!   refuses `O_DIRECT` (tmpfs) gets them through the page cache, written back as they come.
 //! - **Durability.** Appends are not synced. [`Packs::sync`] fdatasyncs every file appended to
@@ -123,6 +124,9 @@ pub struct Packs {
     /// returns only after the one that took the files has synced them.
     syncing: Mutex<()>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// The aligned buffer of direct writes, while an import runs; apart from `active`, so that
+    /// cached appends (bitswap's, on the swarm task) do not wait for an import's disk writes.
+    staging: Mutex<Option<Staging>>,
 }
 
 /// The file that takes appends, and what the next sync owes the disk.
@@ -142,8 +146,6 @@ struct Active {
     direct: Option<(u32, Arc<File>)>,
     /// The filesystem refused `O_DIRECT`: imports go through the page cache.
     direct_refused: bool,
-    /// The aligned buffer of direct writes, while an import runs.
-    staging: Option<Staging>,
 }
 
 impl Packs {
@@ -187,10 +189,10 @@ impl Packs {
                 dir_unsynced: false,
                 direct: None,
                 direct_refused: false,
-                staging: None,
             }),
             syncing: Mutex::new(()),
             readers: Mutex::default(),
+            staging: Mutex::default(),
         })
     }
 
@@ -199,78 +201,77 @@ impl Packs {
     pub fn append(&self, blocks: &[&[u8]], write: WriteMode) -> Result<Vec<Location>, StoreError> {
         let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
         let mut active = lock(&self.active);
-        let length = |pack: u32, file: &File| file.metadata().map(|m| m.len()).map_err(|e| io_error(&self.path(pack), "cannot stat", e));
-        // The file is opened to append: its length is where a cached batch goes.
-        let current = match active.file.clone() {
-            Some((pack, file)) => {
-                let len = length(pack, &file)?;
-                (len < self.target).then_some((pack, file, len))
-            }
-            None => None,
-        };
-        let (pack, file, len) = match current {
-            Some(current) => current,
-            None => {
-                let (pack, file) = self.start_file(&mut active)?;
-                (pack, file, 0)
-            }
-        };
-        let mut start = None;
+        let (pack, file, len) = self.current(&mut active)?;
         if write == WriteMode::ToPin {
             if let Some(direct) = self.direct_handle(&mut active, pack)? {
+                // Reserve the region by growing the file over it, so that appends made while
+                // it is written (cached ones go at the file's length) go after it; then write
+                // it without holding the lock.
                 let at = len.next_multiple_of(DIRECT_ALIGN as u64);
-                let staging = active.staging.get_or_insert_with(Staging::new);
-                match write_direct(&direct, staging.buf(), at, blocks) {
-                    Ok(()) => start = Some(at),
+                let end = (at + blocks.iter().map(|b| b.len() as u64).sum::<u64>()).next_multiple_of(DIRECT_ALIGN as u64);
+                if let Err(e) = file.set_len(end) {
+                    active.file = None;
+                    return Err(io_error(&self.path(pack), "cannot grow", e));
+                }
+                drop(active);
+                let written = {
+                    let mut staging = lock(&self.staging);
+                    write_direct(&direct, staging.get_or_insert_with(Staging::new).buf(), at, blocks)
+                };
+                let mut active = lock(&self.active);
+                match written {
+                    Ok(()) => {
+                        // Owed to the next sync only now that it is written: a sync that ran
+                        // meanwhile must not count it as synced.
+                        owe_sync(&mut active, &file);
+                        return Ok(locations(pack, at, blocks, crcs));
+                    }
+                    // Opened but refused at the write (an alignment the filesystem wants
+                    // bigger): the reserved region stays unused; the page cache from now on.
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        // Opened but refused at the write (an alignment the filesystem wants
-                        // bigger): nothing was written that a location names; go through the
-                        // page cache from now on.
                         tracing::warn!(pack, "direct writes to pack files refused ({e}); writing through the page cache");
                         active.direct_refused = true;
                         active.direct = None;
-                        active.staging = None;
+                        drop(active);
+                        *lock(&self.staging) = None;
+                        return self.append(blocks, write);
                     }
                     Err(e) => {
-                        active.file = None;
+                        // The region is never pointed at; the next append starts a new file.
+                        if active.file.as_ref().is_some_and(|(p, _)| *p == pack) {
+                            active.file = None;
+                        }
                         active.direct = None;
                         return Err(io_error(&self.path(pack), "cannot write to", e));
                     }
                 }
             }
         }
-        let start = match start {
-            Some(start) => start,
-            None => {
-                // After a refused direct write the file may have grown: append at its length.
-                let len = length(pack, &file)?;
-                if let Err(e) = write_all_vectored(&file, blocks) {
-                    // Whatever part of the batch reached the file is never pointed at.
-                    active.file = None;
-                    return Err(io_error(&self.path(pack), "cannot write to", e));
-                }
-                len
+        if let Err(e) = write_all_vectored(&file, blocks) {
+            // Whatever part of the batch reached the file is never pointed at.
+            active.file = None;
+            return Err(io_error(&self.path(pack), "cannot write to", e));
+        }
+        owe_sync(&mut active, &file);
+        let end = len + blocks.iter().map(|b| b.len() as u64).sum::<u64>();
+        if write == WriteMode::ToPin && end.saturating_sub(active.written_back) >= WRITEBACK_BYTES {
+            start_writeback(&file, active.written_back.min(len), end);
+            active.written_back = end;
+        }
+        Ok(locations(pack, len, blocks, crcs))
+    }
+
+    /// The file that takes the next append, its number and its length (where an append to it
+    /// goes): the active file while it has room, else a new one.
+    fn current(&self, active: &mut Active) -> Result<(u32, Arc<File>, u64), StoreError> {
+        if let Some((pack, file)) = active.file.clone() {
+            let len = file.metadata().map_err(|e| io_error(&self.path(pack), "cannot stat", e))?.len();
+            if len < self.target {
+                return Ok((pack, file, len));
             }
-        };
-        let mut offset = start;
-        let locations = blocks
-            .iter()
-            .zip(crcs)
-            .map(|(block, crc)| {
-                let location = Location { pack, offset, len: block.len() as u32, crc };
-                offset += block.len() as u64;
-                location
-            })
-            .collect();
-        if !active.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
-            active.unsynced.push(file.clone());
         }
-        let through_cache = active.direct.is_none();
-        if write == WriteMode::ToPin && through_cache && offset.saturating_sub(active.written_back) >= WRITEBACK_BYTES {
-            start_writeback(&file, active.written_back.min(start), offset);
-            active.written_back = offset;
-        }
-        Ok(locations)
+        let (pack, file) = self.start_file(active)?;
+        Ok((pack, file, 0))
     }
 
     /// The active file (number `pack`) opened with `O_DIRECT`, or `None` where the filesystem
@@ -320,9 +321,9 @@ impl Packs {
     pub fn sync(&self) -> Result<(), StoreError> {
         let _syncing = lock(&self.syncing);
         let (files, dir) = {
-            let mut active = lock(&self.active);
             // The import this sync ends is done with its buffer.
-            active.staging = None;
+            *lock(&self.staging) = None;
+            let mut active = lock(&self.active);
             (std::mem::take(&mut active.unsynced), std::mem::take(&mut active.dir_unsynced))
         };
         let result = files.iter().try_for_each(|f| f.sync_data().map_err(|e| io_error(&self.dir, "cannot sync a pack file in", e)));
@@ -452,6 +453,26 @@ fn write_all_vectored(mut file: &File, blocks: &[&[u8]]) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Counts `file` among those the next sync must sync.
+fn owe_sync(active: &mut Active, file: &Arc<File>) {
+    if !active.unsynced.iter().any(|f| Arc::ptr_eq(f, file)) {
+        active.unsynced.push(file.clone());
+    }
+}
+
+/// Where `blocks`, written back to back from `offset` of file `pack`, went.
+fn locations(pack: u32, mut offset: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
+    blocks
+        .iter()
+        .zip(crcs)
+        .map(|(block, crc)| {
+            let location = Location { pack, offset, len: block.len() as u32, crc };
+            offset += block.len() as u64;
+            location
+        })
+        .collect()
 }
 
 /// The aligned buffer of direct writes ([`STAGING_BYTES`] at a [`DIRECT_ALIGN`] address).
@@ -593,6 +614,47 @@ mod tests {
             assert_eq!(imports[40].offset % DIRECT_ALIGN as u64, 0, "{:?}", imports[40]);
         } else {
             eprintln!("the test directory refuses O_DIRECT: only the imports' page-cache path ran");
+        }
+        Ok(())
+    }
+
+    /// Cached appends made while an import's direct writes run (the import reserves its
+    /// region, then writes it without the lock) land after the reservation, and a sync owes
+    /// every written file: all blocks of both read back, after a reopen too.
+    #[test]
+    fn cached_appends_during_an_import_land_beside_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let packs = Arc::new(Packs::open_with_target(dir.path(), 24 << 20)?);
+        let importer = {
+            let packs = packs.clone();
+            std::thread::spawn(move || -> anyhow::Result<Vec<(Vec<u8>, Location)>> {
+                let mut written = Vec::new();
+                for round in 0..12u8 {
+                    let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![round.wrapping_mul(31) ^ i; 262_158 + usize::from(i)]).collect();
+                    let locations = packs.append(&blocks.iter().map(|b| &b[..]).collect::<Vec<_>>(), WriteMode::ToPin)?;
+                    written.extend(blocks.into_iter().zip(locations));
+                }
+                Ok(written)
+            })
+        };
+        let mut written = Vec::new();
+        for i in 0..300u32 {
+            let block = vec![(i % 251) as u8; 4096 + (i as usize * 37) % 9000];
+            let location = packs.append(&[&block], WriteMode::Cached)?[0];
+            written.push((block, location));
+        }
+        written.extend(importer.join().map_err(|_| anyhow::anyhow!("the importing thread panicked"))??);
+        packs.sync()?;
+        assert!(lock(&packs.active).unsynced.is_empty());
+        drop(packs);
+        let packs = Packs::open_with_target(dir.path(), 24 << 20)?;
+        let mut regions: Vec<(u32, u64, u64)> = written.iter().map(|(_, l)| (l.pack, l.offset, l.offset + u64::from(l.len))).collect();
+        regions.sort_unstable();
+        for pair in regions.windows(2) {
+            assert!(pair[0].0 != pair[1].0 || pair[0].2 <= pair[1].1, "overlapping blocks: {pair:?}");
+        }
+        for (bytes, location) in &written {
+            assert_eq!(packs.read(location)?.as_deref().map_err(|e| anyhow::anyhow!("{e}"))?, &bytes[..], "{location:?}");
         }
         Ok(())
     }
