@@ -14,9 +14,9 @@
 //!   pointed at.
 //! - **Imports skip the page cache.** Blocks a pin follows at once ([`WriteMode::ToPin`]) are
 //!   copied into one aligned buffer and written with `O_DIRECT` at the next 4 KiB boundary of
-//!   the file (the bytes before it and the padding after the batch are never pointed at),
-//!   reserved under the lock and written outside it, so cached appends need not wait:
-//!   copying them into fresh page-cache pages was most of `add`'s CPU. A filesystem that
+//!   the file (the bytes before it and the padding after the batch are never pointed at):
+//!   copying them into fresh page-cache pages was most of `add`'s CPU. The region is reserved
+//!   under the lock and written outside it, so cached appends need not wait. A filesystem that
 //!   refuses `O_DIRECT` (tmpfs) gets them through the page cache, written back as they come.
 //! - **Durability.** Appends are not synced. [`Packs::sync`] fdatasyncs every file appended to
 //!   since the last sync, and the directory when files were created, before it returns;
