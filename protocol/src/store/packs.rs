@@ -200,6 +200,7 @@ impl Packs {
     /// says how their bytes go to disk.
     pub fn append(&self, blocks: &[&[u8]], write: WriteMode) -> Result<Vec<Location>, StoreError> {
         let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
+        let total: u64 = blocks.iter().map(|b| b.len() as u64).sum();
         let mut active = lock(&self.active);
         let (pack, file, len) = self.current(&mut active)?;
         if write == WriteMode::ToPin {
@@ -208,7 +209,7 @@ impl Packs {
                 // it is written (cached ones go at the file's length) go after it; then write
                 // it without holding the lock.
                 let at = len.next_multiple_of(DIRECT_ALIGN as u64);
-                let end = (at + blocks.iter().map(|b| b.len() as u64).sum::<u64>()).next_multiple_of(DIRECT_ALIGN as u64);
+                let end = (at + total).next_multiple_of(DIRECT_ALIGN as u64);
                 if let Err(e) = file.set_len(end) {
                     active.file = None;
                     return Err(io_error(&self.path(pack), "cannot grow", e));
@@ -253,7 +254,7 @@ impl Packs {
             return Err(io_error(&self.path(pack), "cannot write to", e));
         }
         owe_sync(&mut active, &file);
-        let end = len + blocks.iter().map(|b| b.len() as u64).sum::<u64>();
+        let end = len + total;
         if write == WriteMode::ToPin && end.saturating_sub(active.written_back) >= WRITEBACK_BYTES {
             start_writeback(&file, active.written_back.min(len), end);
             active.written_back = end;
