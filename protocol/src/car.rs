@@ -337,12 +337,12 @@ pub fn import_car<R: Read>(store: &Store, reader: R) -> Result<CarSummary, CarEr
         batch_bytes += block.data.len();
         batch.push(block);
         if batch_bytes >= IMPORT_BATCH_BYTES {
-            store.put_blocks_to_pin(&batch)?;
+            store.put_blocks_to_pin(&batch, &[])?;
             batch.clear();
             batch_bytes = 0;
         }
     }
-    store.put_blocks_to_pin(&batch)?;
+    store.put_blocks_to_pin(&batch, &[])?;
     Ok(summary)
 }
 
@@ -383,7 +383,7 @@ async fn store_batch(store: &Store, batch: Vec<Block>) -> Result<(), CarError> {
         return Ok(());
     }
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.put_blocks_to_pin(&batch))
+    tokio::task::spawn_blocking(move || store.put_blocks_to_pin(&batch, &[]))
         .await
         .map_err(|e| CarError::Io(std::io::Error::other(e)))??;
     Ok(())

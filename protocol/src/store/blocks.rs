@@ -4,6 +4,7 @@ use bytes::Bytes;
 use cid::Cid;
 use multihash_codetable::{Code, MultihashDigest};
 
+use super::direct_buf::DirectBuf;
 use super::packs::{Location, WriteMode, PACK_MIN_BYTES};
 use super::{Column, Store, StoreError};
 
@@ -48,6 +49,11 @@ pub trait BlockStore: Send + Sync {
     fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>, StoreError>;
     /// Whether the block is stored.
     fn has_block(&self, cid: &Cid) -> Result<bool, StoreError>;
+    /// The block's length, if stored; [`Store`] answers from its index, without reading the
+    /// bytes.
+    fn block_size(&self, cid: &Cid) -> Result<Option<usize>, StoreError> {
+        Ok(self.get_block(cid)?.map(|data| data.len()))
+    }
 }
 
 impl BlockStore for Store {
@@ -77,6 +83,17 @@ impl BlockStore for Store {
         let key = cid.hash().to_bytes();
         Ok(self.contains(Column::Blocks, &key)? || self.contains(Column::Packed, &key)?)
     }
+
+    fn block_size(&self, cid: &Cid) -> Result<Option<usize>, StoreError> {
+        let key = cid.hash().to_bytes();
+        if let Some(inline) = self.get_pinned(Column::Blocks, &key)? {
+            return Ok(Some(inline.len()));
+        }
+        match self.get_pinned(Column::Packed, &key)? {
+            Some(location) => Ok(Some(Location::decode(&location)?.len as usize)),
+            None => Ok(None),
+        }
+    }
 }
 
 impl Store {
@@ -86,17 +103,18 @@ impl Store {
     /// Blocks of [`PACK_MIN_BYTES`] or more are appended to the pack files (unless already
     /// there) and the batch records where; smaller ones go into the batch themselves.
     pub fn put_blocks<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        self.write_blocks(blocks.into_iter().collect(), WriteMode::Cached)
+        self.write_blocks(blocks.into_iter().collect(), WriteMode::Cached, &[])
     }
 
     /// [`Store::put_blocks`] for blocks that a pin follows at once (an import): large ones go
     /// straight to disk, bypassing the page cache ([`WriteMode::ToPin`]), so the pin's sync waits
-    /// for nothing but the file's size.
-    pub fn put_blocks_to_pin<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>) -> Result<(), StoreError> {
-        self.write_blocks(blocks.into_iter().collect(), WriteMode::ToPin)
+    /// for nothing but the file's size. Blocks whose bytes lie in one of `buffers` are written
+    /// from there, without a copy (see [`super::packs::Packs::append_from`]).
+    pub fn put_blocks_to_pin<'a>(&self, blocks: impl IntoIterator<Item = &'a Block>, buffers: &[&DirectBuf]) -> Result<(), StoreError> {
+        self.write_blocks(blocks.into_iter().collect(), WriteMode::ToPin, buffers)
     }
 
-    fn write_blocks(&self, blocks: Vec<&Block>, write: WriteMode) -> Result<(), StoreError> {
+    fn write_blocks(&self, blocks: Vec<&Block>, write: WriteMode, buffers: &[&DirectBuf]) -> Result<(), StoreError> {
         let keys: Vec<Vec<u8>> = blocks.iter().map(|b| b.cid.hash().to_bytes()).collect();
         // In memory (no pack files) every block goes into the batch itself.
         let packed = |block: &Block| self.packs.is_some() && block.data.len() >= PACK_MIN_BYTES;
@@ -114,7 +132,7 @@ impl Store {
             }
         }
         let locations = match &self.packs {
-            Some(packs) if !to_pack.is_empty() => packs.append(&to_pack.iter().map(|&i| &blocks[i].data[..]).collect::<Vec<_>>(), write)?,
+            Some(packs) if !to_pack.is_empty() => packs.append_from(&to_pack.iter().map(|&i| &blocks[i].data[..]).collect::<Vec<_>>(), write, buffers)?,
             _ => Vec::new(),
         };
         // Per record: the value (or its location), a multihash key (≤ 66 bytes) and up to 16
@@ -137,6 +155,13 @@ impl Store {
     pub fn put_verified_block(&self, cid: &Cid, data: &[u8]) -> Result<(), StoreError> {
         let block = Block::verified(*cid, Bytes::copy_from_slice(data))?;
         self.put_blocks([&block])
+    }
+
+    /// Makes every read of a pack file wait until the returned guard is dropped (`None` in
+    /// memory): a disk that stalls, for tests of what must not wait for it. Not part of the API.
+    #[doc(hidden)]
+    pub fn stall_pack_reads(&self) -> Option<super::packs::ReadStall<'_>> {
+        self.packs.as_ref().map(|packs| packs.stall_reads())
     }
 
     /// Removes a block (its bytes in a pack file stay until [`Store::remove_unused_packs`]).

@@ -18,6 +18,7 @@
 //! count as if each sync had reached a disk.
 
 mod blocks;
+pub mod direct_buf;
 pub mod packs;
 mod pins;
 

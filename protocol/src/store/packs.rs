@@ -13,11 +13,13 @@
 //!   length as the system reports it, so bytes a crash left at the tail are skipped, never
 //!   pointed at.
 //! - **Imports skip the page cache.** Blocks a pin follows at once ([`WriteMode::ToPin`]) are
-//!   copied into one aligned buffer and written with `O_DIRECT` at the next 4 KiB boundary of
-//!   the file (the bytes before it and the padding after the batch are never pointed at):
-//!   copying them into fresh page-cache pages was most of `add`'s CPU. The region is reserved
-//!   under the lock and written outside it, so cached appends need not wait. A filesystem that
-//!   refuses `O_DIRECT` (tmpfs) gets them through the page cache, written back as they come.
+//!   written with `O_DIRECT` at the next 4 KiB boundary of the file (the bytes before it and the
+//!   padding after the batch are never pointed at): copying them into fresh page-cache pages was
+//!   most of `add`'s CPU. Blocks that lie in an aligned buffer the caller names (the importer
+//!   reads chunks into [`DirectBuf`]s) are written from there, the buffer as it is, gaps and
+//!   all; the others are copied into one aligned buffer first. The region is reserved under the
+//!   lock and written outside it, so cached appends need not wait. A filesystem that refuses
+//!   `O_DIRECT` (tmpfs) gets them through the page cache, written back as they come.
 //! - **Durability.** Appends are not synced. [`Packs::sync`] fdatasyncs every file appended to
 //!   since the last sync, and the directory when files were created, before it returns;
 //!   `Store::pin` calls it before writing the synced pin, so a pinned DAG is on disk.
@@ -37,6 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use super::direct_buf::{DirectBuf, DIRECT_ALIGN};
 use super::StoreError;
 
 /// Blocks this size and larger go to pack files; smaller ones stay in the database.
@@ -53,9 +56,6 @@ const OPEN_READERS: usize = 64;
 /// that no sync may follow; writing them back as they come made a 1 GiB fetch 15 % slower
 /// (231 → 199 MB/s, 3 alternating runs), so they are left to the kernel.
 const WRITEBACK_BYTES: u64 = 8 << 20;
-/// Direct writes start, end and sit in memory at multiples of this (a page: a multiple of every
-/// disk's logical block size).
-const DIRECT_ALIGN: usize = 4096;
 /// The aligned buffer of direct writes: one write per import batch (4 MiB, see
 /// `unixfs::importer::BATCH_BYTES`); allocated for an import, freed at its sync.
 const STAGING_BYTES: usize = 8 << 20;
@@ -126,8 +126,12 @@ pub struct Packs {
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// The aligned buffer of direct writes, while an import runs; apart from `active`, so that
     /// cached appends (bitswap's, on the swarm task) do not wait for an import's disk writes.
-    staging: Mutex<Option<Staging>>,
+    staging: Mutex<Option<DirectBuf>>,
 }
+
+/// Reads of pack files wait while this lives: a disk that stalls, for tests.
+#[doc(hidden)]
+pub struct ReadStall<'a>(#[allow(dead_code)] MutexGuard<'a, HashMap<u32, Arc<File>>>);
 
 /// The file that takes appends, and what the next sync owes the disk.
 struct Active {
@@ -199,33 +203,37 @@ impl Packs {
     /// Appends `blocks` to the active file, in order, and returns where each one went; `write`
     /// says how their bytes go to disk.
     pub fn append(&self, blocks: &[&[u8]], write: WriteMode) -> Result<Vec<Location>, StoreError> {
+        self.append_from(blocks, write, &[])
+    }
+
+    /// [`Packs::append`] of blocks that may lie in `buffers`: a direct write takes a buffer's
+    /// memory as it is where its blocks fill at least half of it (see [`DirectPlan`]).
+    pub fn append_from(&self, blocks: &[&[u8]], write: WriteMode, buffers: &[&DirectBuf]) -> Result<Vec<Location>, StoreError> {
         let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
         let total: u64 = blocks.iter().map(|b| b.len() as u64).sum();
         let mut active = lock(&self.active);
         let (pack, file, len) = self.current(&mut active)?;
         if write == WriteMode::ToPin {
             if let Some(direct) = self.direct_handle(&mut active, pack)? {
+                let plan = DirectPlan::new(blocks, buffers);
                 // Reserve the region by growing the file over it, so that appends made while
                 // it is written (cached ones go at the file's length) go after it; then write
                 // it without holding the lock.
                 let at = len.next_multiple_of(DIRECT_ALIGN as u64);
-                let end = (at + total).next_multiple_of(DIRECT_ALIGN as u64);
+                let end = at + plan.len();
                 if let Err(e) = file.set_len(end) {
                     active.file = None;
                     return Err(io_error(&self.path(pack), "cannot grow", e));
                 }
                 drop(active);
-                let written = {
-                    let mut staging = lock(&self.staging);
-                    write_direct(&direct, staging.get_or_insert_with(Staging::new).buf(), at, blocks)
-                };
+                let written = plan.write(&direct, at, &self.staging);
                 let mut active = lock(&self.active);
                 match written {
                     Ok(()) => {
                         // Owed to the next sync only now that it is written: a sync that ran
                         // meanwhile must not count it as synced.
                         owe_sync(&mut active, &file);
-                        return Ok(locations(pack, at, blocks, crcs));
+                        return Ok(plan.locations(pack, at, blocks, crcs));
                     }
                     // Opened but refused at the write (an alignment the filesystem wants
                     // bigger): the reserved region stays unused; the page cache from now on.
@@ -259,7 +267,7 @@ impl Packs {
             start_writeback(&file, active.written_back.min(len), end);
             active.written_back = end;
         }
-        Ok(locations(pack, len, blocks, crcs))
+        Ok(back_to_back(pack, len, blocks, crcs))
     }
 
     /// The file that takes the next append, its number and its length (where an append to it
@@ -359,6 +367,12 @@ impl Packs {
             return Ok(Err(format!("the {} bytes at {} of pack {} fail their checksum", location.len, location.offset, location.pack)));
         }
         Ok(Ok(Bytes::from(data)))
+    }
+
+    /// Makes every read wait until the returned guard is dropped (see
+    /// [`super::Store::stall_pack_reads`]).
+    pub(crate) fn stall_reads(&self) -> ReadStall<'_> {
+        ReadStall(lock(&self.readers))
     }
 
     /// A read handle on a pack file.
@@ -464,31 +478,104 @@ fn owe_sync(active: &mut Active, file: &Arc<File>) {
 }
 
 /// Where `blocks`, written back to back from `offset` of file `pack`, went.
-fn locations(pack: u32, mut offset: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
-    blocks
-        .iter()
-        .zip(crcs)
-        .map(|(block, crc)| {
-            let location = Location { pack, offset, len: block.len() as u32, crc };
-            offset += block.len() as u64;
-            location
-        })
-        .collect()
+fn back_to_back(pack: u32, offset: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
+    let mut next = offset;
+    let offsets = blocks.iter().map(|block| {
+        let at = next;
+        next += block.len() as u64;
+        at
+    });
+    offsets.zip(blocks).zip(crcs).map(|((offset, block), crc)| Location { pack, offset, len: block.len() as u32, crc }).collect()
 }
 
-/// The aligned buffer of direct writes ([`STAGING_BYTES`] at a [`DIRECT_ALIGN`] address).
-struct Staging(Vec<u8>);
+/// How a direct write lays out a batch from its start (an aligned offset of the file): first
+/// the buffers taken as they are, each up to the aligned end of its last block; then the other
+/// blocks, back to back, copied through the staging buffer and padded to the alignment.
+///
+/// A buffer is taken as it is when the batch's blocks in it fill at least half of what would
+/// be written of it: otherwise (a file of one repeated chunk, whose copies are stored once) its
+/// blocks are copied, so that a batch never writes more than twice its bytes.
+struct DirectPlan<'a> {
+    /// The buffers' parts written as they are, in file order.
+    spans: Vec<&'a [u8]>,
+    /// The blocks copied after them, in order.
+    copied: Vec<&'a [u8]>,
+    /// Where the copied blocks start.
+    copied_at: u64,
+    /// Each block's offset from the start.
+    offsets: Vec<u64>,
+}
 
-impl Staging {
-    fn new() -> Self {
-        // Zeroed memory comes from the system untouched: only the pages written are faulted in.
-        Staging(vec![0; STAGING_BYTES + DIRECT_ALIGN])
+impl<'a> DirectPlan<'a> {
+    fn new(blocks: &[&'a [u8]], buffers: &[&'a DirectBuf]) -> Self {
+        // The buffer each block lies in (wholly), and where in it.
+        let within = |block: &[u8]| {
+            let range = block.as_ptr_range();
+            buffers.iter().enumerate().find_map(|(i, buf)| {
+                let outer = buf.as_ptr_range();
+                (range.start >= outer.start && range.end <= outer.end).then(|| (i, range.start as usize - outer.start as usize))
+            })
+        };
+        let placed: Vec<Option<(usize, usize)>> = blocks.iter().map(|b| within(b)).collect();
+        // Per buffer: the aligned end of its last block, and its blocks' bytes.
+        let mut used = vec![(0usize, 0usize); buffers.len()];
+        for (block, place) in blocks.iter().zip(&placed) {
+            if let Some((i, offset)) = place {
+                used[*i].0 = used[*i].0.max((offset + block.len()).next_multiple_of(DIRECT_ALIGN));
+                used[*i].1 += block.len();
+            }
+        }
+        let mut start = vec![None; buffers.len()];
+        let mut spans = Vec::new();
+        let mut next = 0u64;
+        for (i, &(end, bytes)) in used.iter().enumerate() {
+            if end > 0 && 2 * bytes >= end {
+                start[i] = Some(next);
+                let buf: &'a DirectBuf = buffers[i];
+                spans.push(&buf[..end]);
+                next += end as u64;
+            }
+        }
+        let copied_at = next;
+        let mut copied = Vec::new();
+        let mut offsets = Vec::with_capacity(blocks.len());
+        for (block, place) in blocks.iter().zip(&placed) {
+            match place.and_then(|(i, offset)| Some(start[i]? + offset as u64)) {
+                Some(offset) => offsets.push(offset),
+                None => {
+                    offsets.push(next);
+                    next += block.len() as u64;
+                    copied.push(*block);
+                }
+            }
+        }
+        DirectPlan { spans, copied, copied_at, offsets }
     }
 
-    fn buf(&mut self) -> &mut [u8] {
-        let address = self.0.as_ptr() as usize;
-        let skip = address.next_multiple_of(DIRECT_ALIGN) - address;
-        &mut self.0[skip..skip + STAGING_BYTES]
+    /// The bytes the write takes in the file, a multiple of the alignment.
+    fn len(&self) -> u64 {
+        let copied: u64 = self.copied.iter().map(|b| b.len() as u64).sum();
+        (self.copied_at + copied).next_multiple_of(DIRECT_ALIGN as u64)
+    }
+
+    /// Writes the batch from the aligned offset `at` of a file opened with `O_DIRECT`.
+    fn write(&self, file: &File, at: u64, staging: &Mutex<Option<DirectBuf>>) -> std::io::Result<()> {
+        let mut offset = at;
+        for span in &self.spans {
+            file.write_all_at(span, offset)?;
+            offset += span.len() as u64;
+        }
+        if !self.copied.is_empty() {
+            let mut staging = lock(staging);
+            write_copied(file, staging.get_or_insert_with(|| DirectBuf::new(STAGING_BYTES)), at + self.copied_at, &self.copied)?;
+        }
+        Ok(())
+    }
+
+    /// Where each block went, the write having started at `at` of file `pack`.
+    fn locations(&self, pack: u32, at: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
+        let places = self.offsets.iter().zip(blocks).zip(crcs);
+        places.map(|((offset, block), crc)| Location { pack, offset: at + offset, len: block.len() as u32, crc }).collect()
     }
 }
 
@@ -513,7 +600,7 @@ fn open_direct(path: &Path) -> std::io::Result<Option<File>> {
 /// Writes `blocks` back to back from the aligned offset `at` of a file opened with
 /// `O_DIRECT`, through `staging` (whose length is a multiple of [`DIRECT_ALIGN`]); the last
 /// write is padded with zeros to the alignment.
-fn write_direct(file: &File, staging: &mut [u8], mut at: u64, blocks: &[&[u8]]) -> std::io::Result<()> {
+fn write_copied(file: &File, staging: &mut [u8], mut at: u64, blocks: &[&[u8]]) -> std::io::Result<()> {
     let mut filled = 0;
     for block in blocks {
         let mut rest: &[u8] = block;
@@ -535,6 +622,16 @@ fn write_direct(file: &File, staging: &mut [u8], mut at: u64, blocks: &[&[u8]]) 
         file.write_all_at(&staging[..padded], at)?;
     }
     Ok(())
+}
+
+/// Whether the filesystem of `dir` takes `O_DIRECT` (tests expect other places where it does).
+#[cfg(test)]
+pub(crate) fn takes_direct(dir: &Path) -> std::io::Result<bool> {
+    let probe = dir.join("probe");
+    std::fs::write(&probe, b"")?;
+    let direct = open_direct(&probe)?.is_some();
+    std::fs::remove_file(&probe)?;
+    Ok(direct)
 }
 
 /// Starts writing bytes `from..to` of `file` to disk, without waiting (`sync_file_range`, as
@@ -602,10 +699,7 @@ mod tests {
     #[test]
     fn imports_go_to_aligned_offsets_between_cached_appends() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let probe = dir.path().join("probe");
-        std::fs::write(&probe, b"")?;
-        let direct = open_direct(&probe)?.is_some();
-        std::fs::remove_file(&probe)?;
+        let direct = takes_direct(dir.path())?;
         let written = mixed_appends(dir.path(), false)?;
         let imports: Vec<&Location> = written.iter().filter(|(_, _, w)| *w == WriteMode::ToPin).map(|(_, l, _)| l).collect();
         assert_eq!(imports.len(), 41);
@@ -667,6 +761,54 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let written = mixed_appends(dir.path(), true)?;
         assert_eq!(written[1].1.offset, 5000, "the first import follows the first block at once");
+        Ok(())
+    }
+
+    /// Blocks that lie in a well-filled buffer are written from it as they are (their places
+    /// in the file keep their places in the buffer); the others, and those of a mostly empty
+    /// buffer, are copied after it. All read back after a reopen, direct I/O or not.
+    #[test]
+    fn blocks_in_a_buffer_are_written_as_they_are() -> anyhow::Result<()> {
+        const SLOT: usize = 262_176;
+        let mut full = DirectBuf::new(3 * SLOT);
+        for (i, byte) in full.iter_mut().enumerate() {
+            *byte = (i % 253) as u8;
+        }
+        // One small block far into its buffer: writing the buffer up to it would write 150
+        // times its bytes.
+        let mut sparse = DirectBuf::new(4 * SLOT);
+        let far = 3 * SLOT..3 * SLOT + 5000;
+        sparse[far.clone()].fill(9);
+        let outside = vec![7u8; 6000];
+        let in_full = |i: usize| 16 + i * SLOT..16 + i * SLOT + 262_144;
+        let blocks: Vec<&[u8]> = vec![&full[in_full(0)], &outside, &full[in_full(1)], &sparse[far], &full[in_full(2)]];
+
+        let plan = DirectPlan::new(&blocks, &[&sparse, &full]);
+        let span = (16 + 2 * SLOT + 262_144).next_multiple_of(DIRECT_ALIGN) as u64;
+        assert_eq!(plan.spans.len(), 1, "the sparse buffer is copied");
+        assert_eq!(plan.offsets, vec![16, span, 16 + SLOT as u64, span + 6000, 16 + 2 * SLOT as u64]);
+        assert_eq!(plan.len(), (span + 11_000).next_multiple_of(DIRECT_ALIGN as u64));
+
+        for refuse_direct in [false, true] {
+            let dir = tempfile::tempdir()?;
+            let direct = !refuse_direct && takes_direct(dir.path())?;
+            let packs = Packs::open(dir.path())?;
+            lock(&packs.active).direct_refused = refuse_direct;
+            let first = packs.append(&[&[1u8; 5000]], WriteMode::Cached)?[0];
+            let locations = packs.append_from(&blocks, WriteMode::ToPin, &[&sparse, &full])?;
+            packs.sync()?;
+            drop(packs);
+            let packs = Packs::open(dir.path())?;
+            for (block, location) in blocks.iter().zip(&locations).chain([(&&[1u8; 5000][..], &first)]) {
+                assert_eq!(packs.read(location)?.as_deref().map_err(|e| anyhow::anyhow!("{e}"))?, *block, "{location:?}");
+            }
+            let offsets: Vec<u64> = locations.iter().map(|l| l.offset).collect();
+            if !direct {
+                assert_eq!(offsets[1], 5000 + 262_144, "through the cache: back to back");
+            } else {
+                assert_eq!(offsets, plan.offsets.iter().map(|o| 8192 + o).collect::<Vec<_>>(), "after the first block's page");
+            }
+        }
         Ok(())
     }
 

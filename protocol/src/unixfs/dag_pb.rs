@@ -160,26 +160,40 @@ pub(crate) const LEAF_TRAILER_ROOM: usize = 16;
 ///
 /// The bytes are those of go-unixfs `NewLeafNode`: `PbNode { Data: unixfs.Data { Type: File,
 /// Data: chunk, filesize: len } }`; with an empty chunk (the empty file), `Data` is omitted.
+#[cfg(test)]
 pub(crate) fn finish_file_leaf(mut buf: bytes::BytesMut) -> Bytes {
     let n = buf.len() - LEAF_HEADER_ROOM;
+    buf.resize(LEAF_HEADER_ROOM + n + LEAF_TRAILER_ROOM, 0);
+    let leaf = finish_file_leaf_in(&mut buf, n);
+    buf.freeze().slice(leaf)
+}
+
+/// [`finish_file_leaf`] inside a slot of a larger buffer: `slot` holds [`LEAF_HEADER_ROOM`]
+/// spare bytes, the `n` file bytes, then at least [`LEAF_TRAILER_ROOM`] spare bytes. Returns
+/// where in `slot` the encoded leaf is.
+pub(crate) fn finish_file_leaf_in(slot: &mut [u8], n: usize) -> std::ops::Range<usize> {
     // Trailer: filesize (field 3).
-    buf.put_u8(0x18);
-    put_varint(&mut buf, n as u64);
+    let mut end = LEAF_HEADER_ROOM + n;
+    slot[end] = 0x18;
+    end += 1;
+    let len = varint_len(n as u64);
+    put_varint_before(slot, end + len, n as u64);
+    end += len;
     let unixfs_len = if n == 0 { 4 } else { 2 + field_len(n) + 1 + varint_len(n as u64) };
     // Header, written backwards from the data: [0x0a len] [0x08 0x02] [0x12 n].
     let mut start = LEAF_HEADER_ROOM;
     if n > 0 {
-        start = put_varint_before(&mut buf, start, n as u64);
+        start = put_varint_before(slot, start, n as u64);
         start -= 1;
-        buf[start] = 0x12;
+        slot[start] = 0x12;
     }
     start -= 2;
-    buf[start] = 0x08;
-    buf[start + 1] = DataType::File as u8;
-    start = put_varint_before(&mut buf, start, unixfs_len as u64);
+    slot[start] = 0x08;
+    slot[start + 1] = DataType::File as u8;
+    start = put_varint_before(slot, start, unixfs_len as u64);
     start -= 1;
-    buf[start] = 0x0a;
-    buf.freeze().slice(start..)
+    slot[start] = 0x0a;
+    start..end
 }
 
 /// A decoded dag-pb node, with its UnixFS data when it has some.

@@ -150,7 +150,7 @@ impl Walker<'_, '_> {
             UnixfsError::Read(source) => UnixfsError::io(path, source),
             other => other,
         })?;
-        let file = importer.finish(self.sink);
+        let file = self.sink.finish_file(importer);
         self.done += file.size;
         Ok(file)
     }

@@ -17,19 +17,22 @@
 //! The tree is built bottom-up as the bytes stream in: a node is emitted as soon as its 174
 //! children are known, so memory stays at one chunk plus 174 links per level.
 //!
-//! Speed: a leaf's bytes are read straight into a buffer that has room for the dag-pb header
-//! in front, so a chunk is never copied after it is read; leaves are hashed with `sha2`
-//! (SHA-NI when the CPU has it) on every core, [`HASH_BATCH_BYTES`] at a time, and written to
-//! RocksDB by a second thread in large batches.
+//! Speed: a leaf's bytes are read straight into an aligned buffer of [`HASH_BATCH_BYTES`]
+//! ([`DirectBuf`]), each chunk in a slot with room for the dag-pb header in front and the
+//! trailer behind; leaves are hashed there with `sha2` (SHA-NI when the CPU has it) on every
+//! core, a buffer at a time, and a second thread writes the buffer to a pack file as it is
+//! (`O_DIRECT`). A chunk is copied once on its way to disk: by the `read` that brings it in.
 
 use std::io::Read;
+use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cid::{Cid, Version};
 use sha2::{Digest, Sha256};
 
 use super::dag_pb::{self, LinkRef, DAG_PB, LEAF_HEADER_ROOM, LEAF_TRAILER_ROOM, RAW};
 use super::UnixfsError;
+use crate::store::direct_buf::{DirectBuf, DirectPool, SharedDirectBuf};
 use crate::store::{Block, Store};
 
 /// Kubo's default chunk size: `size-262144`.
@@ -144,6 +147,10 @@ impl BalancedTree {
         BalancedTree { levels: vec![Vec::new()] }
     }
 
+    fn is_empty(&self) -> bool {
+        self.levels.iter().all(Vec::is_empty)
+    }
+
     fn push(&mut self, opts: &ImportOptions, height: usize, link: FileLink, out: &mut impl Extend<Block>) {
         if self.levels.len() == height {
             self.levels.push(Vec::with_capacity(opts.max_links));
@@ -193,9 +200,9 @@ impl BalancedTree {
 
 /// Streaming file importer: feed bytes, get blocks, finish with the root.
 ///
-/// I/O-free; memory is up to [`HASH_BATCH_BYTES`] of chunks waiting to be hashed plus at most
-/// `max_links` links per tree level. Blocks come out in an order where every child precedes
-/// its parent.
+/// I/O-free; memory is a buffer of up to [`HASH_BATCH_BYTES`] of chunks being filled, the
+/// buffers of the blocks not dropped yet, and at most `max_links` links per tree level. Blocks
+/// come out in an order where every child precedes its parent.
 ///
 /// ```
 /// use kubelt_protocol::unixfs::{FileImporter, ImportOptions};
@@ -208,14 +215,20 @@ impl BalancedTree {
 #[derive(Debug)]
 pub struct FileImporter {
     opts: ImportOptions,
-    /// The chunk being filled: `LEAF_HEADER_ROOM` spare bytes, then room for a whole chunk,
-    /// of which the first `filled` bytes are data.
-    chunk: BytesMut,
+    /// Where the buffers come from: a file's first buffer holds a single slot (a small file
+    /// takes no more), the next ones about [`HASH_BATCH_BYTES`] each, from this pool.
+    pool: Arc<DirectPool>,
+    /// The buffer being filled: slots of [`FileImporter::slot_len`] bytes, one per leaf, each
+    /// `LEAF_HEADER_ROOM` spare bytes, the chunk, then `LEAF_TRAILER_ROOM` spare bytes.
+    buf: Option<DirectBuf>,
+    /// Where the slot being filled starts in `buf`, and its data bytes so far.
+    slot: usize,
     filled: usize,
-    /// Full chunks not hashed yet, in file order, and their bytes: hashed together, on every
-    /// core, once they reach [`HASH_BATCH_BYTES`] (and at `finish`).
-    pending: Vec<BytesMut>,
-    pending_bytes: usize,
+    /// Full slots of `buf` not hashed yet, in file order: start and data bytes. Hashed
+    /// together, on every core, once `buf` has no room for another slot (and at `finish`).
+    pending: Vec<(usize, usize)>,
+    /// Buffers whose leaves went out, for the store to write them as they are.
+    frozen: Vec<Arc<DirectBuf>>,
     tree: BalancedTree,
     size: u64,
 }
@@ -224,19 +237,43 @@ impl FileImporter {
     /// A new importer; fails on invalid options.
     pub fn new(opts: ImportOptions) -> Result<Self, UnixfsError> {
         opts.validate()?;
-        let chunk = Self::fresh_chunk(&opts);
-        Ok(FileImporter { opts, chunk, filled: 0, pending: Vec::new(), pending_bytes: 0, tree: BalancedTree::new(), size: 0 })
+        let slot = LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM;
+        // Slots per buffer: about HASH_BATCH_BYTES of chunks; tiny chunks (a test's) count as
+        // bigger, so that the spare room does not swell the buffer.
+        let slots = (HASH_BATCH_BYTES / opts.chunk_size.max(8 * (LEAF_HEADER_ROOM + LEAF_TRAILER_ROOM))).max(1);
+        // Spare buffers worth keeping: the one filled, those queued for the writer, the one
+        // it writes.
+        let pool = DirectPool::new(slots * slot, QUEUED_BATCHES + 2);
+        Ok(FileImporter {
+            opts,
+            pool,
+            buf: None,
+            slot: 0,
+            filled: 0,
+            pending: Vec::new(),
+            frozen: Vec::new(),
+            tree: BalancedTree::new(),
+            size: 0,
+        })
     }
 
-    fn fresh_chunk(opts: &ImportOptions) -> BytesMut {
-        let mut chunk = BytesMut::with_capacity(LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM);
-        chunk.resize(LEAF_HEADER_ROOM + opts.chunk_size, 0);
-        chunk
+    /// Bytes of one slot: room for a leaf's header, its chunk and its trailer.
+    fn slot_len(&self) -> usize {
+        LEAF_HEADER_ROOM + self.opts.chunk_size + LEAF_TRAILER_ROOM
     }
 
-    /// The part of the chunk buffer still to fill.
+    /// The buffer being filled; a new one if there is none.
+    fn buf(&mut self) -> &mut DirectBuf {
+        let first = self.size == 0 && self.tree.is_empty();
+        let slot_len = self.slot_len();
+        self.buf.get_or_insert_with(|| if first { DirectBuf::new(slot_len) } else { self.pool.take() })
+    }
+
+    /// The part of the chunk being filled that is still empty.
     fn room(&mut self) -> &mut [u8] {
-        &mut self.chunk[LEAF_HEADER_ROOM + self.filled..]
+        let data = self.slot + LEAF_HEADER_ROOM;
+        let (filled, chunk) = (self.filled, self.opts.chunk_size);
+        &mut self.buf()[data + filled..data + chunk]
     }
 
     /// File bytes imported so far.
@@ -285,54 +322,78 @@ impl FileImporter {
         }
     }
 
-    /// Queues the filled chunk as a leaf; hashes the queue once it holds [`HASH_BATCH_BYTES`].
+    /// Queues the filled slot as a leaf; hashes the buffer's leaves once it has no room for
+    /// another slot.
     fn emit_leaf(&mut self, out: &mut impl Extend<Block>) {
-        let mut chunk = std::mem::replace(&mut self.chunk, Self::fresh_chunk(&self.opts));
-        chunk.truncate(LEAF_HEADER_ROOM + self.filled);
+        let slot_len = self.slot_len();
+        let end = self.slot + 2 * slot_len;
+        let full = self.buf().len() < end;
+        self.pending.push((self.slot, self.filled));
         self.filled = 0;
-        self.pending_bytes += chunk.len();
-        self.pending.push(chunk);
-        if self.pending_bytes >= HASH_BATCH_BYTES {
+        self.slot += slot_len;
+        if full {
             self.hash_pending(out);
         }
     }
 
-    /// Hashes the queued chunks (on every core) and emits their leaves, in file order.
+    /// Hashes the buffer's leaves (on every core) and emits them, in file order.
     fn hash_pending(&mut self, out: &mut impl Extend<Block>) {
-        self.pending_bytes = 0;
-        for (block, filesize) in make_leaves(&self.opts, std::mem::take(&mut self.pending)) {
+        let Some(mut buf) = self.buf.take() else { return };
+        let slot_len = self.slot_len();
+        let raw = self.opts.raw_leaves;
+        // Each leaf's codec, place in the buffer and file bytes; dag-pb leaves get their
+        // header and trailer around the chunk, in place.
+        let leaves: Vec<(u64, std::ops::Range<usize>, u64)> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(start, n)| {
+                let (codec, leaf) = if raw {
+                    (RAW, LEAF_HEADER_ROOM..LEAF_HEADER_ROOM + n)
+                } else {
+                    (DAG_PB, dag_pb::finish_file_leaf_in(&mut buf[start..start + slot_len], n))
+                };
+                (codec, start + leaf.start..start + leaf.end, n as u64)
+            })
+            .collect();
+        self.slot = 0;
+        let bytes: usize = leaves.iter().map(|(_, range, _)| range.len()).sum();
+        let leaves = if 2 * bytes >= buf.len() {
+            let buf = Arc::new(buf);
+            let whole = Bytes::from_owner(SharedDirectBuf(buf.clone()));
+            self.frozen.push(buf);
+            leaves.into_iter().map(|(codec, range, filesize)| (codec, whole.slice(range), filesize)).collect()
+        } else {
+            // Mostly empty (a small file, a file's last bytes): the leaves get memory of their
+            // own, so that blocks waiting to be written never hold more than twice their bytes.
+            leaves.into_iter().map(|(codec, range, filesize)| (codec, Bytes::copy_from_slice(&buf[range]), filesize)).collect()
+        };
+        for (block, filesize) in make_leaves(&self.opts, leaves) {
             let link = FileLink { cid: block.cid, tsize: block.data.len() as u64, filesize };
             out.extend(std::iter::once(block));
             self.tree.push(&self.opts, 0, link, out);
         }
     }
 
+    /// The buffers whose leaves went out since the last call: the leaves' bytes are theirs,
+    /// so the store can write them as they are.
+    pub(crate) fn take_buffers(&mut self) -> Vec<Arc<DirectBuf>> {
+        std::mem::take(&mut self.frozen)
+    }
+
     /// Emits the last blocks and returns the file's root.
-    pub fn finish(mut self, out: &mut impl Extend<Block>) -> Imported {
+    pub fn finish(self, out: &mut impl Extend<Block>) -> Imported {
+        self.finish_with_buffers(out).0
+    }
+
+    /// [`FileImporter::finish`], and the buffers of the last leaves (see
+    /// [`FileImporter::take_buffers`]).
+    pub(crate) fn finish_with_buffers(mut self, out: &mut impl Extend<Block>) -> (Imported, Vec<Arc<DirectBuf>>) {
         // The last, short chunk; or the empty file's single empty leaf.
         if self.filled > 0 || self.size == 0 {
             self.emit_leaf(out);
         }
         self.hash_pending(out);
         let root = self.tree.finish(&self.opts, out).expect("at least one leaf was emitted");
-        Imported { cid: root.cid, size: root.filesize, tsize: root.tsize }
-    }
-}
-
-/// Turns a chunk buffer (`LEAF_HEADER_ROOM` spare bytes + data) into a leaf block.
-fn make_leaf(opts: &ImportOptions, chunk: BytesMut) -> (Block, u64) {
-    let (codec, data, filesize) = leaf_bytes(opts, chunk);
-    (opts.block(codec, data), filesize)
-}
-
-/// A leaf's codec, encoded bytes and file bytes, before hashing: the raw chunk, or the chunk
-/// wrapped in its dag-pb header in place.
-fn leaf_bytes(opts: &ImportOptions, chunk: BytesMut) -> (u64, Bytes, u64) {
-    let filesize = (chunk.len() - LEAF_HEADER_ROOM) as u64;
-    if opts.raw_leaves {
-        (RAW, chunk.freeze().slice(LEAF_HEADER_ROOM..), filesize)
-    } else {
-        (DAG_PB, dag_pb::finish_file_leaf(chunk), filesize)
+        (Imported { cid: root.cid, size: root.filesize, tsize: root.tsize }, self.frozen)
     }
 }
 
@@ -347,13 +408,13 @@ fn hash_threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
 }
 
-/// [`make_leaf`] over `chunks`, in order, with the hashing split over [`hash_threads`]
-/// threads (this one included). Should a thread fail to start, this one hashes its share.
-fn make_leaves(opts: &ImportOptions, chunks: Vec<BytesMut>) -> Vec<(Block, u64)> {
-    if hash_threads() <= 1 || chunks.len() <= 1 {
-        return chunks.into_iter().map(|chunk| make_leaf(opts, chunk)).collect();
+/// Hashes encoded leaves (codec, bytes, file bytes) into blocks, in order, with the hashing
+/// split over [`hash_threads`] threads (this one included). Should a thread fail to start,
+/// this one hashes its share.
+fn make_leaves(opts: &ImportOptions, leaves: Vec<(u64, Bytes, u64)>) -> Vec<(Block, u64)> {
+    if hash_threads() <= 1 || leaves.len() <= 1 {
+        return leaves.into_iter().map(|(codec, data, filesize)| (opts.block(codec, data), filesize)).collect();
     }
-    let leaves: Vec<(u64, Bytes, u64)> = chunks.into_iter().map(|chunk| leaf_bytes(opts, chunk)).collect();
     let per_thread = leaves.len().div_ceil(hash_threads());
     let hash_part = |part: &[(u64, Bytes, u64)]| part.iter().map(|(_, data, _)| Sha256::digest(data).into()).collect::<Vec<[u8; 32]>>();
     let digests: Vec<[u8; 32]> = std::thread::scope(|scope| {
@@ -403,7 +464,7 @@ pub fn add_file(
     let mut importer = FileImporter::new(opts.clone())?;
     with_store_writer(store, |sink| {
         import_reader(&mut importer, &mut reader, sink, 0, progress)?;
-        Ok(importer.finish(sink))
+        Ok(sink.finish_file(importer))
     })
 }
 
@@ -420,6 +481,10 @@ pub(crate) fn import_reader(
     loop {
         let mut limited = reader.by_ref().take(chunk);
         let read = importer.push_reader(&mut limited, sink).map_err(UnixfsError::Read)?;
+        sink.buffers.extend(importer.take_buffers());
+        if sink.bytes >= BATCH_BYTES {
+            sink.flush();
+        }
         sink.check()?;
         progress(base + importer.bytes_imported());
         if read == 0 {
@@ -436,11 +501,19 @@ pub const BATCH_BYTES: usize = 4 << 20;
 /// Batches queued for the writer thread; bounds memory to about 6 × [`BATCH_BYTES`].
 const QUEUED_BATCHES: usize = 4;
 
+/// A batch for the writer thread: blocks, and the buffers that hold some of them.
+type Batch = (Vec<Block>, Vec<Arc<DirectBuf>>);
+
 /// Collects blocks into large batches and hands them to a writer thread.
+///
+/// [`import_reader`] hands a batch over once it holds [`BATCH_BYTES`], with the importer's
+/// buffers, so that they are written as they are; blocks that come otherwise (directories)
+/// go at twice that.
 pub(crate) struct BlockSink {
     batch: Vec<Block>,
     bytes: usize,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<Block>>>,
+    buffers: Vec<Arc<DirectBuf>>,
+    tx: Option<std::sync::mpsc::SyncSender<Batch>>,
     /// Set when the writer thread is gone (it failed); the error comes from its join.
     writer_gone: bool,
 }
@@ -451,7 +524,7 @@ impl Extend<Block> for BlockSink {
             self.bytes += block.data.len();
             self.batch.push(block);
         }
-        if self.bytes >= BATCH_BYTES {
+        if self.bytes >= 2 * BATCH_BYTES {
             self.flush();
         }
     }
@@ -462,13 +535,20 @@ impl BlockSink {
         if self.batch.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.batch);
+        let batch = (std::mem::take(&mut self.batch), std::mem::take(&mut self.buffers));
         self.bytes = 0;
         if let Some(tx) = &self.tx {
             if tx.send(batch).is_err() {
                 self.writer_gone = true;
             }
         }
+    }
+
+    /// Emits a file's last blocks and returns its root.
+    pub(crate) fn finish_file(&mut self, importer: FileImporter) -> Imported {
+        let (root, buffers) = importer.finish_with_buffers(self);
+        self.buffers.extend(buffers);
+        root
     }
 
     /// Fails fast when the writer thread has stopped.
@@ -486,18 +566,18 @@ pub(crate) fn with_store_writer<T>(
     store: &Store,
     work: impl FnOnce(&mut BlockSink) -> Result<T, UnixfsError>,
 ) -> Result<T, UnixfsError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Block>>(QUEUED_BATCHES);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES);
     std::thread::scope(|scope| {
         let writer = std::thread::Builder::new()
             .name("unixfs-writer".into())
             .spawn_scoped(scope, move || -> Result<(), UnixfsError> {
-                for batch in rx {
-                    store.put_blocks_to_pin(&batch)?;
+                for (blocks, buffers) in rx {
+                    store.put_blocks_to_pin(&blocks, &buffers.iter().map(|b| &**b).collect::<Vec<_>>())?;
                 }
                 Ok(())
             })
             .map_err(|e| UnixfsError::Source(format!("cannot start the block writer: {e}")))?;
-        let mut sink = BlockSink { batch: Vec::new(), bytes: 0, tx: Some(tx), writer_gone: false };
+        let mut sink = BlockSink { batch: Vec::new(), bytes: 0, buffers: Vec::new(), tx: Some(tx), writer_gone: false };
         let result = work(&mut sink);
         if result.is_ok() {
             sink.flush();
@@ -583,6 +663,39 @@ pub(crate) mod tests {
         // One chunk: the raw leaf is the file.
         let (single, _) = add_bytes(&data[..10], &ImportOptions::cid_v1())?;
         assert_eq!(single.cid, ImportOptions::cid_v1().block(RAW, Bytes::copy_from_slice(&data[..10])).cid);
+        Ok(())
+    }
+
+    /// An imported file's leaves go to disk from the buffer they were read into: in the pack
+    /// file they sit a slot apart (chunk and header room), not back to back as copies would.
+    /// The file's last chunk, alone in a mostly empty buffer, is copied; everything reads back.
+    #[test]
+    fn leaves_are_written_from_the_buffers_they_were_read_into() -> anyhow::Result<()> {
+        use crate::store::packs::Location;
+        use crate::store::Column;
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        // One leaf in the first buffer, 16 in the next (a whole one), 2 in the last.
+        let data = pseudo_random(19 * DEFAULT_CHUNK_SIZE - 5, 11);
+        let opts = ImportOptions::cid_v1();
+        let root = add_file(&store, &data[..], &opts, &mut |_| {})?;
+        let (expected, blocks) = add_bytes(&data, &opts)?;
+        assert_eq!(root, expected);
+        let location = |block: &Block| -> anyhow::Result<Location> {
+            let bytes = store.get(Column::Packed, &block.cid.hash().to_bytes())?.ok_or_else(|| anyhow::anyhow!("not packed"))?;
+            Ok(Location::decode(&bytes)?)
+        };
+        let leaves: Vec<Location> = blocks.iter().filter(|b| b.cid.codec() == RAW).map(location).collect::<Result<_, _>>()?;
+        assert_eq!(leaves.len(), 19);
+        // A slot apart, or back to back through the page cache (where the filesystem refuses
+        // O_DIRECT), from the same memory.
+        let room = if crate::store::packs::takes_direct(dir.path())? { LEAF_HEADER_ROOM + LEAF_TRAILER_ROOM } else { 0 };
+        for pair in leaves[1..17].windows(2) {
+            assert_eq!(pair[1].offset - pair[0].offset, (DEFAULT_CHUNK_SIZE + room) as u64, "{pair:?}");
+        }
+        for block in &blocks {
+            assert_eq!(store.get_block(&block.cid)?.as_ref(), Some(&block.data));
+        }
         Ok(())
     }
 
