@@ -367,6 +367,39 @@ mod bitswap_over_the_network {
         Ok(())
     }
 
+    /// A provider whose disk stalls keeps serving: its read of a packed block waits on a
+    /// blocking thread while its swarm task serves another peer a block from the database.
+    /// The stalled block arrives once the disk is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_disk_does_not_stall_the_swarm() -> anyhow::Result<()> {
+        init_tracing();
+        let mut a = node(Transport::Tcp, bitswap::Config::default()).await?;
+        let mut b = node(Transport::Tcp, bitswap::Config::default()).await?;
+        let mut c = node(Transport::Tcp, bitswap::Config::default()).await?;
+        // A pack file's block, and one small enough for the database.
+        let (packed, inline) = (random_blocks(1, 256 * 1024).remove(0), random_blocks(1, 100).remove(0));
+        a.store.put_blocks([&packed, &inline])?;
+        connect(&mut b, &mut a).await?;
+        connect(&mut c, &mut a).await?;
+        let store = a.store.clone();
+        let stall = store.stall_pack_reads().context("the store has pack files")?;
+        let (stop, a_task) = spawn_node(a);
+        let b_session = b.bitswap().get(packed.cid);
+        // B's want reaches A, whose read of the block now waits for the disk.
+        run_for(&mut [&mut b], Duration::from_millis(300)).await;
+        let c_session = c.bitswap().get(inline.cid);
+        fetch_all(&mut [&mut c], c_session, &[inline.cid], Duration::from_secs(5))
+            .await
+            .context("A's swarm task waits for the stalled disk")?;
+        ensure!(!b.store.has_block(&packed.cid)?, "the stalled block arrived before the disk was back");
+        drop(stall);
+        fetch_all(&mut [&mut b], b_session, &[packed.cid], Duration::from_secs(10)).await?;
+        assert_stored(&b.store, &[packed])?;
+        let _ = stop.send(());
+        a_task.await?;
+        Ok(())
+    }
+
     /// CPU seconds (user + system) this process used so far, from `/proc/self/stat`.
     fn cpu_seconds() -> f64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

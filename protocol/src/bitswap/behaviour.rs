@@ -1,17 +1,26 @@
 //! The bitswap [`NetworkBehaviour`]: glues the [`Ledger`] (serving) and the [`WantManager`]
 //! (requesting) to the swarm and the [`Store`].
 //!
-//! It spawns no task. Received blocks arrive already hashed from the handlers; the behaviour
-//! stores the wanted ones in one batch per message and drops the rest. Answers are built
-//! lazily — blocks are read from the store only when a connection has room for them
-//! ([`Config::max_queued_bytes_per_peer`]) — so a peer wanting a thousand blocks costs no
-//! more memory than its queue.
+//! Received blocks arrive already hashed from the handlers; the behaviour stores the wanted
+//! ones in one batch per message and drops the rest. Answers are built lazily — blocks are read
+//! from the store only when a connection has room for them
+//! ([`Config::max_queued_bytes_per_peer`]) — so a peer wanting a thousand blocks costs no more
+//! memory than its queue.
+//!
+//! The store's disk is never read or written on the swarm task: a peer's next answer is looked
+//! up on a blocking thread ([`MAX_LOOK_UPS`] at a time, one per peer) and built from the
+//! results when they come back; received blocks are written there too, up to
+//! [`MAX_WRITING_BYTES`] at a time (beyond that the swarm task writes them itself, as the
+//! handlers would otherwise queue without bound). A slow disk then slows the transfers, not
+//! every other protocol of the node.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use cid::Cid;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
 use libp2p::swarm::{
@@ -21,16 +30,28 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 
 use super::handler::{Handler, HandlerConfig, HandlerIn, HandlerOut, MessageKind, OutboundMessage};
-use super::ledger::Ledger;
+use super::ledger::{Built, Found, Ledger};
 use super::message::{Message, ReceivedMessage};
 use super::session::{BlockOutcome, SessionConfig, SessionEvent, WantManager};
 use super::{Config, Event, FrameError, SessionId, Stats, Version, WantError};
-use crate::store::{Block, BlockStore, Store};
+use crate::store::{Block, BlockStore, Store, StoreError};
+
+type Mh = cid::multihash::Multihash<64>;
 
 /// Wantlist entries per message (~50 bytes each: far below the frame limit).
 const MAX_ENTRIES_PER_MESSAGE: usize = 8192;
-/// Answer bytes built per `poll` before yielding to the rest of the swarm.
-const SERVE_BUDGET_PER_POLL: usize = 16 << 20;
+/// Peers whose next answer is being looked up at once (each on a blocking thread).
+const MAX_LOOK_UPS: usize = 4;
+/// Wants one look-up covers at most (it stops earlier once its blocks reach the message's
+/// target size).
+const WANTS_PER_LOOK_UP: usize = 1024;
+/// Bytes of received blocks being written on blocking threads at once.
+const MAX_WRITING_BYTES: usize = 64 << 20;
+
+/// A peer's next answer, looked up: what the store said of each want, by multihash.
+type LookedUp = (PeerId, HashMap<Mh, Found>);
+/// Received blocks, with who wanted them, and how writing them went.
+type Written = (PeerId, Vec<(Block, Vec<(SessionId, Cid)>)>, Result<(), StoreError>);
 
 #[derive(Debug, Default)]
 struct PeerConns {
@@ -55,6 +76,12 @@ pub struct Behaviour {
     stats: Stats,
     tick: Option<tokio::time::Interval>,
     waker: Option<Waker>,
+    /// Answers being looked up, one per peer.
+    looking_up: FuturesUnordered<tokio::task::JoinHandle<LookedUp>>,
+    looking_up_for: HashSet<PeerId>,
+    /// Received blocks being written, and their bytes.
+    writing: FuturesUnordered<tokio::task::JoinHandle<Written>>,
+    writing_bytes: usize,
 }
 
 impl Behaviour {
@@ -81,6 +108,10 @@ impl Behaviour {
             stats: Stats::default(),
             tick: None,
             waker: None,
+            looking_up: FuturesUnordered::new(),
+            looking_up_for: HashSet::new(),
+            writing: FuturesUnordered::new(),
+            writing_bytes: 0,
         }
     }
 
@@ -99,13 +130,8 @@ impl Behaviour {
         let now = Instant::now();
         let mut missing = Vec::new();
         for cid in cids {
-            match self.store.get_block(&cid) {
-                Ok(Some(data)) => self.events.push_back(ToSwarm::GenerateEvent(Event::BlockReceived {
-                    session,
-                    cid,
-                    from: None,
-                    size: data.len(),
-                })),
+            match self.store.block_size(&cid) {
+                Ok(Some(size)) => self.events.push_back(ToSwarm::GenerateEvent(Event::BlockReceived { session, cid, from: None, size })),
                 Ok(None) => missing.push(cid),
                 Err(e) => {
                     tracing::warn!(%cid, error = %e, "cannot check the store; fetching the block");
@@ -143,7 +169,7 @@ impl Behaviour {
         let cids: Vec<Cid> = cids.into_iter().collect();
         for cid in &cids {
             if let BlockOutcome::Wanted(requesters) = self.wants.local_block(cid) {
-                let size = self.store.get_block(cid).ok().flatten().map_or(0, |d| d.len());
+                let size = self.store.block_size(cid).ok().flatten().unwrap_or(0);
                 for (session, cid) in requesters {
                     self.events.push_back(ToSwarm::GenerateEvent(Event::BlockReceived { session, cid, from: None, size }));
                 }
@@ -239,6 +265,7 @@ impl Behaviour {
             self.ledger.remove_peer(&peer);
             self.serve_set.remove(&peer);
             self.serve_queue.retain(|p| *p != peer);
+            // A look-up under way ends without an answer (the peer's ledger is gone).
             self.after_change(Instant::now());
         }
     }
@@ -296,34 +323,19 @@ impl Behaviour {
         bad += msg.bad_blocks.len();
 
         if !wanted.is_empty() {
-            match self.store.put_blocks(wanted.iter().map(|(b, _)| b)) {
-                Ok(()) => {
-                    for (block, requesters) in &wanted {
-                        self.stats.blocks_received += 1;
-                        self.stats.block_bytes_received += block.data.len() as u64;
-                        for (session, cid) in requesters {
-                            self.events.push_back(ToSwarm::GenerateEvent(Event::BlockReceived {
-                                session: *session,
-                                cid: *cid,
-                                from: Some(peer),
-                                size: block.data.len(),
-                            }));
-                        }
-                    }
-                    let woken = self.ledger.blocks_added(wanted.iter().map(|(b, _)| &b.cid));
-                    for p in woken {
-                        self.schedule_serve(p);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot store received blocks");
-                    for (block, requesters) in &wanted {
-                        for (session, cid) in requesters {
-                            let error = WantError::Store { cid: block.cid, reason: e.to_string() };
-                            self.events.push_back(ToSwarm::GenerateEvent(Event::NotFound { session: *session, cid: *cid, error }));
-                        }
-                    }
-                }
+            let bytes: usize = wanted.iter().map(|(b, _)| b.data.len()).sum();
+            if self.writing_bytes + bytes <= MAX_WRITING_BYTES {
+                self.writing_bytes += bytes;
+                let store = self.store.clone();
+                self.writing.push(tokio::task::spawn_blocking(move || {
+                    let result = catch_panic(|| store.put_blocks(wanted.iter().map(|(b, _)| b)));
+                    (peer, wanted, result)
+                }));
+            } else {
+                // The disk is behind by that much: wait for it here, as the handlers would
+                // otherwise bring more without bound.
+                let result = self.store.put_blocks(wanted.iter().map(|(b, _)| b));
+                self.on_written(peer, wanted, result);
             }
         }
 
@@ -342,13 +354,52 @@ impl Behaviour {
         self.flush();
     }
 
-    /// Builds answers for peers with room in their connection's queue.
-    fn serve(&mut self) -> bool {
-        let mut budget = SERVE_BUDGET_PER_POLL;
+    /// Received blocks are stored (or could not be): tells their sessions, and the peers that
+    /// want them from us.
+    fn on_written(&mut self, peer: PeerId, wanted: Vec<(Block, Vec<(SessionId, Cid)>)>, result: Result<(), StoreError>) {
+        match result {
+            Ok(()) => {
+                for (block, requesters) in &wanted {
+                    self.stats.blocks_received += 1;
+                    self.stats.block_bytes_received += block.data.len() as u64;
+                    for (session, cid) in requesters {
+                        self.events.push_back(ToSwarm::GenerateEvent(Event::BlockReceived {
+                            session: *session,
+                            cid: *cid,
+                            from: Some(peer),
+                            size: block.data.len(),
+                        }));
+                    }
+                }
+                let woken = self.ledger.blocks_added(wanted.iter().map(|(b, _)| &b.cid));
+                for p in woken {
+                    self.schedule_serve(p);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store received blocks");
+                for (block, requesters) in &wanted {
+                    for (session, cid) in requesters {
+                        let error = WantError::Store { cid: block.cid, reason: e.to_string() };
+                        self.events.push_back(ToSwarm::GenerateEvent(Event::NotFound { session: *session, cid: *cid, error }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts looking up the next answer of peers with room in their connection's queue, and
+    /// sends what needs no look-up (a block left over from the last answer).
+    fn serve(&mut self) {
         let mut rounds = self.serve_queue.len();
-        while rounds > 0 && budget > 0 {
+        while rounds > 0 && self.looking_up.len() < MAX_LOOK_UPS {
             rounds -= 1;
             let Some(peer) = self.serve_queue.pop_front() else { break };
+            if self.looking_up_for.contains(&peer) {
+                // Its look-up's end serves it again.
+                self.serve_set.remove(&peer);
+                continue;
+            }
             let Some(conns) = self.peers.get_mut(&peer) else {
                 self.serve_set.remove(&peer);
                 continue;
@@ -367,34 +418,94 @@ impl Behaviour {
                 self.serve_set.remove(&peer);
                 continue;
             }
-            let built = self.ledger.next_message(
-                &peer,
-                &self.store as &dyn BlockStore,
-                self.config.target_message_size,
-                self.config.max_message_size,
-            );
-            let Some((message, built)) = built else {
-                self.serve_set.remove(&peer);
+            // Enough for the room left in the peer's queue: the answers are built at once.
+            let target = (self.config.max_queued_bytes_per_peer - slot.1).max(self.config.target_message_size);
+            self.serve_set.remove(&peer);
+            let wants = self.ledger.to_look_up(&peer, WANTS_PER_LOOK_UP);
+            if wants.is_empty() {
+                self.answer(peer, HashMap::new());
                 continue;
-            };
+            }
+            let store = self.store.clone();
+            self.looking_up_for.insert(peer);
+            self.looking_up.push(tokio::task::spawn_blocking(move || {
+                let mut found = HashMap::new();
+                let mut bytes = 0;
+                for (cid, want_type) in wants {
+                    if bytes >= target {
+                        break;
+                    }
+                    // A store that panics costs this want its answer (DONT_HAVE), not the node.
+                    let answer = catch_panic(|| Ok(Found::look_up(&store, &cid, want_type)))
+                        .unwrap_or(Found::Block(None));
+                    bytes += answer.bytes();
+                    found.insert(*cid.hash(), answer);
+                }
+                (peer, found)
+            }));
+        }
+    }
+
+    /// Builds and sends `peer`'s next answers from what its look-up `found`, while its queue has
+    /// room; serves it again if more is left.
+    fn answer(&mut self, peer: PeerId, mut found: HashMap<Mh, Found>) {
+        let (target, max) = (self.config.target_message_size, self.config.max_message_size);
+        loop {
+            let Some(slot) = self.peers.get_mut(&peer).and_then(|p| p.conns.iter_mut().min_by_key(|(_, q)| *q)) else { return };
+            if slot.1 >= self.config.max_queued_bytes_per_peer {
+                break;
+            }
+            let built = self.ledger.next_message_from(&peer, &mut |cid, _| found.remove(cid.hash()), target, max);
+            let Some((message, built)) = built else { break };
             let size = message.size_estimate();
             slot.1 += size;
             let conn = slot.0;
-            budget = budget.saturating_sub(size);
-            self.stats.haves_sent += built.haves as u64;
-            self.stats.dont_haves_sent += built.dont_haves as u64;
-            self.events.push_back(ToSwarm::NotifyHandler {
-                peer_id: peer,
-                handler: NotifyHandler::One(conn),
-                event: HandlerIn::Send(OutboundMessage::new(message, MessageKind::Response, size)),
-            });
-            if self.ledger.has_work(&peer) {
-                self.serve_queue.push_back(peer);
-            } else {
-                self.serve_set.remove(&peer);
+            self.send_answer(peer, conn, message, size, built);
+        }
+        if self.ledger.has_work(&peer) {
+            self.schedule_serve(peer);
+        }
+    }
+
+    fn send_answer(&mut self, peer: PeerId, conn: ConnectionId, message: Message, size: usize, built: Built) {
+        self.stats.haves_sent += built.haves as u64;
+        self.stats.dont_haves_sent += built.dont_haves as u64;
+        self.events.push_back(ToSwarm::NotifyHandler {
+            peer_id: peer,
+            handler: NotifyHandler::One(conn),
+            event: HandlerIn::Send(OutboundMessage::new(message, MessageKind::Response, size)),
+        });
+    }
+
+    /// Takes in the look-ups and writes that ended; whether any did.
+    fn poll_store_work(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut any = false;
+        while let Poll::Ready(Some(done)) = self.looking_up.poll_next_unpin(cx) {
+            any = true;
+            match done {
+                Ok((peer, found)) => {
+                    self.looking_up_for.remove(&peer);
+                    self.answer(peer, found);
+                }
+                // Only a runtime shutting down cancels a blocking task.
+                Err(e) => tracing::debug!(error = %e, "a block look-up did not finish"),
             }
         }
-        budget == 0 && !self.serve_queue.is_empty()
+        while let Poll::Ready(Some(done)) = self.writing.poll_next_unpin(cx) {
+            any = true;
+            match done {
+                Ok((peer, wanted, result)) => {
+                    self.writing_bytes -= wanted.iter().map(|(b, _)| b.data.len()).sum::<usize>();
+                    self.on_written(peer, wanted, result);
+                }
+                Err(e) => tracing::debug!(error = %e, "a block write did not finish"),
+            }
+        }
+        if any {
+            self.wants.schedule(Instant::now());
+            self.flush();
+        }
+        any
     }
 
     fn release_queued(&mut self, peer: PeerId, conn: ConnectionId, size: usize) {
@@ -526,8 +637,13 @@ impl NetworkBehaviour for Behaviour {
             self.tick = None;
         }
 
-        if self.serve() {
-            cx.waker().wake_by_ref();
+        // Polling the store work after serving registers this task's waker with the look-ups
+        // just started (a FuturesUnordered does not wake its owner for new futures).
+        loop {
+            self.serve();
+            if !self.poll_store_work(cx) {
+                break;
+            }
         }
         match self.events.pop_front() {
             Some(ev) => Poll::Ready(ev),
@@ -552,4 +668,11 @@ impl std::fmt::Debug for Behaviour {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("bitswap::Behaviour").field("peers", &self.peers.len()).field("stats", &self.stats()).finish()
     }
+}
+
+/// Runs store work that a dependency might panic in; the panic becomes a store error.
+fn catch_panic<T>(work: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        Err(StoreError::Io { what: "store work panicked".into(), source: std::io::Error::other("panic") })
+    })
 }

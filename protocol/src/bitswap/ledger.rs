@@ -8,9 +8,11 @@
 //! - a want-have never downgrades a pending want-block; cancel removes; a `full` wantlist
 //!   replaces the previous one.
 //!
-//! No I/O except block look-ups through the [`BlockStore`] trait, so the decisions are tested
-//! with an in-memory store. Wants are keyed by multihash, as the store is: a CIDv0 and a CIDv1
-//! of the same bytes are one want.
+//! No I/O: the answers are built from look-ups ([`Found`]) that the behaviour makes on a
+//! blocking thread for the wants [`Ledger::to_look_up`] names, or straight through the
+//! [`BlockStore`] trait ([`Ledger::next_message`]), with which the decisions are tested on an
+//! in-memory store. Wants are keyed by multihash, as the store is: a CIDv0 and a CIDv1 of the
+//! same bytes are one want.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -41,6 +43,39 @@ struct PeerLedger {
     queue: VecDeque<Mh>,
     /// A block read for the previous message that did not fit in it.
     stash: Option<Block>,
+}
+
+/// What the store said about a wanted block.
+#[derive(Debug, Clone)]
+pub(crate) enum Found {
+    /// For a want-block: the bytes, or `None` when the block is not stored (or unreadable).
+    Block(Option<Bytes>),
+    /// For a want-have: whether it is stored.
+    Have(bool),
+}
+
+impl Found {
+    /// Looks up what a want of `want_type` needs; store errors are logged and count as missing.
+    pub(crate) fn look_up(store: &dyn BlockStore, cid: &Cid, want_type: WantType) -> Found {
+        match want_type {
+            WantType::Block => Found::Block(store.get_block(cid).unwrap_or_else(|e| {
+                tracing::warn!(%cid, error = %e, "cannot read block to serve");
+                None
+            })),
+            WantType::Have => Found::Have(store.has_block(cid).unwrap_or_else(|e| {
+                tracing::warn!(%cid, error = %e, "cannot check block");
+                false
+            })),
+        }
+    }
+
+    /// Bytes this look-up brought in.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Found::Block(Some(data)) => data.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// What one built message carries, for the counters.
@@ -162,11 +197,34 @@ impl Ledger {
         self.peers.get(peer).map(|l| l.wants.values().map(|e| (e.cid, e.want_type)).collect()).unwrap_or_default()
     }
 
+    /// The wants the next answer for `peer` will look at, in order (at most `limit`): look them
+    /// up, until their blocks reach the message's target, and hand the results to
+    /// [`Ledger::next_message_from`].
+    pub(crate) fn to_look_up(&self, peer: &PeerId, limit: usize) -> Vec<(Cid, WantType)> {
+        let Some(ledger) = self.peers.get(peer) else { return Vec::new() };
+        ledger.queue.iter().filter_map(|mh| ledger.wants.get(mh)).take(limit).map(|e| (e.cid, e.want_type)).collect()
+    }
+
+    /// Builds the next answer for `peer`, looking blocks up in `store` (see
+    /// [`Ledger::next_message_from`]).
+    #[cfg(test)]
+    pub(crate) fn next_message(&mut self, peer: &PeerId, store: &dyn BlockStore, target: usize, max: usize) -> Option<(Message, Built)> {
+        self.next_message_from(peer, &mut |cid, want_type| Some(Found::look_up(store, cid, want_type)), target, max)
+    }
+
     /// Builds the next answer for `peer`: blocks, HAVEs and DONT_HAVEs in want order until the
     /// message reaches `target` bytes, never beyond `max` (a block that would cross `max` waits
     /// for the next message). Blocks larger than `max` can never be sent and are answered like
-    /// missing ones. Store errors are logged and treated as a missing block.
-    pub(crate) fn next_message(&mut self, peer: &PeerId, store: &dyn BlockStore, target: usize, max: usize) -> Option<(Message, Built)> {
+    /// missing ones. `found` gives what the store said of each want; where it knows nothing
+    /// (the want came or changed after the look-ups), the message ends and the want stays first
+    /// in line.
+    pub(crate) fn next_message_from(
+        &mut self,
+        peer: &PeerId,
+        found: &mut dyn FnMut(&Cid, WantType) -> Option<Found>,
+        target: usize,
+        max: usize,
+    ) -> Option<(Message, Built)> {
         let ledger = self.peers.get_mut(peer)?;
         let mut msg = Message::default();
         let mut built = Built::default();
@@ -180,23 +238,29 @@ impl Ledger {
             msg.blocks.push(block);
         }
         while size < target {
-            let Some(mh) = ledger.queue.pop_front() else { break };
-            let Some(entry) = ledger.wants.get_mut(&mh) else { continue };
-            entry.queued = false;
+            let Some(&mh) = ledger.queue.front() else { break };
+            let Some(entry) = ledger.wants.get_mut(&mh) else {
+                ledger.queue.pop_front();
+                continue;
+            };
             let cid = entry.cid;
-            match entry.want_type {
-                WantType::Block => {
-                    let data = match store.get_block(&cid) {
-                        Ok(Some(data)) if data.len() <= max_block => Some(data),
-                        Ok(Some(data)) => {
+            let Some(answer) = found(&cid, entry.want_type) else { break };
+            ledger.queue.pop_front();
+            entry.queued = false;
+            match (entry.want_type, answer) {
+                (WantType::Block, Found::Have(_)) => {
+                    // Upgraded to a want-block after the look-up: looked up again next time.
+                    entry.queued = true;
+                    ledger.queue.push_front(mh);
+                    break;
+                }
+                (WantType::Block, Found::Block(data)) => {
+                    let data = match data {
+                        Some(data) if data.len() > max_block => {
                             tracing::warn!(%cid, size = data.len(), "block too large for a bitswap message");
                             None
                         }
-                        Ok(None) => None,
-                        Err(e) => {
-                            tracing::warn!(%cid, error = %e, "cannot read block to serve");
-                            None
-                        }
+                        data => data,
                     };
                     match data {
                         Some(data) => {
@@ -224,11 +288,11 @@ impl Ledger {
                         }
                     }
                 }
-                WantType::Have => {
-                    let have = store.has_block(&cid).unwrap_or_else(|e| {
-                        tracing::warn!(%cid, error = %e, "cannot check block");
-                        false
-                    });
+                (WantType::Have, answer) => {
+                    let have = match answer {
+                        Found::Have(have) => have,
+                        Found::Block(data) => data.is_some(),
+                    };
                     if have {
                         ledger.wants.remove(&mh);
                         unindex(&mut self.wanted_by, &mh, peer);
@@ -399,6 +463,40 @@ pub(crate) mod tests {
         assert_eq!(msg.blocks, blocks[3..4].to_vec());
         let (msg, _) = ledger.next_message(&peer, &store, 10_000, 100_000).unwrap();
         assert_eq!(msg.blocks, blocks[4..].to_vec());
+        assert!(!ledger.has_work(&peer));
+    }
+
+    /// Answers built from look-ups made earlier (on another thread): a want the look-ups did
+    /// not cover ends the message and stays first in line; a want-have upgraded to a
+    /// want-block after its look-up is looked up again; a cancelled one is dropped.
+    #[test]
+    fn answers_from_earlier_look_ups_stop_where_the_look_ups_stop() {
+        let store = MemStore::default();
+        let peer = PeerId::random();
+        let blocks: Vec<Block> = (0..4).map(|i| block(i, 100)).collect();
+        for b in &blocks {
+            store.insert(b);
+        }
+        let mut ledger = Ledger::new(100);
+        ledger.receive_wantlist(
+            peer,
+            false,
+            &[want(&blocks[0], WantType::Block, true), want(&blocks[1], WantType::Have, true), want(&blocks[2], WantType::Block, true)],
+        );
+        let planned = ledger.to_look_up(&peer, 2);
+        assert_eq!(planned, vec![(blocks[0].cid, WantType::Block), (blocks[1].cid, WantType::Have)]);
+        let looked: HashMap<Cid, Found> = planned.iter().map(|(cid, t)| (*cid, Found::look_up(&store, cid, *t))).collect();
+        // Meanwhile the peer upgrades its want-have and wants one more block.
+        ledger.receive_wantlist(peer, false, &[want(&blocks[1], WantType::Block, true), want(&blocks[3], WantType::Block, true)]);
+        let (msg, _) = ledger.next_message_from(&peer, &mut |cid, _| looked.get(cid).cloned(), MAX, MAX).unwrap();
+        assert_eq!(msg.blocks, vec![blocks[0].clone()], "stops at the upgraded want");
+        assert!(msg.presences.is_empty());
+        assert_eq!(ledger.to_look_up(&peer, 10).first(), Some(&(blocks[1].cid, WantType::Block)));
+        // Nothing looked up: no message, nothing lost.
+        assert!(ledger.next_message_from(&peer, &mut |_, _| None, MAX, MAX).is_none());
+        ledger.receive_wantlist(peer, false, &[WantlistEntry::cancel(blocks[2].cid)]);
+        let (msg, _) = ledger.next_message(&peer, &store, MAX, MAX).unwrap();
+        assert_eq!(msg.blocks, vec![blocks[1].clone(), blocks[3].clone()]);
         assert!(!ledger.has_work(&peer));
     }
 
