@@ -7,12 +7,13 @@
 //! ([`Config::max_queued_bytes_per_peer`]) — so a peer wanting a thousand blocks costs no more
 //! memory than its queue.
 //!
-//! The store's disk is never read or written on the swarm task: a peer's next answer is looked
-//! up on a blocking thread ([`MAX_LOOK_UPS`] at a time, one per peer) and built from the
-//! results when they come back; received blocks are written there too, up to
+//! The swarm task never waits for the store's disk. A peer's answers are built at once from
+//! what memory holds (RocksDB's memtables and block cache, the page cache: `RWF_NOWAIT`); the
+//! rest is looked up on a blocking thread ([`MAX_LOOK_UPS`] at a time, one per peer) and the
+//! answers built when the results come back. Received blocks are written there too, up to
 //! [`MAX_WRITING_BYTES`] at a time (beyond that the swarm task writes them itself, as the
-//! handlers would otherwise queue without bound). A slow disk then slows the transfers, not
-//! every other protocol of the node.
+//! handlers would otherwise queue without bound). A slow disk then slows the transfers that
+//! need it, not every other protocol of the node.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::task::{Context, Poll, Waker};
@@ -31,7 +32,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::handler::{Handler, HandlerConfig, HandlerIn, HandlerOut, MessageKind, OutboundMessage};
 use super::ledger::{Built, Found, Ledger};
-use super::message::{Message, ReceivedMessage};
+use super::message::{Message, ReceivedMessage, WantType};
 use super::session::{BlockOutcome, SessionConfig, SessionEvent, WantManager};
 use super::{Config, Event, FrameError, SessionId, Stats, Version, WantError};
 use crate::store::{Block, BlockStore, Store, StoreError};
@@ -413,20 +414,29 @@ impl Behaviour {
                 self.serve_set.remove(&peer);
                 continue;
             };
-            if slot.1 >= self.config.max_queued_bytes_per_peer {
+            // A look-up (a hop to a blocking thread and back) waits until it can fill a quarter
+            // of the queue, so that a peer draining its queue costs a few, not one per message.
+            let max_queued = self.config.max_queued_bytes_per_peer;
+            let min_room = (max_queued / 4).max(self.config.target_message_size).min(max_queued);
+            if slot.1 > 0 && max_queued.saturating_sub(slot.1) < min_room {
                 // Full: a `Sent` from this peer's handler puts it back.
                 self.serve_set.remove(&peer);
                 continue;
             }
             // Enough for the room left in the peer's queue: the answers are built at once.
-            let target = (self.config.max_queued_bytes_per_peer - slot.1).max(self.config.target_message_size);
+            let target = max_queued.saturating_sub(slot.1).max(self.config.target_message_size);
             self.serve_set.remove(&peer);
-            let wants = self.ledger.to_look_up(&peer, WANTS_PER_LOOK_UP);
-            if wants.is_empty() {
-                self.answer(peer, HashMap::new());
+            // What memory holds goes out at once (on a fast path: the block a look-up just read
+            // is in the page cache).
+            let store = self.store.clone();
+            if !self.send_answers(peer, &mut |cid, want_type| in_memory(&store, cid, want_type)) {
+                // Full: a `Sent` from this peer's handler puts it back.
                 continue;
             }
-            let store = self.store.clone();
+            let wants = self.ledger.to_look_up(&peer, WANTS_PER_LOOK_UP);
+            if wants.is_empty() {
+                continue;
+            }
             self.looking_up_for.insert(peer);
             self.looking_up.push(tokio::task::spawn_blocking(move || {
                 let mut found = HashMap::new();
@@ -446,24 +456,20 @@ impl Behaviour {
         }
     }
 
-    /// Builds and sends `peer`'s next answers from what its look-up `found`, while its queue has
-    /// room; serves it again if more is left.
-    fn answer(&mut self, peer: PeerId, mut found: HashMap<Mh, Found>) {
+    /// Builds and sends `peer`'s next answers from what `found` knows, while its queue has
+    /// room; returns whether it still has (false also when the peer is gone).
+    fn send_answers(&mut self, peer: PeerId, found: &mut dyn FnMut(&Cid, WantType) -> Option<Found>) -> bool {
         let (target, max) = (self.config.target_message_size, self.config.max_message_size);
         loop {
-            let Some(slot) = self.peers.get_mut(&peer).and_then(|p| p.conns.iter_mut().min_by_key(|(_, q)| *q)) else { return };
+            let Some(slot) = self.peers.get_mut(&peer).and_then(|p| p.conns.iter_mut().min_by_key(|(_, q)| *q)) else { return false };
             if slot.1 >= self.config.max_queued_bytes_per_peer {
-                break;
+                return false;
             }
-            let built = self.ledger.next_message_from(&peer, &mut |cid, _| found.remove(cid.hash()), target, max);
-            let Some((message, built)) = built else { break };
+            let Some((message, built)) = self.ledger.next_message_from(&peer, found, target, max) else { return true };
             let size = message.size_estimate();
             slot.1 += size;
             let conn = slot.0;
             self.send_answer(peer, conn, message, size, built);
-        }
-        if self.ledger.has_work(&peer) {
-            self.schedule_serve(peer);
         }
     }
 
@@ -483,9 +489,12 @@ impl Behaviour {
         while let Poll::Ready(Some(done)) = self.looking_up.poll_next_unpin(cx) {
             any = true;
             match done {
-                Ok((peer, found)) => {
+                Ok((peer, mut found)) => {
                     self.looking_up_for.remove(&peer);
-                    self.answer(peer, found);
+                    self.send_answers(peer, &mut |cid, _| found.remove(cid.hash()));
+                    if self.ledger.has_work(&peer) {
+                        self.schedule_serve(peer);
+                    }
                 }
                 // Only a runtime shutting down cancels a blocking task.
                 Err(e) => tracing::debug!(error = %e, "a block look-up did not finish"),
@@ -668,6 +677,16 @@ impl std::fmt::Debug for Behaviour {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("bitswap::Behaviour").field("peers", &self.peers.len()).field("stats", &self.stats()).finish()
     }
+}
+
+/// What the store holds for a want, if memory can tell without waiting for the disk.
+fn in_memory(store: &Store, cid: &Cid, want_type: WantType) -> Option<Found> {
+    let found = match want_type {
+        WantType::Block => store.get_block_in_memory(cid).map(|b| b.map(Found::Block)),
+        WantType::Have => store.has_block_in_memory(cid).map(|h| h.map(Found::Have)),
+    };
+    // An error is the look-up's to report.
+    found.ok().flatten()
 }
 
 /// Runs store work that a dependency might panic in; the panic becomes a store error.

@@ -157,6 +157,34 @@ impl Store {
         self.put_blocks([&block])
     }
 
+    /// A block's bytes if they can be had without waiting for the disk (from RocksDB's memory
+    /// and the page cache): `Ok(None)` when reading them would wait, or when they need
+    /// [`BlockStore::get_block`]'s care (a damaged block). `Ok(Some(None))`: not stored.
+    pub fn get_block_in_memory(&self, cid: &Cid) -> Result<Option<Option<Bytes>>, StoreError> {
+        let key = cid.hash().to_bytes();
+        match self.get_pinned_in_memory(Column::Blocks, &key)? {
+            None => return Ok(None),
+            Some(Some(inline)) => return Ok(Some(Some(Bytes::copy_from_slice(&inline)))),
+            Some(None) => {}
+        }
+        let location = match self.get_pinned_in_memory(Column::Packed, &key)? {
+            None => return Ok(None),
+            Some(None) => return Ok(Some(None)),
+            Some(Some(location)) => Location::decode(&location)?,
+        };
+        let Some(packs) = &self.packs else { return Ok(None) };
+        Ok(packs.read_in_memory(&location).map(Some))
+    }
+
+    /// Whether a block is stored, if that can be told without waiting for the disk.
+    pub fn has_block_in_memory(&self, cid: &Cid) -> Result<Option<bool>, StoreError> {
+        let key = cid.hash().to_bytes();
+        match self.get_pinned_in_memory(Column::Blocks, &key)? {
+            Some(None) => Ok(self.get_pinned_in_memory(Column::Packed, &key)?.map(|l| l.is_some())),
+            other => Ok(other.map(|_| true)),
+        }
+    }
+
     /// Makes every read of a pack file wait until the returned guard is dropped (`None` in
     /// memory): a disk that stalls, for tests of what must not wait for it. Not part of the API.
     #[doc(hidden)]

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, ReadOptions, ReadTier, WriteBatch, WriteOptions, DB};
 
 /// The column families of the node database. The enum drives per-column options.
 #[repr(u8)]
@@ -314,6 +314,23 @@ impl Store {
         match &self.backend {
             Backend::Rocks(db) => Ok(db.get_pinned_cf(cf(db, column), key)?.map(PinnedValue::Rocks)),
             Backend::Memory(_) => Ok(self.get(column, key)?.map(PinnedValue::Owned)),
+        }
+    }
+
+    /// [`Store::get_pinned`] without waiting for the disk: `Ok(None)` when the value is not in
+    /// memory (RocksDB's memtables and block cache) and reading it would wait.
+    pub(crate) fn get_pinned_in_memory(&self, column: Column, key: &[u8]) -> Result<Option<Option<PinnedValue<'_>>>, StoreError> {
+        match &self.backend {
+            Backend::Rocks(db) => {
+                let mut options = ReadOptions::default();
+                options.set_read_tier(ReadTier::BlockCache);
+                match db.get_pinned_cf_opt(cf(db, column), key, &options) {
+                    Ok(value) => Ok(Some(value.map(PinnedValue::Rocks))),
+                    Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Backend::Memory(_) => Ok(Some(self.get_pinned(column, key)?)),
         }
     }
 
