@@ -19,7 +19,13 @@
 //! chunk fail its tag. The header is every chunk's associated data, so the key id and the
 //! nonce prefix cannot be changed either. The nonce is built here rather than through
 //! `aead::stream` because enabling that feature of `aead` rebuilds libp2p's noise (which shares
-//! the crate) for a dozen lines; the AEAD itself is `chacha20poly1305`'s.
+//! the crate) for a dozen lines.
+//!
+//! The AEAD is XChaCha20-Poly1305 built from its parts (draft-irtf-cfrg-xchacha-03, §2.3):
+//! every nonce of an object begins with the same 16 bytes (the prefix's first 16), so the
+//! HChaCha20 subkey is derived once per object ([`ChunkCipher`]), and each chunk is the IETF
+//! ChaCha20-Poly1305 of `ring` (assembly: 2.1 GB/s here, against 1.3 GB/s for
+//! `chacha20poly1305`'s XChaCha20-Poly1305, which the tests check it against byte for byte).
 //!
 //! An empty file is one empty last chunk (its tag only), so an object is never just a header.
 //! Every object has a fresh random nonce prefix (152 bits: no collision in practice), so one
@@ -37,9 +43,8 @@
 
 use std::io::Read;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
 use super::KeyId;
 use crate::msg::crypto::KEY_LEN;
@@ -98,8 +103,54 @@ impl ObjectKey {
         ObjectKey { id, key }
     }
 
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(Key::from_slice(&self.key))
+    fn cipher(&self, header: &Header) -> ChunkCipher {
+        ChunkCipher::new(&self.key, header)
+    }
+}
+
+/// XChaCha20-Poly1305 for the chunks of one object (see the [module docs](self)).
+struct ChunkCipher {
+    /// ChaCha20-Poly1305 under the HChaCha20 subkey of the key and the prefix's first 16 bytes.
+    subkey: LessSafeKey,
+    /// The prefix's last 3 bytes: the start of every chunk's 8-byte nonce tail.
+    tail: [u8; PREFIX_LEN - 16],
+    /// Every chunk's associated data.
+    aad: [u8; HEADER_LEN],
+}
+
+impl ChunkCipher {
+    fn new(key: &[u8; KEY_LEN], header: &Header) -> Self {
+        let subkey = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+            chacha20::Key::from_slice(key),
+            chacha20::cipher::generic_array::GenericArray::from_slice(&header.prefix[..16]),
+        );
+        let subkey = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &subkey).expect("a 32-byte ChaCha20 key"));
+        let mut tail = [0u8; PREFIX_LEN - 16];
+        tail.copy_from_slice(&header.prefix[16..]);
+        ChunkCipher { subkey, tail, aad: header.raw }
+    }
+
+    /// The IETF nonce of chunk `position`: 4 zero bytes, then the XChaCha nonce's last 8
+    /// (the prefix's last 3, the position, the last flag).
+    fn nonce(&self, position: u32, last: bool) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[4..7].copy_from_slice(&self.tail);
+        nonce[7..11].copy_from_slice(&position.to_be_bytes());
+        nonce[11] = u8::from(last);
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Encrypts `chunk` in place; returns its tag.
+    fn seal(&self, position: u32, last: bool, chunk: &mut [u8]) -> Result<[u8; TAG_LEN], ObjectError> {
+        let tag = self.subkey.seal_in_place_separate_tag(self.nonce(position, last), Aad::from(&self.aad), chunk).map_err(|_| ObjectError::TooLarge)?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    /// Decrypts `chunk` in place; `false` if it fails its tag.
+    fn open(&self, position: u32, last: bool, chunk: &mut [u8], tag: [u8; TAG_LEN]) -> bool {
+        self.subkey.open_in_place_separate_tag(self.nonce(position, last), Aad::from(&self.aad), Tag::from(tag), chunk, 0..).is_ok()
     }
 }
 
@@ -148,8 +199,10 @@ impl Header {
         Ok(Header::new(key_id, prefix))
     }
 
-    fn nonce(&self, position: u32, last: bool) -> XNonce {
-        let mut nonce = XNonce::default();
+    /// Chunk `position`'s 24-byte XChaCha20 nonce: the prefix, the position, the last flag.
+    #[cfg(test)]
+    fn nonce(&self, position: u32, last: bool) -> [u8; 24] {
+        let mut nonce = [0u8; 24];
         nonce[..PREFIX_LEN].copy_from_slice(&self.prefix);
         nonce[PREFIX_LEN..PREFIX_LEN + 4].copy_from_slice(&position.to_be_bytes());
         nonce[PREFIX_LEN + 4] = u8::from(last);
@@ -171,7 +224,7 @@ pub fn sealed_len(plain: u64) -> u64 {
 
 /// Encrypts a file pushed in pieces of any size into a `kbobj1` object.
 pub struct Encryptor {
-    cipher: XChaCha20Poly1305,
+    cipher: ChunkCipher,
     header: Header,
     header_written: bool,
     position: u32,
@@ -188,7 +241,8 @@ impl Encryptor {
     }
 
     fn with_prefix(key: &ObjectKey, prefix: [u8; PREFIX_LEN]) -> Self {
-        Encryptor { cipher: key.cipher(), header: Header::new(key.id, prefix), header_written: false, position: 0, pending: Vec::with_capacity(SEALED_CHUNK) }
+        let header = Header::new(key.id, prefix);
+        Encryptor { cipher: key.cipher(&header), header, header_written: false, position: 0, pending: Vec::with_capacity(SEALED_CHUNK) }
     }
 
     /// Encrypts `plain`, appending to `out` the ciphertext that is ready (the header first).
@@ -227,8 +281,7 @@ impl Encryptor {
 
     /// Encrypts `buf[start..]` in place as the next chunk and appends its tag.
     fn seal_at(&mut self, buf: &mut Vec<u8>, start: usize, last: bool) -> Result<(), ObjectError> {
-        let nonce = self.header.nonce(self.position, last);
-        let tag = self.cipher.encrypt_in_place_detached(&nonce, &self.header.raw, &mut buf[start..]).map_err(|_| ObjectError::TooLarge)?;
+        let tag = self.cipher.seal(self.position, last, &mut buf[start..])?;
         buf.extend_from_slice(&tag);
         self.position = self.position.checked_add(1).ok_or(ObjectError::TooLarge)?;
         Ok(())
@@ -265,8 +318,7 @@ pub fn encrypt_chunks(mut reader: impl Read, key: &ObjectKey, mut emit: impl FnM
 
 /// Decrypts a `kbobj1` object pushed in pieces of any size, after its header.
 pub struct Decryptor {
-    cipher: XChaCha20Poly1305,
-    header: Header,
+    cipher: ChunkCipher,
     position: u32,
     /// The sealed chunk being filled: opened once more bytes show it is not the last.
     pending: Vec<u8>,
@@ -276,7 +328,7 @@ impl Decryptor {
     /// Decrypts the object with `header` under `key`. A key whose id is not the header's is
     /// not refused here: its first chunk fails ([`ObjectError::Tampered`]).
     pub fn new(header: &Header, key: &ObjectKey) -> Self {
-        Decryptor { cipher: key.cipher(), header: header.clone(), position: 0, pending: Vec::with_capacity(SEALED_CHUNK) }
+        Decryptor { cipher: key.cipher(header), position: 0, pending: Vec::with_capacity(SEALED_CHUNK) }
     }
 
     /// Decrypts the bytes that follow the header, appending to `out` the plaintext of every
@@ -302,13 +354,13 @@ impl Decryptor {
     }
 
     fn open(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), ObjectError> {
-        let nonce = self.header.nonce(self.position, last);
         let body = self.pending.len() - TAG_LEN;
-        let tag = Tag::clone_from_slice(&self.pending[body..]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&self.pending[body..]);
         let start = out.len();
         out.extend_from_slice(&self.pending[..body]);
         self.pending.clear();
-        if self.cipher.decrypt_in_place_detached(&nonce, &self.header.raw, &mut out[start..], &tag).is_err() {
+        if !self.cipher.open(self.position, last, &mut out[start..], tag) {
             out.truncate(start);
             return Err(ObjectError::Tampered { chunk: u64::from(self.position) });
         }

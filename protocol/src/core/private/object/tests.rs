@@ -164,12 +164,43 @@ fn the_key_never_shows_in_debug_output() {
     assert!(text.contains("abababab") && !text.contains("5c5c"), "{text}");
 }
 
+/// The object sealed chunk by chunk with `chacha20poly1305`'s XChaCha20-Poly1305 and the
+/// format's 24-byte nonces: what `ChunkCipher` must give byte for byte.
+fn sealed_by_the_reference(key: &ObjectKey, header: &Header, data: &[u8]) -> Vec<u8> {
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.key));
+    let mut out = header.raw.to_vec();
+    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(CHUNK).collect() };
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut body = chunk.to_vec();
+        let nonce = header.nonce(i as u32, i + 1 == chunks.len());
+        let tag = cipher.encrypt_in_place_detached(XNonce::from_slice(&nonce), &header.raw, &mut body).expect("a chunk fits");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&tag);
+    }
+    out
+}
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn objects_are_exactly_xchacha20_poly1305(len in 0usize..(3 * CHUNK), key_byte in any::<u8>(), prefix in any::<[u8; PREFIX_LEN]>()) {
+        let k = key(key_byte);
+        let data = plain(len, key_byte);
+        let mut encryptor = Encryptor::with_prefix(&k, prefix);
+        let mut sealed = Vec::new();
+        encryptor.update(&data, &mut sealed).unwrap();
+        encryptor.finish(&mut sealed).unwrap();
+        let reference = sealed_by_the_reference(&k, &Header::parse(&sealed).unwrap(), &data);
+        prop_assert!(sealed == reference, "differs from chacha20poly1305's XChaCha20-Poly1305 at {len} bytes");
+        prop_assert_eq!(open_with(&reference, &k).unwrap(), data);
+    }
 
     #[test]
     fn any_file_in_any_pieces_round_trips(len in 0usize..300 * 1024, piece in 1usize..200_000, seed in any::<u8>()) {
