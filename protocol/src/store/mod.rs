@@ -257,6 +257,10 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_max_open_files(256);
+        // RocksDB opens each column family's table files on this many threads at start (16 by
+        // default: 15 threads made and joined per column family, ~110 for every `kubelt`
+        // command, tables or not). As many as the cores we assume above.
+        opts.set_max_file_opening_threads(2);
         let cfs = Column::ALL.iter().map(|c| ColumnFamilyDescriptor::new(c.name(), c.options()));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
             if e.to_string().contains("lock") {
