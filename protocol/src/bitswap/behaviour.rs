@@ -389,11 +389,11 @@ impl Behaviour {
         }
     }
 
-    /// Starts looking up the next answer of peers with room in their connection's queue, and
-    /// sends what needs no look-up (a block left over from the last answer).
+    /// Sends peers with room in their connection's queue the answers memory holds, and starts
+    /// looking up the rest on a blocking thread.
     fn serve(&mut self) {
         let mut rounds = self.serve_queue.len();
-        while rounds > 0 && self.looking_up.len() < MAX_LOOK_UPS {
+        while rounds > 0 {
             rounds -= 1;
             let Some(peer) = self.serve_queue.pop_front() else { break };
             if self.looking_up_for.contains(&peer) {
@@ -435,6 +435,11 @@ impl Behaviour {
             }
             let wants = self.ledger.to_look_up(&peer, WANTS_PER_LOOK_UP);
             if wants.is_empty() {
+                continue;
+            }
+            if self.looking_up.len() >= MAX_LOOK_UPS {
+                // Served again once a look-up ends.
+                self.schedule_serve(peer);
                 continue;
             }
             self.looking_up_for.insert(peer);
