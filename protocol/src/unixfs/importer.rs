@@ -408,30 +408,41 @@ fn hash_threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
 }
 
-/// Hashes encoded leaves (codec, bytes, file bytes) into blocks, in order, with the hashing
-/// split over [`hash_threads`] threads (this one included). Should a thread fail to start,
-/// this one hashes its share.
+/// Hashes encoded leaves (codec, bytes, file bytes) into blocks, in order, on
+/// [`hash_threads`] threads (this one included). Each thread takes the next leaf no other has
+/// taken, so that one the scheduler holds back (another process; a private add's encryption)
+/// leaves its share to the others instead of keeping them waiting at the join; a thread that
+/// fails to start leaves its share the same way.
 fn make_leaves(opts: &ImportOptions, leaves: Vec<(u64, Bytes, u64)>) -> Vec<(Block, u64)> {
     if hash_threads() <= 1 || leaves.len() <= 1 {
         return leaves.into_iter().map(|(codec, data, filesize)| (opts.block(codec, data), filesize)).collect();
     }
-    let per_thread = leaves.len().div_ceil(hash_threads());
-    let hash_part = |part: &[(u64, Bytes, u64)]| part.iter().map(|(_, data, _)| Sha256::digest(data).into()).collect::<Vec<[u8; 32]>>();
-    let digests: Vec<[u8; 32]> = std::thread::scope(|scope| {
-        let mut parts = leaves.chunks(per_thread);
-        let mine = parts.next().unwrap_or_default();
-        let started: Vec<_> = parts
-            .map(|part| (part, std::thread::Builder::new().name("unixfs-hash".into()).spawn_scoped(scope, move || hash_part(part))))
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // The leaves one thread hashed: (index, digest).
+    let hash_some = || {
+        let mut hashed = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((_, data, _)) = leaves.get(i) else { return hashed };
+            hashed.push((i, <[u8; 32]>::from(Sha256::digest(data))));
+        }
+    };
+    let mut digests = vec![[0u8; 32]; leaves.len()];
+    std::thread::scope(|scope| {
+        let hash_some = &hash_some;
+        let started: Vec<_> = (1..hash_threads())
+            .filter_map(|_| std::thread::Builder::new().name("unixfs-hash".into()).spawn_scoped(scope, hash_some).ok())
             .collect();
-        let mut digests = hash_part(mine);
-        for (part, thread) in started {
-            match thread.map(|t| t.join()) {
-                Ok(Ok(theirs)) => digests.extend(theirs),
-                Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                Err(_) => digests.extend(hash_part(part)),
+        let mut hashed = hash_some();
+        for thread in started {
+            match thread.join() {
+                Ok(theirs) => hashed.extend(theirs),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        digests
+        for (i, digest) in hashed {
+            digests[i] = digest;
+        }
     });
     leaves
         .into_iter()
