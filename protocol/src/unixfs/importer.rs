@@ -492,10 +492,7 @@ pub(crate) fn import_reader(
     loop {
         let mut limited = reader.by_ref().take(chunk);
         let read = importer.push_reader(&mut limited, sink).map_err(UnixfsError::Read)?;
-        sink.buffers.extend(importer.take_buffers());
-        if sink.bytes >= BATCH_BYTES {
-            sink.flush();
-        }
+        sink.chunk_done(importer);
         sink.check()?;
         progress(base + importer.bytes_imported());
         if read == 0 {
@@ -552,6 +549,15 @@ impl BlockSink {
             if tx.send(batch).is_err() {
                 self.writer_gone = true;
             }
+        }
+    }
+
+    /// Takes the importer's buffers whose leaves came out, and hands the batch to the writer
+    /// once it holds [`BATCH_BYTES`]: with its buffers, so that they are written as they are.
+    fn chunk_done(&mut self, importer: &mut FileImporter) {
+        self.buffers.extend(importer.take_buffers());
+        if self.bytes >= BATCH_BYTES {
+            self.flush();
         }
     }
 
