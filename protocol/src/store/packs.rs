@@ -992,7 +992,72 @@ mod tests {
         Ok(())
     }
 
+    /// Where a generated block lies: in buffer `buffer % buffers` at `start`, or (for
+    /// `buffer == None`) in memory of its own.
+    #[derive(Debug, Clone)]
+    struct PlacedBlock {
+        buffer: Option<usize>,
+        start: usize,
+        len: usize,
+    }
+
+    /// A test case's failure, from any error.
+    fn fail(e: impl std::fmt::Display) -> proptest::test_runner::TestCaseError {
+        proptest::test_runner::TestCaseError::fail(e.to_string())
+    }
+
+    fn placed_block() -> impl proptest::strategy::Strategy<Value = PlacedBlock> {
+        use proptest::prelude::*;
+        (proptest::option::of(0usize..3), 0usize..40_000, 1usize..30_000).prop_map(|(buffer, start, len)| PlacedBlock { buffer, start, len })
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever the blocks' places (in a buffer, overlapping each other, reaching past a
+        /// buffer's end, in memory of their own) and the order they come in, every block reads
+        /// back as it was, and a direct write takes no more than its plan says.
+        #[test]
+        fn blocks_from_anywhere_read_back_after_a_direct_write(
+            placed in proptest::collection::vec(placed_block(), 1..12),
+            refuse_direct in proptest::bool::ANY,
+        ) {
+            let mut buffers: Vec<DirectBuf> = (0..3).map(|i| DirectBuf::new(32_768 * (i + 1))).collect();
+            for (i, buf) in buffers.iter_mut().enumerate() {
+                for (j, byte) in buf.iter_mut().enumerate() {
+                    *byte = (j % 251) as u8 ^ (i as u8 * 85);
+                }
+            }
+            let own: Vec<Vec<u8>> = placed.iter().map(|p| vec![p.len as u8 | 1; p.len]).collect();
+            let blocks: Vec<&[u8]> = placed
+                .iter()
+                .zip(&own)
+                .map(|(p, own)| match p.buffer {
+                    // Clamped into the buffer: a block never reaches outside its memory.
+                    Some(b) => {
+                        let buf = &buffers[b];
+                        let start = p.start % buf.len();
+                        &buf[start..(start + p.len).min(buf.len())]
+                    }
+                    None => &own[..],
+                })
+                .collect();
+            let dir = tempfile::tempdir().map_err(fail)?;
+            let packs = Packs::open(dir.path()).map_err(fail)?;
+            lock(&packs.active).direct_refused = refuse_direct;
+            packs.append(&[&[9u8; 5000]], WriteMode::Cached).map_err(fail)?;
+            let refs: Vec<&DirectBuf> = buffers.iter().collect();
+            let locations = packs.append_from(&blocks, WriteMode::ToPin, &refs).map_err(fail)?;
+            let plan = DirectPlan::new(&blocks, &refs);
+            let written: u64 = blocks.iter().map(|b| b.len() as u64).sum();
+            proptest::prop_assert!(plan.len() <= 2 * written + 2 * (refs.len() as u64 + 1) * DIRECT_ALIGN as u64, "plan {} for {written} bytes", plan.len());
+            packs.sync().map_err(fail)?;
+            for (block, location) in blocks.iter().zip(&locations) {
+                let read = packs.read(location).map_err(fail)?;
+                proptest::prop_assert_eq!(read.as_deref(), Ok(*block), "{:?}", location);
+            }
+        }
+
         #[test]
         fn any_bytes_decode_to_a_location_or_an_error(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
             match Location::decode(&bytes) {
