@@ -510,4 +510,62 @@ pub(crate) mod tests {
         ledger.remove_peer(&peer);
         assert!(ledger.wanted_by.is_empty());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, failure_persistence: None, ..Default::default() })]
+
+        /// Answers built from look-ups that cover any part of the wants (as a blocking thread's
+        /// results do, however far they got) lose nothing and send nothing twice: in the end
+        /// every stored block wanted is sent once, every stored want-have gets one HAVE, and no
+        /// DONT_HAVE names a stored block.
+        #[test]
+        fn partial_look_ups_answer_every_want_once(
+            wants in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+            covered in proptest::collection::vec(0usize..8, 1..60),
+            target in 100usize..2000,
+        ) {
+            let store = MemStore::default();
+            let peer = PeerId::random();
+            let mut ledger = Ledger::new(1000);
+            let blocks: Vec<Block> = (0..wants.len()).map(|i| block(i as u32, 60)).collect();
+            let mut entries = Vec::new();
+            for (b, &(stored, want_block, dont_have)) in blocks.iter().zip(&wants) {
+                if stored {
+                    store.insert(b);
+                }
+                entries.push(want(b, if want_block { WantType::Block } else { WantType::Have }, dont_have));
+            }
+            ledger.receive_wantlist(peer, false, &entries);
+            let mut sent: HashMap<Cid, usize> = HashMap::new();
+            let mut haves: HashMap<Cid, usize> = HashMap::new();
+            let mut dont_haves = Vec::new();
+            let mut take = |msg: Message| {
+                for b in msg.blocks {
+                    *sent.entry(b.cid).or_default() += 1;
+                }
+                for (cid, presence) in msg.presences {
+                    match presence {
+                        Presence::Have => *haves.entry(cid).or_default() += 1,
+                        Presence::DontHave => dont_haves.push(cid),
+                    }
+                }
+            };
+            // Look-ups that got as far as `n` wants, then the answers built from them.
+            for &n in &covered {
+                let looked: HashMap<Cid, Found> = ledger.to_look_up(&peer, n).into_iter().map(|(cid, t)| (cid, Found::look_up(&store, &cid, t))).collect();
+                while let Some((msg, _)) = ledger.next_message_from(&peer, &mut |cid, _| looked.get(cid).cloned(), target, 4 << 20) {
+                    take(msg);
+                }
+            }
+            while let Some((msg, _)) = ledger.next_message(&peer, &store, target, 4 << 20) {
+                take(msg);
+            }
+            for (b, &(stored, want_block, _)) in blocks.iter().zip(&wants) {
+                let (blocks_sent, have_sent) = (sent.get(&b.cid).copied().unwrap_or(0), haves.get(&b.cid).copied().unwrap_or(0));
+                proptest::prop_assert_eq!(blocks_sent, usize::from(stored && want_block), "block {}", b.cid);
+                proptest::prop_assert_eq!(have_sent, usize::from(stored && !want_block), "HAVE {}", b.cid);
+                proptest::prop_assert!(!(stored && dont_haves.contains(&b.cid)), "DONT_HAVE for stored {}", b.cid);
+            }
+        }
+    }
 }
