@@ -13,7 +13,9 @@
 //! - [`session`]: what we want, from whom, retries and timeouts (requesting);
 //! - [`handler`]: one per connection: parallel inbound streams, a long-lived ordered stream
 //!   for our wants and a few for our answers;
-//! - [`behaviour`]: the [`Behaviour`] gluing them to the [`Store`](crate::store::Store).
+//! - [`behaviour`]: the [`Behaviour`] gluing them to the [`Store`](crate::store::Store):
+//!   answers from what memory holds at once, disk reads and block writes on blocking threads,
+//!   so the swarm task never waits for the disk.
 //!
 //! Relayed connections (`/p2p-circuit`) are not used: the peer counts as not connected for
 //! bitswap until a direct connection exists (relays carry core changes, not content).

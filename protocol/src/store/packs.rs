@@ -207,7 +207,7 @@ impl Packs {
     }
 
     /// [`Packs::append`] of blocks that may lie in `buffers`: a direct write takes a buffer's
-    /// memory as it is where its blocks fill at least half of it (see [`DirectPlan`]).
+    /// memory as it is where its blocks fill at least half of it (see `DirectPlan`).
     pub fn append_from(&self, blocks: &[&[u8]], write: WriteMode, buffers: &[&DirectBuf]) -> Result<Vec<Location>, StoreError> {
         let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
         let total: u64 = blocks.iter().map(|b| b.len() as u64).sum();
