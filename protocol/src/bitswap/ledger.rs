@@ -357,6 +357,15 @@ pub(crate) mod tests {
         Block::new_v1(0x55, Bytes::from(data))
     }
 
+    /// `n` blocks of `size` bytes, stored in `store`.
+    fn stored_blocks(store: &MemStore, n: u32, size: usize) -> Vec<Block> {
+        let blocks: Vec<Block> = (0..n).map(|i| block(i, size)).collect();
+        for b in &blocks {
+            store.insert(b);
+        }
+        blocks
+    }
+
     fn want(b: &Block, t: WantType, dont_have: bool) -> WantlistEntry {
         WantlistEntry::want(b.cid, t, 1, dont_have)
     }
@@ -448,10 +457,7 @@ pub(crate) mod tests {
     fn blocks_are_batched_up_to_the_target_and_never_beyond_the_max() {
         let store = MemStore::default();
         let peer = PeerId::random();
-        let blocks: Vec<Block> = (0..10).map(|i| block(i, 1000)).collect();
-        for b in &blocks {
-            store.insert(b);
-        }
+        let blocks = stored_blocks(&store, 10, 1000);
         let mut ledger = Ledger::new(100);
         let entries: Vec<_> = blocks.iter().map(|b| want(b, WantType::Block, false)).collect();
         ledger.receive_wantlist(peer, false, &entries);
@@ -473,10 +479,7 @@ pub(crate) mod tests {
     fn answers_from_earlier_look_ups_stop_where_the_look_ups_stop() {
         let store = MemStore::default();
         let peer = PeerId::random();
-        let blocks: Vec<Block> = (0..4).map(|i| block(i, 100)).collect();
-        for b in &blocks {
-            store.insert(b);
-        }
+        let blocks = stored_blocks(&store, 4, 100);
         let mut ledger = Ledger::new(100);
         ledger.receive_wantlist(
             peer,

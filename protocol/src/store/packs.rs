@@ -267,7 +267,13 @@ impl Packs {
             start_writeback(&file, active.written_back.min(len), end);
             active.written_back = end;
         }
-        Ok(back_to_back(pack, len, blocks, crcs))
+        // Back to back from the file's length.
+        let offsets = blocks.iter().scan(len, |next, block| {
+            let at = *next;
+            *next += block.len() as u64;
+            Some(at)
+        });
+        Ok(locations(pack, offsets, blocks, crcs))
     }
 
     /// The file that takes the next append, its number and its length (where an append to it
@@ -538,14 +544,8 @@ fn owe_sync(active: &mut Active, file: &Arc<File>) {
     }
 }
 
-/// Where `blocks`, written back to back from `offset` of file `pack`, went.
-fn back_to_back(pack: u32, offset: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
-    let mut next = offset;
-    let offsets = blocks.iter().map(|block| {
-        let at = next;
-        next += block.len() as u64;
-        at
-    });
+/// Where `blocks` went in file `pack`: at `offsets`, in order, with their `crcs`.
+fn locations(pack: u32, offsets: impl Iterator<Item = u64>, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
     offsets.zip(blocks).zip(crcs).map(|((offset, block), crc)| Location { pack, offset, len: block.len() as u32, crc }).collect()
 }
 
@@ -635,8 +635,7 @@ impl<'a> DirectPlan<'a> {
 
     /// Where each block went, the write having started at `at` of file `pack`.
     fn locations(&self, pack: u32, at: u64, blocks: &[&[u8]], crcs: Vec<u32>) -> Vec<Location> {
-        let places = self.offsets.iter().zip(blocks).zip(crcs);
-        places.map(|((offset, block), crc)| Location { pack, offset: at + offset, len: block.len() as u32, crc }).collect()
+        locations(pack, self.offsets.iter().map(|offset| at + offset), blocks, crcs)
     }
 }
 

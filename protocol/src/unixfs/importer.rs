@@ -218,7 +218,7 @@ pub struct FileImporter {
     /// Where the buffers come from: a file's first buffer holds a single slot (a small file
     /// takes no more), the next ones about [`HASH_BATCH_BYTES`] each, from this pool.
     pool: Arc<DirectPool>,
-    /// The buffer being filled: slots of [`FileImporter::slot_len`] bytes, one per leaf, each
+    /// The buffer being filled: slots of [`slot_len`] bytes, one per leaf, each
     /// `LEAF_HEADER_ROOM` spare bytes, the chunk, then `LEAF_TRAILER_ROOM` spare bytes.
     buf: Option<DirectBuf>,
     /// Where the slot being filled starts in `buf`, and its data bytes so far.
@@ -237,7 +237,7 @@ impl FileImporter {
     /// A new importer; fails on invalid options.
     pub fn new(opts: ImportOptions) -> Result<Self, UnixfsError> {
         opts.validate()?;
-        let slot = LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM;
+        let slot = slot_len(&opts);
         // Slots per buffer: about HASH_BATCH_BYTES of chunks; tiny chunks (a test's) count as
         // bigger, so that the spare room does not swell the buffer.
         let slots = (HASH_BATCH_BYTES / opts.chunk_size.max(8 * (LEAF_HEADER_ROOM + LEAF_TRAILER_ROOM))).max(1);
@@ -257,15 +257,10 @@ impl FileImporter {
         })
     }
 
-    /// Bytes of one slot: room for a leaf's header, its chunk and its trailer.
-    fn slot_len(&self) -> usize {
-        LEAF_HEADER_ROOM + self.opts.chunk_size + LEAF_TRAILER_ROOM
-    }
-
     /// The buffer being filled; a new one if there is none.
     fn buf(&mut self) -> &mut DirectBuf {
         let first = self.size == 0 && self.tree.is_empty();
-        let slot_len = self.slot_len();
+        let slot_len = slot_len(&self.opts);
         self.buf.get_or_insert_with(|| if first { DirectBuf::new(slot_len) } else { self.pool.take() })
     }
 
@@ -325,7 +320,7 @@ impl FileImporter {
     /// Queues the filled slot as a leaf; hashes the buffer's leaves once it has no room for
     /// another slot.
     fn emit_leaf(&mut self, out: &mut impl Extend<Block>) {
-        let slot_len = self.slot_len();
+        let slot_len = slot_len(&self.opts);
         let end = self.slot + 2 * slot_len;
         let full = self.buf().len() < end;
         self.pending.push((self.slot, self.filled));
@@ -339,7 +334,7 @@ impl FileImporter {
     /// Hashes the buffer's leaves (on every core) and emits them, in file order.
     fn hash_pending(&mut self, out: &mut impl Extend<Block>) {
         let Some(mut buf) = self.buf.take() else { return };
-        let slot_len = self.slot_len();
+        let slot_len = slot_len(&self.opts);
         let raw = self.opts.raw_leaves;
         // Each leaf's codec, place in the buffer and file bytes; dag-pb leaves get their
         // header and trailer around the chunk, in place.
@@ -406,6 +401,12 @@ pub const HASH_BATCH_BYTES: usize = 4 << 20;
 fn hash_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
+}
+
+/// Bytes of one slot of a [`FileImporter`]'s buffer: room for a leaf's header, its chunk and
+/// its trailer.
+fn slot_len(opts: &ImportOptions) -> usize {
+    LEAF_HEADER_ROOM + opts.chunk_size + LEAF_TRAILER_ROOM
 }
 
 /// Hashes encoded leaves (codec, bytes, file bytes) into blocks, in order, on
