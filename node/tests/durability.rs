@@ -241,11 +241,25 @@ struct Call {
     /// Every string argument, decoded and concatenated (the first 4096 bytes of each).
     data: Vec<u8>,
     ok: bool,
+    /// The process died before the call returned (`= ?`): it was entered, its arguments are
+    /// what it was given, but whether it did its work is unknown.
+    cut_short: bool,
 }
 
 impl Call {
     fn is_write(&self) -> bool {
-        self.ok && matches!(self.name.as_str(), "write" | "pwrite64" | "writev" | "pwritev" | "pwritev2" | "sendto" | "sendmsg")
+        self.ok && self.writes()
+    }
+
+    /// A write that succeeded or was cut short by the kill. A response the client got is one
+    /// of these: under load the node can be killed after the kernel sent the bytes but before
+    /// strace saw the call return (`writev(...) = ?`).
+    fn may_have_written(&self) -> bool {
+        (self.ok || self.cut_short) && self.writes()
+    }
+
+    fn writes(&self) -> bool {
+        matches!(self.name.as_str(), "write" | "pwrite64" | "writev" | "pwritev" | "pwritev2" | "sendto" | "sendmsg")
     }
 
     fn is_read(&self) -> bool {
@@ -287,6 +301,7 @@ fn finish(start: usize, end: usize, time: f64, end_time: f64, text: &str) -> Opt
     let (name, args) = text.split_once('(')?;
     let (args, ret) = args.rsplit_once(") = ")?;
     let ok = !ret.starts_with('-') && !ret.starts_with('?');
+    let cut_short = ret.starts_with('?');
     // The target ends at the first '>' that ends the argument (`TCP:[a->b]` has one inside).
     let mut target = String::new();
     if let Some(open) = args.find('<').filter(|open| args[..*open].bytes().all(|b| b.is_ascii_digit())) {
@@ -300,7 +315,7 @@ fn finish(start: usize, end: usize, time: f64, end_time: f64, text: &str) -> Opt
     while let (Some(string), _) = (quoted.next(), quoted.next()) {
         data.extend(unescape(string));
     }
-    Some(Call { start, end, time, end_time, name: name.to_string(), target, data, ok })
+    Some(Call { start, end, time, end_time, name: name.to_string(), target, data, ok, cut_short })
 }
 
 /// strace's escapes (`\xNN` with -xx, plus the C ones) back into bytes.
@@ -338,11 +353,12 @@ fn request<'a>(calls: &'a [Call], method: &str) -> anyhow::Result<&'a Call> {
         .with_context(|| format!("no {method} request read from a TCP connection in the trace"))
 }
 
-/// The first JSON-RPC response written on the connection the request came in on, after it.
+/// The first JSON-RPC response written on the connection the request came in on, after it (the
+/// CLI got it, so a write the kill cut short counts).
 fn response<'a>(calls: &'a [Call], request: &Call) -> anyhow::Result<&'a Call> {
     calls
         .iter()
-        .find(|c| c.start > request.end && c.is_write() && c.target == request.target && contains(&c.data, b"\"jsonrpc\""))
+        .find(|c| c.start > request.end && c.may_have_written() && c.target == request.target && contains(&c.data, b"\"jsonrpc\""))
         .with_context(|| format!("no JSON-RPC response on {} after the request (line {})", request.target, request.start))
 }
 
@@ -397,6 +413,20 @@ fn timeline(steps: &[(&str, &Call)], answered: f64) -> String {
     }
     let _ = writeln!(out, "  CLI got its answer at {answered:.6}");
     out
+}
+
+#[test]
+fn a_response_the_kill_cut_short_is_still_the_response() {
+    let text = "10 1.000000 recvfrom(22<TCP:[127.0.0.1:1->127.0.0.1:2]>, \"\\x7b\\x22\\x6d\\x65\\x74\\x68\\x6f\\x64\\x22\\x3a\\x22\\x78\\x22\", 8192, 0, NULL, NULL) = 11\n\
+                11 1.000100 fdatasync(8</repo/db/000012.log>) = 0\n\
+                10 1.000200 writev(22<TCP:[127.0.0.1:1->127.0.0.1:2]>, [{iov_base=\"\\x22\\x6a\\x73\\x6f\\x6e\\x72\\x70\\x63\\x22\", iov_len=9}], 1) = ?\n\
+                10 1.000300 +++ killed by SIGKILL +++\n";
+    let calls = parse_trace(text);
+    let request = request(&calls, "x").expect("the request is read");
+    let response = response(&calls, request).expect("a write cut short by the kill is the response");
+    assert_eq!((response.name.as_str(), response.start), ("writev", 2));
+    assert!(!response.is_write(), "a write cut short is not known to have written");
+    assert!(synced_between(&calls, "/repo/db/000012.log", request.end, response.start).is_some());
 }
 
 #[test]
