@@ -259,8 +259,15 @@ impl Store {
         opts.set_max_open_files(256);
         // RocksDB opens each column family's table files on this many threads at start (16 by
         // default: 15 threads made and joined per column family, ~110 for every `kubelt`
-        // command, tables or not). As many as the cores we assume above.
-        opts.set_max_file_opening_threads(2);
+        // command, tables or not). On the calling thread alone: a thread costs 0.3-3 ms to
+        // make on this kind of VM, more than opening a few tables (with 2, an empty `add`
+        // made 7 threads to open 7 column families).
+        opts.set_max_file_opening_threads(1);
+        // RocksDB's info log wrote ~125 KiB at every open (every option of every column family)
+        // and kept the last 1,000 logs: 125 MB in a repo used by the CLI. Warnings and errors
+        // are what an operator reads; the three last logs are kept.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_keep_log_file_num(3);
         let cfs = Column::ALL.iter().map(|c| ColumnFamilyDescriptor::new(c.name(), c.options()));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
             if e.to_string().contains("lock") {
@@ -573,6 +580,28 @@ impl StoreBatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_often_keeps_a_few_short_info_logs() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        for i in 0..8u8 {
+            let store = Store::open(&path)?;
+            store.put_sync(Column::Meta, b"opened", &[i])?;
+        }
+        let logs: Vec<(String, u64)> = std::fs::read_dir(&path)?
+            .map(|entry| -> anyhow::Result<(String, u64)> {
+                let entry = entry?;
+                Ok((entry.file_name().to_string_lossy().into_owned(), entry.metadata()?.len()))
+            })
+            .filter(|log| log.as_ref().map_or(true, |(name, _)| name.starts_with("LOG")))
+            .collect::<anyhow::Result<_>>()?;
+        // The current log and the three kept; each open wrote ~125 KiB of options at the
+        // default (info) level.
+        assert!(logs.len() <= 4, "the info logs of every open are kept: {logs:?}");
+        assert!(logs.iter().all(|(_, len)| *len < 16 << 10), "an open writes a long info log: {logs:?}");
+        Ok(())
+    }
 
     #[test]
     fn values_survive_reopen_and_second_open_is_refused() -> anyhow::Result<()> {
