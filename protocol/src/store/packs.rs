@@ -56,8 +56,9 @@ const OPEN_READERS: usize = 64;
 /// that no sync may follow; writing them back as they come made a 1 GiB fetch 15 % slower
 /// (231 → 199 MB/s, 3 alternating runs), so they are left to the kernel.
 const WRITEBACK_BYTES: u64 = 8 << 20;
-/// The aligned buffer of direct writes: one write per import batch (4 MiB, see
-/// `unixfs::importer::BATCH_BYTES`); allocated for an import, freed at its sync.
+/// The aligned buffer of direct writes: one write per import batch (2 MiB, see
+/// `unixfs::importer::BATCH_BYTES`; a CAR import's are larger and take several); allocated
+/// for an import, freed at its sync.
 const STAGING_BYTES: usize = 8 << 20;
 /// `writev` takes at most this many buffers (Linux's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
