@@ -38,6 +38,14 @@ def random_file(path, size):
             left -= n
 
 
+def settle():
+    """Writes every dirty page back before a timed step, so that no step pays for the
+    writeback of an earlier one's files (the test file, a fetched copy): the disk is the
+    limit of `add` here, and the kernel starts writing dirty pages back 30 s after they were
+    written, in the middle of whatever runs then."""
+    os.sync()
+
+
 def sendme(data, root, receive=True):
     """iroh's sendme, relay disabled: (import seconds, transfer seconds), or None if missing.
     The import is the time from its start to its ticket; without `receive`, the transfer is
@@ -45,6 +53,7 @@ def sendme(data, root, receive=True):
     if not shutil.which("sendme"):
         return None
     work = tempfile.mkdtemp(dir=root)
+    settle()
     start = time.monotonic()
     sender = subprocess.Popen(["sendme", "send", "--relay", "disabled", "--ticket-type", "addresses", "--no-progress", data],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
@@ -56,6 +65,7 @@ def sendme(data, root, receive=True):
     imported = time.monotonic() - start
     transferred = None
     if receive:
+        settle()
         start = time.monotonic()
         subprocess.run(["sendme", "receive", "--relay", "disabled", "--no-progress", ticket], cwd=work, check=True, capture_output=True)
         transferred = time.monotonic() - start
@@ -98,6 +108,7 @@ def median(xs):
 
 
 def kubelt_cat(node, cid):
+    settle()
     start = time.monotonic()
     subprocess.run([BIN, "--repo", node.repo, "cat", cid], stdout=subprocess.DEVNULL, check=True)
     return time.monotonic() - start
@@ -115,10 +126,12 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
         kubo_times, our_times, iroh_times = [], [], []
         for i in range(rounds):
             kubo = Kubo()
+            settle()
             start = time.monotonic(); kubo_cid = kubo.add(data); kubo_times.append(time.monotonic() - start)
             kubo.quit()
             repo = os.path.join(root, f"add-repo-{i}")
             subprocess.run([BIN, "--repo", repo, "init"], check=True, capture_output=True)
+            settle()
             start = time.monotonic()
             cid = subprocess.run([BIN, "--repo", repo, "add", "-q", data], check=True, capture_output=True, text=True).stdout.strip()
             our_times.append(time.monotonic() - start)
@@ -152,6 +165,7 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
         for i in range(rounds):
             k2 = Kubo()
             assert k2.connect(k1.addr())
+            settle()
             start = time.monotonic(); ok = k2.get(kcid, os.path.join(root, f"k2-{i}.out")); timed("kubo", time.monotonic() - start)
             assert ok
             k2.quit()
@@ -173,6 +187,7 @@ with tempfile.TemporaryDirectory(prefix="kubelt-bench-", dir="/var/tmp") as root
             c.stop()
             k3 = Kubo()
             assert k3.connect(a.tcp_addr())
+            settle()
             start = time.monotonic(); ok = k3.get(kcid, os.path.join(root, f"k3-{i}.out")); timed("kubelt -> kubo", time.monotonic() - start)
             assert ok
             k3.quit()
