@@ -58,8 +58,8 @@ pub fn parse_core(text: &str) -> Result<Address, RpcError> {
     Address::parse(text).map_err(|e| RpcError::invalid_params(format!("invalid core address '{text}': {e}")))
 }
 
-/// Chunks of ciphertext (64 KiB each) the encrypting thread may run ahead of the importer: a
-/// hash batch's worth (4 MiB), so that it goes on while the importer hashes one.
+/// Chunks of ciphertext (64 KiB each) the encrypting thread may run ahead of the importer: two
+/// hash batches' worth (4 MiB), so that it goes on while the importer hashes one.
 const PIPELINE_CHUNKS: usize = 64;
 
 /// Imports `reader`'s bytes encrypted under `key` as one UnixFS file (not pinned). Blocking;
