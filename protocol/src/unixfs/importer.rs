@@ -403,7 +403,7 @@ pub const HASH_BATCH_BYTES: usize = 2 << 20;
 
 /// Threads that hash leaves: one per core, at most 8.
 fn hash_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
 }
 
@@ -474,9 +474,9 @@ impl HashJob {
 }
 
 /// The threads that hash beside the importing one ([`hash_threads`] - 1), made at the first
-/// import of the process and kept, waiting for [`HashJob`]s: making threads for every 4 MiB
-/// batch (as it then was) (25 for a 100 MiB `add`) cost ~0.3-3 ms each on this kind of VM. Empty where none
-/// could be made: then the importing thread hashes alone.
+/// import of the process and kept, waiting for [`HashJob`]s. Threads made for every batch
+/// (25 for a 100 MiB `add` of 4 MiB batches) cost ~0.3-3 ms each on this kind of VM. Empty
+/// where none could be made: then the importing thread hashes alone.
 fn hash_helpers() -> &'static [SyncSender<Arc<HashJob>>] {
     static HELPERS: OnceLock<Vec<SyncSender<Arc<HashJob>>>> = OnceLock::new();
     HELPERS.get_or_init(|| {
