@@ -30,3 +30,9 @@ pub mod msg;
 pub mod nat;
 #[doc(hidden)]
 pub mod testing;
+
+/// Locks a mutex whose holders leave its data whole between statements (bookkeeping, spare
+/// buffers, counters): a panic in one holder does not poison it for the others.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

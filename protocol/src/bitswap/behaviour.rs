@@ -51,8 +51,8 @@ const MAX_WRITING_BYTES: usize = 64 << 20;
 
 /// A peer's next answer, looked up: what the store said of each want, by multihash.
 type LookedUp = (PeerId, HashMap<Mh, Found>);
-/// Received blocks, with who wanted them, and how writing them went.
-type Written = (PeerId, Vec<(Block, Vec<(SessionId, Cid)>)>, Result<(), StoreError>);
+/// Received blocks, with who wanted them, their bytes, and how writing them went.
+type Written = (PeerId, Vec<(Block, Vec<(SessionId, Cid)>)>, usize, Result<(), StoreError>);
 
 #[derive(Debug, Default)]
 struct PeerConns {
@@ -330,7 +330,7 @@ impl Behaviour {
                 let store = self.store.clone();
                 self.writing.push(tokio::task::spawn_blocking(move || {
                     let result = catch_panic(|| store.put_blocks(wanted.iter().map(|(b, _)| b)));
-                    (peer, wanted, result)
+                    (peer, wanted, bytes, result)
                 }));
             } else {
                 // The disk is behind by that much: wait for it here, as the handlers would
@@ -508,8 +508,8 @@ impl Behaviour {
         while let Poll::Ready(Some(done)) = self.writing.poll_next_unpin(cx) {
             any = true;
             match done {
-                Ok((peer, wanted, result)) => {
-                    self.writing_bytes -= wanted.iter().map(|(b, _)| b.data.len()).sum::<usize>();
+                Ok((peer, wanted, bytes, result)) => {
+                    self.writing_bytes -= bytes;
                     self.on_written(peer, wanted, result);
                 }
                 Err(e) => tracing::debug!(error = %e, "a block write did not finish"),

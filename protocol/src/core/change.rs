@@ -281,7 +281,7 @@ impl Delegations {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Delegation>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts).
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.0)
     }
 
     /// Verifies `statement` as a delegation of `core`, from the cache when possible.

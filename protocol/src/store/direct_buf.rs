@@ -8,6 +8,8 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
+
 /// Direct writes start, end and sit in memory at multiples of this (a page: a multiple of every
 /// disk's logical block size).
 pub const DIRECT_ALIGN: usize = 4096;
@@ -98,13 +100,13 @@ impl DirectPool {
 
     /// A spare buffer (holding whatever it held before), or a new zeroed one.
     pub fn take(self: &Arc<Self>) -> DirectBuf {
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let spare = lock(&self.spare).pop();
         let mem = spare.unwrap_or_else(|| vec![0; self.len + DIRECT_ALIGN]);
         DirectBuf::from_mem(mem, self.len, Some(self.clone()))
     }
 
     fn put_back(&self, mem: Vec<u8>) {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spare = lock(&self.spare);
         if spare.len() < self.keep && mem.len() == self.len + DIRECT_ALIGN {
             spare.push(mem);
         }

@@ -41,6 +41,7 @@ use bytes::Bytes;
 
 use super::direct_buf::{DirectBuf, DIRECT_ALIGN};
 use super::StoreError;
+use crate::lock;
 
 /// Blocks this size and larger go to pack files; smaller ones stay in the database.
 pub const PACK_MIN_BYTES: usize = 4096;
@@ -715,11 +716,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
     StoreError::Io { what: format!("{what} {}", path.display()), source: e }
-}
-
-/// A poisoned lock held only bookkeeping that every method leaves whole between statements.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use bytes::Bytes;
 use cid::{Cid, Version};
@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 use super::dag_pb::{self, LinkRef, DAG_PB, LEAF_HEADER_ROOM, LEAF_TRAILER_ROOM, RAW};
 use super::UnixfsError;
 use crate::store::direct_buf::{DirectBuf, DirectPool, SharedDirectBuf};
+use crate::lock;
 use crate::store::{Block, Store};
 
 /// Kubo's default chunk size: `size-262144`.
@@ -427,14 +428,15 @@ impl HashJob {
     }
 
     /// The next leaf no other thread has taken.
-    fn take(&self) -> Option<(usize, &Bytes)> {
+    fn take(&self) -> Option<usize> {
         // AcqRel: a thread that finds none left sees every helper's count of what it took.
         let i = self.next.fetch_add(1, Ordering::AcqRel);
-        self.leaves.get(i).map(|data| (i, data))
+        (i < self.leaves.len()).then_some(i)
     }
 
-    fn hash(&self, i: usize, data: &Bytes) {
-        let _ = self.digests[i].set(Sha256::digest(data).into());
+    /// Leaf `i`'s digest, hashed here unless another thread already has.
+    fn hash(&self, i: usize) -> [u8; 32] {
+        *self.digests[i].get_or_init(|| Sha256::digest(&self.leaves[i]).into())
     }
 
     /// A helper's share: each leaf is counted before it is taken and given back once hashed,
@@ -454,22 +456,23 @@ impl HashJob {
         loop {
             *lock(&self.taken) += 1;
             share.1 += 1;
-            let Some((i, data)) = self.take() else { return };
-            self.hash(i, data);
+            let Some(i) = self.take() else { return };
+            self.hash(i);
         }
     }
 
     /// The importing thread's share, then the helpers' leaves: the digests in order.
     fn run(&self) -> Vec<[u8; 32]> {
-        while let Some((i, data)) = self.take() {
-            self.hash(i, data);
+        while let Some(i) = self.take() {
+            self.hash(i);
         }
         let mut taken = lock(&self.taken);
         while *taken > 0 {
             taken = self.given_back.wait(taken).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         drop(taken);
-        self.digests.iter().zip(&self.leaves).map(|(digest, data)| digest.get().copied().unwrap_or_else(|| Sha256::digest(data).into())).collect()
+        // A leaf a helper gave back unhashed is hashed now.
+        (0..self.leaves.len()).map(|i| self.hash(i)).collect()
     }
 }
 
@@ -524,10 +527,6 @@ fn make_leaves(opts: &ImportOptions, leaves: Vec<(u64, Bytes, u64)>) -> Vec<(Blo
         .zip(digests)
         .map(|((codec, data, filesize), digest)| (Block { cid: opts.cid(codec, &digest), data }, filesize))
         .collect()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Imports bytes held in memory; returns the root and every block (children first).
@@ -728,8 +727,7 @@ pub(crate) mod tests {
         let job = HashJob::new(leaves.clone());
         // What `help` does when hashing its leaf panics: count it, take it, give it back.
         *lock(&job.taken) += 1;
-        let (taken, _) = job.take().expect("a leaf to take");
-        assert_eq!(taken, 0);
+        assert_eq!(job.take(), Some(0));
         *lock(&job.taken) -= 1;
         assert!(job.digests[0].get().is_none());
         assert_eq!(job.run(), digests_alone(&leaves));
