@@ -373,6 +373,98 @@ mod tests {
         Ok(())
     }
 
+    /// yamux writes the frames it queues in one poll with one write (the patched yamux in
+    /// `vendor/`): unpatched, each frame's header and body were two writes, and over TLS two
+    /// records and two system calls, ~8 per block a Kubo peer sent us. Twenty streams' first
+    /// frames, queued before the connection is polled, must leave in fewer writes than frames.
+    /// Fails if a dependency update leaves the patch unused.
+    #[tokio::test]
+    async fn yamux_writes_the_frames_of_one_poll_together() -> anyhow::Result<()> {
+        use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+        use libp2p::core::muxing::StreamMuxerExt as _;
+        use libp2p::core::upgrade::{InboundConnectionUpgrade as _, OutboundConnectionUpgrade as _};
+        use std::pin::Pin;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::task::{Context, Poll};
+
+        /// Counts the writes that reach the socket.
+        struct CountWrites(libp2p::tcp::tokio::TcpStream, Arc<AtomicUsize>);
+        impl futures::AsyncRead for CountWrites {
+            fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.0).poll_read(cx, buf)
+            }
+        }
+        impl futures::AsyncWrite for CountWrites {
+            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+                let written = Pin::new(&mut self.0).poll_write(cx, buf);
+                if written.is_ready() {
+                    self.1.fetch_add(1, Ordering::SeqCst);
+                }
+                written
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.0).poll_close(cx)
+            }
+        }
+
+        const STREAMS: usize = 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (dialed, accepted) = tokio::join!(tokio::net::TcpStream::connect(listener.local_addr()?), listener.accept());
+        let writes = Arc::new(AtomicUsize::new(0));
+        let socket = CountWrites(libp2p::tcp::tokio::TcpStream(dialed?), writes.clone());
+        let mut dialer = yamux_config().upgrade_outbound(socket, "/yamux/1.0.0").await?;
+        let mut listener = yamux_config().upgrade_inbound(libp2p::tcp::tokio::TcpStream(accepted?.0), "/yamux/1.0.0").await?;
+
+        // Every stream queues its first frame (100 bytes) before the connection is polled.
+        let mut outbound = Vec::new();
+        for i in 0..STREAMS {
+            let mut stream = std::future::poll_fn(|cx| dialer.poll_outbound_unpin(cx)).await?;
+            stream.write_all(&[i as u8; 100]).await?;
+            outbound.push(stream);
+        }
+        let before = writes.load(Ordering::SeqCst);
+        let drive_dialer = tokio::spawn(std::future::poll_fn(move |cx| {
+            let _ = dialer.poll_unpin(cx);
+            Poll::<()>::Pending
+        }));
+
+        // Every byte arrives, stream by stream.
+        let mut inbound = Vec::new();
+        while inbound.len() < STREAMS {
+            inbound.push(std::future::poll_fn(|cx| listener.poll_inbound_unpin(cx)).await?);
+        }
+        let read = async {
+            let mut firsts = Vec::new();
+            for stream in &mut inbound {
+                let mut buf = [0u8; 100];
+                stream.read_exact(&mut buf).await?;
+                assert!(buf.iter().all(|b| *b == buf[0]), "a stream's bytes got mixed: {buf:?}");
+                firsts.push(buf[0]);
+            }
+            anyhow::Ok(firsts)
+        };
+        let drive_listener = std::future::poll_fn(|cx| {
+            let _ = listener.poll_unpin(cx);
+            Poll::<()>::Pending
+        });
+        let firsts = tokio::select! {
+            firsts = tokio::time::timeout(Duration::from_secs(10), read) => firsts??,
+            () = drive_listener => unreachable!(),
+        };
+        let mut sorted = firsts.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..STREAMS as u8).collect::<Vec<_>>(), "streams' first bytes: {firsts:?}");
+        let frames_writes = writes.load(Ordering::SeqCst) - before;
+        assert!(frames_writes < STREAMS, "{STREAMS} frames took {frames_writes} writes");
+        drive_dialer.abort();
+        drop(outbound);
+        Ok(())
+    }
+
     /// `SO_RCVBUF` of this process's IPv4 UDP socket bound to `port`, found among its descriptors.
     #[cfg(target_os = "linux")]
     fn udp_receive_buffer(port: u16) -> anyhow::Result<Option<i32>> {
