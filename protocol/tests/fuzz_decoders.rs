@@ -506,6 +506,28 @@ fn bitswap_frames_refuse_bad_lengths_before_allocating() {
 }
 
 #[test]
+fn a_frame_buffer_grows_with_the_bytes_a_peer_sends_not_with_what_it_announces() {
+    // A peer announces up to 4 MiB and stops after `sent` bytes: the reader holds at most a
+    // few times what arrived (its buffer grows 8x per step; a reallocation briefly holds the
+    // old buffer too), never the announced length.
+    const MAX: usize = 4 << 20;
+    let strategy = (0usize..1 << 20, 1usize..=MAX);
+    check("bitswap: frame buffer growth", 4, strategy, |(sent, extra), tally| {
+        let announced = (sent + extra).min(MAX);
+        let sent = sent.min(announced - 1);
+        let mut input = Vec::new();
+        put_varint(&mut input, announced as u64);
+        input.resize(input.len() + sent, 0xab);
+        let mut io = futures::io::Cursor::new(input);
+        let (result, peak) = peak_alloc(|| block_on(read_frame(&mut io, MAX)));
+        tally.peak(peak, sent);
+        prop_assert!(matches!(result, Err(FrameError::Truncated)), "{result:?}");
+        prop_assert!(peak <= 9 * sent.max(64 << 10) + 1024, "{sent} of {announced} bytes sent, {peak} allocated");
+        Ok(())
+    });
+}
+
+#[test]
 fn bitswap_frames_round_trip_through_the_reader() {
     check("bitswap: frame round trips", 1, (arb_message(), arb_mutation()), |(msg, mutation), tally| {
         let frame = msg.encode_frame(Version::V1_2_0);
